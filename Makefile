@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` (the whole pipeline on the demo corpus, CPU) and
+# `make test`. Both create the virtualenv and install what they need first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Torch is installed first, on its own, so nothing else pulls a different build. Here (CPU) this is
+# the local CPU wheel; on a GPU machine see README "Installing on a GPU machine".
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean-demo
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	# DeepSpeed builds against the installed torch, hence no build isolation.
+	$(PY) -m pip install --quiet --no-build-isolation -r requirements.txt -r requirements-dev.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) prepare_data.py --config config/demo/prepare_data.yaml
+	$(PY) train_tokenizer.py --config config/demo/tokenizer.yaml
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/bench_dedup.py
+	$(PY) bench/bench_tokenizer.py
+
+clean-demo:
+	rm -rf data/demo_run

@@ -1,0 +1,80 @@
+"""Shared fixtures: the real data in ../shared (through ZHLM_SHARED_DATA), a small original corpus,
+and a tiny tokenizer trained once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# Original sentences written for the tests (no third-party text), mixing scripts, digits and punctuation.
+SENTENCES = [
+    "春天的早晨，河边的柳树发出了嫩绿的新芽。",
+    "小明每天骑自行车去学校，路上大约需要二十分钟。",
+    "这座城市在1998年修建了第一条地铁线路，全长18公里。",
+    "图书馆里很安静，学生们在认真地阅读和做笔记。",
+    "研究人员发现，适量的运动可以帮助人们改善睡眠质量。",
+    "老师说：“学习语言最重要的是坚持每天练习。”",
+    "这家工厂主要生产竹制家具，产品销往东南亚各国。",
+    "在山顶上可以看到远处的湖泊和连绵不断的群山。",
+    "他用 Python 写了一个小程序，用来统计每天的步数。",
+    "天气预报说明天有小雨，气温在12到18摄氏度之间。",
+    "茶叶的种类很多，包括绿茶、红茶、乌龙茶和白茶。",
+    "古代的工匠用黏土烧制陶器，后来又发展出了瓷器。",
+]
+
+
+def shared_path(name: str, env: str = "ZHLM_SHARED_DATA") -> Path:
+    """A path under ../shared (data or anchors). CI sets the variables; locally ../shared is used."""
+    root = os.environ.get(env)
+    default = REPO.parent / "shared" / ("data" if env == "ZHLM_SHARED_DATA" else "anchors")
+    base = Path(root) if root else default
+    if not base.exists():
+        if root:
+            raise FileNotFoundError(f"{env}={root} does not exist")
+        pytest.skip(f"shared data not found ({env} unset and {default} missing)")
+    return base / name
+
+
+def run_script(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess:
+    """Run an entry script as a user would; returns the completed process (stdout+stderr captured)."""
+    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def make_documents(count: int, seed: int = 0, sentences_per_doc: int = 8) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return ["".join(rng.choice(SENTENCES) for _ in range(sentences_per_doc)) + f"第{i}篇。"
+            for i in range(count)]
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """A jsonl corpus of original text, large enough for a few hundred BPE merges."""
+    import json
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    with open(path, "w", encoding="utf-8") as handle:
+        for text in make_documents(200):
+            handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    import train_tokenizer
+
+    train_tokenizer.main(["--config", "none", "--input", str(tiny_corpus), "--vocab_size", "1024",
+                          "--output_dir", str(out), "--num_sentinels", "8", "--min_frequency", "1"])
+    return out

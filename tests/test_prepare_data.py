@@ -1,0 +1,168 @@
+"""Corpus preparation on real zhwiki data and on planted duplicates; bad input is refused clearly."""
+
+from __future__ import annotations
+
+import bz2
+import json
+import random
+import re
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_documents, run_script, shared_path
+
+import prepare_data
+from utils.errors import UserError
+from utils.text import to_simplified
+
+MARKUP = re.compile(r"\[\[|\]\]|\{\{|\}\}|<ref|</?ref|&lt;|&gt;|&amp;|-\{|\}-|'''|<!--|（）")
+
+
+def read_corpus(directory):
+    rows = []
+    for path in sorted(directory.glob("*-of-*.parquet")):
+        rows.extend(pq.read_table(path).to_pylist())
+    return rows
+
+
+def prepare(*args, output):
+    return prepare_data.main(["--config", "none", "--output_dir", str(output), *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def zhwiki_xml():
+    return shared_path("zhwiki_xml/zhwiki-test-pages.xml")
+
+
+@pytest.fixture(scope="module")
+def wiki_corpus(zhwiki_xml, tmp_path_factory):
+    out = tmp_path_factory.mktemp("wiki") / "corpus"
+    report = prepare("--input", zhwiki_xml, "--num_proc", "2", output=out)
+    return out, report
+
+
+def test_real_dump_gives_23_clean_simplified_articles(wiki_corpus):
+    out, report = wiki_corpus
+    rows = read_corpus(out)
+    assert len(rows) == 23 == report["documents"]
+    assert {r["source"] for r in rows} == {"zhwiki-test-pages.xml"}
+    assert all(r["title"] and r["id"] for r in rows)
+    for row in rows:
+        assert to_simplified(row["text"]) == row["text"], f"traditional characters left in {row['title']}"
+        assert not MARKUP.search(row["text"]), f"markup left in {row['title']}: {MARKUP.search(row['text'])}"
+    titles = {r["title"] for r in rows}
+    assert {"数学", "哲学", "文学", "天文学"} <= titles  # titles are converted too
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["steps"]["extract"]["docs_in"] == 23 and stats["steps"]["dedup"]["docs_out"] == 23
+    assert (out / "config.yaml").exists()
+    assert any(s["split"] == "validation" for s in stats["shards"])
+
+
+def test_bz2_dump_gives_the_same_corpus(zhwiki_xml, wiki_corpus, tmp_path):
+    compressed = tmp_path / "zhwiki-test-pages.xml.bz2"
+    compressed.write_bytes(bz2.compress(zhwiki_xml.read_bytes()))
+    out = tmp_path / "corpus"
+    prepare("--input", compressed, "--num_proc", "1", output=out)
+    plain = sorted((r["id"], r["text"]) for r in read_corpus(wiki_corpus[0]))
+    assert sorted((r["id"], r["text"]) for r in read_corpus(out)) == plain
+
+
+def test_wikiextractor_outputs_and_other_formats_merge(tmp_path):
+    jsonl = shared_path("zhwiki_text/jastfkjg_wiki_00.jsonl")
+    doc = shared_path("zhwiki_text/xxcqc250_wiki_00.txt")
+    extracted = tmp_path / "extracted" / "AA"
+    extracted.mkdir(parents=True)
+    shutil.copy(doc, extracted / "wiki_00")  # wikiextractor's own file naming, no extension
+    texts = make_documents(6, seed=3)
+    txt = tmp_path / "mine.txt"
+    txt.write_text("\n\n".join(texts[:3]) + "\n", encoding="utf-8")
+    pq_path = tmp_path / "mine.parquet"
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"content": texts[3:]}), pq_path)
+    out = tmp_path / "corpus"
+    report = prepare("--input", jsonl, tmp_path / "extracted", txt, "--dedup", "false", "--min_chars", "10",
+                     output=out)
+    sources = {r["source"] for r in read_corpus(out)}
+    assert sources == {"jastfkjg_wiki_00.jsonl", "wiki_00", "mine.txt"}
+    assert report["steps"]["read"]["docs_out"] == 64 + 16 + 3
+    with pytest.raises(UserError, match="missing text column"):
+        prepare("--input", pq_path, output=tmp_path / "c2")
+    prepare("--input", pq_path, "--text_column", "content", "--min_chars", "10", "--dedup", "false",
+            output=tmp_path / "c3")
+    assert len(read_corpus(tmp_path / "c3")) == 3
+
+
+def test_dedup_removes_near_duplicates_and_keeps_reordered_text(tmp_path):
+    rng = random.Random(7)
+    base = json.loads(shared_path("zhwiki_text/jastfkjg_wiki_00.jsonl").read_text(encoding="utf-8")
+                      .splitlines()[5])["text"][:1500]
+    near = list(base)
+    for i in rng.sample(range(len(near)), 6):
+        near[i] = "㐀"
+    chars = list(base)
+    rng.shuffle(chars)  # the same multiset of characters, in another order: a different document
+    distinct = [json.loads(line)["text"][:1500] for line in
+                shared_path("zhwiki_text/jastfkjg_wiki_00.jsonl").read_text(encoding="utf-8").splitlines()[10:14]]
+    docs = [base, "".join(near), "".join(chars), *distinct, base.replace("。", "。 ")]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in docs), encoding="utf-8")
+    out = tmp_path / "corpus"
+    report = prepare("--input", path, "--min_cjk_ratio", "0", "--validation_ratio", "0", output=out)
+    kept = [r["text"] for r in read_corpus(out)]
+    assert report["dropped"]["near_duplicate"] == 2  # the edited copy and the re-spaced copy
+    assert len(kept) == 2 + len(distinct)  # base, its character shuffle, the distinct documents
+    assert not any("㐀" in text for text in kept)
+
+
+BAD_INPUTS = {
+    "missing": (lambda d: d / "nope.xml.bz2", "no such file"),
+    "not_a_dump": (lambda d: _write(d / "page.xml", "<html><body>hello</body></html>\n"), "not a MediaWiki"),
+    "bad_jsonl": (lambda d: _write(d / "x.jsonl", '{"text": "好的中文句子"}\n{"text": oops}\n'), "line 2"),
+    "no_column": (lambda d: _write(d / "x.jsonl", '{"content": "好的中文句子"}\n'), "field 'text'"),
+    "empty_result": (lambda d: _write(d / "x.jsonl", '{"text": "hi"}\n'), "no document is left"),
+}
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_refused_and_existing_output_survives(case, tmp_path):
+    make, expected = BAD_INPUTS[case]
+    bad = make(tmp_path)
+    out = tmp_path / "corpus"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous run")
+    with pytest.raises(UserError, match=expected) as err:
+        prepare("--input", bad, "--overwrite_output_dir", "true", "--num_proc", "1", output=out)
+    assert str(bad) in str(err.value) and "fix:" in str(err.value)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".corpus")], "temporary output left behind"
+
+
+def test_truncated_bz2_fails_from_the_command_line(zhwiki_xml, tmp_path):
+    data = bz2.compress(zhwiki_xml.read_bytes())
+    truncated = tmp_path / "zhwiki.xml.bz2"
+    truncated.write_bytes(data[: len(data) // 2])
+    result = run_script("prepare_data.py", "--config", "none", "--input", str(truncated),
+                        "--output_dir", str(tmp_path / "out"), check=False)
+    assert result.returncode == 2
+    assert "truncated" in result.stderr and str(truncated) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_plain_xml_is_refused(zhwiki_xml, tmp_path):
+    cut = tmp_path / "cut.xml"
+    cut.write_text(zhwiki_xml.read_text(encoding="utf-8")[:300_000], encoding="utf-8")
+    with pytest.raises(UserError, match="ends early"):
+        prepare("--input", cut, output=tmp_path / "out")
+
+
+def test_refuses_to_replace_output_without_overwrite(wiki_corpus, zhwiki_xml):
+    with pytest.raises(UserError, match="overwrite_output_dir"):
+        prepare("--input", zhwiki_xml, output=wiki_corpus[0])

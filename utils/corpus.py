@@ -1,0 +1,349 @@
+"""The corpus pipeline: inputs -> wikiextractor -> OpenCC t2s -> normalise -> filter -> MinHash dedup ->
+shuffled parquet shards with `text` (and `title`, `id`, `source` where known).
+
+Workers (one per core) extract, convert, normalise, filter and sign documents; the main process reads
+the inputs, keeps the near-duplicate index and writes. At most `2 x num_proc` batches are in flight,
+so memory stays bounded however large the input is. Results are consumed in input order, so a run is
+deterministic for a given seed whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from utils.dedup import NearDuplicateIndex, minhash_signature
+from utils.errors import UserError
+from utils.io import write_json_atomic
+from utils.sources import TXT_SPLITS, Document, detect_format, discover_inputs, read_records
+from utils.text import QualityFilter, normalize_text, to_simplified
+from utils.wiki import WikiPage, extract_text
+
+logger = logging.getLogger(__name__)
+
+STEPS = ("read", "extract", "t2s", "normalize", "filter", "dedup", "write")
+SCHEMA = pa.schema([("text", pa.string()), ("title", pa.string()), ("id", pa.string()),
+                    ("source", pa.string())])
+
+
+@dataclass
+class InputArguments:
+    input: list[str] = field(default_factory=list, metadata={
+        "help": "Input files or directories: zhwiki pages-articles dumps (.xml/.xml.bz2), wikiextractor "
+                "output (<doc> or --json), .jsonl/.json/.parquet with a text column, or .txt. "
+                "Several inputs are merged into one corpus."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text in .jsonl/.json/.parquet."})
+    txt_split: str = field(default="blank_line", metadata={
+        "help": "How .txt files are cut into documents: 'blank_line' (blocks separated by an empty line) or "
+                "'line' (one document per line)."})
+    max_docs: int = field(default=-1, metadata={
+        "help": "Stop after this many input documents (for quick trials); -1 = all."})
+
+    def __post_init__(self):
+        if self.txt_split not in TXT_SPLITS:
+            raise ValueError(f"--txt_split must be one of {', '.join(TXT_SPLITS)}, not '{self.txt_split}'")
+
+
+@dataclass
+class CleaningArguments:
+    opencc_config: str = field(default="t2s", metadata={
+        "help": "OpenCC profile for traditional->simplified conversion (t2s, tw2sp, hk2s ...); 'none' = keep."})
+    min_chars: int = field(default=50, metadata={"help": "Drop documents shorter than this (characters)."})
+    max_chars: int = field(default=0, metadata={"help": "Drop documents longer than this (characters); 0 = no limit."})
+    min_cjk_ratio: float = field(default=0.3, metadata={
+        "help": "Drop documents whose share of Chinese characters among non-space characters is below this "
+                "(0-1); 0 = keep all."})
+
+    def __post_init__(self):
+        if not 0 <= self.min_cjk_ratio <= 1:
+            raise ValueError(f"--min_cjk_ratio must be between 0 and 1, not {self.min_cjk_ratio}")
+        if self.max_chars and self.max_chars < self.min_chars:
+            raise ValueError(f"--max_chars ({self.max_chars}) is below --min_chars ({self.min_chars})")
+
+
+@dataclass
+class DedupArguments:
+    dedup: bool = field(default=True, metadata={"help": "Remove near-duplicate documents with MinHash LSH."})
+    dedup_threshold: float = field(default=0.8, metadata={
+        "help": "Estimated Jaccard similarity of shingle sets above which a document is a duplicate (0-1)."})
+    shingle_size: int = field(default=5, metadata={"help": "Characters per shingle (n-gram) for MinHash."})
+    num_perm: int = field(default=128, metadata={"help": "MinHash permutations (signature length)."})
+
+    def __post_init__(self):
+        if not 0 < self.dedup_threshold < 1:
+            raise ValueError(f"--dedup_threshold must be between 0 and 1, not {self.dedup_threshold}")
+        if self.shingle_size < 1 or self.num_perm < 16:
+            raise ValueError("--shingle_size must be >= 1 and --num_perm >= 16")
+
+
+@dataclass
+class OutputArguments:
+    output_dir: str = field(default="data/corpus", metadata={"help": "Where the parquet shards and stats go."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing output directory."})
+    shard_size_mb: float = field(default=256.0, metadata={"help": "Target size of one shard (MB of UTF-8 text)."})
+    validation_ratio: float = field(default=0.005, metadata={
+        "help": "Share of documents held out as validation-*.parquet (at least one when > 0); 0 = none."})
+    seed: int = field(default=42, metadata={"help": "Seed for the shuffle, the split and MinHash."})
+    num_proc: int = field(default=max(1, os.cpu_count() or 1), metadata={
+        "help": "Worker processes; 1 = everything in this process."})
+    batch_size: int = field(default=64, metadata={"help": "Documents per work unit sent to a worker."})
+
+    def __post_init__(self):
+        if not 0 <= self.validation_ratio < 1:
+            raise ValueError(f"--validation_ratio must be in [0, 1), not {self.validation_ratio}")
+        if self.shard_size_mb <= 0 or self.num_proc < 1 or self.batch_size < 1:
+            raise ValueError("--shard_size_mb, --num_proc and --batch_size must be positive")
+
+
+class StepStats:
+    """Documents and characters in/out and seconds spent, per pipeline step."""
+
+    FIELDS = ("docs_in", "chars_in", "docs_out", "chars_out", "seconds")
+
+    def __init__(self):
+        self.table = {step: dict.fromkeys(self.FIELDS, 0) for step in STEPS}
+        self.dropped: collections.Counter[str] = collections.Counter()
+
+    def record(self, step: str, chars_in: int, chars_out: int | None, seconds: float) -> None:
+        row = self.table[step]
+        row["docs_in"] += 1
+        row["chars_in"] += chars_in
+        if chars_out is not None:
+            row["docs_out"] += 1
+            row["chars_out"] += chars_out
+        row["seconds"] += seconds
+
+    def merge(self, other: StepStats) -> None:
+        for step, row in other.table.items():
+            for key, value in row.items():
+                self.table[step][key] += value
+        self.dropped.update(other.dropped)
+
+    def as_dict(self) -> dict:
+        steps = {step: {k: (round(v, 3) if k == "seconds" else v) for k, v in row.items()}
+                 for step, row in self.table.items()}
+        return {"steps": steps, "dropped": dict(self.dropped)}
+
+    def format_table(self) -> str:
+        header = f"{'step':<10}{'docs in':>12}{'docs out':>12}{'chars in':>16}{'chars out':>16}{'seconds':>10}"
+        lines = [header, "-" * len(header)]
+        for step, row in self.table.items():
+            lines.append(f"{step:<10}{row['docs_in']:>12,}{row['docs_out']:>12,}{row['chars_in']:>16,}"
+                         f"{row['chars_out']:>16,}{row['seconds']:>10.1f}")
+        if self.dropped:
+            lines.append("dropped: " + ", ".join(f"{k} {v:,}" for k, v in sorted(self.dropped.items())))
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _WorkerSettings:
+    opencc_config: str
+    quality: QualityFilter
+    dedup: bool
+    shingle_size: int
+    num_perm: int
+    seed: int
+
+
+_settings: _WorkerSettings | None = None
+
+
+def _init_worker(settings: _WorkerSettings) -> None:
+    global _settings
+    _settings = settings
+
+
+def _timed(stats: StepStats, step: str, func, text: str) -> str:
+    start = time.perf_counter()
+    out = func(text)
+    stats.record(step, len(text), len(out) if out else None, time.perf_counter() - start)
+    return out
+
+
+def clean_document(record: WikiPage | Document, settings: _WorkerSettings, stats: StepStats) -> str | None:
+    """Run one record through extract -> t2s -> normalise -> filter; None when it is dropped."""
+    if isinstance(record, WikiPage):
+        start = time.perf_counter()
+        text = extract_text(record)
+        stats.record("extract", sum(map(len, record.lines)), len(text) if text.strip() else None,
+                     time.perf_counter() - start)
+        if not text.strip():
+            stats.dropped["empty_after_extract"] += 1
+            return None
+    else:
+        text = record.text
+    if settings.opencc_config != "none":
+        text = _timed(stats, "t2s", lambda t: to_simplified(t, settings.opencc_config), text)
+    text = _timed(stats, "normalize", normalize_text, text)
+    start = time.perf_counter()
+    reason = settings.quality.check(text)
+    stats.record("filter", len(text), None if reason else len(text), time.perf_counter() - start)
+    if reason:
+        stats.dropped[reason] += 1
+        return None
+    return text
+
+
+def _process_batch(batch: list[tuple[WikiPage | Document, str]]) -> tuple[list, StepStats]:
+    settings, stats, kept = _settings, StepStats(), []
+    for record, source in batch:
+        text = clean_document(record, settings, stats)
+        if text is None:
+            kept.append(None)
+            continue
+        signature = (minhash_signature(text, settings.shingle_size, settings.num_perm, settings.seed)
+                     if settings.dedup else None)
+        title = record.title
+        if title and settings.opencc_config != "none":
+            title = to_simplified(title, settings.opencc_config)
+        kept.append((text, title, record.id, source, signature))
+    return kept, stats
+
+
+def _batches(files: list[Path], inputs: InputArguments, stats: StepStats,
+             progress: tqdm) -> Iterator[list[tuple[WikiPage | Document, str]]]:
+    batch, count, done_bytes = [], 0, 0
+    size = 64
+    for path in files:
+        start = time.perf_counter()
+        logger.info("reading %s (%s)", path, detect_format(path))
+        for record, position in read_records(path, inputs.text_column, inputs.txt_split):
+            stats.table["read"]["docs_out"] += 1
+            batch.append((record, path.name))
+            count += 1
+            if len(batch) >= size or count == inputs.max_docs:
+                stats.table["read"]["seconds"] += time.perf_counter() - start
+                progress.n = done_bytes + position
+                progress.refresh()
+                yield batch
+                batch, start = [], time.perf_counter()
+            if count == inputs.max_docs:
+                return
+        stats.table["read"]["seconds"] += time.perf_counter() - start
+        done_bytes += path.stat().st_size
+    if batch:
+        yield batch
+
+
+def _run_workers(files, inputs, outputs, settings, stats) -> Iterator[tuple]:
+    """Yield kept documents in input order, processed by `num_proc` workers with bounded in-flight work."""
+    total = sum(p.stat().st_size for p in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="prepare", dynamic_ncols=True) as progress:
+        batches = _batches(files, inputs, stats, progress)
+        if outputs.num_proc == 1:
+            _init_worker(settings)
+            for batch in batches:
+                kept, batch_stats = _process_batch(batch)
+                stats.merge(batch_stats)
+                yield from (item for item in kept if item is not None)
+            return
+        context = multiprocessing.get_context("fork")
+        with context.Pool(outputs.num_proc, initializer=_init_worker, initargs=(settings,)) as pool:
+            pending: collections.deque = collections.deque()
+            for batch in batches:
+                pending.append(pool.apply_async(_process_batch, (batch,)))
+                while len(pending) >= 2 * outputs.num_proc:
+                    yield from _collect(pending.popleft(), stats)
+            while pending:
+                yield from _collect(pending.popleft(), stats)
+
+
+def _collect(result, stats: StepStats) -> Iterator[tuple]:
+    kept, batch_stats = result.get()
+    stats.merge(batch_stats)
+    yield from (item for item in kept if item is not None)
+
+
+def prepare_corpus(inputs: InputArguments, cleaning: CleaningArguments, dedup: DedupArguments,
+                   outputs: OutputArguments, workdir: Path) -> dict:
+    """Run the pipeline, writing shards, `stats.json` into `workdir` (the caller renames it into place)."""
+    files = discover_inputs(inputs.input)
+    settings = _WorkerSettings(cleaning.opencc_config,
+                               QualityFilter(cleaning.min_chars, cleaning.max_chars, cleaning.min_cjk_ratio),
+                               dedup.dedup, dedup.shingle_size, dedup.num_perm, outputs.seed)
+    stats = StepStats()
+    index = NearDuplicateIndex(dedup.dedup_threshold, dedup.num_perm, outputs.seed) if dedup.dedup else None
+    staging = workdir / "_staging.parquet"
+    rows: dict[str, list] = {name: [] for name in SCHEMA.names}
+    kept_docs = 0
+    with pq.ParquetWriter(staging, SCHEMA) as writer:
+        for key, (text, title, doc_id, source, signature) in enumerate(
+                _run_workers(files, inputs, outputs, settings, stats)):
+            if index is not None:
+                start = time.perf_counter()
+                unique = index.add(str(key), signature)
+                stats.record("dedup", len(text), len(text) if unique else None, time.perf_counter() - start)
+                if not unique:
+                    stats.dropped["near_duplicate"] += 1
+                    continue
+            for name, value in zip(SCHEMA.names, (text, title, doc_id, source)):
+                rows[name].append(value)
+            kept_docs += 1
+            if len(rows["text"]) >= 4096:
+                writer.write_table(pa.table(rows, schema=SCHEMA))
+                rows = {name: [] for name in SCHEMA.names}
+        if rows["text"]:
+            writer.write_table(pa.table(rows, schema=SCHEMA))
+    stats.table["read"]["docs_in"] = stats.table["read"]["docs_out"]
+    if kept_docs == 0:
+        raise UserError("no document is left after cleaning and filtering",
+                        path=", ".join(map(str, inputs.input)), field="input",
+                        fix="check that the input holds Chinese text; lower --min_chars / --min_cjk_ratio "
+                            "or check --text_column")
+    start = time.perf_counter()
+    shards = write_shards(staging, workdir, outputs)
+    staging.unlink()
+    stats.record("write", sum(s["chars"] for s in shards), sum(s["chars"] for s in shards),
+                 time.perf_counter() - start)
+    stats.table["write"].update(docs_in=kept_docs, docs_out=kept_docs)
+    report = {**stats.as_dict(), "inputs": [str(p) for p in files], "shards": shards,
+              "documents": kept_docs, "characters": sum(s["chars"] for s in shards)}
+    write_json_atomic(workdir / "stats.json", report)
+    logger.info("corpus statistics\n%s", stats.format_table())
+    return report
+
+
+def write_shards(staging: Path, workdir: Path, outputs: OutputArguments) -> list[dict]:
+    """Shuffle the staged documents and write `train-*` / `validation-*` parquet shards.
+
+    The shuffle goes through a memory-mapped Arrow table (`datasets`), so it never holds the corpus
+    in memory.
+    """
+    import datasets
+
+    table = datasets.Dataset.from_parquet(str(staging), cache_dir=str(workdir / "_cache"))
+    table = table.shuffle(seed=outputs.seed)
+    num_docs = len(table)
+    num_val = 0
+    if outputs.validation_ratio > 0 and num_docs > 1:
+        num_val = max(1, round(num_docs * outputs.validation_ratio))
+    splits = {"validation": table.select(range(num_val)), "train": table.select(range(num_val, num_docs))}
+    shards = []
+    for split, data in splits.items():
+        if len(data) == 0:
+            continue
+        text_bytes = sum(len(t.encode("utf-8")) for batch in data.iter(batch_size=4096) for t in batch["text"])
+        num_shards = max(1, math.ceil(text_bytes / (outputs.shard_size_mb * 1e6)))
+        for i in range(num_shards):
+            shard = data.shard(num_shards, i, contiguous=True)
+            path = workdir / f"{split}-{i:05d}-of-{num_shards:05d}.parquet"
+            shard.to_parquet(str(path))
+            chars = sum(len(t) for batch in shard.iter(batch_size=4096) for t in batch["text"])
+            shards.append({"file": path.name, "split": split, "documents": len(shard), "chars": chars})
+    table.cleanup_cache_files()
+    del table, splits
+    import shutil
+
+    shutil.rmtree(workdir / "_cache", ignore_errors=True)
+    return shards

@@ -1,0 +1,40 @@
+"""One kind of user-facing error, raised at the boundary and reported once by `run_main`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class UserError(Exception):
+    """A problem with the user's input or configuration that the user can fix.
+
+    The message names where the problem is (file, line, field) and says how to fix it. `run_main`
+    prints it without a traceback and exits with status 2.
+    """
+
+    def __init__(self, problem: str, *, path: str | None = None, line: int | None = None,
+                 field: str | None = None, fix: str | None = None):
+        self.problem, self.path, self.line, self.field, self.fix = problem, path, line, field, fix
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        where = ""
+        if self.path is not None:
+            where = str(self.path) + (f", line {self.line}" if self.line is not None else "")
+        if self.field is not None:
+            where += (", " if where else "") + f"field '{self.field}'"
+        message = f"{where}: {self.problem}" if where else self.problem
+        return message + (f"\n  fix: {self.fix}" if self.fix else "")
+
+
+def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
+    """Run a stage's `main` as a command: user errors become one clear message and exit status 2."""
+    try:
+        main(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

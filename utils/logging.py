@@ -1,0 +1,25 @@
+"""Logging set-up shared by every stage: one format, main process only, quiet libraries."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def is_main_process() -> bool:
+    """True on the process that logs and saves (rank 0 under torchrun / accelerate, or no launcher)."""
+    return int(os.environ.get("RANK", "0")) == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log at `level` on the main process and only warnings elsewhere; align HF libraries with it."""
+    if not is_main_process():
+        level = logging.WARNING
+    logging.basicConfig(format=FORMAT, datefmt="%H:%M:%S", level=level, force=True)
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity(max(level, logging.WARNING))
+    datasets.utils.logging.set_verbosity(max(level, logging.WARNING))
