@@ -14,6 +14,7 @@ import logging
 import math
 import multiprocessing
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -219,7 +220,8 @@ def _batches(files: list[Path], inputs: InputArguments, stats: StepStats,
         start = time.perf_counter()
         logger.info("reading %s (%s)", path, detect_format(path))
         for record, position in read_records(path, inputs.text_column, inputs.txt_split):
-            stats.table["read"]["docs_out"] += 1
+            chars = sum(map(len, record.lines)) if isinstance(record, WikiPage) else len(record.text)
+            stats.record("read", chars, chars, 0.0)
             batch.append((record, path.name))
             count += 1
             if len(batch) >= size or count == inputs.max_docs:
@@ -295,7 +297,6 @@ def prepare_corpus(inputs: InputArguments, cleaning: CleaningArguments, dedup: D
                 rows = {name: [] for name in SCHEMA.names}
         if rows["text"]:
             writer.write_table(pa.table(rows, schema=SCHEMA))
-    stats.table["read"]["docs_in"] = stats.table["read"]["docs_out"]
     if kept_docs == 0:
         raise UserError("no document is left after cleaning and filtering",
                         path=", ".join(map(str, inputs.input)), field="input",
@@ -343,7 +344,5 @@ def write_shards(staging: Path, workdir: Path, outputs: OutputArguments) -> list
             shards.append({"file": path.name, "split": split, "documents": len(shard), "chars": chars})
     table.cleanup_cache_files()
     del table, splits
-    import shutil
-
     shutil.rmtree(workdir / "_cache", ignore_errors=True)
     return shards

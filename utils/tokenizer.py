@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from utils.errors import UserError
@@ -106,7 +107,7 @@ def sample_corpus(files: list[Path], max_chars: int, seed: int, text_column: str
     The second pass holds only the sample, so memory is bounded by `max_chars` whatever the corpus size.
     """
     docs_total = chars_total = 0
-    for text in iter_documents(files, text_column):
+    for text in tqdm(iter_documents(files, text_column), desc="count corpus", unit=" docs"):
         docs_total += 1
         chars_total += len(text)
     if docs_total == 0:
@@ -114,7 +115,8 @@ def sample_corpus(files: list[Path], max_chars: int, seed: int, text_column: str
                         fix="pass the output directory of prepare_data.py or files with text")
     keep = 1.0 if max_chars <= 0 else min(1.0, max_chars / chars_total)
     rng = random.Random(seed)
-    texts = [t for t in iter_documents(files, text_column) if keep >= 1.0 or rng.random() < keep]
+    documents = tqdm(iter_documents(files, text_column), desc="sample corpus", unit=" docs", total=docs_total)
+    texts = [t for t in documents if keep >= 1.0 or rng.random() < keep]
     return CorpusSample(texts, docs_total, chars_total, len(texts), sum(map(len, texts)))
 
 
