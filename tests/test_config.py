@@ -87,11 +87,12 @@ STAGES = {
     "prepare_data": ("prepare_data.py", lambda m: [m.InputArguments, m.CleaningArguments, m.DedupArguments,
                                                    m.OutputArguments]),
     "tokenizer": ("train_tokenizer.py", lambda m: [m.TokenizerArguments]),
+    "pretrain": ("pre_train.py", lambda m: [m.ModelArguments, m.DataArguments, m.TrainArguments]),
 }
+RECIPES = sorted(p.relative_to(REPO) for p in (REPO / "config").rglob("*.yaml") if p.parent.name != "models")
 
 
-@pytest.mark.parametrize("recipe", sorted(p.relative_to(REPO) for p in (REPO / "config").rglob("*.yaml")),
-                         ids=str)
+@pytest.mark.parametrize("recipe", RECIPES, ids=str)
 def test_every_recipe_parses(recipe):
     import importlib
 
@@ -102,7 +103,7 @@ def test_every_recipe_parses(recipe):
     assert all(parsed)
 
 
-@pytest.mark.parametrize("script", ["prepare_data.py", "train_tokenizer.py"])
+@pytest.mark.parametrize("script", [script for script, _ in STAGES.values()])
 def test_entry_scripts_answer_help(script):
     result = run_script(script, "--help")
     assert "--config" in result.stdout and "--output_dir" in result.stdout

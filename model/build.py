@@ -1,0 +1,133 @@
+"""Model presets and construction: stock HF T5 / Llama classes built from `config/models/*.yaml`.
+
+    config = model_config("t5-demo", tokenizer, {"num_layers": 4})
+    model = build_model(config)
+
+Presets: t5-tiny, t5-demo, t5-0.2b, llama-tiny, llama-demo, llama-0.2b. A preset name, a preset YAML or
+an HF `config.json` can be given, and any key overridden. The vocabulary comes from the tokenizer,
+rounded up to a multiple of 64, and the special token ids are taken from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedConfig,
+                          PreTrainedModel, PreTrainedTokenizerBase)
+
+from utils.errors import UserError
+from utils.tokenizer import round_vocab
+
+logger = logging.getLogger(__name__)
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "config" / "models"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _read_model_config(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not path.exists():
+        path = PRESETS_DIR / f"{name_or_path}.yaml"
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise UserError(f"unknown model config '{name_or_path}'", field="model_config",
+                        fix=f"use a preset ({', '.join(preset_names())}), a preset YAML or an HF config.json")
+    text = path.read_text(encoding="utf-8")
+    values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(values, dict) or "model_type" not in values:
+        raise UserError("a model config needs a 'model_type' (t5 or llama)", path=str(path), field="model_type",
+                        fix="add 'model_type: t5' or 'model_type: llama'")
+    return values
+
+
+def is_seq2seq(config: PreTrainedConfig) -> bool:
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def model_config(name_or_path: str, tokenizer: PreTrainedTokenizerBase,
+                 overrides: dict[str, Any] | None = None) -> PreTrainedConfig:
+    """An HF config for a preset / file, with `overrides` applied and the tokenizer's vocabulary."""
+    values = {**_read_model_config(name_or_path), **(overrides or {})}
+    model_type = values.pop("model_type")
+    values.pop("architectures", None)
+    values.update(vocab_size=round_vocab(len(tokenizer)), pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    if model_type == "t5":
+        values["decoder_start_token_id"] = tokenizer.pad_token_id
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"invalid model config: {err}", field="model_config",
+                        fix="check the keys against the HF config class of this model type") from None
+
+
+def build_model(config: PreTrainedConfig, seed: int | None = None) -> PreTrainedModel:
+    """A freshly initialised model (SDPA attention where the architecture supports it)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    auto = AutoModelForSeq2SeqLM if is_seq2seq(config) else AutoModelForCausalLM
+    attention = {} if config.model_type == "t5" else {"attn_implementation": "sdpa"}
+    return auto.from_config(config, **attention)
+
+
+def load_model(path: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Load an HF checkpoint to continue training; grow its embeddings to fit an extended tokenizer.
+
+    New embedding rows start at the mean of the existing rows (so new tokens begin as an "average"
+    token instead of noise); existing rows are untouched.
+    """
+    config = AutoConfig.from_pretrained(path)
+    auto = AutoModelForSeq2SeqLM if is_seq2seq(config) else AutoModelForCausalLM
+    model = auto.from_pretrained(path)
+    old = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > old:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=True)
+        logger.info("resized embeddings %d -> %d rows for the tokenizer's %d tokens (new rows = mean of old)",
+                    old, model.get_input_embeddings().weight.shape[0], len(tokenizer))
+    return model
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Parameters counted once even when tied (T5's embeddings and LM head)."""
+    seen, total = set(), 0
+    for param in model.parameters():
+        if id(param) in seen or (trainable_only and not param.requires_grad):
+            continue
+        seen.add(id(param))
+        total += param.numel()
+    return total
+
+
+def flops_per_token(config: PreTrainedConfig, seq_len: int, target_len: int | None = None) -> float:
+    """Training FLOPs per input token (forward + backward = 3x forward), the PaLM / nanoGPT estimate.
+
+    Matmul FLOPs are 6 per parameter per token it touches, plus attention scores. For T5 the encoder
+    runs on the inputs and the decoder on the targets; the figure is per *input* token of a batch.
+    """
+    if is_seq2seq(config):
+        d, ff, layers_e, layers_d = config.d_model, config.d_ff, config.num_layers, config.num_decoder_layers
+        inner = config.num_heads * config.d_kv
+        ffn = (3 if config.is_gated_act else 2) * d * ff
+        enc_layer = 4 * d * inner + ffn
+        dec_layer = 8 * d * inner + ffn
+        target_len = target_len or seq_len
+        ratio = target_len / seq_len
+        matmul = 6 * (layers_e * enc_layer + ratio * (layers_d * dec_layer + d * config.vocab_size))
+        attention = 12 * inner * (layers_e * seq_len + ratio * layers_d * (target_len + seq_len))
+        return matmul + attention
+    d, layers = config.hidden_size, config.num_hidden_layers
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    layer = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim + 3 * d * config.intermediate_size
+    matmul = 6 * (layers * layer + d * config.vocab_size)
+    attention = 12 * layers * heads * head_dim * seq_len
+    return matmul + attention

@@ -1,0 +1,224 @@
+"""Pretrain a T5 (span corruption and/or text-to-text pairs) or a Llama-style decoder from scratch,
+or continue pretraining an HF checkpoint, with the HF Trainer.
+
+    python pre_train.py                                          # config/pretrain.yaml (t5-0.2b)
+    python pre_train.py --model_config llama-demo --max_steps 200 --output_dir model_save/llama_demo
+    accelerate launch --config_file accelerate.yaml pre_train.py  # 2 GPUs, DeepSpeed ZeRO-2
+
+ctrl+c saves a checkpoint and exits; the same command resumes from it. The output directory loads with
+plain AutoModelForSeq2SeqLM / AutoModelForCausalLM and AutoTokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.contrib.logging import logging_redirect_tqdm
+from transformers import (AutoTokenizer, DataCollatorForSeq2Seq, GenerationConfig, ProgressCallback,
+                          default_data_collator, set_seed)
+
+from model.build import build_model, count_parameters, flops_per_token, is_seq2seq, load_model, model_config
+from utils.config import parse_config, recipe_path, save_config
+from utils.errors import UserError, run_main
+from utils.logging import setup_logging
+from utils.pretrain_data import PackedBlocks, SpanCorruptionBlocks, TextToTextPairs, TokenStream, WeightedMix
+from utils.tokenizer import END_OF_TURN
+from utils.training import (GracefulStop, ProgressLine, ToolkitTrainer, TrainArguments, format_duration,
+                            resolve_resume)
+
+logger = logging.getLogger("pre_train")
+OBJECTIVES = ("auto", "causal_lm", "span_corruption", "text_to_text", "mix")
+
+
+@dataclass
+class ModelArguments:
+    model_config: str = field(default="t5-0.2b", metadata={
+        "help": "Preset (t5-tiny, t5-demo, t5-0.2b, llama-tiny, llama-demo, llama-0.2b), a preset YAML or an "
+                "HF config.json. Ignored with --model_name_or_path."})
+    model_overrides: str | None = field(default=None, metadata={
+        "help": "JSON object of config keys to override, e.g. '{\"num_layers\": 4, \"d_model\": 512}'."})
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Continue pretraining this HF checkpoint (embeddings grow to fit an extended tokenizer)."})
+    tokenizer_name_or_path: str = field(default="data/tokenizer", metadata={
+        "help": "Tokenizer directory (train_tokenizer.py output)."})
+
+    def overrides(self) -> dict:
+        if not self.model_overrides:
+            return {}
+        try:
+            values = json.loads(self.model_overrides)
+        except json.JSONDecodeError as err:
+            raise UserError(f"not a JSON object: {err.msg}", field="model_overrides",
+                            fix="pass e.g. --model_overrides '{\"num_layers\": 4}'") from None
+        if not isinstance(values, dict):
+            raise UserError("must be a JSON object", field="model_overrides", fix="pass '{\"key\": value}'")
+        return values
+
+
+@dataclass
+class DataArguments:
+    train_files: list[str] = field(default_factory=lambda: ["data/corpus"], metadata={
+        "help": "Text for causal LM / span corruption: prepare_data.py output dirs (train-*.parquet) or "
+                ".parquet/.jsonl/.txt files with a 'text' column."})
+    validation_files: list[str] = field(default_factory=list, metadata={
+        "help": "Held-out text; default: the validation-*.parquet shards of --train_files directories."})
+    pair_files: list[str] = field(default_factory=list, metadata={
+        "help": "T5 text-to-text data: files with 'prompt' and 'response' columns."})
+    validation_pair_files: list[str] = field(default_factory=list, metadata={
+        "help": "Held-out prompt/response pairs for the text-to-text objective."})
+    objective: str = field(default="auto", metadata={
+        "help": "causal_lm (Llama), span_corruption, text_to_text or mix (T5); auto = causal_lm for decoders, "
+                "span_corruption for T5 (mix when --pair_files are given too)."})
+    mix_weights: list[float] = field(default_factory=lambda: [1.0, 1.0], metadata={
+        "help": "Sampling weights of span_corruption and text_to_text examples for --objective mix."})
+    block_size: int = field(default=1024, metadata={"help": "Tokens per causal LM example (packed)."})
+    max_source_length: int = field(default=512, metadata={"help": "T5 encoder input length (tokens)."})
+    max_target_length: int = field(default=256, metadata={"help": "T5 text-to-text target length (tokens)."})
+    noise_density: float = field(default=0.15, metadata={"help": "Share of tokens masked by span corruption."})
+    mean_noise_span_length: float = field(default=3.0, metadata={"help": "Mean masked span length (tokens)."})
+    preprocessing_num_workers: int = field(default=max(1, os.cpu_count() or 1), metadata={
+        "help": "Processes for tokenisation."})
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, not '{self.objective}'")
+        if not 0 < self.noise_density < 1:
+            raise ValueError(f"--noise_density must be in (0, 1), not {self.noise_density}")
+
+
+def build_datasets(data: DataArguments, tokenizer, seq2seq: bool, cache_dir: Path, seed: int, args):
+    """Train and eval datasets for the objective, with characters per token for bits per character."""
+    objective = data.objective
+    if objective == "auto":
+        objective = ("mix" if data.pair_files else "span_corruption") if seq2seq else "causal_lm"
+    if seq2seq == (objective == "causal_lm"):
+        raise UserError(f"objective '{objective}' does not fit a {'T5' if seq2seq else 'decoder'} model",
+                        field="objective", fix="use causal_lm for Llama; span_corruption, text_to_text or mix for T5")
+    validation = data.validation_files or data.train_files
+    workers = data.preprocessing_num_workers
+    train, evals, ratios = [], {}, {}
+    if objective in ("causal_lm", "span_corruption", "mix"):
+        with args.main_process_first(desc="tokenize"):
+            stream = TokenStream.build(data.train_files, "train", tokenizer, cache_dir, workers)
+            val_stream = TokenStream.build(validation, "validation", tokenizer, cache_dir, workers)
+        if objective == "causal_lm":
+            train.append(PackedBlocks(stream, data.block_size))
+            evals["eval"] = PackedBlocks(val_stream, data.block_size)
+            ratios["eval"] = val_stream.chars_per_token
+        else:
+            make = lambda s, salt: SpanCorruptionBlocks(s, tokenizer, data.max_source_length,  # noqa: E731
+                                                        data.noise_density, data.mean_noise_span_length, seed + salt)
+            train.append(make(stream, 0))
+            evals["span"] = make(val_stream, 1)
+            ratios["span"] = val_stream.chars_per_token
+    if objective in ("text_to_text", "mix"):
+        if not data.pair_files:
+            raise UserError("the text_to_text objective needs --pair_files", field="pair_files",
+                            fix="pass files with prompt and response columns")
+        with args.main_process_first(desc="tokenize pairs"):
+            train.append(TextToTextPairs(data.pair_files, "train", tokenizer, data.max_source_length,
+                                         data.max_target_length, workers))
+            pairs_eval = TextToTextPairs(data.validation_pair_files or data.pair_files, "validation", tokenizer,
+                                         data.max_source_length, data.max_target_length, workers)
+        evals["pairs"], ratios["pairs"] = pairs_eval, pairs_eval.chars_per_token
+    train_set = train[0] if len(train) == 1 else WeightedMix(train, data.mix_weights, seed)
+    eval_set = evals["eval"] if "eval" in evals else evals
+    return objective, train_set, eval_set, ratios
+
+
+def main(argv: Sequence[str] | None = None) -> ToolkitTrainer:
+    setup_logging()
+    model_args, data, args = parse_config([ModelArguments, DataArguments, TrainArguments], argv,
+                                          default_recipe=recipe_path("pretrain"), description=__doc__)
+    set_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path)
+    if model_args.model_name_or_path:
+        model = load_model(model_args.model_name_or_path, tokenizer)
+    else:
+        model = build_model(model_config(model_args.model_config, tokenizer, model_args.overrides()), args.seed)
+    seq2seq = is_seq2seq(model.config)
+    objective, train_set, eval_set, ratios = build_datasets(data, tokenizer, seq2seq,
+                                                            Path(args.output_dir) / "data_cache", args.seed, args)
+
+    seq_len = data.max_source_length if seq2seq else data.block_size
+    target_len = SpanCorruptionBlocks.target_len(data) if objective == "span_corruption" else data.max_target_length
+    flops = flops_per_token(model.config, seq_len, target_len if seq2seq else None)
+    tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size * seq_len
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(
+        len(train_set) * args.num_train_epochs / (args.per_device_train_batch_size * args.gradient_accumulation_steps
+                                                  * args.world_size))
+    logger.info("model %s: %s parameters | objective %s | %d examples | %s tokens/step (batch %d x accum %d x "
+                "%d processes x %d) | %d steps, %s tokens | %.0f MFLOP/token", type(model).__name__,
+                f"{count_parameters(model):,}", objective, len(train_set), f"{tokens_per_step:,}",
+                args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size, seq_len,
+                steps, f"{tokens_per_step * steps:,}", flops / 1e6)
+
+    collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100) if seq2seq \
+        else default_data_collator
+    stopper = GracefulStop()
+    trainer = ToolkitTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                             data_collator=collator, processing_class=tokenizer, chars_per_token=ratios,
+                             callbacks=[stopper, ProgressLine(flops)])
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(QuietProgressBar())
+    stopper.install()
+    try:
+        with logging_redirect_tqdm():
+            result = trainer.train(resume_from_checkpoint=resolve_resume(args))
+    finally:
+        stopper.uninstall()
+    if stopper.stopped_at is not None:
+        if trainer.is_world_process_zero():
+            logger.warning("stopped at step %d; checkpoint saved in %s. Run the same command again to "
+                           "resume (or add --no_resume to start over).", stopper.stopped_at, args.output_dir)
+        return trainer
+    metrics = trainer.evaluate() if args.eval_strategy != "no" or eval_set else {}
+    save_final(trainer, tokenizer, args, [model_args, data, args],
+               {"objective": objective, "parameters": count_parameters(model), **result.metrics, **metrics,
+                "train_runtime_human": format_duration(result.metrics.get("train_runtime", 0))})
+    return trainer
+
+
+class QuietProgressBar(ProgressCallback):
+    """HF's tqdm bar (with ETA) without printing raw log dicts; ProgressLine writes the log line."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+def generation_config(tokenizer, seq2seq: bool) -> GenerationConfig:
+    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    return GenerationConfig(eos_token_id=[tokenizer.eos_token_id, end], pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.bos_token_id,
+                            decoder_start_token_id=tokenizer.pad_token_id if seq2seq else None,
+                            max_new_tokens=256, repetition_penalty=1.1)
+
+
+def save_final(trainer: ToolkitTrainer, tokenizer, args: TrainArguments, configs: list, summary: dict) -> None:
+    """Write model, tokenizer, generation config, resolved config and summary into `output_dir` through a
+    staging directory, so the final model is never half-written."""
+    output = Path(args.output_dir)
+    staging = output / ".final-staging"
+    trainer.model.generation_config = generation_config(tokenizer, is_seq2seq(trainer.model.config))
+    trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(staging)
+        save_config(staging, *configs)
+        (staging / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        (staging / "training_args.bin").unlink(missing_ok=True)
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
+            os.replace(path, output / path.name)
+        shutil.rmtree(staging, ignore_errors=True)
+        logger.info("saved the model to %s", output)
+    trainer.accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    run_main(main)

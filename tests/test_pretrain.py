@@ -1,0 +1,247 @@
+"""Pretraining: objectives are well formed, tiny T5 / Llama learn and reload, ctrl+c resume is bit-exact
+(also with gradient accumulation and under two processes), continued pretraining grows embeddings."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, make_documents
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+import pre_train
+from model.build import load_model
+from utils.errors import UserError
+from utils.pretrain_data import PackedBlocks, SpanCorruptionBlocks, TokenStream, span_corruption_lengths
+from utils.training import latest_checkpoint
+
+
+def common(tiny_corpus, tiny_tokenizer, model, output, *extra):
+    return ["--config", "none", "--model_config", model, "--tokenizer_name_or_path", str(tiny_tokenizer),
+            "--train_files", str(tiny_corpus), "--validation_files", str(tiny_corpus),
+            "--output_dir", str(output), "--block_size", "64", "--max_source_length", "64",
+            "--per_device_train_batch_size", "4", "--logging_steps", "1", "--eval_strategy", "no",
+            "--report_to", "none", "--seed", "5", "--preprocessing_num_workers", "1", "--learning_rate", "3e-3",
+            *map(str, extra)]
+
+
+def losses(output, step):
+    state = json.loads((output / f"checkpoint-{step}" / "trainer_state.json").read_text())
+    return [h["loss"] for h in state["log_history"] if "loss" in h]
+
+
+@pytest.fixture(scope="module")
+def stream(tiny_corpus, tiny_tokenizer, tmp_path_factory):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    return TokenStream.build([str(tiny_corpus)], "train", tokenizer, tmp_path_factory.mktemp("cache"), 1), tokenizer
+
+
+def test_span_corruption_examples_are_well_formed(stream):
+    tokens, tokenizer = stream
+    data = SpanCorruptionBlocks(tokens, tokenizer, 64, 0.15, 3.0, seed=1)
+    raw, target = span_corruption_lengths(64, 0.15, 3.0)
+    sentinel_ids = set(data.sentinels)
+    for index in range(5):
+        example = data[index]
+        inputs, labels = example["input_ids"], example["labels"]
+        assert len(inputs) == 64 and len(labels) == target  # lengths as configured
+        in_sentinels = [t for t in inputs if t in sentinel_ids]
+        label_sentinels = [t for t in labels if t in sentinel_ids]
+        assert in_sentinels == label_sentinels == data.sentinels[:len(in_sentinels)]  # paired, in order
+        assert inputs[-1] == labels[-1] == tokenizer.eos_token_id
+        # filling each sentinel of the input with its span from the labels gives back the raw block
+        spans, current = {}, None
+        for t in labels[:-1]:
+            if t in sentinel_ids:
+                current = t
+                spans[current] = []
+            else:
+                spans[current].append(t)
+        rebuilt = [x for t in inputs[:-1] for x in (spans[t] if t in sentinel_ids else [t])]
+        assert rebuilt == tokens.tokens[index * raw:(index + 1) * raw].tolist()
+        noise = sum(len(s) for s in spans.values())
+        assert abs(noise / raw - 0.15) < 0.03
+    assert data[3] == data[3]
+    assert SpanCorruptionBlocks(tokens, tokenizer, 64, 0.15, 3.0, seed=2)[3] != data[3]
+
+
+def test_packing_has_no_padding_and_separates_documents_with_eos(stream, tiny_corpus):
+    tokens, tokenizer = stream
+    blocks = PackedBlocks(tokens, 64)
+    assert len(blocks) == len(tokens) // 64
+    for index in (0, len(blocks) - 1):
+        ids = blocks[index]["input_ids"]
+        assert ids.shape == (64,) and tokenizer.pad_token_id not in ids.tolist()
+    documents = tiny_corpus.read_text(encoding="utf-8").count("\n")
+    assert int(np.sum(tokens.tokens == tokenizer.eos_token_id)) == documents
+    first = json.loads(tiny_corpus.read_text(encoding="utf-8").splitlines()[0])["text"]
+    first_ids = tokenizer(first, add_special_tokens=False)["input_ids"]
+    assert tokens.tokens[:len(first_ids) + 1].tolist() == first_ids + [tokenizer.eos_token_id]
+    assert tokens.tokens.dtype == np.uint16
+
+
+def assert_learns_and_reloads(trainer, output, auto):
+    history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert all(np.isfinite(history)) and np.mean(history[-3:]) < np.mean(history[:3]) - 0.5
+    assert not (output / ".staging").exists() and not (output / ".final-staging").exists()
+    for name in ("config.yaml", "training_summary.json", "generation_config.json", "tokenizer.json"):
+        assert (output / name).exists(), name
+    model = auto.from_pretrained(output)
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    prompt = tokenizer("春天的早晨", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert generated.shape[-1] > (1 if auto is AutoModelForSeq2SeqLM else prompt["input_ids"].shape[-1])
+
+
+def test_t5_span_corruption_learns_and_reloads(tiny_corpus, tiny_tokenizer, tmp_path):
+    output = tmp_path / "t5"
+    trainer = pre_train.main(common(tiny_corpus, tiny_tokenizer, "t5-tiny", output, "--max_steps", "40"))
+    assert_learns_and_reloads(trainer, output, AutoModelForSeq2SeqLM)
+    summary = json.loads((output / "training_summary.json").read_text())
+    assert summary["objective"] == "span_corruption" and summary["eval_span_bpc"] > 0
+
+
+@pytest.fixture(scope="module")
+def pair_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    docs = make_documents(120, seed=9, sentences_per_doc=2)
+    rows = [{"prompt": f"请复述：{d}", "response": d} for d in docs]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_t5_text_to_text_pairs_learn(tiny_corpus, tiny_tokenizer, pair_file, tmp_path):
+    output = tmp_path / "t5pairs"
+    trainer = pre_train.main(common(tiny_corpus, tiny_tokenizer, "t5-tiny", output, "--max_steps", "40",
+                                    "--objective", "text_to_text", "--pair_files", pair_file))
+    assert_learns_and_reloads(trainer, output, AutoModelForSeq2SeqLM)
+
+
+def test_t5_mixed_objectives_evaluate_both(tiny_corpus, tiny_tokenizer, pair_file, tmp_path):
+    output = tmp_path / "t5mix"
+    pre_train.main(common(tiny_corpus, tiny_tokenizer, "t5-tiny", output, "--max_steps", "6",
+                          "--pair_files", pair_file, "--mix_weights", "3", "1"))
+    summary = json.loads((output / "training_summary.json").read_text())
+    assert summary["objective"] == "mix"
+    assert {"eval_span_loss", "eval_pairs_loss", "eval_span_bpc", "eval_pairs_bpc"} <= set(summary)
+
+
+def test_llama_learns_and_reloads(tiny_corpus, tiny_tokenizer, tmp_path):
+    output = tmp_path / "llama"
+    trainer = pre_train.main(common(tiny_corpus, tiny_tokenizer, "llama-tiny", output, "--max_steps", "40"))
+    assert_learns_and_reloads(trainer, output, AutoModelForCausalLM)
+    assert AutoModelForCausalLM.from_pretrained(output).config._attn_implementation == "sdpa"
+
+
+def run_until_interrupted(args, stop_at: int, cwd=REPO, launcher=(sys.executable,)):
+    """Start a training command, send SIGINT (to its whole process group, as ctrl+c does) once it logged
+    step `stop_at`, and wait for it to save and exit."""
+    log = open(args[args.index("--output_dir") + 1] + ".log", "w+")
+    process = subprocess.Popen([*launcher, "pre_train.py", *args], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        log.seek(0)
+        if f"step {stop_at}/" in log.read():
+            os.killpg(process.pid, signal.SIGINT)
+            break
+        time.sleep(0.05)
+    process.wait(timeout=300)
+    log.seek(0)
+    return process.returncode, log.read()
+
+
+@pytest.mark.parametrize("model", ["llama-tiny", "t5-tiny"])
+def test_sigint_then_resume_equals_uninterrupted_run(model, tiny_corpus, tiny_tokenizer, tmp_path):
+    args = lambda out: common(tiny_corpus, tiny_tokenizer, model, out, "--max_steps", "10",  # noqa: E731
+                              "--gradient_accumulation_steps", "2", "--save_steps", "10")
+    reference = tmp_path / "reference"
+    subprocess.run([sys.executable, "pre_train.py", *args(reference)], cwd=REPO, check=True, capture_output=True)
+    resumed = tmp_path / "resumed"
+    code, log = run_until_interrupted(args(resumed), stop_at=3)
+    assert code == 0, log
+    assert "Run the same command again to resume" in log
+    stopped = latest_checkpoint(resumed)
+    assert stopped is not None and int(stopped.name.split("-")[1]) < 10
+    second = subprocess.run([sys.executable, "pre_train.py", *args(resumed)], cwd=REPO, capture_output=True,
+                            text=True)
+    assert second.returncode == 0 and f"resuming from {stopped}" in second.stderr
+    assert losses(resumed, 10) == losses(reference, 10)  # every step's loss, bit-exact
+    before, after = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_two_processes_stop_together_and_resume(tiny_corpus, tiny_tokenizer, tmp_path):
+    """accelerate launch with 2 CPU processes (DDP over gloo): one signal stops both ranks at one step with
+    one checkpoint; the resumed run equals a single process with accumulation 2 (same global batches)."""
+    reference = tmp_path / "single"
+    subprocess.run([sys.executable, "pre_train.py",
+                    *common(tiny_corpus, tiny_tokenizer, "llama-tiny", reference, "--max_steps", "8",
+                            "--save_steps", "8", "--gradient_accumulation_steps", "2")],
+                   cwd=REPO, check=True, capture_output=True)
+    output = tmp_path / "ddp"
+    args = common(tiny_corpus, tiny_tokenizer, "llama-tiny", output, "--max_steps", "8", "--save_steps", "8")
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(29500 + os.getpid() % 1000))
+    _, log = run_until_interrupted(args, stop_at=2, launcher=launcher)
+    assert log.count("SIGINT received") >= 1 and log.count("stopped at step") == 1, log
+    checkpoints = [p.name for p in output.iterdir() if p.name.startswith("checkpoint-")]
+    assert len(checkpoints) == 1 and not (output / "model.safetensors").exists()
+    finish = subprocess.run([*launcher, "pre_train.py", *args], cwd=REPO, capture_output=True, text=True)
+    assert finish.returncode == 0, finish.stderr[-3000:]
+    assert "(batch 4 x accum 1 x 2 processes x 64)" in finish.stderr
+    assert losses(output, 8) == pytest.approx(losses(reference, 8), abs=1e-5)
+    before, after = load_file(reference / "model.safetensors"), load_file(output / "model.safetensors")
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+
+
+def test_continued_pretraining_grows_embeddings_and_keeps_old_rows(tiny_corpus, tiny_tokenizer, tmp_path):
+    import train_tokenizer
+
+    base = tmp_path / "base"
+    pre_train.main(common(tiny_corpus, tiny_tokenizer, "llama-tiny", base, "--max_steps", "2"))
+    extra = tmp_path / "new.jsonl"
+    rare = [chr(0x4E00 + 7 * i) for i in range(300)]  # many characters the base vocabulary lacks
+    words = ["".join(rare[i:i + 3]) for i in range(0, 300, 3)]
+    extra.write_text("".join(json.dumps({"text": "，".join(words[j:j + 10]) + "。"}, ensure_ascii=False) + "\n"
+                             for j in range(0, 100, 2)), encoding="utf-8")
+    extended = tmp_path / "extended"
+    train_tokenizer.main(["--config", "none", "--input", str(extra), "--extend", str(tiny_tokenizer),
+                          "--vocab_size", "2000", "--min_frequency", "1", "--output_dir", str(extended)])
+    old = AutoModelForCausalLM.from_pretrained(base).get_input_embeddings().weight.detach().clone()
+    tokenizer = AutoTokenizer.from_pretrained(extended)
+    assert len(tokenizer) > old.shape[0]
+    model = load_model(str(base), tokenizer)
+    grown = model.get_input_embeddings().weight.detach()
+    assert grown.shape[0] >= len(tokenizer) and grown.shape[0] % 64 == 0
+    assert torch.equal(grown[:old.shape[0]], old)
+    assert torch.allclose(grown[old.shape[0]:len(tokenizer)], old.mean(0).expand(len(tokenizer) - old.shape[0], -1),
+                          atol=0.2)
+    output = tmp_path / "continued"
+    pre_train.main(common(tiny_corpus, extended, "llama-tiny", output, "--max_steps", "2",
+                          "--model_name_or_path", base))
+    assert AutoModelForCausalLM.from_pretrained(output).get_input_embeddings().weight.shape[0] == grown.shape[0]
+
+
+def test_latest_checkpoint_ignores_partial_saves(tmp_path):
+    for name in ("checkpoint-2", "checkpoint-10", ".staging/checkpoint-20", "checkpoint-x"):
+        (tmp_path / name).mkdir(parents=True)
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_bad_model_and_objective_are_refused(tiny_corpus, tiny_tokenizer, tmp_path):
+    with pytest.raises(UserError, match="unknown model config"):
+        pre_train.main(common(tiny_corpus, tiny_tokenizer, "t5-huge", tmp_path / "x", "--max_steps", "1"))
+    with pytest.raises(UserError, match="does not fit"):
+        pre_train.main(common(tiny_corpus, tiny_tokenizer, "llama-tiny", tmp_path / "y", "--max_steps", "1",
+                              "--objective", "span_corruption"))

@@ -1,0 +1,207 @@
+"""Training helpers shared by every stage: graceful ctrl+c, atomic checkpoints, resume discovery,
+the one-line progress log with tokens/s and MFU, and bits per character at evaluation.
+
+Ctrl+c / SIGTERM: the current optimizer step finishes, a full checkpoint is written (weights, optimizer,
+scheduler, RNG states, data position), and the run exits 0; running the same command again resumes
+from the latest complete checkpoint. Under several processes the stop request is all-reduced every
+step, so all ranks stop at the same step and write one checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+STAGING_DIR = ".staging"
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+# Dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name().
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12, "H800": 989e12,
+              "L40S": 362e12, "L40": 181e12, "A10": 125e12, "4090": 165e12, "3090": 71e12,
+              "L4": 121e12, "V100": 125e12, "T4": 65e12}
+
+
+@dataclass
+class TrainArguments(Seq2SeqTrainingArguments):
+    """`Seq2SeqTrainingArguments` plus the toolkit's resume switch."""
+
+    no_resume: bool = field(default=False, metadata={
+        "help": "Start from scratch even if --output_dir holds checkpoints (default: resume from the latest)."})
+    precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32. Sets --bf16/--fp16."})
+
+    def __post_init__(self):
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"--precision must be auto, bf16, fp16 or fp32, not '{self.precision}'")
+        if self.precision == "auto":
+            self.bf16 = bool(self.bf16 or (torch.cuda.is_available() and torch.cuda.is_bf16_supported()))
+        else:
+            self.bf16, self.fp16 = self.precision == "bf16", self.precision == "fp16"
+        if not torch.cuda.is_available():
+            # CPU-only: several processes (accelerate launch --multi_gpu --num_processes 2) run DDP over gloo
+            self.use_cpu, self.dataloader_pin_memory = True, False
+        if self.include_num_input_tokens_seen in ("no", False):
+            self.include_num_input_tokens_seen = "non_padding"  # the progress line's tokens/s and MFU
+        super().__post_init__()
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step (checkpoints appear only by an atomic rename)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    return max(found)[1] if found else None
+
+
+def resolve_resume(args: TrainArguments) -> str | None:
+    """`--resume_from_checkpoint PATH` if given, else the latest checkpoint unless `--no_resume`."""
+    if args.resume_from_checkpoint:
+        if not Path(args.resume_from_checkpoint).is_dir():
+            raise UserError("checkpoint not found", path=args.resume_from_checkpoint,
+                            field="resume_from_checkpoint", fix="pass a checkpoint-N directory of --output_dir")
+        return args.resume_from_checkpoint
+    if args.no_resume:
+        return None
+    found = latest_checkpoint(args.output_dir)
+    if found:
+        logger.info("resuming from %s (pass --no_resume to start over)", found)
+    return str(found) if found else None
+
+
+class GracefulStop(TrainerCallback):
+    """Turn SIGINT / SIGTERM into "finish this optimizer step, save a checkpoint, stop"."""
+
+    def __init__(self):
+        self.requested = False
+        self.stopped_at: int | None = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second ctrl+c stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("%s received: finishing the current step and saving a checkpoint "
+                       "(press ctrl+c again to abort without saving)", signal.Signals(signum).name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = self.requested
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([int(stop)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+class ProgressLine(TrainerCallback):
+    """`step 420/5000 | loss 3.12 | lr 3.0e-4 | 41.2k tok/s | mfu 38% | eta 1h02m`, once per log step."""
+
+    def __init__(self, flops_per_token: float):
+        self.flops_per_token = flops_per_token
+        self.peak = peak_flops()
+        self._last = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = (time.perf_counter(), state.num_input_tokens_seen, state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs or self._last is None:
+            return
+        now, tokens, step = time.perf_counter(), state.num_input_tokens_seen, state.global_step
+        elapsed = max(now - self._last[0], 1e-9)
+        tok_s = (tokens - self._last[1]) / elapsed
+        step_s = elapsed / max(step - self._last[2], 1)
+        self._last = (now, tokens, step)
+        parts = [f"step {step}/{state.max_steps}", f"loss {logs['loss']:.4f}",
+                 f"lr {logs.get('learning_rate', 0):.1e}", f"{tok_s / 1e3:.1f}k tok/s"]
+        if self.peak:
+            world = max(args.world_size, 1)
+            parts.append(f"mfu {100 * self.flops_per_token * tok_s / (self.peak * world):.1f}%")
+        parts.append(f"eta {format_duration(step_s * (state.max_steps - step))}")
+        logger.info(" | ".join(parts))
+
+
+class ToolkitTrainer(Seq2SeqTrainer):
+    """`Seq2SeqTrainer` with atomic checkpoints and bits per character in evaluation logs.
+
+    A checkpoint is written under `output_dir/.staging/` and renamed into place once complete (after all
+    ranks have written their part), so `kill -9` during a save never leaves a partial `checkpoint-N`
+    for the next run to resume from. Rotation (`save_total_limit`) happens after the rename.
+    """
+
+    def __init__(self, *args, chars_per_token: dict[str, float] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chars_per_token = chars_per_token or {}
+        self._staging = False
+
+    def _get_output_dir(self, trial):
+        base = super()._get_output_dir(trial)
+        return os.path.join(base, STAGING_DIR) if self._staging else base
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = Path(self._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging, self.args.save_total_limit = False, limit
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = run_dir / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(run_dir / STAGING_DIR / name, final)
+            shutil.rmtree(run_dir / STAGING_DIR, ignore_errors=True)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        for key in [k for k in logs if k.startswith("eval_") and k.endswith("loss")]:
+            name = key[len("eval_"):-len("loss")].rstrip("_") or "eval"
+            ratio = self.chars_per_token.get(name) or self.chars_per_token.get("eval")
+            if ratio:
+                logs[key[:-len("loss")] + "bpc"] = logs[key] / math.log(2) / ratio
+        super().log(logs, *args, **kwargs)
