@@ -23,6 +23,7 @@ install: $(STAMP)
 demo: install
 	$(PY) prepare_data.py --config config/demo/prepare_data.yaml
 	$(PY) train_tokenizer.py --config config/demo/tokenizer.yaml
+	$(PY) pre_train.py --config config/demo/pretrain.yaml
 
 test: install
 	$(PY) -m pytest -q tests

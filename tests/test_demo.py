@@ -6,7 +6,7 @@ import json
 
 import pyarrow.parquet as pq
 from conftest import REPO, run_script
-from transformers import AutoTokenizer
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 
 def test_demo_pipeline(tmp_path):
@@ -29,4 +29,14 @@ def test_demo_pipeline(tmp_path):
     assert len(ids) < len(text)  # it compresses held-out demo text
     report = json.loads((tokenizer_dir / "tokenizer_report.json").read_text())
     assert report["scores"][0]["unk_rate"] == 0.0
-    assert (REPO / "config/demo/tokenizer.yaml").exists()
+
+    pretrain = tmp_path / "pretrain"
+    result = run_script("pre_train.py", "--config", "config/demo/pretrain.yaml", "--tokenizer_name_or_path",
+                        str(tokenizer_dir), "--train_files", str(corpus), "--output_dir", str(pretrain),
+                        "--max_steps", "40", "--eval_steps", "20", "--save_steps", "20")
+    assert "step 40/40" in result.stderr
+    summary = json.loads((pretrain / "training_summary.json").read_text())
+    assert summary["objective"] == "span_corruption" and summary["eval_span_bpc"] > 0
+    model = AutoModelForSeq2SeqLM.from_pretrained(pretrain)
+    assert model.config.d_model == 256  # the demo-size T5 of config/models/t5-demo.yaml
+    assert (REPO / "config/demo/pretrain.yaml").exists()

@@ -232,6 +232,25 @@ def test_continued_pretraining_grows_embeddings_and_keeps_old_rows(tiny_corpus, 
     assert AutoModelForCausalLM.from_pretrained(output).get_input_embeddings().weight.shape[0] == grown.shape[0]
 
 
+def test_kill_9_during_saves_never_leaves_an_unusable_latest_checkpoint(tiny_corpus, tiny_tokenizer, tmp_path):
+    output = tmp_path / "killed"
+    args = common(tiny_corpus, tiny_tokenizer, "t5-tiny", output, "--max_steps", "30", "--save_steps", "1",
+                  "--save_total_limit", "2")
+    process = subprocess.Popen([sys.executable, "pre_train.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (output / ".staging").exists():  # a save is in progress
+        time.sleep(0.01)
+    while time.time() < deadline and latest_checkpoint(output) is None:
+        time.sleep(0.01)
+    time.sleep(0.5)
+    process.kill()  # SIGKILL, most likely in the middle of one of the per-step saves
+    process.wait()
+    resumed = subprocess.run([sys.executable, "pre_train.py", *args], cwd=REPO, capture_output=True, text=True)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-3000:]
+    assert len([p for p in output.iterdir() if p.name.startswith("checkpoint-")]) <= 2  # save_total_limit
+
+
 def test_latest_checkpoint_ignores_partial_saves(tmp_path):
     for name in ("checkpoint-2", "checkpoint-10", ".staging/checkpoint-20", "checkpoint-x"):
         (tmp_path / name).mkdir(parents=True)
