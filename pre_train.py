@@ -15,23 +15,19 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.contrib.logging import logging_redirect_tqdm
-from transformers import (AutoTokenizer, DataCollatorForSeq2Seq, GenerationConfig, ProgressCallback,
-                          default_data_collator, set_seed)
+from transformers import AutoTokenizer, DataCollatorForSeq2Seq, default_data_collator, set_seed
 
 from model.build import build_model, count_parameters, flops_per_token, is_seq2seq, load_model, model_config
 from utils.config import parse_config, recipe_path, save_config
 from utils.errors import UserError, run_main
 from utils.logging import setup_logging
 from utils.pretrain_data import PackedBlocks, SpanCorruptionBlocks, TextToTextPairs, TokenStream, WeightedMix
-from utils.tokenizer import END_OF_TURN
-from utils.training import (GracefulStop, ProgressLine, ToolkitTrainer, TrainArguments, format_duration,
-                            resolve_resume)
+from utils.training import (ProgressLine, ToolkitTrainer, TrainArguments, format_duration, save_final,
+                            train_until_done_or_stopped)
 
 logger = logging.getLogger("pre_train")
 OBJECTIVES = ("auto", "causal_lm", "span_corruption", "text_to_text", "mix")
@@ -162,62 +158,17 @@ def main(argv: Sequence[str] | None = None) -> ToolkitTrainer:
 
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100) if seq2seq \
         else default_data_collator
-    stopper = GracefulStop()
     trainer = ToolkitTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                              data_collator=collator, processing_class=tokenizer, chars_per_token=ratios,
-                             callbacks=[stopper, ProgressLine(flops)])
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(QuietProgressBar())
-    stopper.install()
-    try:
-        with logging_redirect_tqdm():
-            result = trainer.train(resume_from_checkpoint=resolve_resume(args))
-    finally:
-        stopper.uninstall()
-    if stopper.stopped_at is not None:
-        if trainer.is_world_process_zero():
-            logger.warning("stopped at step %d; checkpoint saved in %s. Run the same command again to "
-                           "resume (or add --no_resume to start over).", stopper.stopped_at, args.output_dir)
+                             callbacks=[ProgressLine(flops)])
+    result = train_until_done_or_stopped(trainer, args)
+    if result is None:
         return trainer
     metrics = trainer.evaluate() if args.eval_strategy != "no" or eval_set else {}
-    save_final(trainer, tokenizer, args, [model_args, data, args],
+    save_final(trainer, tokenizer, [model_args, data, args],
                {"objective": objective, "parameters": count_parameters(model), **result.metrics, **metrics,
                 "train_runtime_human": format_duration(result.metrics.get("train_runtime", 0))})
     return trainer
-
-
-class QuietProgressBar(ProgressCallback):
-    """HF's tqdm bar (with ETA) without printing raw log dicts; ProgressLine writes the log line."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        pass
-
-
-def generation_config(tokenizer, seq2seq: bool) -> GenerationConfig:
-    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    return GenerationConfig(eos_token_id=[tokenizer.eos_token_id, end], pad_token_id=tokenizer.pad_token_id,
-                            bos_token_id=tokenizer.bos_token_id,
-                            decoder_start_token_id=tokenizer.pad_token_id if seq2seq else None,
-                            max_new_tokens=256, repetition_penalty=1.1)
-
-
-def save_final(trainer: ToolkitTrainer, tokenizer, args: TrainArguments, configs: list, summary: dict) -> None:
-    """Write model, tokenizer, generation config, resolved config and summary into `output_dir` through a
-    staging directory, so the final model is never half-written."""
-    output = Path(args.output_dir)
-    staging = output / ".final-staging"
-    trainer.model.generation_config = generation_config(tokenizer, is_seq2seq(trainer.model.config))
-    trainer.save_model(str(staging))
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(staging)
-        save_config(staging, *configs)
-        (staging / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        (staging / "training_args.bin").unlink(missing_ok=True)
-        for path in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
-            os.replace(path, output / path.name)
-        shutil.rmtree(staging, ignore_errors=True)
-        logger.info("saved the model to %s", output)
-    trainer.accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":

@@ -78,3 +78,29 @@ def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
     train_tokenizer.main(["--config", "none", "--input", str(tiny_corpus), "--vocab_size", "1024",
                           "--output_dir", str(out), "--num_sentinels", "8", "--min_frequency", "1"])
     return out
+
+
+def pretrain_tiny(preset: str, corpus: Path, tokenizer: Path, output: Path, steps: int = 30) -> Path:
+    """Pretrain a tiny model of `preset` (t5-tiny / llama-tiny) for `steps` steps; returns its directory."""
+    import pre_train
+
+    pre_train.main(["--config", "none", "--model_config", preset, "--tokenizer_name_or_path", str(tokenizer),
+                    "--train_files", str(corpus), "--validation_files", str(corpus), "--output_dir", str(output),
+                    "--block_size", "64", "--max_source_length", "64", "--per_device_train_batch_size", "4",
+                    "--max_steps", str(steps), "--learning_rate", "3e-3", "--logging_steps", "10",
+                    "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--seed", "3",
+                    "--preprocessing_num_workers", "1"])
+    return output
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
+    """A tiny pretrained T5 directory (model + tokenizer with the chat template), built once per session.
+    Read-only for tests: copy it before training on top of it in place."""
+    return pretrain_tiny("t5-tiny", tiny_corpus, tiny_tokenizer, tmp_path_factory.mktemp("t5") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
+    """A tiny pretrained Llama directory (model + tokenizer with the chat template), built once per session."""
+    return pretrain_tiny("llama-tiny", tiny_corpus, tiny_tokenizer, tmp_path_factory.mktemp("llama") / "model")

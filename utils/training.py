@@ -9,6 +9,7 @@ step, so all ranks stop at the same step and write one checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -20,9 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from tqdm.contrib.logging import logging_redirect_tqdm
+from transformers import ProgressCallback, Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 
+from utils.config import save_config
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -205,3 +208,75 @@ class ToolkitTrainer(Seq2SeqTrainer):
             if ratio:
                 logs[key[:-len("loss")] + "bpc"] = logs[key] / math.log(2) / ratio
         super().log(logs, *args, **kwargs)
+
+
+class QuietProgressBar(ProgressCallback):
+    """HF's tqdm bar (with ETA) without printing raw log dicts; `ProgressLine` writes the log line."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+def train_until_done_or_stopped(trainer: Trainer, args: TrainArguments) -> TrainOutput | None:
+    """Run `trainer.train()` with ctrl+c / SIGTERM turned into "save a checkpoint and stop", resuming
+    from the latest checkpoint of `args.output_dir` (see `resolve_resume`).
+
+    Returns the train output when training ran to the end, or None when a signal stopped it (after the
+    checkpoint was saved and the resume hint logged). Works for any HF `Trainer` subclass (TRL's too).
+    """
+    stopper = GracefulStop()
+    trainer.add_callback(stopper)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(QuietProgressBar())
+    stopper.install()
+    try:
+        with logging_redirect_tqdm():
+            result = trainer.train(resume_from_checkpoint=resolve_resume(args))
+    finally:
+        stopper.uninstall()
+    if stopper.stopped_at is None:
+        return result
+    if trainer.is_world_process_zero():
+        logger.warning("stopped at step %d; checkpoint saved in %s. Run the same command again to resume "
+                       "(or add --no_resume to start over).", stopper.stopped_at, args.output_dir)
+    return None
+
+
+def save_final(trainer: Trainer, tokenizer, configs: list, summary: dict, output_dir: str | Path | None = None,
+               model=None) -> Path:
+    """Write the model, tokenizer, generation config, resolved config (`config.yaml`) and
+    `training_summary.json` into `output_dir` (default `args.output_dir`) through a staging directory, so
+    the final model is never half-written: files are renamed into place one by one, `config.json` last,
+    and a loader only sees a model once its weights are complete.
+
+    `model` (default `trainer.model`) lets a stage save something else than the trained module, e.g.
+    DPO's merged model. The generation config is the toolkit's default unless the model has one that
+    is not the library default.
+    """
+    from model.generation import default_generation_config  # model/ builds on utils/, not the reverse
+
+    model = model if model is not None else trainer.model
+    output = Path(output_dir or trainer.args.output_dir)
+    staging = output / ".final-staging"
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    model.generation_config = default_generation_config(tokenizer, model.config)
+    if model is trainer.model:
+        trainer.save_model(str(staging))
+    elif trainer.is_world_process_zero():
+        model.save_pretrained(staging)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(staging)
+        save_config(staging, *configs)
+        (staging / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        (staging / "training_args.bin").unlink(missing_ok=True)
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
+            target = output / path.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(path, target)
+        shutil.rmtree(staging, ignore_errors=True)
+        logger.info("saved the model to %s", output)
+    trainer.accelerator.wait_for_everyone()
+    return output
