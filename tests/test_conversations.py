@@ -1,0 +1,155 @@
+"""Conversation loading: every SFT format renders to the same chat-template text, preference formats give
+the same triples, the real public samples load, and bad rows are refused with file, line and field."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import shared_path
+from transformers import AutoTokenizer
+
+from utils.conversations import load_answered_prompts, load_conversations, load_preferences
+from utils.errors import UserError
+
+QUESTION, ANSWER = "怎样泡一杯好喝的绿茶？", "水温八十度左右，先温杯，再放茶叶，泡两分钟即可。"
+EXTRA = "家里只有玻璃杯。"
+SYSTEM = "你是一个耐心的生活助手。"
+EARLIER = ("明天要下雨吗？", "天气预报说明天有小雨，记得带伞。")
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def render(tokenizer, conversations):
+    return [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer):
+    return AutoTokenizer.from_pretrained(tiny_tokenizer)
+
+
+def test_all_sft_formats_render_the_same(tmp_path, tokenizer):
+    prompt = f"{QUESTION}\n{EXTRA}"
+    single = {
+        "prompt_response.jsonl": [{"prompt": prompt, "response": ANSWER}],
+        "alpaca.json": [{"instruction": QUESTION, "input": EXTRA, "output": ANSWER}],
+        "sharegpt.jsonl": [{"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": ANSWER}]}],
+        "messages.jsonl": [{"messages": [{"role": "user", "content": prompt},
+                                         {"role": "assistant", "content": ANSWER}]}],
+    }
+    paths = []
+    for name, rows in single.items():
+        path = tmp_path / name
+        if name.endswith(".json"):
+            path.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+        else:
+            write_jsonl(path, rows)
+        paths.append(str(path))
+    pq.write_table(pa.Table.from_pylist(single["prompt_response.jsonl"]), tmp_path / "pairs.parquet")
+    with open(tmp_path / "pairs.csv", "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, ["prompt", "response"])
+        writer.writeheader()
+        writer.writerow({"prompt": prompt, "response": ANSWER})
+    paths += [str(tmp_path / "pairs.parquet"), str(tmp_path / "pairs.csv")]
+    texts = render(tokenizer, load_conversations(paths))
+    assert len(texts) == 6 and len(set(texts)) == 1
+    assert texts[0] == f"<|user|>\n{prompt}<|end|>\n<|assistant|>\n{ANSWER}<|end|>\n"
+    assert render(tokenizer, load_conversations([paths[0]], fmt="prompt_response")) == texts[:1]  # declared
+
+
+def test_multi_turn_formats_with_system_render_the_same(tmp_path, tokenizer):
+    alpaca = write_jsonl(tmp_path / "a.jsonl", [{"instruction": QUESTION, "input": "", "output": ANSWER,
+                                                 "history": [list(EARLIER)], "system": SYSTEM}])
+    turns = [("system", SYSTEM), ("human", EARLIER[0]), ("gpt", EARLIER[1]), ("human", QUESTION), ("gpt", ANSWER),
+             ("human", "谢谢")]  # a trailing unanswered turn is dropped
+    sharegpt = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [{"from": f, "value": v} for f, v in turns]}])
+    roles = {"human": "user", "gpt": "assistant", "system": "system"}
+    messages = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": roles[f], "content": v}
+                                                                for f, v in turns[:-1]]}])
+    conversations = load_conversations([alpaca, sharegpt, messages])
+    assert len(set(render(tokenizer, conversations))) == 1
+    assert [m["role"] for m in conversations[0]] == ["system", "user", "assistant", "user", "assistant"]
+    # a default system prompt goes only where there is none
+    plain = write_jsonl(tmp_path / "p.jsonl", [{"prompt": QUESTION, "response": ANSWER}])
+    loaded = load_conversations([plain, alpaca], system_prompt="默认")
+    assert loaded[0][0] == {"role": "system", "content": "默认"} and loaded[1][0]["content"] == SYSTEM
+
+
+def test_preference_formats_give_the_same_triples(tmp_path):
+    prompt = [{"role": "user", "content": QUESTION}]
+    rows = {
+        "plain": {"prompt": QUESTION, "chosen": ANSWER, "rejected": "随便泡。"},
+        "list_prompt": {"prompt": prompt, "chosen": ANSWER, "rejected": "随便泡。"},
+        "turns": {"conversations": [{"from": "human", "value": QUESTION}],
+                  "chosen": {"from": "gpt", "value": ANSWER}, "rejected": {"from": "gpt", "value": "随便泡。"}},
+        "strings": {"conversations": [{"from": "human", "value": QUESTION}], "chosen": ANSWER, "rejected": "随便泡。"},
+        "alpaca": {"instruction": QUESTION, "input": "", "chosen": ANSWER, "rejected": "随便泡。"},
+        "messages": {"messages": prompt, "chosen": [{"role": "assistant", "content": ANSWER}],
+                     "rejected": [{"role": "assistant", "content": "随便泡。"}]},
+    }
+    paths = [write_jsonl(tmp_path / f"{name}.jsonl", [row]) for name, row in rows.items()]
+    pairs = load_preferences(paths)
+    assert pairs == [{"prompt": prompt, "chosen": ANSWER, "rejected": "随便泡。"}] * len(rows)
+    # rejected-answer generation reads prompts + chosen answers from either kind of file
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": QUESTION, "response": ANSWER}])
+    assert load_answered_prompts([paths[0], sft]) == [{"prompt": prompt, "chosen": ANSWER}] * 2
+
+
+def test_real_public_samples_load():
+    sft = shared_path("sft")
+    counts = {name: len(load_conversations([str(sft / name)])) for name in (
+        "chatlm_mini_chinese/my_train_dataset_3k.parquet", "chatlm_mini_chinese/my_valid_dataset_1k.jsonl",
+        "llamafactory_alpaca_zh_demo.json", "medicalgpt_Belle_open_source_1k.jsonl",
+        "llamafactory_oaast_sft_zh.json", "medicalgpt_sharegpt_zh_1K_format.jsonl")}
+    # the ShareGPT sample has one conversation without any answer (skipped)
+    assert list(counts.values()) == [3000, 1000, 1000, 1000, 689, 999]
+    oaast = load_conversations([str(sft / "llamafactory_oaast_sft_zh.json")])
+    assert sum(len(c) > 2 for c in oaast) == 390  # the multi-turn rows keep their history
+    sharegpt = load_conversations([str(sft / "medicalgpt_sharegpt_zh_1K_format.jsonl")])
+    assert all(c[-1]["role"] == "assistant" and c[-1]["content"].strip() for c in sharegpt)
+    dpo = shared_path("dpo")
+    demo = load_preferences([str(dpo / "llamafactory_dpo_zh_demo.json")])
+    medical = load_preferences([str(dpo / "medicalgpt_dpo_zh_500.jsonl")])
+    assert len(demo) == 300 and len(medical) == 500
+    for pair in demo + medical:
+        assert pair["prompt"][-1]["role"] == "user" and pair["chosen"] and pair["rejected"]
+    assert sum(p["prompt"][0]["role"] == "system" for p in medical) == 84
+
+
+@pytest.mark.parametrize("content, loader, match, line, field", [
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "d", "rejected": "e"}\n',
+     load_preferences, "missing field 'chosen'", 2, "chosen"),
+    ('{"prompt": "你好", "response": "好"}\n\n{"prompt": "  ", "response": "好"}\n',
+     load_conversations, "empty prompt", 3, "prompt"),
+    ('{"prompt": "你好", "response": "好"}\n{"prompt": "你好", "response": "好"\n',
+     load_conversations, "not valid JSON", 2, None),
+    ('{"conversations": [{"from": "human", "value": "你好"}, {"from": "robot", "value": "好"}]}\n',
+     load_conversations, "unknown role 'robot'", 1, "conversations[1].from"),
+    ('{"instruction": "你好", "input": "", "output": ""}\n', load_conversations, "empty answer", 1, "output"),
+    ('{"prompt": "你好", "chosen": "好", "rejected": " "}\n', load_preferences, "empty answer", 1, "rejected"),
+    ('{"text": "你好"}\n', load_conversations, "unknown data format", 1, None),
+])
+def test_bad_rows_are_refused_with_file_line_and_field(tmp_path, content, loader, match, line, field):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(UserError, match=match) as error:
+        loader([str(path)])
+    assert error.value.path == str(path) and error.value.line == line and error.value.field == field
+    assert error.value.fix and f"{path}, line {line}" in str(error.value)
+
+
+def test_json_array_errors_name_the_row(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"instruction": "问", "output": "答"}, {"input": "x", "output": "答"}]),
+                    encoding="utf-8")
+    with pytest.raises(UserError, match="row 1: missing field 'instruction'"):
+        load_conversations([str(path)], fmt="alpaca")
+    with pytest.raises(UserError, match="no such file"):
+        load_conversations([str(tmp_path / "missing.jsonl")])

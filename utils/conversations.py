@@ -1,0 +1,365 @@
+"""Conversation data for SFT, DPO and rejected-answer generation: every instruction or preference format
+read into the toolkit's one message format, `[{"role": "system"|"user"|"assistant", "content": str}, ...]`,
+which the tokenizer's chat template renders.
+
+    conversations = load_conversations(["data/sft.jsonl", "BelleGroup/train_0.5M_CN"])
+    pairs = load_preferences(["data/dpo/rejected.jsonl"])
+
+Formats, detected per file from the first row's keys (or declared with `fmt`):
+- `prompt_response`: `{prompt, response}`;
+- `alpaca`: `{instruction, input, output}`, optional `history` `[[question, answer], ...]` (earlier turns)
+  and `system`;
+- `sharegpt`: `{conversations: [{from, value}, ...]}`, `from` = human/user, gpt/assistant, system;
+- `messages`: `{messages: [{role, content}, ...]}`.
+Preference rows add `chosen` and `rejected` (a string, a `{from, value}` / `{role, content}` turn, or a
+list holding one assistant turn) to any of these prompt shapes; `{prompt, chosen, rejected}` takes a
+string or a message list as prompt.
+
+Files: `.jsonl`, `.json` (an array or JSON lines), `.parquet`, `.csv`; a directory means every file in
+it. A name that is not a local path is a Hugging Face hub dataset (`datasets.load_dataset(name,
+split=split)`). Bad rows stop loading with a `UserError` naming the file, the line (JSON lines, CSV)
+or row (JSON array, parquet, hub), the field and the fix.
+
+Real chat logs have two quirks that are accepted rather than refused: user turns after the last answer
+are dropped (nothing to learn from them), and empty user turns inside a multi-turn conversation are
+kept (a user who pressed enter). A conversation with no answer at all is skipped; both are counted in
+the log. The first user turn (the prompt) and every answer must be non-empty.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from utils.errors import UserError
+from utils.sources import discover_inputs
+
+logger = logging.getLogger(__name__)
+
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+FORMATS = ("auto", "prompt_response", "alpaca", "sharegpt", "messages")
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+         "bot": "assistant", "model": "assistant"}
+ANSWER_FIELDS = ("chosen", "rejected")
+_HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".tsv", ".arrow")
+
+
+class Location:
+    """Where a row came from, for error messages: a file and its line, or its row number."""
+
+    def __init__(self, path: str, line: int | None = None, row: int | None = None):
+        self.path, self.line, self.row = path, line, row
+
+    def error(self, problem: str, field: str | None = None, fix: str | None = None) -> UserError:
+        if self.line is None and self.row is not None:
+            problem = f"row {self.row}: {problem}"
+        return UserError(problem, path=self.path, line=self.line, field=field, fix=fix)
+
+
+def iter_rows(name: str, split: str = "train") -> Iterator[tuple[dict, Location]]:
+    """Every row of a local file / directory, or of a hub dataset, with its location."""
+    path = Path(name)
+    if not path.exists() and _HUB_NAME.match(name) and not name.lower().endswith(_FILE_SUFFIXES):
+        yield from _hub_rows(name, split)
+        return
+    for file in discover_inputs([name]):
+        suffix = file.suffix.lower()
+        if suffix == ".parquet":
+            yield from _parquet_rows(file)
+        elif suffix == ".csv":
+            yield from _csv_rows(file)
+        else:
+            yield from _json_rows(file)
+
+
+def _json_rows(path: Path) -> Iterator[tuple[dict, Location]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(f"not UTF-8 text ({err.reason})", path=str(path), fix="convert the file to UTF-8") from None
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"not valid JSON: {err.msg}", path=str(path), line=err.lineno,
+                            fix="fix the JSON, or write one JSON object per line (.jsonl)") from None
+        for index, row in enumerate(rows):
+            yield row, Location(str(path), row=index)
+        return
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"not valid JSON: {err.msg} (column {err.colno})", path=str(path), line=line_no,
+                            fix="each line of a .jsonl file must be one JSON object; fix or remove that line") from None
+        yield row, Location(str(path), line=line_no)
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[dict, Location]]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise UserError(f"not a readable parquet file ({err})", path=str(path),
+                        fix="re-create the file, or pass it as .jsonl") from None
+    index = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            yield row, Location(str(path), row=index)
+            index += 1
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[dict, Location]]:
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle)
+        for row in reader:
+            yield row, Location(str(path), line=reader.line_num)
+
+
+def _hub_rows(name: str, split: str) -> Iterator[tuple[dict, Location]]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as err:  # network, missing dataset or split: all the user's to fix
+        raise UserError(f"cannot load the hub dataset ({type(err).__name__}: {err})", path=name,
+                        fix="check the dataset name and --split, or pass a local file") from None
+    for index, row in enumerate(dataset):
+        yield row, Location(name, row=index)
+
+
+def detect_format(row: dict, location: Location) -> str:
+    """The format of a row from its keys."""
+    if not isinstance(row, dict):
+        raise location.error("a row is not a JSON object",
+                             fix="write one object per row, e.g. {\"prompt\": \"...\", \"response\": \"...\"}")
+    for fmt, key in (("messages", "messages"), ("sharegpt", "conversations"), ("alpaca", "instruction"),
+                     ("prompt_response", "prompt")):
+        if key in row:
+            return fmt
+    keys = ", ".join(map(str, row)) or "none"
+    raise location.error(f"unknown data format; the row has: {keys}", fix=(
+        "use {prompt, response}, alpaca {instruction, input, output}, ShareGPT {conversations: [{from, value}]} "
+        "or {messages: [{role, content}]} (add chosen/rejected for preference data)"))
+
+
+def _text(row: dict, key: str, location: Location, required: bool = True, field: str | None = None) -> str:
+    value = row.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        problem = f"missing field '{key}'" if key not in row else f"field '{key}' is not a string"
+        raise location.error(problem, field=field or key, fix=f"give every row a string '{key}'")
+    return value
+
+
+def _turn(turn: object, location: Location, field: str) -> Message:
+    """A `{from, value}` or `{role, content}` turn as a message."""
+    if isinstance(turn, dict) and "from" in turn:
+        role_key, content_key = "from", "value"
+    elif isinstance(turn, dict) and "role" in turn:
+        role_key, content_key = "role", "content"
+    else:
+        raise location.error("a turn must be {from, value} or {role, content}", field=field,
+                             fix="write each turn as {\"from\": \"human\", \"value\": \"...\"}")
+    role = ROLES.get(str(turn[role_key]).lower())
+    if role is None:
+        raise location.error(f"unknown role '{turn[role_key]}'", field=f"{field}.{role_key}",
+                             fix="use system, user/human or assistant/gpt")
+    content = turn.get(content_key)
+    if not isinstance(content, str):
+        raise location.error(f"'{content_key}' is missing or not a string", field=f"{field}.{content_key}",
+                             fix="give every turn its text as a string")
+    return {"role": role, "content": content}
+
+
+def _turns(turns: object, location: Location, field: str) -> list[Message]:
+    if not isinstance(turns, list) or not turns:
+        raise location.error("must be a non-empty list of turns", field=field,
+                             fix="write the conversation as a list of {from, value} / {role, content} turns")
+    return [_turn(turn, location, f"{field}[{i}]") for i, turn in enumerate(turns)]
+
+
+def row_messages(row: dict, fmt: str, location: Location, with_answer: bool = True) -> list[Message]:
+    """The conversation of one row in format `fmt`. `with_answer=False` reads only the prompt part of
+    the prompt-response and alpaca formats (a preference row's answers are `chosen` / `rejected`)."""
+    if fmt == "prompt_response":
+        prompt = row.get("prompt")
+        messages = (_turns(prompt, location, "prompt") if isinstance(prompt, list)
+                    else [{"role": "user", "content": _text(row, "prompt", location)}])
+        if with_answer:
+            messages.append({"role": "assistant", "content": _text(row, "response", location)})
+    elif fmt == "alpaca":
+        instruction = _text(row, "instruction", location)
+        extra = _text(row, "input", location, required=False)
+        system = _text(row, "system", location, required=False)
+        messages = [{"role": "system", "content": system}] if system.strip() else []
+        history = row.get("history") or []
+        if not isinstance(history, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2
+                                                    and all(isinstance(t, str) for t in p) for p in history):
+            raise location.error("'history' must be a list of [question, answer] pairs", field="history",
+                                 fix="write earlier turns as [[\"question\", \"answer\"], ...]")
+        for question, answer in history:
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        messages.append({"role": "user", "content": f"{instruction}\n{extra}" if extra.strip() else instruction})
+        if with_answer:
+            messages.append({"role": "assistant", "content": _text(row, "output", location)})
+    elif fmt in ("sharegpt", "messages"):
+        key = "conversations" if fmt == "sharegpt" else "messages"
+        if key not in row:
+            raise location.error(f"missing field '{key}'", field=key, fix=f"give every row a '{key}' list")
+        messages = _turns(row[key], location, key)
+    else:
+        raise UserError(f"unknown format '{fmt}'", field="format", fix=f"use one of {', '.join(FORMATS)}")
+    return messages
+
+
+def _check_prompt(messages: list[Message], location: Location, field: str) -> None:
+    users = [m for m in messages if m["role"] == "user"]
+    if not users or not users[0]["content"].strip():
+        raise location.error("empty prompt (no user text)", field=field,
+                             fix="give the row a non-empty question / instruction, or remove it")
+
+
+def _answer_field(fmt: str, index: int, last: bool) -> str:
+    if fmt in ("sharegpt", "messages"):
+        return f"conversations[{index}].value" if fmt == "sharegpt" else f"messages[{index}].content"
+    if not last:
+        return "history"
+    return "response" if fmt == "prompt_response" else "output"
+
+
+def _finish_conversation(messages: list[Message], fmt: str, location: Location) -> list[Message] | None:
+    """Drop trailing unanswered user turns, check the prompt and answers; None if nothing is answered."""
+    field = _conversation_field(fmt)
+    while messages and messages[-1]["role"] != "assistant":
+        messages = messages[:-1]
+    if not any(m["role"] == "assistant" for m in messages):
+        return None
+    _check_prompt(messages, location, field)
+    first = 1 if messages[0]["role"] == "system" else 0
+    if messages[first]["role"] != "user":
+        raise location.error("the conversation starts with an answer", field=field,
+                             fix="start with a user turn (after an optional system turn)")
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise location.error("empty answer", field=_answer_field(fmt, index, index == len(messages) - 1),
+                                 fix="give every answer some text, or remove the row")
+    return messages
+
+
+def _answer(row: dict, key: str, location: Location) -> str:
+    """A preference answer: a string, one `{from, value}` / `{role, content}` turn, or a list of one."""
+    if key not in row:
+        raise location.error(f"missing field '{key}'", field=key,
+                             fix="give every preference row a 'chosen' and a 'rejected' answer")
+    value = row[key]
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict):
+        value = _turn(value, location, key)["content"]
+    if not isinstance(value, str):
+        raise location.error("must be a string or one assistant turn", field=key,
+                             fix=f"write '{key}' as the answer text")
+    if not value.strip():
+        raise location.error("empty answer", field=key, fix="give every answer some text, or remove the row")
+    return value
+
+
+def _rows(paths: Sequence[str], fmt: str, split: str) -> Iterator[tuple[dict, str, Location]]:
+    """Rows of every source with their format (declared, or detected from each source's first row)."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format '{fmt}'", field="format", fix=f"use one of {', '.join(FORMATS)}")
+    if not paths:
+        raise UserError("no data files given", field="train_files", fix="pass one or more data files")
+    for name in paths:
+        detected = None if fmt == "auto" else fmt
+        current_file = None
+        for row, location in iter_rows(name, split):
+            if location.path != current_file and fmt == "auto":  # a directory may mix formats
+                current_file, detected = location.path, detect_format(row, location)
+            if not isinstance(row, dict):
+                raise location.error("a row is not an object", fix="write one JSON object per row")
+            yield row, detected, location
+
+
+def load_conversations(paths: Sequence[str], fmt: str = "auto", split: str = "train",
+                       system_prompt: str | None = None) -> list[list[Message]]:
+    """SFT data as conversations that end with an assistant turn (see the module docstring).
+
+    `system_prompt` is put first in conversations that have no system turn of their own.
+    """
+    conversations: list[list[Message]] = []
+    trimmed = unanswered = 0
+    for row, row_fmt, location in _rows(paths, fmt, split):
+        messages = row_messages(row, row_fmt, location)
+        finished = _finish_conversation(messages, row_fmt, location)
+        if finished is None:
+            unanswered += 1
+            continue
+        trimmed += len(finished) < len(messages)
+        if system_prompt and finished[0]["role"] != "system":
+            finished = [{"role": "system", "content": system_prompt}, *finished]
+        conversations.append(finished)
+    if unanswered or trimmed:
+        logger.warning("%d conversations without any answer skipped; %d ended with unanswered user turns "
+                       "(dropped)", unanswered, trimmed)
+    if not conversations:
+        raise UserError("no conversations found", path=", ".join(paths), field="train_files",
+                        fix="pass files with at least one answered prompt")
+    logger.info("loaded %d conversations (%d turns) from %s", len(conversations),
+                sum(len(c) for c in conversations), ", ".join(paths))
+    return conversations
+
+
+def load_preferences(paths: Sequence[str], fmt: str = "auto", split: str = "train") -> list[dict]:
+    """Preference data as `{"prompt": [messages ending with a user turn], "chosen": str, "rejected": str}`."""
+    pairs = []
+    for row, row_fmt, location in _rows(paths, fmt, split):
+        field = _conversation_field(row_fmt)
+        prompt = row_messages(row, row_fmt, location, with_answer=False)
+        if not prompt or prompt[-1]["role"] != "user":
+            raise location.error("the prompt must end with a user turn", field=field,
+                                 fix="put the answers in 'chosen' and 'rejected', not in the conversation")
+        _check_prompt(prompt, location, field)
+        pairs.append({"prompt": prompt, "chosen": _answer(row, "chosen", location),
+                      "rejected": _answer(row, "rejected", location)})
+    if not pairs:
+        raise UserError("no preference pairs found", path=", ".join(paths), field="train_files",
+                        fix="pass files with prompt, chosen and rejected")
+    logger.info("loaded %d preference pairs from %s", len(pairs), ", ".join(paths))
+    return pairs
+
+
+def load_answered_prompts(paths: Sequence[str], fmt: str = "auto", split: str = "train",
+                          system_prompt: str | None = None) -> list[dict]:
+    """`{"prompt": [messages ending with a user turn], "chosen": answer}` from instruction data (the last
+    answer of each conversation) or preference data (its `chosen`), decided per row by a `chosen` field."""
+    items = []
+    for row, row_fmt, location in _rows(paths, fmt, split):
+        if "chosen" in row:
+            prompt = row_messages(row, row_fmt, location, with_answer=False)
+            _check_prompt(prompt, location, _conversation_field(row_fmt))
+            chosen = _answer(row, "chosen", location)
+        else:
+            finished = _finish_conversation(row_messages(row, row_fmt, location), row_fmt, location)
+            if finished is None:
+                continue
+            prompt, chosen = finished[:-1], finished[-1]["content"]
+        if system_prompt and prompt[0]["role"] != "system":
+            prompt = [{"role": "system", "content": system_prompt}, *prompt]
+        items.append({"prompt": prompt, "chosen": chosen})
+    return items
+
+
+def _conversation_field(fmt: str) -> str:
+    return {"prompt_response": "prompt", "alpaca": "instruction", "sharegpt": "conversations",
+            "messages": "messages"}[fmt]
