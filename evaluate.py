@@ -1,0 +1,176 @@
+"""Evaluate a trained model: C-Eval / CMMLU accuracy, bits per character, generation BLEU / ROUGE-L,
+triple extraction F1; or plot a run's training curves.
+
+    python evaluate.py --task ceval cmmlu --ceval_data ../shared/data/ceval --cmmlu_data ../shared/data/cmmlu \
+        --cmmlu_split dev --num_shots 5                     # model_save by default
+    python evaluate.py --model_name_or_path model_save/sft --task bpc --bpc_files data/corpus
+    python evaluate.py --task generation --generation_files data/sft/test.jsonl
+    python evaluate.py --task triples --triples_files data/ie/test.json
+    python evaluate.py report --run_dir model_save/sft      # loss / eval loss / learning-rate PNGs
+
+Results are merged into `<output_dir>/eval_results.json` (default output_dir: `<model>/eval`) and
+printed as markdown tables (also saved as `eval_results.md`). Runs on one GPU if there is one, else CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils.config import parse_config, recipe_path
+from utils.errors import UserError, run_main
+from utils.io import write_json_atomic, write_text_atomic
+from utils.logging import setup_logging
+
+logger = logging.getLogger("evaluate")
+TASKS = ("ceval", "cmmlu", "bpc", "generation", "triples")
+
+
+@dataclass
+class EvalArguments:
+    model_name_or_path: str = field(default="model_save", metadata={
+        "help": "Model directory: any output of pre_train.py / sft_train.py / dpo_train.py or a compatible HF model."})
+    task: list[str] = field(default_factory=lambda: ["ceval"], metadata={
+        "help": f"One or more of: {', '.join(TASKS)}."})
+    output_dir: str | None = field(default=None, metadata={
+        "help": "Where eval_results.json / .md go (merged with earlier results); default <model>/eval."})
+    ceval_data: str = field(default="ceval/ceval-exam", metadata={
+        "help": "C-Eval: directory of the official CSVs (dev/, val/, subject_mapping.json) or the hub dataset name."})
+    ceval_split: str = field(default="val", metadata={"help": "C-Eval split to score (test answers are hidden)."})
+    ceval_subjects: list[str] = field(default_factory=list, metadata={"help": "C-Eval subjects; empty = all."})
+    cmmlu_data: str = field(default="haonan-li/cmmlu", metadata={
+        "help": "CMMLU: directory of the official CSVs (dev/, test/, subject_mapping.json) or the hub dataset name."})
+    cmmlu_split: str = field(default="test", metadata={
+        "help": "CMMLU split to score. With 'dev', k-shot examples are the other dev questions (leave-one-out)."})
+    cmmlu_subjects: list[str] = field(default_factory=list, metadata={"help": "CMMLU subjects; empty = all."})
+    num_shots: int = field(default=0, metadata={
+        "help": "Solved dev-split examples before each question (0 = zero-shot; fewer if the prompt is too long)."})
+    max_questions: int = field(default=-1, metadata={"help": "Questions per subject; -1 = all."})
+    bpc_files: list[str] = field(default_factory=list, metadata={
+        "help": ".txt/.jsonl/.parquet files with a 'text' column, or prepare_data.py output dirs (their "
+                "validation shards)."})
+    bpc_block_size: int = field(default=-1, metadata={
+        "help": "Tokens per window (decoder) / chunk (T5); -1 = the model's context length."})
+    bpc_stride: int = field(default=-1, metadata={
+        "help": "Decoder windows advance by this many tokens (each token scored once); -1 = half the block."})
+    generation_files: list[str] = field(default_factory=list, metadata={
+        "help": "Files with 'prompt' and 'response' columns for BLEU-4 / ROUGE-L."})
+    triples_files: list[str] = field(default_factory=list, metadata={
+        "help": "Files with 'prompt' and 'response' columns, responses as [(s,r,o),(s,r,o)]."})
+    max_examples: int = field(default=-1, metadata={"help": "Rows of generation / triples files; -1 = all."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest reply (tokens) for generation / triples."})
+    num_beams: int = field(default=1, metadata={"help": "Beam search width for generation / triples (1 = greedy)."})
+    max_length: int = field(default=-1, metadata={
+        "help": "Longest multiple-choice prompt (tokens); -1 = the model's context length."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts / windows per forward pass."})
+    device: str | None = field(default=None, metadata={"help": "cuda, cpu, ...; default: cuda if available."})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16, fp32."})
+
+    def __post_init__(self):
+        unknown = [t for t in self.task if t not in TASKS]
+        if unknown or not self.task:
+            raise ValueError(f"--task takes {', '.join(TASKS)}, not '{' '.join(unknown)}'")
+        needs = {"bpc": "bpc_files", "generation": "generation_files", "triples": "triples_files"}
+        for task, files in needs.items():
+            if task in self.task and not getattr(self, files):
+                raise ValueError(f"--task {task} needs --{files}")
+        if self.num_shots < 0 or self.batch_size < 1:
+            raise ValueError("--num_shots must be >= 0 and --batch_size >= 1")
+
+
+@dataclass
+class ReportArguments:
+    run_dir: str = field(default="model_save", metadata={
+        "help": "A training output directory (its trainer_state.json or that of its latest checkpoint)."})
+    output_dir: str | None = field(default=None, metadata={"help": "Where the PNGs go; default <run_dir>/plots."})
+
+
+def load_rows(files: Sequence[str], limit: int) -> tuple[list[str], list[str]]:
+    from utils.pretrain_data import load_text_files
+
+    data, _ = load_text_files(list(files), "validation", ["prompt", "response"])
+    if limit > 0:
+        data = data.select(range(min(limit, len(data))))
+    return [str(p) for p in data["prompt"]], [str(r) for r in data["response"]]
+
+
+def run_task(task: str, args: EvalArguments, model, tokenizer) -> dict:
+    from model import evaluation as scoring
+    from utils import evaluation as metrics
+
+    if task in metrics.BENCHMARKS:
+        source, split = getattr(args, f"{task}_data"), getattr(args, f"{task}_split")
+        subjects = metrics.load_benchmark(source, split, getattr(args, f"{task}_subjects"), task=task)
+        if args.max_questions > 0:
+            for subject in subjects:
+                subject.questions = subject.questions[:args.max_questions]
+        logger.info("%s: %d subjects, %d questions (%s split), %d-shot", task, len(subjects),
+                    sum(len(s.questions) for s in subjects), split, args.num_shots)
+        predictions = scoring.answer_questions(model, tokenizer, subjects, args.num_shots, args.batch_size,
+                                               args.max_length)
+        return {"source": source, "split": split, "shots": args.num_shots,
+                **metrics.choice_accuracy(subjects, predictions)}
+    if task == "bpc":
+        return scoring.bits_per_character(model, tokenizer, args.bpc_files, block_size=args.bpc_block_size,
+                                          stride=args.bpc_stride, batch_size=args.batch_size)
+    prompts, references = load_rows(getattr(args, f"{task}_files"), args.max_examples)
+    replies = scoring.reply_to_prompts(model, tokenizer, prompts, args.max_new_tokens, args.num_beams, args.batch_size)
+    scores = metrics.text_metrics(replies, references) if task == "generation" else \
+        metrics.triple_scores(replies, references)
+    samples = [{"prompt": p, "reference": r, "reply": y} for p, r, y in list(zip(prompts, references, replies))[:5]]
+    return {**scores, "files": list(getattr(args, f"{task}_files")), "samples": samples}
+
+
+def report(argv: Sequence[str]) -> list[Path]:
+    from utils.evaluation import find_trainer_state, plot_training
+
+    (args,) = parse_config([ReportArguments], argv, description=__doc__)
+    state = find_trainer_state(args.run_dir)
+    written = plot_training(state, args.output_dir or Path(args.run_dir) / "plots")
+    logger.info("plotted %s -> %s", state, ", ".join(map(str, written)))
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> dict | list[Path]:
+    setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        return report(argv[1:])
+    (args,) = parse_config([EvalArguments], argv, default_recipe=recipe_path("evaluate"), description=__doc__)
+    from model.generation import load_for_inference
+    from utils.evaluation import results_markdown
+
+    model, tokenizer = load_for_inference(args.model_name_or_path, args.device, args.dtype)
+    logger.info("model %s (%s) on %s", args.model_name_or_path, type(model).__name__, model.device)
+    results = {}
+    for task in dict.fromkeys(args.task):
+        began = time.perf_counter()
+        results[task] = {**run_task(task, args, model, tokenizer), "seconds": round(time.perf_counter() - began, 2)}
+    output = Path(args.output_dir or Path(args.model_name_or_path) / "eval")
+    merged = _previous_results(output / "eval_results.json", args.model_name_or_path)
+    merged.update(model=args.model_name_or_path, results={**merged.get("results", {}), **results})
+    write_json_atomic(output / "eval_results.json", merged)
+    table = results_markdown(merged["results"])
+    write_text_atomic(output / "eval_results.md", f"# Evaluation of {args.model_name_or_path}\n\n{table}")
+    print(results_markdown(results))
+    logger.info("results -> %s", output / "eval_results.json")
+    return results
+
+
+def _previous_results(path: Path, model: str) -> dict:
+    """Earlier results of the same model in this output directory (other tasks are kept)."""
+    import json
+
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return previous if isinstance(previous, dict) and previous.get("model") == model else {}
+
+
+if __name__ == "__main__":
+    run_main(main)
