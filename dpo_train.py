@@ -1,0 +1,150 @@
+"""Align an SFT model with preference pairs: DPO through TRL with a PEFT LoRA adapter, merged back into a
+plain model at the end. Works for the T5 path (TRL extended for encoder-decoders, see utils/dpo.py) and the
+Llama path (stock TRL).
+
+    python dpo_train.py                                      # config/dpo.yaml: model_save/sft + data/dpo -> model_save
+    python dpo_train.py --model_name_or_path model_save/sft --train_files data/dpo/rejected.jsonl --output_dir model_save
+    accelerate launch --config_file accelerate.yaml dpo_train.py   # 2 GPUs
+
+Data: `{prompt, chosen, rejected}` rows, or any conversation format of utils/conversations.py with
+`chosen` / `rejected` answers (jsonl / json / parquet / csv files, directories, hub datasets).
+
+The merged model (weights + tokenizer + generation config + config.yaml + training_summary.json) is
+written into --output_dir and loads with plain AutoModelForSeq2SeqLM / AutoModelForCausalLM; the LoRA
+adapter and the checkpoints live in --output_dir/adapter. ctrl+c saves a checkpoint and exits; the same
+command resumes from it. An output directory that already holds a model is refused unless
+--overwrite_output_dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import Dataset
+from transformers import AutoTokenizer, set_seed
+
+from model.build import count_parameters, flops_per_token, is_seq2seq, load_model
+from model.generation import context_length
+from utils.config import parse_config, recipe_path
+from utils.conversations import FORMATS, load_preferences
+from utils.dpo import ADAPTER_DIR, DPOArguments, LoraArguments, ToolkitDPOTrainer, refuse_existing_model
+from utils.errors import UserError, run_main
+from utils.logging import setup_logging
+from utils.training import ProgressLine, format_duration, save_final, train_until_done_or_stopped
+
+logger = logging.getLogger("dpo_train")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default="model_save/sft", metadata={
+        "help": "The model to align (sft_train.py output); its tokenizer and chat template are used."})
+
+
+@dataclass
+class DataArguments:
+    train_files: list[str] = field(default_factory=lambda: ["data/dpo"], metadata={
+        "help": "Preference data: files, directories or hub datasets with prompt + chosen + rejected."})
+    validation_files: list[str] = field(default_factory=list, metadata={
+        "help": "Held-out preference pairs; default: --validation_ratio of the training pairs."})
+    validation_ratio: float = field(default=0.0, metadata={
+        "help": "Share of the training pairs held out for evaluation when no --validation_files (0 = none)."})
+    data_format: str = field(default="auto", metadata={
+        "help": f"Row format: {', '.join(FORMATS)} (auto = detected per file)."})
+    max_prompt_length: int = field(default=256, metadata={
+        "help": "Prompt tokens (T5: encoder input); longer conversations lose their oldest turns."})
+    max_completion_length: int = field(default=256, metadata={
+        "help": "Tokens of each answer including <|end|>; longer answers are cut (and counted)."})
+
+    def __post_init__(self):
+        if not 0 <= self.validation_ratio < 1:
+            raise ValueError(f"--validation_ratio must be in [0, 1), not {self.validation_ratio}")
+        if self.max_prompt_length < 8 or self.max_completion_length < 1:
+            raise ValueError("--max_prompt_length must be at least 8 and --max_completion_length at least 1")
+
+
+def load_pairs(data: DataArguments, seed: int) -> tuple[Dataset, Dataset | None]:
+    pairs = load_preferences(data.train_files, data.data_format)
+    if data.validation_files:
+        return Dataset.from_list(pairs), Dataset.from_list(load_preferences(data.validation_files, data.data_format))
+    if not data.validation_ratio:
+        return Dataset.from_list(pairs), None
+    random.Random(seed).shuffle(pairs)
+    held = max(1, round(len(pairs) * data.validation_ratio))
+    if held >= len(pairs):
+        raise UserError(f"--validation_ratio {data.validation_ratio} leaves no training pairs of {len(pairs)}",
+                        field="validation_ratio", fix="lower it or pass --validation_files")
+    return Dataset.from_list(pairs[held:]), Dataset.from_list(pairs[:held])
+
+
+def check_lengths(data: DataArguments, args: DPOArguments, model, tokenizer, seq2seq: bool) -> int:
+    """Tokens per training sequence; refuses limits a decoder cannot hold."""
+    if seq2seq:
+        return data.max_prompt_length
+    total = data.max_prompt_length + data.max_completion_length
+    limit = min(context_length(model, tokenizer), args.max_length or total)
+    if total > limit:
+        raise UserError(f"max_prompt_length + max_completion_length = {total} exceeds the {limit} tokens the model "
+                        f"holds (context length, or --max_length)", field="max_completion_length",
+                        fix=f"lower --max_prompt_length / --max_completion_length to {limit} tokens in all")
+    return total
+
+
+def main(argv: Sequence[str] | None = None) -> ToolkitDPOTrainer:
+    setup_logging()
+    model_args, lora, data, args = parse_config([ModelArguments, LoraArguments, DataArguments, DPOArguments], argv,
+                                                default_recipe=recipe_path("dpo"), description=__doc__)
+    output_dir = Path(args.output_dir)
+    refuse_existing_model(output_dir, args.overwrite_output_dir)
+    args.output_dir = str(output_dir / ADAPTER_DIR)  # checkpoints and the adapter; the merged model goes above
+    set_seed(args.seed)
+    train_set, eval_set = load_pairs(data, args.seed)
+    if not (Path(model_args.model_name_or_path) / "config.json").is_file():
+        raise UserError("not a model directory (no config.json)", path=model_args.model_name_or_path,
+                        field="model_name_or_path", fix="pass an sft_train.py output directory")
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    model = load_model(model_args.model_name_or_path, tokenizer)
+    seq2seq = is_seq2seq(model.config)
+    seq_len = check_lengths(data, args, model, tokenizer, seq2seq)
+
+    # DPO runs the policy forward + backward on both answers and the reference forward: 4/3 of training cost
+    flops = flops_per_token(model.config, seq_len, data.max_completion_length if seq2seq else None) * 4 / 3
+    trainer = ToolkitDPOTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                                processing_class=tokenizer, peft_config=lora.config_for(model),
+                                max_prompt_length=data.max_prompt_length,
+                                max_completion_length=data.max_completion_length, callbacks=[ProgressLine(flops)])
+    pairs_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(
+        len(trainer.train_dataset) * args.num_train_epochs / pairs_per_step)
+    logger.info("model %s: %s parameters, LoRA r=%d on %s: %s trainable | loss %s, beta %g | %d training pairs%s | "
+                "%d pairs/step (batch %d x accum %d x %d processes) | %d steps", type(model).__name__,
+                f"{count_parameters(trainer.model):,}", lora.lora_r,
+                ",".join(sorted(trainer.model.peft_config["default"].target_modules)),
+                f"{count_parameters(trainer.model, trainable_only=True):,}", ",".join(args.loss_type), args.beta,
+                len(trainer.train_dataset), f", {len(trainer.eval_dataset)} held out" if eval_set else "",
+                pairs_per_step, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size,
+                steps)
+
+    result = train_until_done_or_stopped(trainer, args)
+    if result is None:
+        return trainer
+    metrics = trainer.evaluate() if eval_set is not None else {}
+    args.output_dir = str(output_dir)  # config.yaml records the command's --output_dir
+    configs = [model_args, lora, data, args]
+    summary = {"base_model": model_args.model_name_or_path, "pairs": len(trainer.train_dataset),
+               "trainable_parameters": count_parameters(trainer.model, trainable_only=True), **result.metrics,
+               **metrics, "train_runtime_human": format_duration(result.metrics.get("train_runtime", 0))}
+    save_final(trainer, tokenizer, configs, summary, output_dir=output_dir / ADAPTER_DIR)
+    merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+    merged.__dict__.pop("forward", None)  # drop the fused LM head TRL / utils.dpo put on the instance
+    save_final(trainer, tokenizer, configs, summary, output_dir=output_dir, model=merged)
+    return trainer
+
+
+if __name__ == "__main__":
+    run_main(main)
