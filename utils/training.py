@@ -40,8 +40,9 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12, "H
 
 
 @dataclass
-class TrainArguments(Seq2SeqTrainingArguments):
-    """`Seq2SeqTrainingArguments` plus the toolkit's resume switch."""
+class ToolkitArguments:
+    """The toolkit's switches on top of any HF / TRL training-arguments class (mixed in first):
+    `TrainArguments` for our trainers, `utils.dpo.DPOArguments` for TRL's `DPOConfig`."""
 
     no_resume: bool = field(default=False, metadata={
         "help": "Start from scratch even if --output_dir holds checkpoints (default: resume from the latest)."})
@@ -61,6 +62,11 @@ class TrainArguments(Seq2SeqTrainingArguments):
         if self.include_num_input_tokens_seen in ("no", False):
             self.include_num_input_tokens_seen = "non_padding"  # the progress line's tokens/s and MFU
         super().__post_init__()
+
+
+@dataclass
+class TrainArguments(ToolkitArguments, Seq2SeqTrainingArguments):
+    """`Seq2SeqTrainingArguments` plus the toolkit's resume switch."""
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -164,18 +170,15 @@ class ProgressLine(TrainerCallback):
         logger.info(" | ".join(parts))
 
 
-class ToolkitTrainer(Seq2SeqTrainer):
-    """`Seq2SeqTrainer` with atomic checkpoints and bits per character in evaluation logs.
+class AtomicCheckpointMixin:
+    """Atomic checkpoints for any HF `Trainer` subclass (mix in first: `class T(AtomicCheckpointMixin, Trainer)`).
 
     A checkpoint is written under `output_dir/.staging/` and renamed into place once complete (after all
     ranks have written their part), so `kill -9` during a save never leaves a partial `checkpoint-N`
     for the next run to resume from. Rotation (`save_total_limit`) happens after the rename.
     """
 
-    def __init__(self, *args, chars_per_token: dict[str, float] | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.chars_per_token = chars_per_token or {}
-        self._staging = False
+    _staging = False
 
     def _get_output_dir(self, trial):
         base = super()._get_output_dir(trial)
@@ -200,6 +203,15 @@ class ToolkitTrainer(Seq2SeqTrainer):
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
         self.accelerator.wait_for_everyone()
+
+
+class ToolkitTrainer(AtomicCheckpointMixin, Seq2SeqTrainer):
+    """`Seq2SeqTrainer` with atomic checkpoints (`AtomicCheckpointMixin`) and bits per character in
+    evaluation logs."""
+
+    def __init__(self, *args, chars_per_token: dict[str, float] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chars_per_token = chars_per_token or {}
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         for key in [k for k in logs if k.startswith("eval_") and k.endswith("loss")]:
