@@ -1,0 +1,198 @@
+"""Supervised fine-tuning: teach a pretrained T5 or Llama (pre_train.py output) to answer, on instruction
+data in any conversation format (prompt/response, alpaca, ShareGPT, messages, hub datasets).
+
+    python sft_train.py                                   # config/sft.yaml: model_save/pretrain -> model_save/sft
+    python sft_train.py --model_name_or_path DIR --train_files a.jsonl b.json --output_dir DIR2
+    accelerate launch --config_file accelerate.yaml sft_train.py   # 2 GPUs, DeepSpeed ZeRO-2
+
+Every format goes through the tokenizer's chat template (utils/sft_data.py). T5: the encoder reads the
+conversation so far, the decoder learns the answer; by default the embeddings and the whole encoder are
+frozen (ChatLM-mini-Chinese's recipe, `--freeze embeddings,encoder`; `--freeze none` trains everything).
+T5 ties its input embeddings to the LM head (one tensor), so freezing `embeddings` freezes the output
+projection too: the decoder learns to reach the pretrained output space rather than moving it, which
+keeps the vocabulary geometry of pretraining intact for the rarely seen tokens. Freezing `encoder` or
+`decoder` never touches that shared tensor; name `embeddings` for it. Llama: the loss covers only the
+assistant's tokens (labels -100 on the prompt); nothing is frozen by default.
+
+ctrl+c saves a checkpoint and exits; the same command resumes from it. The output directory loads with
+plain AutoModelForSeq2SeqLM / AutoModelForCausalLM and AutoTokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from transformers import AutoTokenizer, DataCollatorForSeq2Seq, TrainerCallback, set_seed
+
+from model.build import count_parameters, flops_per_token, is_seq2seq, load_model
+from utils.config import parse_config, recipe_path
+from utils.conversations import FORMATS, load_conversations
+from utils.errors import UserError, run_main
+from utils.logging import setup_logging
+from utils.sft_data import OVERLONG, tokenize_conversations
+from utils.training import (ProgressLine, ToolkitTrainer, TrainArguments, format_duration, save_final,
+                            train_until_done_or_stopped)
+
+logger = logging.getLogger("sft_train")
+FREEZABLE = ("embeddings", "encoder", "decoder")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default="model_save/pretrain", metadata={
+        "help": "Pretrained model directory (pre_train.py output, or any HF T5 / Llama checkpoint)."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={
+        "help": "Tokenizer directory with the toolkit's chat template; default: the one in --model_name_or_path."})
+    freeze: str = field(default="auto", metadata={
+        "help": "Comma-separated parts kept frozen: embeddings (tied to the LM head), encoder, decoder (T5 only); "
+                "'none'; auto = embeddings,encoder for T5, none for Llama."})
+
+
+@dataclass
+class DataArguments:
+    train_files: list[str] = field(default_factory=lambda: ["data/sft"], metadata={
+        "help": "Instruction data: files or directories (.jsonl/.json/.parquet/.csv) or hub dataset names."})
+    validation_files: list[str] = field(default_factory=list, metadata={
+        "help": "Held-out conversations; default: --validation_ratio of --train_files."})
+    validation_ratio: float = field(default=0.02, metadata={
+        "help": "Share of training conversations held out for evaluation when no --validation_files (0 = none)."})
+    data_format: str = field(default="auto", metadata={"help": f"One of {', '.join(FORMATS)} (auto: per file)."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of hub datasets."})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "System turn put first in conversations that have none (use the same one at inference)."})
+    max_source_length: int = field(default=512, metadata={"help": "T5 encoder input limit (tokens)."})
+    max_target_length: int = field(default=320, metadata={"help": "T5 answer limit (tokens, incl. <|end|> + EOS)."})
+    max_length: int = field(default=1024, metadata={"help": "Llama conversation limit (tokens)."})
+    overlong: str = field(default="truncate", metadata={
+        "help": "What to do with examples over the limits: truncate or drop (both counted in the log)."})
+    eval_samples: int = field(default=3, metadata={
+        "help": "Validation prompts answered by the model and logged at each evaluation (0 = none)."})
+    sample_max_new_tokens: int = field(default=64, metadata={"help": "Reply length of those samples (tokens)."})
+    preprocessing_num_workers: int = field(default=1, metadata={"help": "Processes for tokenisation."})
+
+    def __post_init__(self):
+        if self.overlong not in OVERLONG:
+            raise ValueError(f"--overlong must be truncate or drop, not '{self.overlong}'")
+        if not 0 <= self.validation_ratio < 1:
+            raise ValueError(f"--validation_ratio must be in [0, 1), not {self.validation_ratio}")
+        if self.data_format not in FORMATS:
+            raise ValueError(f"--data_format must be one of {', '.join(FORMATS)}, not '{self.data_format}'")
+
+
+def freeze_parameters(model, spec: str) -> list[str]:
+    """Set requires_grad=False on the named parts; returns them. The shared (tied) embedding tensor
+    belongs to `embeddings` only, so `encoder` / `decoder` leave it trainable unless it is named."""
+    seq2seq = is_seq2seq(model.config)
+    parts = ["embeddings", "encoder"] if spec == "auto" and seq2seq else [] if spec in ("auto", "none") \
+        else [p.strip() for p in spec.split(",") if p.strip()]
+    for part in parts:
+        if part not in FREEZABLE or (part != "embeddings" and not seq2seq):
+            allowed = "embeddings, encoder, decoder" if seq2seq else "embeddings"
+            raise UserError(f"cannot freeze '{part}' of a {model.config.model_type} model", field="freeze",
+                            fix=f"use a comma-separated list of {allowed}, or none")
+    embedding = model.get_input_embeddings().weight
+    modules = {"encoder": model.get_encoder() if seq2seq else None, "decoder": model.get_decoder() if seq2seq else None}
+    for part in parts:
+        params = [embedding] if part == "embeddings" else [p for p in modules[part].parameters() if p is not embedding]
+        for param in params:
+            param.requires_grad_(False)
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embedding
+    if "embeddings" in parts:
+        logger.info("embeddings frozen%s", " (tied to the LM head: the head is frozen too)" if tied else "")
+    return parts
+
+
+def split_validation(conversations: list, data: DataArguments, seed: int) -> tuple[list, list]:
+    """(train, validation): --validation_files, else a seeded --validation_ratio share of the conversations."""
+    if data.validation_files:
+        return conversations, load_conversations(data.validation_files, data.data_format, "validation",
+                                                 data.system_prompt)
+    count = int(len(conversations) * data.validation_ratio)
+    if data.validation_ratio > 0 and len(conversations) > 1:
+        count = min(max(count, 1), len(conversations) - 1)
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:count])
+    return ([c for i, c in enumerate(conversations) if i not in held],
+            [c for i, c in enumerate(conversations) if i in held])
+
+
+class SampleReplies(TrainerCallback):
+    """At each evaluation, log the model's replies to a few validation prompts (greedy, main process)."""
+
+    def __init__(self, conversations: list, tokenizer, max_new_tokens: int):
+        self.prompts = [c[:max(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in conversations]
+        self.references = [c[len(p)]["content"] for c, p in zip(conversations, self.prompts)]
+        self.tokenizer, self.max_new_tokens, self.latest = tokenizer, max_new_tokens, []
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if not self.prompts or not state.is_world_process_zero:
+            return
+        from model.generation import default_generation_config, generate_replies
+
+        config = default_generation_config(self.tokenizer, model.config)
+        config.max_new_tokens = self.max_new_tokens
+        was_training = model.training
+        model.eval()
+        self.latest = generate_replies(model, self.tokenizer, self.prompts, config, batch_size=len(self.prompts),
+                                       progress=False)
+        model.train(was_training)
+        for prompt, reply, reference in zip(self.prompts, self.latest, self.references):
+            logger.info("sample at step %d | prompt: %s | reply: %s | reference: %s", state.global_step,
+                        prompt[-1]["content"][:80], reply[:120], reference[:80])
+
+
+def main(argv: Sequence[str] | None = None) -> ToolkitTrainer:
+    setup_logging()
+    model_args, data, args = parse_config([ModelArguments, DataArguments, TrainArguments], argv,
+                                          default_recipe=recipe_path("sft"), description=__doc__)
+    set_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
+    model = load_model(model_args.model_name_or_path, tokenizer)
+    seq2seq = is_seq2seq(model.config)
+    frozen = freeze_parameters(model, model_args.freeze)
+
+    conversations = load_conversations(data.train_files, data.data_format, data.dataset_split, data.system_prompt)
+    train_conversations, eval_conversations = split_validation(conversations, data, args.seed)
+    with args.main_process_first(desc="tokenize"):
+        tokenize = lambda convs: tokenize_conversations(  # noqa: E731
+            convs, tokenizer, seq2seq, data.max_source_length, data.max_target_length, data.max_length,
+            data.overlong, data.preprocessing_num_workers)
+        train_set, stats = tokenize(train_conversations)
+        eval_set, eval_stats = tokenize(eval_conversations) if eval_conversations else (None, None)
+    if eval_set is None and args.eval_strategy != "no":
+        raise UserError("evaluation is on but there is no validation data", field="eval_strategy",
+                        fix="pass --validation_files or --validation_ratio > 0, or --eval_strategy no")
+    logger.info("train: %s", stats.describe())
+    if eval_stats:
+        logger.info("validation: %s", eval_stats.describe())
+
+    seq_len = data.max_source_length if seq2seq else data.max_length
+    flops = flops_per_token(model.config, seq_len, data.max_target_length if seq2seq else None)
+    trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
+    logger.info("model %s: %s trainable of %s parameters (%.1f%%) | frozen: %s | %d train examples | batch %d x "
+                "accum %d x %d processes", type(model).__name__, f"{trainable:,}", f"{total:,}",
+                100 * trainable / total, ", ".join(frozen) or "nothing", len(train_set),
+                args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size)
+
+    samples = SampleReplies(eval_conversations[:data.eval_samples], tokenizer, data.sample_max_new_tokens)
+    collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
+    trainer = ToolkitTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                             data_collator=collator, processing_class=tokenizer,
+                             callbacks=[ProgressLine(flops), samples])
+    result = train_until_done_or_stopped(trainer, args)
+    if result is None:
+        return trainer
+    metrics = trainer.evaluate() if eval_set is not None else {}
+    save_final(trainer, tokenizer, [model_args, data, args],
+               {"model_type": model.config.model_type, "parameters": total, "trainable_parameters": trainable,
+                "frozen": frozen, "data": asdict(stats), "samples": samples.latest, **result.metrics, **metrics,
+                "train_runtime_human": format_duration(result.metrics.get("train_runtime", 0))})
+    return trainer
+
+
+if __name__ == "__main__":
+    run_main(main)
