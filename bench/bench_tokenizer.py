@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="Tiny sizes and vocabulary, no docs/BENCHMARKS.md update (smoke test).")
     args = parser.parse_args(argv)
     if args.quick:
-        args.sizes_mb, args.vocab_size, args.budget_gb = [0.2, 0.4], 1024, 0.004
+        args.sizes_mb, args.vocab_size, args.budget_gb = [0.2], 1024, 0.002
 
     texts, held_out = split_real_texts()
     work = WORK / ("tokenizer_quick" if args.quick else "tokenizer")
