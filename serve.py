@@ -1,0 +1,377 @@
+"""Serve a trained model: an OpenAI-compatible API, ChatLM-mini-Chinese's /api/chat and a web chat page.
+
+    python serve.py                                     # config/serve.yaml: model_save on 127.0.0.1:8000
+    python serve.py --model_name_or_path model_save/sft --port 8080 --api_key sk-local
+    ZHLM_API_KEY=sk-local python serve.py --host 0.0.0.0 --max_concurrent 8    # on a GPU, reachable on the LAN
+
+Routes:
+    GET  /                     the chat page (web/index.html); open http://127.0.0.1:8000/ in a browser
+    GET  /v1/models            the one served model
+    POST /v1/chat/completions  OpenAI chat completions, `"stream": true` for server-sent events
+    POST /api/chat             {"input_txt": "..."} -> {"response": "..."} (ChatLM-mini-Chinese)
+
+With an API key (--api_key or ZHLM_API_KEY) every route except the page itself needs
+`Authorization: Bearer KEY`; the page asks for the key and keeps it in the browser's local storage.
+Each request gets its own streamer and cancel flag; generation runs in threads, at most --max_concurrent
+at once (the rest wait in line), and stops when its client disconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hmac
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from model.generation import context_length, load_for_inference
+from model.streaming import (DecodingOptions, PromptTooLong, Reply, ReplyStream, default_reply_tokens, fit_prompt,
+                             generate_reply, max_new_tokens_limit, prompt_budget)
+from utils.config import REPO_ROOT, parse_config, recipe_path
+from utils.errors import run_main
+from utils.logging import setup_logging
+
+logger = logging.getLogger("serve")
+API_KEY_ENV = "ZHLM_API_KEY"
+PAGE = REPO_ROOT / "web" / "index.html"
+
+
+@dataclass
+class ServeArguments:
+    model_name_or_path: str = field(default="model_save", metadata={
+        "help": "Model directory: any toolkit output (T5 or Llama) or a compatible HF model directory."})
+    served_model_name: str | None = field(default=None, metadata={
+        "help": "Model id clients send in 'model'. None = the directory's name; the path itself is accepted too."})
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "Interface to listen on. 127.0.0.1 = this machine only; 0.0.0.0 = every interface (set a key)."})
+    port: int = field(default=8000, metadata={"help": "TCP port."})
+    api_key: str | None = field(default=None, metadata={
+        "help": f"Require 'Authorization: Bearer KEY' on the API. None = the {API_KEY_ENV} environment "
+                "variable, or no key when that is unset too."})
+    max_concurrent: int = field(default=4, metadata={
+        "help": "Generations running at once; further requests wait in line (their streams start when served)."})
+    max_body_bytes: int = field(default=1_000_000, metadata={"help": "Largest request body accepted, in bytes."})
+    device: str | None = field(default=None, metadata={"help": "cuda, cuda:1, cpu. None = cuda when available."})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16, fp32."})
+
+    def __post_init__(self):
+        if self.max_concurrent < 1:
+            raise ValueError(f"--max_concurrent must be >= 1, not {self.max_concurrent}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"--max_body_bytes must be >= 1024, not {self.max_body_bytes}")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"--dtype must be auto, bf16, fp16 or fp32, not '{self.dtype}'")
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields of OpenAI's chat completion request that apply to a local model, plus top_k,
+    repetition_penalty and num_beams (as vLLM accepts them; the openai client sends them via extra_body)."""
+
+    # Fields of the OpenAI API that do not apply here (tools, logprobs, ...) are ignored, as vLLM does.
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[Message]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    num_beams: int | None = Field(default=None, ge=1, le=16)
+    n: int = Field(default=1, ge=1, le=1)
+
+
+class LegacyChatRequest(BaseModel):
+    """ChatLM-mini-Chinese's API: one user message, greedy reply."""
+
+    input_txt: str
+
+
+class APIError(Exception):
+    """A refused request, answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def create_app(model, tokenizer, args: ServeArguments, decoding: DecodingOptions | None = None):
+    """The FastAPI application serving `model`. `decoding` holds the server's defaults; request fields
+    (max_tokens, temperature, top_p, top_k, repetition_penalty, num_beams) override them per request."""
+    decoding = decoding or DecodingOptions()
+    model_id = args.served_model_name or Path(args.model_name_or_path).resolve().name
+    accepted_ids = {model_id, args.model_name_or_path}
+    created = int(time.time())
+    reply_limit = max_new_tokens_limit(model, tokenizer)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+
+    app = FastAPI(title="zhlm", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.slots = asyncio.Semaphore(args.max_concurrent)
+    app.state.active = 0  # generations running now
+    app.state.peak_active = 0  # the most that ever ran at once
+    app.state.recent = collections.deque(maxlen=256)  # finished Replies, newest last (for logs and tests)
+    counter_lock = threading.Lock()
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException):
+        # Unknown routes and methods get the same error shape as everything else.
+        return JSONResponse(APIError(err.status_code, str(err.detail), code=None).body(), status_code=err.status_code,
+                            headers=getattr(err, "headers", None))
+
+    def require_key(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>' (the key the "
+                                f"server was started with via --api_key or {API_KEY_ENV}).", code="invalid_api_key")
+
+    async def read_json(request: Request, schema):
+        declared = request.headers.get("content-length")
+        too_large = APIError(413, f"Request body larger than {args.max_body_bytes} bytes.", code="request_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > args.max_body_bytes:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > args.max_body_bytes:
+                raise too_large
+        try:
+            data = json.loads(body)
+        except ValueError as err:
+            raise APIError(400, f"The body is not valid JSON ({err}).", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "The body must be a JSON object.", code="invalid_json")
+        try:
+            return schema.model_validate(data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            param = ".".join(str(part) for part in first["loc"]) or None
+            raise APIError(400, f"Invalid value for '{param}': {first['msg']}.", param=param,
+                           code="invalid_value") from None
+
+    def prepare(messages: list[dict], overrides: dict):
+        """Generation config and prompt ids of one request, or the APIError refusing it."""
+        asked = overrides.get("max_new_tokens")
+        if asked is not None and not 1 <= asked <= reply_limit:
+            raise APIError(400, f"max_tokens must be between 1 and {reply_limit} for this model, not {asked}.",
+                           param="max_tokens", code="invalid_value")
+        options = decoding.updated(**overrides)
+        config = options.generation_config(model.generation_config)
+        if options.max_new_tokens is None:
+            config.max_new_tokens = default_reply_tokens(model, tokenizer, config.max_new_tokens)
+        config.max_new_tokens = min(config.max_new_tokens, reply_limit)
+        budget = prompt_budget(model, tokenizer, config.max_new_tokens)
+        try:
+            ids, trimmed = fit_prompt(tokenizer, messages, budget)
+        except PromptTooLong as err:
+            raise APIError(400, f"This model's maximum context length is {budget + (0 if model.config.is_encoder_decoder else config.max_new_tokens)} "
+                                f"tokens; the last message alone needs {err.prompt_tokens} prompt tokens with "
+                                f"{config.max_new_tokens} for the reply. Shorten the message or lower max_tokens.",
+                           param="messages", code="context_length_exceeded") from None
+        if trimmed:
+            logger.info("conversation trimmed to its newest turns to fit %d prompt tokens", budget)
+        return config, ids
+
+    def generation_began():
+        with counter_lock:
+            app.state.active += 1
+            app.state.peak_active = max(app.state.peak_active, app.state.active)
+
+    def generation_ended(reply: Reply | None, began: float):
+        """Bookkeeping when a generation thread ends (called from that thread for streams)."""
+        with counter_lock:
+            app.state.active -= 1
+        if reply is not None:
+            app.state.recent.append(reply)
+            logger.info("reply: %d prompt + %d completion tokens, %s, %.2fs", reply.prompt_tokens,
+                        reply.completion_tokens, reply.finish_reason, time.monotonic() - began)
+
+    async def complete(request: Request, config, ids) -> Reply:
+        """Generate a whole reply in a worker thread; a client that disconnects meanwhile cancels it."""
+        cancel = threading.Event()
+
+        async def watch():
+            while not cancel.is_set():
+                if await request.is_disconnected():
+                    cancel.set()
+                await asyncio.sleep(0.1)
+
+        async with app.state.slots:
+            began, reply = time.monotonic(), None
+            generation_began()
+            watcher = asyncio.create_task(watch())
+            try:
+                reply = await run_in_threadpool(generate_reply, model, tokenizer, ids, config, cancel)
+                return reply
+            finally:
+                watcher.cancel()
+                generation_ended(reply, began)
+
+    async def stream_events(config, ids, completion_id: str, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events of one reply: a role chunk, content chunks, the finish chunk, [DONE]."""
+        def event(delta: dict, finish_reason=None, usage=None) -> str:
+            chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                     "model": model_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+            if usage is not None:
+                chunk["choices"], chunk["usage"] = [], usage
+            return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+        async with app.state.slots:
+            began = time.monotonic()
+            generation_began()
+            stream = ReplyStream(model, tokenizer, ids, config, on_done=lambda reply: generation_ended(reply, began))
+            try:
+                yield event({"role": "assistant", "content": ""})
+                async for piece in iterate_in_threadpool(iter(stream)):
+                    yield event({"content": piece})
+                reply = stream.reply
+                yield event({}, finish_reason=reply.finish_reason)
+                if include_usage:
+                    yield event({}, usage=usage_of(reply))
+                yield "data: [DONE]\n\n"
+            finally:
+                # Reached early when the client disconnects (Starlette cancels this generator): stop generating.
+                stream.cancel()
+                if not stream.started:
+                    generation_ended(None, began)
+
+    def usage_of(reply: Reply) -> dict:
+        return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(PAGE, media_type="text/html; charset=utf-8")
+
+    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    async def list_models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "zhlm",
+                                            "context_length": context_length(model, tokenizer)}]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
+    async def chat_completions(request: Request):
+        body = await read_json(request, ChatCompletionRequest)
+        if body.model not in accepted_ids:
+            raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{model_id}'.",
+                           param="model", code="model_not_found")
+        if not body.messages:
+            raise APIError(400, "'messages' must contain at least one message.", param="messages",
+                           code="empty_messages")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        overrides = dict(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                         repetition_penalty=body.repetition_penalty, num_beams=body.num_beams)
+        config, ids = prepare(messages, overrides)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(stream_events(config, ids, completion_id, include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        reply = await complete(request, config, ids)
+        return {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text.strip()},
+                             "finish_reason": reply.finish_reason}],
+                "usage": usage_of(reply)}
+
+    @app.post("/api/chat", dependencies=[Depends(require_key)])
+    async def legacy_chat(request: Request):
+        body = await read_json(request, LegacyChatRequest)
+        if not body.input_txt.strip():
+            raise APIError(400, "'input_txt' is empty.", param="input_txt", code="empty_messages")
+        config, ids = prepare([{"role": "user", "content": body.input_txt}], {})
+        reply = await complete(request, config, ids)
+        return {"response": reply.text.strip()}
+
+    app.state.model_id = model_id
+    return app
+
+
+@contextlib.contextmanager
+def running_in_thread(app, host: str = "127.0.0.1", port: int = 0):
+    """Serve `app` with uvicorn from a background thread (notebooks, tests) and yield its base URL;
+    port 0 picks a free port. The server stops when the block ends."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server thread ended before it started serving")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    setup_logging()
+    args, decoding = parse_config([ServeArguments, DecodingOptions], argv, default_recipe=recipe_path("serve"),
+                                  description=__doc__)
+    import uvicorn
+
+    model, tokenizer = load_for_inference(args.model_name_or_path, device=args.device, dtype=args.dtype)
+    app = create_app(model, tokenizer, args, decoding)
+    keyed = bool(args.api_key or os.environ.get(API_KEY_ENV))
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not keyed:
+        logger.warning("listening on %s without an API key: anyone who can reach this port can use the model",
+                       args.host)
+    logger.info("serving %s (%s) as '%s' on http://%s:%d/ | API key %s | %d generations at once",
+                args.model_name_or_path, type(model).__name__, app.state.model_id, args.host, args.port,
+                "required" if keyed else "off", args.max_concurrent)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    run_main(main)
