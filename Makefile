@@ -31,6 +31,7 @@ test: install
 bench: install
 	$(PY) bench/bench_dedup.py
 	$(PY) bench/bench_tokenizer.py
+	$(PY) bench/bench_pretrain.py
 
 clean-demo:
 	rm -rf data/demo_run
