@@ -89,14 +89,18 @@ def library_versions(packages: Iterable[str]) -> str:
     return ", ".join(versions)
 
 
-def write_section(script: str, title: str, packages: Iterable[str], body: str) -> Path:
+def write_section(script: str, title: str, packages: Iterable[str], body: str, argv: list[str] | None = None,
+                  date: str | None = None) -> Path:
     """Replace (or append) this script's section of docs/BENCHMARKS.md, keeping the other sections.
 
     The section starts with the exact command, the machine, the date and the library versions, then
     `body` (tables and interpretation). Sections are delimited by HTML comments naming the script.
+    `argv` / `date` (default: this run's `sys.argv[1:]` and now) name the measuring run when a section is
+    re-rendered later from saved results.
     """
-    command = " ".join([".venv/bin/python", f"bench/{script}", *map(shlex.quote, sys.argv[1:])])
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    argv = sys.argv[1:] if argv is None else argv
+    command = " ".join([".venv/bin/python", f"bench/{script}", *map(shlex.quote, argv)])
+    date = date or utc_now()
     section = "\n".join([
         f"## {title}", "",
         f"- Command: `{command}`",
@@ -114,6 +118,10 @@ def write_section(script: str, title: str, packages: Iterable[str], body: str) -
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
     write_text_atomic(BENCHMARKS_MD, text)
     return BENCHMARKS_MD
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def fmt_int(value: float) -> str:
