@@ -4,8 +4,10 @@ and a tiny tokenizer trained once per session."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,24 @@ def run_script(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.C
     if check and result.returncode != 0:
         raise AssertionError(f"{args} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def run_until_interrupted(args, stop_at: int, cwd=REPO, launcher=(sys.executable,), script: str = "pre_train.py"):
+    """Start a training script with `args`, send SIGINT (to its whole process group, as ctrl+c does) once
+    it logged step `stop_at`, and wait for it to save and exit."""
+    log = open(args[args.index("--output_dir") + 1] + ".log", "w+")
+    process = subprocess.Popen([*launcher, script, *args], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        log.seek(0)
+        if f"step {stop_at}/" in log.read():
+            os.killpg(process.pid, signal.SIGINT)
+            break
+        time.sleep(0.05)
+    process.wait(timeout=300)
+    log.seek(0)
+    return process.returncode, log.read()
 
 
 def make_documents(count: int, seed: int = 0, sentences_per_doc: int = 8) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, make_documents
+from conftest import REPO, make_documents, run_until_interrupted
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -139,24 +138,6 @@ def test_llama_learns_and_reloads(tiny_corpus, tiny_tokenizer, tmp_path):
     trainer = pre_train.main(common(tiny_corpus, tiny_tokenizer, "llama-tiny", output, "--max_steps", "40"))
     assert_learns_and_reloads(trainer, output, AutoModelForCausalLM)
     assert AutoModelForCausalLM.from_pretrained(output).config._attn_implementation == "sdpa"
-
-
-def run_until_interrupted(args, stop_at: int, cwd=REPO, launcher=(sys.executable,)):
-    """Start a training command, send SIGINT (to its whole process group, as ctrl+c does) once it logged
-    step `stop_at`, and wait for it to save and exit."""
-    log = open(args[args.index("--output_dir") + 1] + ".log", "w+")
-    process = subprocess.Popen([*launcher, "pre_train.py", *args], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        log.seek(0)
-        if f"step {stop_at}/" in log.read():
-            os.killpg(process.pid, signal.SIGINT)
-            break
-        time.sleep(0.05)
-    process.wait(timeout=300)
-    log.seek(0)
-    return process.returncode, log.read()
 
 
 @pytest.mark.parametrize("model", ["llama-tiny", "t5-tiny"])
