@@ -1,9 +1,9 @@
 """Align an SFT model with preference pairs: DPO through TRL with a PEFT LoRA adapter, merged back into a
 plain model at the end. Works for the T5 path (TRL extended for encoder-decoders, see utils/dpo.py) and the
-Llama path (stock TRL).
+Llama path (stock TRL; both tokenise through the chat template the same way).
 
-    python dpo_train.py                                      # config/dpo.yaml: model_save/sft + data/dpo -> model_save
-    python dpo_train.py --model_name_or_path model_save/sft --train_files data/dpo/rejected.jsonl --output_dir model_save
+    python dpo_train.py                        # config/dpo.yaml: model_save/sft + data/dpo -> model_save
+    python dpo_train.py --model_name_or_path model_save/sft --train_files pairs.jsonl --output_dir model_save
     accelerate launch --config_file accelerate.yaml dpo_train.py   # 2 GPUs
 
 Data: `{prompt, chosen, rejected}` rows, or any conversation format of utils/conversations.py with
