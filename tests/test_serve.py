@@ -1,0 +1,233 @@
+"""serve.py through the official `openai` client against a server on 127.0.0.1: replies (plain and
+streamed) equal direct generation, the API key is enforced, bad requests get OpenAI-style errors,
+32 concurrent streams each get their own text, and a client that disconnects stops its generation."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import openai
+import pytest
+import torch
+from conftest import SENTENCES
+
+from model.generation import load_for_inference
+from model.streaming import DecodingOptions, fit_prompt, generate_reply, prompt_budget
+from serve import ServeArguments, create_app, running_in_thread
+
+KEY = "sk-test-key"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads (and OpenMP's waiting slows them on busy machines)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def start(path, **settings):
+    model, tokenizer = load_for_inference(str(path))
+    args = ServeArguments(model_name_or_path=str(path), **settings)
+    return model, tokenizer, create_app(model, tokenizer, args, DecodingOptions(max_new_tokens=16))
+
+
+@pytest.fixture(scope="module")
+def llama_server(tiny_llama):
+    """Llama behind an API key, 4 generations at once, 16 new tokens by default."""
+    model, tokenizer, app = start(tiny_llama, served_model_name="tiny-llama", api_key=KEY, max_concurrent=4,
+                                  max_body_bytes=4096)
+    with running_in_thread(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        yield SimpleNamespace(url=url, app=app, model=model, tokenizer=tokenizer, client=client)
+
+
+@pytest.fixture(scope="module")
+def t5_server(tiny_t5):
+    """T5 without an API key (the default), named after its directory."""
+    model, tokenizer, app = start(tiny_t5)
+    with running_in_thread(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        yield SimpleNamespace(url=url, app=app, model=model, tokenizer=tokenizer, client=client)
+
+
+def direct_reply(server, messages, max_new_tokens=16, **options):
+    """The reply generated in-process, without the server."""
+    config = DecodingOptions(max_new_tokens=max_new_tokens, **options).generation_config(server.model.generation_config)
+    ids, _ = fit_prompt(server.tokenizer, messages, prompt_budget(server.model, server.tokenizer, max_new_tokens))
+    return generate_reply(server.model, server.tokenizer, ids, config)
+
+
+def post(url, body: bytes, key=KEY, headers=None):
+    """(status, parsed JSON) of a raw POST, for what the openai client cannot send."""
+    request = urllib.request.Request(url, data=body, method="POST", headers={
+        "Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.mark.parametrize("which", ["llama_server", "t5_server"])
+def test_plain_and_streamed_replies_equal_direct_generation(request, which):
+    server = request.getfixturevalue(which)
+    model_id = server.client.models.list().data[0].id
+    assert model_id == ("tiny-llama" if which == "llama_server" else "model")
+    messages = [{"role": "system", "content": "你是一个助手。"}, {"role": "user", "content": "春天的早晨"},
+                {"role": "assistant", "content": "河边的柳树"}, {"role": "user", "content": "小明每天"}]
+    expected = direct_reply(server, messages, max_new_tokens=12)
+
+    plain = server.client.chat.completions.create(model=model_id, messages=messages, max_tokens=12)
+    assert plain.choices[0].message.content == expected.text.strip()
+    assert plain.choices[0].finish_reason == expected.finish_reason
+    assert (plain.usage.prompt_tokens, plain.usage.completion_tokens) == (expected.prompt_tokens,
+                                                                          expected.completion_tokens)
+
+    chunks = list(server.client.chat.completions.create(model=model_id, messages=messages, max_tokens=12,
+                                                        stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content for c in chunks[1:] if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1 and "".join(pieces).strip() == expected.text.strip()
+    assert chunks[-2].choices[0].finish_reason == expected.finish_reason
+    assert chunks[-1].usage.completion_tokens == expected.completion_tokens
+
+    # Request fields override the server's decoding defaults.
+    beams = server.client.chat.completions.create(model=model_id, messages=messages[-1:], max_tokens=8,
+                                                  extra_body={"num_beams": 3, "repetition_penalty": 1.0})
+    assert beams.choices[0].message.content == direct_reply(server, messages[-1:], 8, num_beams=3,
+                                                            repetition_penalty=1.0).text.strip()
+
+
+def test_chatlm_api_chat_route(llama_server):
+    status, body = post(llama_server.url + "/api/chat", json.dumps({"input_txt": "你好"}).encode())
+    assert status == 200
+    assert body == {"response": direct_reply(llama_server, [{"role": "user", "content": "你好"}]).text.strip()}
+
+
+def test_api_key_is_required_on_every_route_but_the_page(llama_server):
+    wrong = openai.OpenAI(base_url=llama_server.url + "/v1", api_key="sk-wrong", max_retries=0)
+    for call in (wrong.models.list,
+                 lambda: wrong.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "x"}]),
+                 lambda: wrong.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "x"}],
+                                                       stream=True)):
+        with pytest.raises(openai.AuthenticationError) as caught:
+            call()
+        assert caught.value.status_code == 401 and caught.value.body["code"] == "invalid_api_key"
+    for key in (None, "sk-wrong"):
+        for path, body in (("/v1/chat/completions", b'{"model": "tiny-llama", "messages": []}'),
+                           ("/api/chat", b'{"input_txt": "x"}')):
+            status, answer = post(llama_server.url + path, body, key=key)
+            assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(llama_server.url + "/v1/models", timeout=30)
+    assert caught.value.code == 401
+    with urllib.request.urlopen(llama_server.url + "/", timeout=30) as page:  # the page asks for the key itself
+        assert page.status == 200 and "/v1/chat/completions" in page.read().decode()
+
+
+@pytest.mark.parametrize("case, status, code, param", [
+    ("unknown model", 404, "model_not_found", "model"),
+    ("empty messages", 400, "empty_messages", "messages"),
+    ("unknown role", 400, "invalid_value", "messages.0.role"),
+    ("prompt longer than the context", 400, "context_length_exceeded", "messages"),
+    ("max_tokens 0", 400, "invalid_value", "max_tokens"),
+    ("max_tokens beyond the context", 400, "invalid_value", "max_tokens"),
+    ("temperature out of range", 400, "invalid_value", "temperature"),
+])
+def test_bad_requests_get_openai_errors(llama_server, case, status, code, param):
+    request = {"model": "tiny-llama", "messages": [{"role": "user", "content": "你好"}]}
+    request.update({
+        "unknown model": {"model": "gpt-4o"},
+        "empty messages": {"messages": []},
+        "unknown role": {"messages": [{"role": "robot", "content": "你好"}]},
+        "prompt longer than the context": {"messages": [{"role": "user", "content": "春" * 400}]},
+        "max_tokens 0": {"max_tokens": 0},
+        "max_tokens beyond the context": {"max_tokens": 256},
+        "temperature out of range": {"temperature": 3},
+    }[case])
+    with pytest.raises(openai.APIStatusError) as caught:
+        llama_server.client.chat.completions.create(**request)
+    assert caught.value.status_code == status
+    error = caught.value.body
+    assert (error["code"], error["param"], error["type"]) == (code, param, "invalid_request_error")
+    assert error["message"]
+
+
+def test_bad_json_and_large_bodies_are_refused(llama_server):
+    url = llama_server.url + "/v1/chat/completions"
+    status, body = post(url, b'{"model": "tiny-llama", "messages": [')
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+    status, body = post(url, b'["not", "an", "object"]')
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+    large = json.dumps({"model": "tiny-llama", "messages": [{"role": "user", "content": "长" * 5000}]}).encode()
+    status, body = post(url, large)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    # Without Content-Length (chunked upload) the limit holds too.
+    connection = http.client.HTTPConnection(*llama_server.url.removeprefix("http://").split(":"), timeout=60)
+    connection.request("POST", "/v1/chat/completions", body=iter([large[:3000], large[3000:]]),
+                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+                       encode_chunked=True)
+    response = connection.getresponse()
+    assert response.status == 413 and json.loads(response.read())["error"]["code"] == "request_too_large"
+    connection.close()
+
+
+def test_32_concurrent_streams_each_get_their_own_reply(llama_server):
+    # Different prompts and reply lengths: the tiny model says similar things to similar prompts, the
+    # lengths make every expected reply distinct, so text crossing between streams cannot go unnoticed.
+    requests = [(SENTENCES[i % len(SENTENCES)][:4 + i // len(SENTENCES)], 8 + i) for i in range(32)]
+    expected = [direct_reply(llama_server, [{"role": "user", "content": p}], n).text.strip() for p, n in requests]
+    assert len(set(expected)) >= 28, "the check needs replies that differ"
+
+    def stream(request):
+        prompt, max_tokens = request
+        chunks = llama_server.client.chat.completions.create(
+            model="tiny-llama", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+
+    llama_server.app.state.peak_active = 0
+    with ThreadPoolExecutor(32) as pool:
+        replies = list(pool.map(stream, requests))
+    assert replies == expected
+    assert 2 <= llama_server.app.state.peak_active <= 4  # concurrent, and bounded by --max_concurrent
+    assert llama_server.app.state.active == 0
+
+
+def wait_for_reply(app, count_before, timeout=30):
+    deadline = time.monotonic() + timeout
+    while len(app.state.recent) == count_before or app.state.active:
+        assert time.monotonic() < deadline, "the generation did not end"
+        time.sleep(0.05)
+    return app.state.recent[-1]
+
+
+def test_a_client_that_disconnects_stops_its_generation(t5_server):
+    app, host, port = t5_server.app, *t5_server.url.removeprefix("http://").split(":")
+    request = {"model": "model", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 1000}
+    # A stream: read the first content chunk, then hang up.
+    before = len(app.state.recent)
+    stream = t5_server.client.chat.completions.create(**request, stream=True)
+    next(stream), next(stream)
+    stream.close()
+    reply = wait_for_reply(app, before)
+    assert reply.finish_reason == "cancelled" and reply.completion_tokens < 1000
+
+    # A plain request: hang up while it is being generated.
+    before = len(app.state.recent)
+    body = json.dumps(request).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        while app.state.active == 0:
+            time.sleep(0.01)
+    reply = wait_for_reply(app, before)
+    assert reply.finish_reason == "cancelled" and reply.completion_tokens < 1000
