@@ -1,0 +1,159 @@
+"""Preference pairs from the SFT model: for each prompt of an instruction or preference file, the dataset's
+answer is `chosen` and the SFT model's own answer is `rejected` (how ChatLM-mini-Chinese built its DPO set).
+
+    python generate_rejected.py                  # config/generate_rejected.yaml: model_save/sft, data/sft
+    python generate_rejected.py --model_name_or_path model_save/sft --input data/sft/a.jsonl \\
+        --output data/dpo/rejected.jsonl --batch_size 32
+
+Writes JSON lines `{"id", "prompt": [messages], "chosen", "rejected"}` (what dpo_train.py reads; `id` is
+the row's index in the input). Rows where the model's answer equals the dataset's, or is empty, are
+skipped and counted. Resumable: each batch is appended with one write + fsync, then
+`OUTPUT.progress.json` records how far the input is done (and the resolved configuration); after ctrl+c, kill -9 or a power cut, the same
+command drops any torn or unrecorded lines and continues from the first unfinished batch. The input is
+read through utils/conversations.py (any SFT or preference format, hub names too).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+from transformers import set_seed
+
+from model.generation import context_length, generate_replies, load_for_inference
+from utils.config import config_to_dict, parse_config, recipe_path
+from utils.conversations import FORMATS, load_answered_prompts
+from utils.errors import UserError, run_main
+from utils.io import write_json_atomic
+from utils.logging import setup_logging
+
+logger = logging.getLogger("generate_rejected")
+
+
+@dataclass
+class GenerateArguments:
+    model_name_or_path: str = field(default="model_save/sft", metadata={"help": "The SFT model (sft_train.py output)."})
+    input: list[str] = field(default_factory=lambda: ["data/sft"], metadata={
+        "help": "Instruction or preference data (files, directories or hub dataset names) whose prompts are answered."})
+    output: str = field(default="data/dpo/rejected.jsonl", metadata={"help": "JSON lines of prompt/chosen/rejected."})
+    data_format: str = field(default="auto", metadata={"help": f"One of {', '.join(FORMATS)} (auto: per file)."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of hub datasets."})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "System turn put first in prompts that have none (use the one SFT used)."})
+    max_rows: int = field(default=-1, metadata={"help": "Answer at most this many input rows (-1 = all)."})
+    batch_size: int = field(default=16, metadata={"help": "Prompts generated together."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest answer (tokens)."})
+    max_prompt_tokens: int = field(default=-1, metadata={
+        "help": "Longest prompt (tokens; older turns dropped to fit); -1 = context length - max_new_tokens."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (with --do_sample)."})
+    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling share (with --do_sample)."})
+    device: str | None = field(default=None, metadata={"help": "cuda, cuda:1, cpu ...; default: cuda if available."})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16, fp32."})
+    seed: int = field(default=42, metadata={"help": "Random seed (sampling)."})
+    overwrite: bool = field(default=False, metadata={"help": "Start over instead of resuming an existing --output."})
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("--batch_size and --max_new_tokens must be at least 1")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"--dtype must be auto, bf16, fp16 or fp32, not '{self.dtype}'")
+
+
+def progress_path(output: Path) -> Path:
+    return output.with_name(output.name + ".progress.json")
+
+
+def resume_point(output: Path, items: list[dict]) -> tuple[int, int, dict]:
+    """(input rows done, pairs kept in the output, the recorded counters). Cuts the output back to its last
+    recorded batch: a torn last line (killed mid-write) or lines of a batch whose progress was never
+    recorded (they are generated again)."""
+    if not output.exists():
+        return 0, 0, {}
+    data = output.read_bytes()
+    state = json.loads(progress_path(output).read_text()) if progress_path(output).exists() else {}
+    keep, kept, last, last_line = 0, 0, None, 0
+    for line_no, line in enumerate(data.split(b"\n")[:-1], start=1):  # what follows the last newline is torn
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError("not a JSON line; the output was not written by this script", path=str(output),
+                            line=line_no, fix="pass --overwrite to start over, or choose another --output") from None
+        if "next_index" in state and row.get("id", -1) >= state["next_index"]:
+            break
+        keep, kept, last, last_line = keep + len(line) + 1, kept + 1, row, line_no
+    if last is not None:
+        index = last.get("id")
+        if not isinstance(index, int) or index >= len(items) or items[index]["prompt"] != last.get("prompt"):
+            raise UserError(f"this line does not match row {index} of the input; the output was made from other "
+                            "data", path=str(output), line=last_line,
+                            fix="pass the same --input, or --overwrite to start over")
+    if keep < len(data):
+        logger.warning("dropping %d bytes of unfinished output at the end of %s", len(data) - keep, output)
+        with open(output, "r+b") as handle:
+            handle.truncate(keep)
+    done = state.get("next_index", last["id"] + 1 if last else 0)
+    return min(done, len(items)), kept, state
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    setup_logging()
+    (args,) = parse_config([GenerateArguments], argv, default_recipe=recipe_path("generate_rejected"),
+                           description=__doc__)
+    set_seed(args.seed)
+    items = load_answered_prompts(args.input, args.data_format, args.dataset_split, args.system_prompt)
+    if args.max_rows >= 0:
+        items = items[:args.max_rows]
+    output = Path(args.output)
+    if args.overwrite:
+        output.unlink(missing_ok=True)
+        progress_path(output).unlink(missing_ok=True)
+    start, kept, state = resume_point(output, items)
+    counts = {"written": kept, "equal_skipped": state.get("equal_skipped", 0),
+              "empty_skipped": state.get("empty_skipped", 0)}
+    if start:
+        logger.info("resuming at row %d of %d (%s)", start, len(items), output)
+
+    model, tokenizer = load_for_inference(args.model_name_or_path, args.device, args.dtype)
+    config = model.generation_config
+    config.max_new_tokens, config.do_sample = args.max_new_tokens, args.do_sample
+    if args.do_sample:
+        config.temperature, config.top_p = args.temperature, args.top_p
+    max_prompt = args.max_prompt_tokens if args.max_prompt_tokens > 0 else \
+        max(context_length(model, tokenizer) - args.max_new_tokens, 16)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(items), initial=start, desc="generate rejected", unit="row")
+    with open(output, "ab") as handle:
+        for begin in range(start, len(items), args.batch_size):
+            batch = items[begin:begin + args.batch_size]
+            replies = generate_replies(model, tokenizer, [item["prompt"] for item in batch], config,
+                                       batch_size=len(batch), max_prompt_tokens=max_prompt, progress=False)
+            lines = []
+            for index, (item, reply) in enumerate(zip(batch, replies), start=begin):
+                if not reply.strip():
+                    counts["empty_skipped"] += 1
+                elif reply.strip() == item["chosen"].strip():
+                    counts["equal_skipped"] += 1
+                else:
+                    lines.append(json.dumps({"id": index, "prompt": item["prompt"], "chosen": item["chosen"],
+                                             "rejected": reply}, ensure_ascii=False) + "\n")
+            handle.write("".join(lines).encode("utf-8"))  # one write per batch, then on disk before it counts
+            handle.flush()
+            os.fsync(handle.fileno())
+            counts["written"] += len(lines)
+            write_json_atomic(progress_path(output), {"next_index": begin + len(batch), **counts,
+                                                      "rows": len(items), "config": config_to_dict(args)})
+            bar.update(len(batch))
+    bar.close()
+    logger.info("%d pairs in %s; skipped %d rows where the model gave the dataset's answer and %d empty answers",
+                counts["written"], output, counts["equal_skipped"], counts["empty_skipped"])
+    return counts
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,102 @@
+"""Rejected-answer generation: valid {prompt, chosen, rejected} triples that the DPO loader reads, rows
+where the model repeats the dataset's answer skipped, and resume after kill -9 (torn and unrecorded lines
+dropped) giving the same file as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, SENTENCES, run_script
+
+import generate_rejected
+from model.generation import generate_replies, load_for_inference
+from utils.config import parse_config
+from utils.conversations import load_answered_prompts, load_preferences
+from utils.errors import UserError
+
+
+def write_inputs(directory, answers=None, rows=6):
+    """An instruction file and a preference file (whose own `rejected` is ignored), `rows` each."""
+    answers, sentences = answers or {}, SENTENCES[:rows]
+    sft = directory / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": f"请复述：{s}", "response": answers.get(i, s)}, ensure_ascii=False)
+                           + "\n" for i, s in enumerate(sentences)), encoding="utf-8")
+    dpo = directory / "dpo.jsonl"
+    dpo.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": f"续写：{s[:6]}"}],
+                                       "chosen": s, "rejected": "不知道。"}, ensure_ascii=False) + "\n"
+                           for s in sentences), encoding="utf-8")
+    return [str(sft), str(dpo)]
+
+
+def command(model, inputs, output, *extra):
+    return ["--config", "none", "--model_name_or_path", str(model), "--input", *inputs, "--output", str(output),
+            "--batch_size", "3", "--max_new_tokens", "8", "--device", "cpu", *map(str, extra)]
+
+
+def test_writes_triples_and_skips_answers_equal_to_the_dataset(tiny_llama, tmp_path):
+    inputs = write_inputs(tmp_path)
+    items = load_answered_prompts(inputs)
+    model, tokenizer = load_for_inference(str(tiny_llama), "cpu")
+    config = model.generation_config
+    config.max_new_tokens = 8
+    max_prompt = model.config.max_position_embeddings - 8
+    replies = [r for start in range(0, len(items), 3) for r in generate_replies(  # the script's batches
+        model, tokenizer, [i["prompt"] for i in items[start:start + 3]], config, 3, max_prompt, progress=False)]
+    assert replies[4].strip()
+    inputs = write_inputs(tmp_path, answers={4: replies[4]})  # the model "knows" row 4's answer
+    output = tmp_path / "out" / "rejected.jsonl"
+    counts = generate_rejected.main(command(tiny_llama, inputs, output))
+    empty = sum(not r.strip() for r in replies)
+    assert counts == {"written": len(items) - 1 - empty, "equal_skipped": 1, "empty_skipped": empty}
+    rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    assert 4 not in [r["id"] for r in rows]
+    for row in rows:
+        item = items[row["id"]]
+        assert row["prompt"] == item["prompt"] and row["chosen"] == item["chosen"]
+        assert row["rejected"] == replies[row["id"]] != row["chosen"]
+    pairs = load_preferences([str(output)])  # what dpo_train.py reads
+    assert len(pairs) == len(rows) and pairs[0]["prompt"][-1]["role"] == "user"
+    progress = json.loads((tmp_path / "out" / "rejected.jsonl.progress.json").read_text())
+    assert progress["next_index"] == len(items) and progress["config"]["batch_size"] == 3
+    assert generate_rejected.main(command(tiny_llama, inputs, output)) == counts  # done: nothing to add
+
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"prompt": "别的问题", "response": "别的答案"}, ensure_ascii=False) + "\n" * 2,
+                     encoding="utf-8")
+    with pytest.raises(UserError, match="made from other data"):
+        generate_rejected.main(command(tiny_llama, [str(other)], output))
+    assert generate_rejected.main(command(tiny_llama, [str(other)], output, "--overwrite"))["written"] <= 1
+
+
+def test_resume_after_kill_equals_an_uninterrupted_run(tiny_t5, tmp_path):
+    inputs = write_inputs(tmp_path, rows=8)[:1]
+    reference = tmp_path / "reference.jsonl"
+    generate_rejected.main(command(tiny_t5, inputs, reference, "--batch_size", "2", "--max_new_tokens", "24"))
+    output = tmp_path / "killed.jsonl"
+    progress = tmp_path / "killed.jsonl.progress.json"
+    process = subprocess.Popen([sys.executable, "generate_rejected.py",
+                                *command(tiny_t5, inputs, output, "--batch_size", "2", "--max_new_tokens", "24")],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not progress.exists() and process.poll() is None:
+        time.sleep(0.01)
+    process.kill()
+    assert process.wait() == -9  # killed while generating, not finished
+    done = json.loads(progress.read_text())["next_index"]
+    assert 0 < done < 8
+    with open(output, "ab") as handle:  # a batch written but not recorded, then a line cut by the crash
+        handle.write(json.dumps({"id": done, "prompt": [], "chosen": "x", "rejected": "y"}).encode() + b"\n")
+        handle.write(b'{"id": 99, "prompt": [{"ro')
+    generate_rejected.main(command(tiny_t5, inputs, output, "--batch_size", "2", "--max_new_tokens", "24"))
+    assert output.read_bytes() == reference.read_bytes()
+
+
+def test_recipes_parse_and_script_answers_help():
+    for recipe in ("config/generate_rejected.yaml", "config/demo/generate_rejected.yaml"):
+        (args,) = parse_config([generate_rejected.GenerateArguments], ["--config", str(REPO / recipe)])
+        assert args.input and args.output.endswith(".jsonl")
+    assert "--max_new_tokens" in run_script("generate_rejected.py", "--help").stdout
