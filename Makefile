@@ -7,8 +7,11 @@ PY := $(VENV)/bin/python
 # the local CPU wheel; on a GPU machine see README "Installing on a GPU machine".
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# tests/test_web.py drives Debian's chromium (never a browser downloaded by playwright); a CJK font keeps
+# its screenshots legible. Installed with apt-get when missing (sudo when not root).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install demo test bench clean-demo
+.PHONY: install browser demo test bench clean-demo
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +21,11 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet --no-build-isolation -r requirements.txt -r requirements-dev.txt
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) browser
+
+browser:
+	{ command -v chromium && fc-list :lang=zh family | grep -q .; } >/dev/null 2>&1 || { $(SUDO) apt-get update && \
+		$(SUDO) apt-get install -y chromium fonts-wqy-microhei; }
 
 demo: install
 	$(PY) prepare_data.py --config config/demo/prepare_data.yaml
