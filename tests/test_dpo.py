@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, run_until_interrupted
+from conftest import REPO, run_until_interrupted, shared_path
 from datasets import Dataset
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 import dpo_train
 from dpo_train import DataArguments, ModelArguments
 from utils.config import parse_config
+from utils.conversations import load_preferences
 from utils.dpo import (DataCollatorForSeq2SeqPreference, DPOArguments, LoraArguments, add_seq2seq_fused_lm_head,
                        holds_model, prepare_preferences, tokenize_preference)
 from utils.errors import UserError
@@ -187,6 +188,20 @@ def test_pairs_render_like_the_chat_template_and_lengths_are_enforced(tiny_token
     assert len(prepare_preferences(data, tokenizer, 256, 64, "train")) == 1  # identical answers carry no preference
     with pytest.raises(UserError, match="no usable preference pairs"):
         prepare_preferences(Dataset.from_list([same]), tokenizer, 256, 64, "train")
+
+
+@pytest.mark.parametrize("name", ["dpo/llamafactory_dpo_zh_demo.json", "dpo/medicalgpt_dpo_zh_500.jsonl"])
+def test_shared_preference_data_tokenizes_within_limits(name, tiny_tokenizer):
+    """The real preference files (ShareGPT-style conversations, multi-turn, long answers) load through
+    utils.conversations and tokenise within the limits, every prompt ending with the generation prompt."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    pairs = load_preferences([str(shared_path(name))])[:200]
+    data = prepare_preferences(Dataset.from_list(pairs), tokenizer, 128, 96, "train")
+    assert len(data) > 0.9 * len(pairs)
+    assistant = tokenizer.encode("<|assistant|>\n", add_special_tokens=False)
+    for row in data:
+        assert len(row["prompt_ids"]) <= 128 and row["prompt_ids"][-len(assistant):] == assistant
+        assert 0 < len(row["chosen_ids"]) <= 96 and 0 < len(row["rejected_ids"]) <= 96
 
 
 def adapter_losses(output, step):

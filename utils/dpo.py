@@ -118,14 +118,16 @@ def refuse_existing_model(output_dir: str | Path, overwrite: bool) -> None:
 def tokenize_preference(example: dict, tokenizer, max_prompt_length: int, max_completion_length: int) -> dict:
     """Token ids of one `{prompt: [messages], chosen: str, rejected: str}` pair: the chat-template prompt
     (ending with `<|assistant|>\\n`) and each answer followed by `<|end|>`, cut to the length limits."""
-    prompt_ids = chat_prompt_ids(tokenizer, list(example["prompt"]), max_prompt_length)
+    messages = list(example["prompt"])
+    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    prompt_cut = len(prompt_ids) > max_prompt_length
+    if prompt_cut:  # drop the oldest turns as inference does
+        prompt_ids = chat_prompt_ids(tokenizer, messages, max_prompt_length)
     answers = {}
     for key in ("chosen", "rejected"):
         ids = tokenizer(example[key] + END_OF_TURN, add_special_tokens=False)["input_ids"]
         answers[f"{key}_ids"], answers[f"{key}_cut"] = ids[:max_completion_length], len(ids) > max_completion_length
-    full_prompt = tokenizer.apply_chat_template(list(example["prompt"]), add_generation_prompt=True, tokenize=True,
-                                                return_dict=False)
-    return {"prompt_ids": prompt_ids, "prompt_cut": len(full_prompt) > len(prompt_ids), **answers}
+    return {"prompt_ids": list(prompt_ids), "prompt_cut": prompt_cut, **answers}
 
 
 def prepare_preferences(dataset: Dataset, tokenizer, max_prompt_length: int, max_completion_length: int,
