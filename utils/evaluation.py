@@ -340,6 +340,8 @@ def plot_training(state_file: str | Path, output_dir: str | Path) -> list[Path]:
               "learning_rate": ["learning_rate"],
               "bpc": [k for k in keys if k.endswith("bpc")],
               "rewards": [k for k in keys if k.startswith("rewards/") and not k.startswith("eval_")]}
+    run = state_file.parent
+    run_name = f"{run.parent.name}/{run.name}" if run.name.startswith("checkpoint-") else run.name
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, names in groups.items():
@@ -352,7 +354,7 @@ def plot_training(state_file: str | Path, output_dir: str | Path) -> list[Path]:
             axes.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
         axes.set_xlabel("step")
         axes.set_ylabel(name.replace("_", " "))
-        axes.set_title(f"{name.replace('_', ' ')} - {state_file.parent.name}")
+        axes.set_title(f"{name.replace('_', ' ')} - {run_name}")
         axes.grid(alpha=0.3)
         axes.legend()
         figure.tight_layout()
