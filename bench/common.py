@@ -90,13 +90,14 @@ def library_versions(packages: Iterable[str]) -> str:
 
 
 def write_section(script: str, title: str, packages: Iterable[str], body: str, argv: list[str] | None = None,
-                  date: str | None = None) -> Path:
+                  date: str | None = None, machine: str | None = None, libraries: str | None = None) -> Path:
     """Replace (or append) this script's section of docs/BENCHMARKS.md, keeping the other sections.
 
     The section starts with the exact command, the machine, the date and the library versions, then
     `body` (tables and interpretation). Sections are delimited by HTML comments naming the script.
     `argv` / `date` (default: this run's `sys.argv[1:]` and now) name the measuring run when a section is
-    re-rendered later from saved results.
+    re-rendered later from saved results; `machine` / `libraries` (default: this machine, the versions
+    installed here) describe a run made on another machine (the lent GPU).
     """
     argv = sys.argv[1:] if argv is None else argv
     command = " ".join([".venv/bin/python", f"bench/{script}", *map(shlex.quote, argv)])
@@ -104,9 +105,9 @@ def write_section(script: str, title: str, packages: Iterable[str], body: str, a
     section = "\n".join([
         f"## {title}", "",
         f"- Command: `{command}`",
-        f"- Machine: {machine_description()}",
+        f"- Machine: {machine or machine_description()}",
         f"- Date: {date}",
-        f"- Libraries: {library_versions(packages)}", "",
+        f"- Libraries: {libraries or library_versions(packages)}", "",
         body.strip(), ""])
     begin, end = f"<!-- section: {script} -->", f"<!-- end: {script} -->"
     block = f"{begin}\n{section}{end}\n"

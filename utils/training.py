@@ -143,7 +143,8 @@ def peak_flops() -> float | None:
 
 
 class ProgressLine(TrainerCallback):
-    """`step 420/5000 | loss 3.12 | lr 3.0e-4 | 41.2k tok/s | mfu 38% | eta 1h02m`, once per log step."""
+    """`step 420/5000 | loss 3.12 | lr 3.0e-4 | 41.2k tok/s | mfu 38% | mem 21.3GiB | eta 1h02m`, once per log
+    step (MFU and peak GPU memory on GPUs only; tokens/s counts non-padding input tokens)."""
 
     def __init__(self, flops_per_token: float):
         self.flops_per_token = flops_per_token
@@ -166,6 +167,8 @@ class ProgressLine(TrainerCallback):
         if self.peak:
             world = max(args.world_size, 1)
             parts.append(f"mfu {100 * self.flops_per_token * tok_s / (self.peak * world):.1f}%")
+        if torch.cuda.is_available():
+            parts.append(f"mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GiB")
         parts.append(f"eta {format_duration(step_s * (state.max_steps - step))}")
         logger.info(" | ".join(parts))
 
