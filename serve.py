@@ -161,6 +161,12 @@ def create_app(model, tokenizer, args: ServeArguments, decoding: DecodingOptions
         return JSONResponse(APIError(err.status_code, str(err.detail), code=None).body(), status_code=err.status_code,
                             headers=getattr(err, "headers", None))
 
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception):
+        logger.error("request failed", exc_info=err)
+        failure = APIError(500, f"The server failed to answer: {type(err).__name__}: {err}", type="server_error")
+        return JSONResponse(failure.body(), status_code=500)
+
     def require_key(request: Request) -> None:
         if api_key is None:
             return
@@ -208,10 +214,10 @@ def create_app(model, tokenizer, args: ServeArguments, decoding: DecodingOptions
         try:
             ids, trimmed = fit_prompt(tokenizer, messages, budget)
         except PromptTooLong as err:
-            raise APIError(400, f"This model's maximum context length is {budget + (0 if model.config.is_encoder_decoder else config.max_new_tokens)} "
-                                f"tokens; the last message alone needs {err.prompt_tokens} prompt tokens with "
-                                f"{config.max_new_tokens} for the reply. Shorten the message or lower max_tokens.",
-                           param="messages", code="context_length_exceeded") from None
+            raise APIError(400, f"This model's maximum context length is {context_length(model, tokenizer)} tokens; "
+                                f"the last message alone needs {err.prompt_tokens} tokens and the prompt may use "
+                                f"{budget} with max_tokens {config.max_new_tokens}. Shorten the message or lower "
+                                "max_tokens.", param="messages", code="context_length_exceeded") from None
         if trimmed:
             logger.info("conversation trimmed to its newest turns to fit %d prompt tokens", budget)
         return config, ids
@@ -273,6 +279,10 @@ def create_app(model, tokenizer, args: ServeArguments, decoding: DecodingOptions
                 if include_usage:
                     yield event({}, usage=usage_of(reply))
                 yield "data: [DONE]\n\n"
+            except Exception as err:  # the status line is sent already: the error can only travel as an event
+                logger.exception("generation failed")
+                failure = APIError(500, f"Generation failed: {type(err).__name__}: {err}", type="server_error")
+                yield f"data: {json.dumps(failure.body(), ensure_ascii=False)}\n\n"
             finally:
                 # Reached early when the client disconnects (Starlette cancels this generator): stop generating.
                 stream.cancel()

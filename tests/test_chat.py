@@ -15,6 +15,7 @@ import chat
 from model.generation import load_for_inference
 from model.streaming import (DecodingOptions, PromptTooLong, ReplyStream, fit_prompt, generate_reply,
                              prompt_budget)
+from utils.config import parse_config
 from utils.errors import UserError
 
 MESSAGES = ["春天的早晨", "他用 Python 写了一个小程序", "老师说：“学习语言最重要的是坚持每天练习。”", "hello 😀"]
@@ -174,3 +175,18 @@ def test_chat_in_a_terminal_streams_keeps_history_resets_and_exits(models, tiny_
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+@pytest.mark.parametrize("script", ["chat", "serve"])
+def test_recipes_parse_and_help_lists_the_decoding_flags(script, capsys):
+    import importlib
+
+    module = importlib.import_module(script)
+    arguments = module.ChatArguments if script == "chat" else module.ServeArguments
+    parsed, decoding = parse_config([arguments, DecodingOptions], ["--config", str(REPO / "config" / f"{script}.yaml")])
+    assert parsed.model_name_or_path == "model_save" and decoding == DecodingOptions()
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    shown = capsys.readouterr().out
+    assert all(flag in shown for flag in ("--model_name_or_path", "--temperature", "--top_p", "--top_k",
+                                          "--num_beams", "--repetition_penalty", "--max_new_tokens"))
