@@ -185,6 +185,9 @@ def test_recipes_parse_and_help_lists_the_decoding_flags(script, capsys):
     arguments = module.ChatArguments if script == "chat" else module.ServeArguments
     parsed, decoding = parse_config([arguments, DecodingOptions], ["--config", str(REPO / "config" / f"{script}.yaml")])
     assert parsed.model_name_or_path == "model_save" and decoding == DecodingOptions()
+    parsed, decoding = parse_config([arguments, DecodingOptions],
+                                    ["--config", str(REPO / "config" / "demo" / f"{script}.yaml")])
+    assert parsed.model_name_or_path == "model_save/demo" and decoding.max_new_tokens == 64
     with pytest.raises(SystemExit):
         module.main(["--help"])
     shown = capsys.readouterr().out
