@@ -1,7 +1,7 @@
 """Pretraining benchmark (issue 3, CPU): our T5 recipe against the ChatLM-mini-Chinese recipe on the same
 model, data and machine, in one run.
 
-    .venv/bin/python bench/bench_pretrain.py                  # ~13 min on 2 cores
+    .venv/bin/python bench/bench_pretrain.py                  # ~10 min on 2 idle cores
     .venv/bin/python bench/bench_pretrain.py --budget_s 300   # longer training budget per recipe
     .venv/bin/python bench/bench_pretrain.py --quick          # t5-tiny, seconds (smoke test; no docs)
 
@@ -64,13 +64,13 @@ class Settings:
     learning_rate: float = 2e-3  # config/demo/pretrain.yaml (the t5-demo recipe)
     warmup_steps: int = 10
     seed: int = 42
-    warmup_reps_steps: int = 2   # steps of each throughput repetition not timed (first-step overheads)
-    timed_steps: int = 8
+    warmup_reps_steps: int = 1   # steps of each throughput repetition not timed (first-step overheads)
+    timed_steps: int = 4
     reps: int = 2
-    budget_s: float = 150.0
+    budget_s: float = 120.0
     budget_clock: str = "cpu"
-    eval_pairs: int = 256
-    eval_blocks: int = 128
+    eval_pairs: int = 128
+    eval_blocks: int = 64
     pair_limit: int | None = None
     work: Path = field(default=WORK / "pretrain")
 
