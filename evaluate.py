@@ -68,7 +68,8 @@ class EvalArguments:
         "help": "Longest multiple-choice prompt (tokens); -1 = the model's context length."})
     batch_size: int = field(default=8, metadata={"help": "Prompts / windows per forward pass."})
     device: str | None = field(default=None, metadata={"help": "cuda, cpu, ...; default: cuda if available."})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16, fp32."})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32."})
 
     def __post_init__(self):
         unknown = [t for t in self.task if t not in TASKS]
@@ -98,26 +99,38 @@ def load_rows(files: Sequence[str], limit: int) -> tuple[list[str], list[str]]:
     return [str(p) for p in data["prompt"]], [str(r) for r in data["response"]]
 
 
-def run_task(task: str, args: EvalArguments, model, tokenizer) -> dict:
+def load_task_data(task: str, args: EvalArguments):
+    """The task's questions or rows, read (and checked) before the model is loaded."""
+    from utils import evaluation as metrics
+
+    if task in metrics.BENCHMARKS:
+        subjects = metrics.load_benchmark(getattr(args, f"{task}_data"), getattr(args, f"{task}_split"),
+                                          getattr(args, f"{task}_subjects"), task=task)
+        if args.max_questions > 0:
+            for subject in subjects:
+                subject.questions = subject.questions[:args.max_questions]
+        return subjects
+    if task == "bpc":
+        return None  # tokenised with the model's tokenizer
+    return load_rows(getattr(args, f"{task}_files"), args.max_examples)
+
+
+def run_task(task: str, args: EvalArguments, data, model, tokenizer) -> dict:
     from model import evaluation as scoring
     from utils import evaluation as metrics
 
     if task in metrics.BENCHMARKS:
-        source, split = getattr(args, f"{task}_data"), getattr(args, f"{task}_split")
-        subjects = metrics.load_benchmark(source, split, getattr(args, f"{task}_subjects"), task=task)
-        if args.max_questions > 0:
-            for subject in subjects:
-                subject.questions = subject.questions[:args.max_questions]
-        logger.info("%s: %d subjects, %d questions (%s split), %d-shot", task, len(subjects),
-                    sum(len(s.questions) for s in subjects), split, args.num_shots)
-        predictions = scoring.answer_questions(model, tokenizer, subjects, args.num_shots, args.batch_size,
+        split = getattr(args, f"{task}_split")
+        logger.info("%s: %d subjects, %d questions (%s split), %d-shot", task, len(data),
+                    sum(len(s.questions) for s in data), split, args.num_shots)
+        predictions = scoring.answer_questions(model, tokenizer, data, args.num_shots, args.batch_size,
                                                args.max_length)
-        return {"source": source, "split": split, "shots": args.num_shots,
-                **metrics.choice_accuracy(subjects, predictions)}
+        return {"source": getattr(args, f"{task}_data"), "split": split, "shots": args.num_shots,
+                **metrics.choice_accuracy(data, predictions)}
     if task == "bpc":
         return scoring.bits_per_character(model, tokenizer, args.bpc_files, block_size=args.bpc_block_size,
                                           stride=args.bpc_stride, batch_size=args.batch_size)
-    prompts, references = load_rows(getattr(args, f"{task}_files"), args.max_examples)
+    prompts, references = data
     replies = scoring.reply_to_prompts(model, tokenizer, prompts, args.max_new_tokens, args.num_beams, args.batch_size)
     scores = metrics.text_metrics(replies, references) if task == "generation" else \
         metrics.triple_scores(replies, references)
@@ -144,12 +157,15 @@ def main(argv: Sequence[str] | None = None) -> dict | list[Path]:
     from model.generation import load_for_inference
     from utils.evaluation import results_markdown
 
+    tasks = list(dict.fromkeys(args.task))
+    data = {task: load_task_data(task, args) for task in tasks}
     model, tokenizer = load_for_inference(args.model_name_or_path, args.device, args.dtype)
     logger.info("model %s (%s) on %s", args.model_name_or_path, type(model).__name__, model.device)
     results = {}
-    for task in dict.fromkeys(args.task):
+    for task in tasks:
         began = time.perf_counter()
-        results[task] = {**run_task(task, args, model, tokenizer), "seconds": round(time.perf_counter() - began, 2)}
+        results[task] = {**run_task(task, args, data[task], model, tokenizer),
+                         "seconds": round(time.perf_counter() - began, 2)}
     output = Path(args.output_dir or Path(args.model_name_or_path) / "eval")
     merged = _previous_results(output / "eval_results.json", args.model_name_or_path)
     merged.update(model=args.model_name_or_path, results={**merged.get("results", {}), **results})

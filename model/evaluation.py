@@ -76,7 +76,7 @@ def question_prompt(tokenizer, question: Question, shots: Sequence[Question], ti
 def shots_for(question: Question, subject: Subject, num_shots: int) -> list[Question]:
     """The first `num_shots` dev examples of the subject, never the question itself (when the evaluated
     split is the dev split, leave-one-out)."""
-    return [s for s in subject.shots if s is not question and s != question][:num_shots]
+    return [shot for shot in subject.shots if shot != question][:num_shots]
 
 
 def max_prompt_length(model, tokenizer, max_length: int) -> int:

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 import evaluate
 from model.evaluation import (_windows, answer_questions, bits_per_character, choice_token_ids, letter_logits,
-                              question_prompt)
+                              question_prompt, shots_for)
 from model.generation import load_for_inference
 from utils.errors import UserError
 from utils.evaluation import (LETTERS, load_benchmark, parse_triples, plot_training, read_choice_csv, text_metrics,
@@ -118,18 +118,12 @@ def test_cmmlu_accuracy_is_exact_on_a_t5_that_always_answers_a(crafted):
         assert predictions[subject.name] == ["A"] * len(answers[subject.name])
         assert [q.answer for q in subject.questions] == answers[subject.name]
         # dev is also the shot split: a question is never its own example
-        assert all(q not in question_prompt_shots(subject, q) for q in subject.questions)
+        assert all(q not in shots_for(q, subject, 5) for q in subject.questions)
     mapping = json.loads((cmmlu / "subject_mapping.json").read_text(encoding="utf-8"))
     ancient = next(s for s in subjects if s.name == "ancient_chinese")
     assert set(ancient.categories) == {c for c, subs in mapping["categories"].items()
                                        if set(subs) & set(mapping["subcategories"]["ancient_chinese"])}
     assert len(ancient.categories) == 2  # counted in both of its categories
-
-
-def question_prompt_shots(subject, question):
-    from model.evaluation import shots_for
-
-    return shots_for(question, subject, 5)
 
 
 def test_batching_and_padding_do_not_change_letter_logits(tiny_llama, tiny_t5):
@@ -326,7 +320,8 @@ def test_bad_input_is_refused_clearly(tmp_path, tiny_llama):
     with pytest.raises(UserError) as err:
         load_benchmark(str(broken), "val")
     assert err.value.field == "d" and err.value.line == 1 and "demo_val.csv" in err.value.path
-    (broken / "val" / "demo_val.csv").write_text("id,question,A,B,C,D,answer\n0,问题,甲,乙,丙,丁,E\n", encoding="utf-8")
+    bad_answer = "id,question,A,B,C,D,answer\n0,问题,甲,乙,丙,丁,E\n"
+    (broken / "val" / "demo_val.csv").write_text(bad_answer, encoding="utf-8")
     with pytest.raises(UserError, match="not one of A, B, C, D") as err:
         read_choice_csv(broken / "val" / "demo_val.csv", "demo")
     assert err.value.line == 2
@@ -336,7 +331,7 @@ def test_bad_input_is_refused_clearly(tmp_path, tiny_llama):
     with pytest.raises(UserError, match="unknown subject"):
         load_benchmark(str(shared_path("ceval")), "val", ["no_such_subject"])
     result = run_script("evaluate.py", "--config", "none", "--model_name_or_path", str(tmp_path / "nothing"),
-                        "--task", "ceval", check=False)
+                        "--task", "ceval", "--ceval_data", "data/demo/eval_ceval", check=False)
     assert result.returncode == 2 and "not a model directory" in result.stderr
     result = run_script("evaluate.py", "--config", "none", "--task", "bpc", check=False)
     assert result.returncode == 2 and "--bpc_files" in result.stderr

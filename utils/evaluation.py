@@ -137,8 +137,9 @@ def load_hub_benchmark(dataset_name: str, split: str, subjects: Sequence[str] = 
     try:
         names = list(subjects) or datasets.get_dataset_config_names(dataset_name)
     except Exception as err:  # network, unknown repository, dataset script not supported ...
-        raise UserError(f"cannot read the hub dataset: {err}", path=dataset_name, field=f"{task}_data",
-                        fix="download the official CSVs and pass their directory instead") from None
+        raise UserError(f"not a local directory, and cannot read it as a hub dataset: {err}", path=dataset_name,
+                        field=f"{task}_data", fix="pass the directory of the official CSVs (dev/, val/ or test/), "
+                                                  "or a reachable hub dataset name") from None
     mapping = {}
     try:
         from huggingface_hub import hf_hub_download
