@@ -37,7 +37,8 @@ class ChatArguments:
     message: str | None = field(default=None, metadata={
         "help": "Non-interactive: print the reply to this one message and exit."})
     device: str | None = field(default=None, metadata={"help": "cuda, cuda:1, cpu. None = cuda when available."})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16, fp32."})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16, fp32."})
 
     def __post_init__(self):
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):

@@ -68,7 +68,8 @@ class ServeArguments:
         "help": "Generations running at once; further requests wait in line (their streams start when served)."})
     max_body_bytes: int = field(default=1_000_000, metadata={"help": "Largest request body accepted, in bytes."})
     device: str | None = field(default=None, metadata={"help": "cuda, cuda:1, cpu. None = cuda when available."})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16, fp32."})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16, fp32."})
 
     def __post_init__(self):
         if self.max_concurrent < 1:

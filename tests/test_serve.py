@@ -231,3 +231,37 @@ def test_a_client_that_disconnects_stops_its_generation(t5_server):
             time.sleep(0.01)
     reply = wait_for_reply(app, before)
     assert reply.finish_reason == "cancelled" and reply.completion_tokens < 1000
+
+
+def test_the_command_serves_on_loopback_with_the_key_from_the_environment(tiny_t5):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "ZHLM_API_KEY": "sk-from-env", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "serve.py", "--config", "none", "--model_name_or_path", str(tiny_t5),
+                                "--port", str(port), "--max_new_tokens", "4"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-from-env", max_retries=0)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                assert client.models.list().data[0].id == "model"
+                break
+            except openai.APIConnectionError:
+                assert process.poll() is None and time.monotonic() < deadline, "serve.py did not come up"
+                time.sleep(0.2)
+        reply = client.chat.completions.create(model="model", messages=[{"role": "user", "content": "你好"}])
+        assert reply.usage.completion_tokens <= 4
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-other", max_retries=0).models.list()
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert f"on http://127.0.0.1:{port}/ | API key required" in output
