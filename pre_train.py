@@ -21,7 +21,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq, default_data_collator, set_seed
 
-from model.build import build_model, count_parameters, flops_per_token, is_seq2seq, load_model, model_config
+from model.build import (ATTENTION, build_model, count_parameters, flops_per_token, is_seq2seq, load_model,
+                         model_config)
 from utils.config import parse_config, recipe_path, save_config
 from utils.errors import UserError, run_main
 from utils.logging import setup_logging
@@ -44,6 +45,13 @@ class ModelArguments:
         "help": "Continue pretraining this HF checkpoint (embeddings grow to fit an extended tokenizer)."})
     tokenizer_name_or_path: str = field(default="data/tokenizer", metadata={
         "help": "Tokenizer directory (train_tokenizer.py output)."})
+    attn_implementation: str = field(default="sdpa", metadata={
+        "help": f"Attention kernel: {', '.join(ATTENTION)} (the same function; sdpa is faster on GPUs)."})
+
+    def __post_init__(self):
+        if self.attn_implementation not in ATTENTION:
+            raise ValueError(f"--attn_implementation must be one of {', '.join(ATTENTION)}, "
+                             f"not '{self.attn_implementation}'")
 
     def overrides(self) -> dict:
         if not self.model_overrides:
@@ -136,9 +144,10 @@ def main(argv: Sequence[str] | None = None) -> ToolkitTrainer:
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path)
     if model_args.model_name_or_path:
-        model = load_model(model_args.model_name_or_path, tokenizer)
+        model = load_model(model_args.model_name_or_path, tokenizer, model_args.attn_implementation)
     else:
-        model = build_model(model_config(model_args.model_config, tokenizer, model_args.overrides()), args.seed)
+        model = build_model(model_config(model_args.model_config, tokenizer, model_args.overrides()), args.seed,
+                            model_args.attn_implementation)
     seq2seq = is_seq2seq(model.config)
     objective, train_set, eval_set, ratios = build_datasets(data, tokenizer, seq2seq,
                                                             Path(args.output_dir) / "data_cache", args.seed, args)

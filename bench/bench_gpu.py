@@ -33,14 +33,22 @@ GPU_WORK = HERE / "_work" / "gpu"
 LINE = re.compile(r"step (\d+)/(\d+) \| loss ([\d.]+) \| lr \S+ \| ([\d.]+)k tok/s(?: \| mfu ([\d.]+)%)?"
                   r"(?: \| mem ([\d.]+)GiB)?")
 
-# (preset, micro-batch, torch.compile, Liger kernels); sequence length 1024 for Llama, 512 encoder tokens
-# for T5. Liger (`--use_liger_kernel`, pip install liger-kernel) patches Llama's RMSNorm, RoPE, SwiGLU and
-# the LM head + cross-entropy (fused, so the full logits are never materialised); it has no T5 kernels.
-CONFIGS = [("llama-0.2b", 16, False, False), ("llama-0.2b", 32, False, False), ("llama-0.2b", 32, True, False),
-           ("llama-0.2b", 64, True, False), ("llama-0.2b", 64, False, True), ("llama-0.2b", 64, True, True),
-           ("llama-0.2b", 128, True, True),
-           ("t5-0.2b", 32, False, False), ("t5-0.2b", 64, False, False), ("t5-0.2b", 64, True, False),
-           ("t5-0.2b", 128, True, False), ("t5-0.2b", 256, True, False)]
+# (preset, micro-batch, torch.compile, Liger kernels, attention); sequence length 1024 for Llama, 512 encoder
+# tokens for T5. Liger (`--use_liger_kernel`, pip install liger-kernel) patches Llama's RMSNorm, RoPE, SwiGLU
+# and the LM head + cross-entropy (fused: the full logits are never materialised); it has no T5 kernels.
+# T5's relative position bias enters SDPA as an additive mask, so no flash kernel serves it.
+CONFIGS = [("llama-0.2b", 16, False, False, "sdpa"), ("llama-0.2b", 32, False, False, "sdpa"),
+           ("llama-0.2b", 32, True, False, "sdpa"), ("llama-0.2b", 64, True, False, "sdpa"),
+           ("llama-0.2b", 64, False, True, "sdpa"), ("llama-0.2b", 64, True, True, "sdpa"),
+           ("llama-0.2b", 128, True, True, "sdpa"),
+           ("t5-0.2b", 32, False, False, "sdpa"), ("t5-0.2b", 64, False, False, "sdpa"),
+           ("t5-0.2b", 64, True, False, "sdpa"), ("t5-0.2b", 128, True, False, "sdpa"),
+           ("t5-0.2b", 256, True, False, "sdpa")]
+
+
+def run_name(preset: str, batch: int, compile_: bool, liger: bool, attention: str) -> str:
+    return (f"{preset}-b{batch}{'-compile' if compile_ else ''}{'-liger' if liger else ''}"
+            f"{'' if attention == 'sdpa' else '-' + attention}")
 
 
 def prepare(args) -> None:
@@ -62,8 +70,8 @@ def prepare(args) -> None:
     log(f"prepared {GPU_WORK}: carry 'bench/_work/gpu' to the GPU machine")
 
 
-def run_one(preset: str, batch: int, compile_: bool, liger: bool, steps: int, workdir: Path) -> dict:
-    name = f"{preset}-b{batch}{'-compile' if compile_ else ''}{'-liger' if liger else ''}"
+def run_one(preset: str, batch: int, compile_: bool, liger: bool, attention: str, steps: int, workdir: Path) -> dict:
+    name = run_name(preset, batch, compile_, liger, attention)
     output = workdir / name
     command = [sys.executable, "pre_train.py", "--config", "none", "--model_config", preset,
                "--tokenizer_name_or_path", str(GPU_WORK / "tokenizer"),
@@ -73,7 +81,8 @@ def run_one(preset: str, batch: int, compile_: bool, liger: bool, steps: int, wo
                "--per_device_train_batch_size", str(batch), "--block_size", "1024", "--max_source_length", "512",
                "--learning_rate", "3e-4", "--warmup_steps", "10", "--logging_steps", "10",
                "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
-               "--dataloader_num_workers", "6", "--preprocessing_num_workers", "8", "--seed", "1"]
+               "--dataloader_num_workers", "6", "--preprocessing_num_workers", "8", "--seed", "1",
+               "--attn_implementation", attention]
     if compile_:
         command += ["--torch_compile", "true"]
     if liger:
@@ -84,7 +93,8 @@ def run_one(preset: str, batch: int, compile_: bool, liger: bool, steps: int, wo
     (workdir / f"{name}.log").write_text(log_text)
     rows = [m.groups() for m in LINE.finditer(log_text)]
     after_warmup = [r for r in rows if int(r[0]) > steps // 3]
-    result = {"name": name, "preset": preset, "batch": batch, "compile": compile_, "liger": liger, "steps": steps,
+    result = {"name": name, "preset": preset, "batch": batch, "compile": compile_, "liger": liger,
+              "attention": attention, "steps": steps,
               "returncode": process.returncode, "wall_s": round(time.perf_counter() - started, 1)}
     if after_warmup:
         result.update(
@@ -114,11 +124,10 @@ def run(args) -> None:
               "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     results = {"device": device, "runs": []}
     out = Path(args.out)
-    for preset, batch, compile_, liger in CONFIGS:
-        name = f"{preset}-b{batch}{'-compile' if compile_ else ''}{'-liger' if liger else ''}"
-        if args.only and not re.search(args.only, name):
+    for config in CONFIGS:
+        if args.only and not re.search(args.only, run_name(*config)):
             continue
-        result = run_one(preset, batch, compile_, liger, args.steps, workdir)
+        result = run_one(*config, args.steps, workdir)
         results["runs"].append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "error"}), flush=True)
         if "error" in result:
@@ -139,7 +148,7 @@ def report(args) -> None:
     for r in merged["runs"]:
         ok = "tokens_per_s" in r and r["returncode"] == 0
         rows.append([r["preset"], r["parameters"] or "", r["batch"], "yes" if r["compile"] else "no",
-                     "yes" if r.get("liger") else "no",
+                     "yes" if r.get("liger") else "no", r.get("attention", "sdpa"),
                      f"{r['tokens_per_s'] / 1e3:,.1f}k" if ok else "failed",
                      f"{r['mfu']:.1f}%" if ok and r.get("mfu") is not None else "",
                      f"{r['peak_mem_gib']:.1f}" if ok and r.get("peak_mem_gib") else "",
@@ -147,13 +156,13 @@ def report(args) -> None:
     device = merged["device"]
     body = "\n".join([
         f"GPU: **{device['gpu']}** x{device['gpus']} (PyTorch {device['torch']}, CUDA {device['cuda']}), bf16 "
-        "mixed precision (`--precision auto`), SDPA attention for Llama (HF T5 has no SDPA path), AdamW + "
+        "mixed precision (`--precision auto`), AdamW (fused) + "
         f"cosine, packed data, {merged['runs'][0]['steps']} steps per configuration; tokens/s and MFU are medians "
         "over the log steps after the first third. MFU = training FLOPs per token (6 x parameters touched + "
         "attention; `model/build.flops_per_token`) x tokens/s / dense bf16 peak (989 TFLOP/s for H100/H200, "
         "`utils/training.PEAK_FLOPS`). Llama: 1024-token blocks; T5: span corruption, 512 encoder tokens "
         "(114 decoder tokens), tokens/s counts encoder input tokens. Vocabulary: the toolkit's 32k BPE.", "",
-        markdown_table(["preset", "parameters", "micro-batch", "torch.compile", "Liger", "tokens/s", "MFU",
+        markdown_table(["preset", "parameters", "micro-batch", "torch.compile", "Liger", "attention", "tokens/s", "MFU",
                         "peak memory (GiB)", "loss"], rows), "",
         "Goals (issue 3, on H100): MFU ≥ 45% for Llama, ≥ 35% for T5. Command on the GPU machine: "
         "`python3 bench/bench_gpu.py run --out results.json` after `bench/bench_gpu.py prepare` here.",

@@ -70,16 +70,19 @@ def model_config(name_or_path: str, tokenizer: PreTrainedTokenizerBase,
                         fix="check the keys against the HF config class of this model type") from None
 
 
-def build_model(config: PreTrainedConfig, seed: int | None = None) -> PreTrainedModel:
-    """A freshly initialised model (SDPA attention where the architecture supports it)."""
+ATTENTION = ("sdpa", "eager")
+
+
+def build_model(config: PreTrainedConfig, seed: int | None = None, attn_implementation: str = "sdpa") -> PreTrainedModel:
+    """A freshly initialised model with `attn_implementation` (PyTorch SDPA by default; T5's relative
+    position bias then enters SDPA as an additive mask, which rules out the flash kernels)."""
     if seed is not None:
         torch.manual_seed(seed)
     auto = AutoModelForSeq2SeqLM if is_seq2seq(config) else AutoModelForCausalLM
-    attention = {} if config.model_type == "t5" else {"attn_implementation": "sdpa"}
-    return auto.from_config(config, **attention)
+    return auto.from_config(config, attn_implementation=attn_implementation)
 
 
-def load_model(path: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def load_model(path: str, tokenizer: PreTrainedTokenizerBase, attn_implementation: str = "sdpa") -> PreTrainedModel:
     """Load an HF checkpoint to continue training; grow its embeddings to fit an extended tokenizer.
 
     New embedding rows start at the mean of the existing rows (so new tokens begin as an "average"
@@ -87,7 +90,7 @@ def load_model(path: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel
     """
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForSeq2SeqLM if is_seq2seq(config) else AutoModelForCausalLM
-    model = auto.from_pretrained(path)
+    model = auto.from_pretrained(path, attn_implementation=attn_implementation)
     old = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > old:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=True)

@@ -245,3 +245,16 @@ def test_bad_model_and_objective_are_refused(tiny_corpus, tiny_tokenizer, tmp_pa
     with pytest.raises(UserError, match="does not fit"):
         pre_train.main(common(tiny_corpus, tiny_tokenizer, "llama-tiny", tmp_path / "y", "--max_steps", "1",
                               "--objective", "span_corruption"))
+
+
+@pytest.mark.parametrize("preset", ["t5-tiny", "llama-tiny"])
+def test_eager_and_sdpa_attention_compute_the_same_loss(preset, tiny_tokenizer):
+    """--attn_implementation only changes the kernel: T5's position bias enters SDPA as an additive mask."""
+    from model.build import build_model, model_config
+
+    config = model_config(preset, AutoTokenizer.from_pretrained(tiny_tokenizer))
+    inputs = torch.randint(10, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": inputs, "labels": inputs[:, :8].contiguous() if config.is_encoder_decoder else inputs}
+    losses = {impl: build_model(config, seed=0, attn_implementation=impl)(**batch).loss for impl in ("eager", "sdpa")}
+    assert build_model(config, attn_implementation="sdpa").config._attn_implementation == "sdpa"
+    torch.testing.assert_close(losses["eager"], losses["sdpa"], atol=1e-5, rtol=1e-5)
