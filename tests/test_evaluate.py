@@ -21,8 +21,8 @@ from model.evaluation import (_windows, answer_questions, bits_per_character, ch
                               question_prompt, shots_for)
 from model.generation import load_for_inference
 from utils.errors import UserError
-from utils.evaluation import (LETTERS, load_benchmark, parse_triples, plot_training, read_choice_csv, text_metrics,
-                              triple_scores)
+from utils.evaluation import (LETTERS, choice_accuracy, load_benchmark, parse_triples, plot_training, read_choice_csv,
+                              text_metrics, triple_scores)
 
 CEVAL_SUBJECTS = ["computer_network", "high_school_physics", "modern_chinese_history"]
 CMMLU_SUBJECTS = ["agronomy", "ancient_chinese", "high_school_physics"]
@@ -119,6 +119,8 @@ def test_cmmlu_accuracy_is_exact_on_a_t5_that_always_answers_a(crafted):
         assert [q.answer for q in subject.questions] == answers[subject.name]
         # dev is also the shot split: a question is never its own example
         assert all(q not in shots_for(q, subject, 5) for q in subject.questions)
+    every = [a for letters in answers.values() for a in letters]
+    assert choice_accuracy(subjects, predictions)["accuracy"] == pytest.approx(every.count("A") / len(every))
     mapping = json.loads((cmmlu / "subject_mapping.json").read_text(encoding="utf-8"))
     ancient = next(s for s in subjects if s.name == "ancient_chinese")
     assert set(ancient.categories) == {c for c, subs in mapping["categories"].items()
