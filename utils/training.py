@@ -259,14 +259,15 @@ def train_until_done_or_stopped(trainer: Trainer, args: TrainArguments) -> Train
 
 def save_final(trainer: Trainer, tokenizer, configs: list, summary: dict, output_dir: str | Path | None = None,
                model=None) -> Path:
-    """Write the model, tokenizer, generation config, resolved config (`config.yaml`) and
-    `training_summary.json` into `output_dir` (default `args.output_dir`) through a staging directory, so
-    the final model is never half-written: files are renamed into place one by one, `config.json` last,
-    and a loader only sees a model once its weights are complete.
+    """Write the model, tokenizer, generation config, resolved config (`config.yaml`),
+    `training_summary.json` and `trainer_state.json` (the log history) into `output_dir` (default
+    `args.output_dir`) through a staging directory, so the final model is never half-written: files are
+    renamed into place one by one, `config.json` last, and a loader only sees a model once its weights are
+    complete.
 
     `model` (default `trainer.model`) lets a stage save something else than the trained module, e.g.
-    DPO's merged model. The generation config is the toolkit's default unless the model has one that
-    is not the library default.
+    DPO's merged model. The generation config written is the toolkit's
+    (`model.generation.default_generation_config`: stop on EOS or <|end|>).
     """
     from model.generation import default_generation_config  # model/ builds on utils/, not the reverse
 
@@ -285,6 +286,7 @@ def save_final(trainer: Trainer, tokenizer, configs: list, summary: dict, output
         tokenizer.save_pretrained(staging)
         save_config(staging, *configs)
         (staging / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        trainer.state.save_to_json(str(staging / "trainer_state.json"))  # the whole run, for plots
         (staging / "training_args.bin").unlink(missing_ok=True)
         for path in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
             target = output / path.name
