@@ -31,6 +31,8 @@ demo: install
 	$(PY) prepare_data.py --config config/demo/prepare_data.yaml
 	$(PY) train_tokenizer.py --config config/demo/tokenizer.yaml
 	$(PY) pre_train.py --config config/demo/pretrain.yaml
+	$(PY) sft_train.py --config config/demo/sft.yaml
+	$(PY) generate_rejected.py --config config/demo/generate_rejected.yaml
 
 test: install
 	$(PY) -m pytest -q tests

@@ -34,6 +34,7 @@ IGNORE_INDEX = -100
 class SftStats:
     """What tokenisation did to the data (logged, and saved in training_summary.json)."""
 
+    seq2seq: bool
     conversations: int
     examples: int
     over_source: int = 0
@@ -44,7 +45,7 @@ class SftStats:
 
     def describe(self) -> str:
         over = (f"{self.over_source} over the source limit, {self.over_target} over the target limit"
-                if self.over_source or self.over_target else f"{self.over_length} over the length limit")
+                if self.seq2seq else f"{self.over_length} over the length limit")
         return (f"{self.conversations:,} conversations -> {self.examples:,} examples ({over}; "
                 f"{self.truncated} truncated, {self.dropped} dropped)")
 
@@ -109,7 +110,7 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, seq2seq: 
     flags = [c for c in ("over_source", "over_target", "over_length") if c in tokenized.column_names]
     columns = {c: tokenized[c] for c in (*flags, "kept")}
     over_any = [any(columns[c][i] for c in flags) for i in range(len(tokenized))]
-    stats = SftStats(len(conversations), sum(columns["kept"]),
+    stats = SftStats(seq2seq, len(conversations), sum(columns["kept"]),
                      **{c: sum(columns[c]) for c in flags},
                      truncated=sum(o and k for o, k in zip(over_any, columns["kept"])),
                      dropped=len(tokenized) - sum(columns["kept"]))
