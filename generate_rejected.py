@@ -128,28 +128,33 @@ def main(argv: Sequence[str] | None = None) -> dict:
         max(context_length(model, tokenizer) - args.max_new_tokens, 16)
     output.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(items), initial=start, desc="generate rejected", unit="row")
-    with open(output, "ab") as handle:
-        for begin in range(start, len(items), args.batch_size):
-            batch = items[begin:begin + args.batch_size]
-            replies = generate_replies(model, tokenizer, [item["prompt"] for item in batch], config,
-                                       batch_size=len(batch), max_prompt_tokens=max_prompt, progress=False)
-            lines = []
-            for index, (item, reply) in enumerate(zip(batch, replies), start=begin):
-                if not reply.strip():
-                    counts["empty_skipped"] += 1
-                elif reply.strip() == item["chosen"].strip():
-                    counts["equal_skipped"] += 1
-                else:
-                    lines.append(json.dumps({"id": index, "prompt": item["prompt"], "chosen": item["chosen"],
-                                             "rejected": reply}, ensure_ascii=False) + "\n")
-            handle.write("".join(lines).encode("utf-8"))  # one write per batch, then on disk before it counts
-            handle.flush()
-            os.fsync(handle.fileno())
-            counts["written"] += len(lines)
-            write_json_atomic(progress_path(output), {"next_index": begin + len(batch), **counts,
-                                                      "rows": len(items), "config": config_to_dict(args)})
-            bar.update(len(batch))
-    bar.close()
+    try:
+        with open(output, "ab") as handle:
+            for begin in range(start, len(items), args.batch_size):
+                batch = items[begin:begin + args.batch_size]
+                replies = generate_replies(model, tokenizer, [item["prompt"] for item in batch], config,
+                                           batch_size=len(batch), max_prompt_tokens=max_prompt, progress=False)
+                lines = []
+                for index, (item, reply) in enumerate(zip(batch, replies), start=begin):
+                    if not reply.strip():
+                        counts["empty_skipped"] += 1
+                    elif reply.strip() == item["chosen"].strip():
+                        counts["equal_skipped"] += 1
+                    else:
+                        lines.append(json.dumps({"id": index, "prompt": item["prompt"], "chosen": item["chosen"],
+                                                 "rejected": reply}, ensure_ascii=False) + "\n")
+                handle.write("".join(lines).encode("utf-8"))  # one write per batch, on disk before it counts
+                handle.flush()
+                os.fsync(handle.fileno())
+                counts["written"] += len(lines)
+                write_json_atomic(progress_path(output), {"next_index": begin + len(batch), **counts,
+                                                          "rows": len(items), "config": config_to_dict(args)})
+                bar.update(len(batch))
+    except KeyboardInterrupt:
+        logger.warning("interrupted after %d of %d rows; run the same command again to continue", bar.n, len(items))
+        return counts
+    finally:
+        bar.close()
     logger.info("%d pairs in %s; skipped %d rows where the model gave the dataset's answer and %d empty answers",
                 counts["written"], output, counts["equal_skipped"], counts["empty_skipped"])
     return counts
