@@ -12,7 +12,10 @@ T5 ties its input embeddings to the LM head (one tensor), so freezing `embedding
 projection too: the decoder learns to reach the pretrained output space rather than moving it, which
 keeps the vocabulary geometry of pretraining intact for the rarely seen tokens. Freezing `encoder` or
 `decoder` never touches that shared tensor; name `embeddings` for it. Llama: the loss covers only the
-assistant's tokens (labels -100 on the prompt); nothing is frozen by default.
+assistant's tokens (labels -100 on the prompt, from the template's `{% generation %}` mask, which is what
+TRL's `assistant_only_loss` reads too); nothing is frozen by default. One tokenisation and one trainer
+(`ToolkitTrainer`) serve both model types: TRL's `SFTTrainer` builds causal LMs only and truncates at
+`max_length` without counting, while here the length limits are counted and truncate-or-drop is a choice.
 
 ctrl+c saves a checkpoint and exits; the same command resumes from it. The output directory loads with
 plain AutoModelForSeq2SeqLM / AutoModelForCausalLM and AutoTokenizer.
