@@ -130,8 +130,9 @@ def _hub_rows(name: str, split: str) -> Iterator[tuple[dict, Location]]:
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as err:  # network, missing dataset or split: all the user's to fix
-        raise UserError(f"cannot load the hub dataset ({type(err).__name__}: {err})", path=name,
-                        fix="check the dataset name and --split, or pass a local file") from None
+        raise UserError(f"no such local file or directory, and no hub dataset of that name could be loaded "
+                        f"({type(err).__name__}: {err})", path=name,
+                        fix="check the path, or the hub dataset name and split") from None
     for index, row in enumerate(dataset):
         yield row, Location(name, row=index)
 
