@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 import sft_train
+from model.generation import chat_prompt_ids
 from utils.config import parse_config
 from utils.errors import UserError
 from utils.sft_data import tokenize_conversations
@@ -140,6 +141,8 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(tiny_tokenizer):
     target = next(x for x in kept["labels"] if len(x) == 24)
     assert end not in target  # a cut answer does not teach stopping
     assert all(x[-2:] == [end, tokenizer.eos_token_id] for x in kept["labels"] if len(x) < 24)
+    # the encoder reads the prompt exactly as chat / serving render it
+    assert kept["input_ids"][0] == chat_prompt_ids(tokenizer, conversation(1)[:1], 10**6)
     dropped, stats = tokenize_conversations(conversations, tokenizer, overlong="drop", **args)
     assert (stats.examples, stats.truncated, stats.dropped, len(dropped)) == (2, 0, 2, 2)
 
