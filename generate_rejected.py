@@ -8,9 +8,10 @@ answer is `chosen` and the SFT model's own answer is `rejected` (how ChatLM-mini
 Writes JSON lines `{"id", "prompt": [messages], "chosen", "rejected"}` (what dpo_train.py reads; `id` is
 the row's index in the input). Rows where the model's answer equals the dataset's, or is empty, are
 skipped and counted. Resumable: each batch is appended with one write + fsync, then
-`OUTPUT.progress.json` records how far the input is done (and the resolved configuration); after ctrl+c, kill -9 or a power cut, the same
-command drops any torn or unrecorded lines and continues from the first unfinished batch. The input is
-read through utils/conversations.py (any SFT or preference format, hub names too).
+`OUTPUT.progress.json` records how far the input is done (and the resolved configuration); after ctrl+c,
+kill -9 or a power cut, the same command drops any torn or unrecorded lines and continues from the first
+unfinished batch. The input is read through utils/conversations.py (any SFT or preference format, hub
+names too).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class GenerateArguments:
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (with --do_sample)."})
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling share (with --do_sample)."})
     device: str | None = field(default=None, metadata={"help": "cuda, cuda:1, cpu ...; default: cuda if available."})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16, fp32."})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16, fp32."})
     seed: int = field(default=42, metadata={"help": "Random seed (sampling)."})
     overwrite: bool = field(default=False, metadata={"help": "Start over instead of resuming an existing --output."})
 

@@ -105,8 +105,8 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, seq2seq: 
         return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
 
     raw = datasets.Dataset.from_dict({"messages": conversations})
-    tokenized = raw.map(tokenize, batched=True, remove_columns=["messages"], num_proc=num_proc if num_proc > 1 else None,
-                        desc="tokenize conversations")
+    tokenized = raw.map(tokenize, batched=True, remove_columns=["messages"],
+                        num_proc=num_proc if num_proc > 1 else None, desc="tokenize conversations")
     flags = [c for c in ("over_source", "over_target", "over_length") if c in tokenized.column_names]
     columns = {c: tokenized[c] for c in (*flags, "kept")}
     over_any = [any(columns[c][i] for c in flags) for i in range(len(tokenized))]
@@ -117,5 +117,6 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, seq2seq: 
     dataset = tokenized.filter(lambda kept: kept, input_columns="kept").remove_columns([*flags, "kept"])
     if len(dataset) == 0:
         raise UserError(f"no training examples left: {stats.describe()}", field="overlong",
-                        fix="raise --max_source_length / --max_target_length / --max_length, or use --overlong truncate")
+                        fix="raise --max_source_length / --max_target_length / --max_length, "
+                            "or use --overlong truncate")
     return dataset, stats
