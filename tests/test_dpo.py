@@ -66,11 +66,11 @@ def dpo_args(model, pairs, output, *extra):
 
 @pytest.fixture(scope="module", params=list(ARCHS))
 def trained(request, pair_files, tmp_path_factory):
-    """One DPO run per architecture (12 steps on 8 pairs), evaluated on its own training pairs."""
+    """One DPO run per architecture (10 steps on 8 pairs), evaluated on its own training pairs."""
     arch = request.param
     base = request.getfixturevalue(ARCHS[arch][0])
     output = tmp_path_factory.mktemp(f"dpo_{arch}") / "model_save"
-    trainer = dpo_train.main(dpo_args(base, pair_files[arch], output, "--max_steps", "12", "--save_strategy", "no",
+    trainer = dpo_train.main(dpo_args(base, pair_files[arch], output, "--max_steps", "10", "--save_strategy", "no",
                                       "--validation_files", pair_files[arch]))
     return {"arch": arch, "base": base, "output": output, "trainer": trainer, "auto": ARCHS[arch][1],
             "history": [h for h in trainer.state.log_history if "loss" in h],
@@ -79,10 +79,11 @@ def trained(request, pair_files, tmp_path_factory):
 
 def test_loss_starts_at_ln2_and_reward_accuracy_rises(trained):
     first, history, summary = trained["history"][0], trained["history"], trained["summary"]
+    assert trained["trainer"].ref_model is None  # the reference is the base with the adapter disabled
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # LoRA B = 0: policy == reference
     assert first["rewards/margins"] == 0 and first["rewards/accuracies"] == 0
     assert summary["eval_rewards/accuracies"] >= 0.85 > first["rewards/accuracies"]
-    assert summary["eval_rewards/margins"] > 0 and summary["eval_loss"] < math.log(2) - 0.1
+    assert summary["eval_rewards/margins"] > 0 and summary["eval_loss"] < math.log(2) - 0.05
     assert sum(h["loss"] for h in history[-3:]) < sum(h["loss"] for h in history[:3])
 
 
