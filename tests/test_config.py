@@ -83,27 +83,37 @@ def test_saved_config_reloads_as_recipe(tmp_path):
     assert again == (model, data)
 
 
-STAGES = {
+STAGES = {  # recipe name -> (entry script, its argument dataclasses, writes an --output_dir)
     "prepare_data": ("prepare_data.py", lambda m: [m.InputArguments, m.CleaningArguments, m.DedupArguments,
-                                                   m.OutputArguments]),
-    "tokenizer": ("train_tokenizer.py", lambda m: [m.TokenizerArguments]),
-    "pretrain": ("pre_train.py", lambda m: [m.ModelArguments, m.DataArguments, m.TrainArguments]),
+                                                   m.OutputArguments], True),
+    "tokenizer": ("train_tokenizer.py", lambda m: [m.TokenizerArguments], True),
+    "pretrain": ("pre_train.py", lambda m: [m.ModelArguments, m.DataArguments, m.TrainArguments], True),
+    "sft": ("sft_train.py", lambda m: [m.ModelArguments, m.DataArguments, m.TrainArguments], True),
+    "generate_rejected": ("generate_rejected.py", lambda m: [m.GenerateArguments], False),
+    "dpo": ("dpo_train.py", lambda m: [m.ModelArguments, m.LoraArguments, m.DataArguments, m.DPOArguments], True),
+    "chat": ("chat.py", lambda m: [m.ChatArguments, m.DecodingOptions], False),
+    "serve": ("serve.py", lambda m: [m.ServeArguments, m.DecodingOptions], False),
+    "evaluate": ("evaluate.py", lambda m: [m.EvalArguments], True),
 }
 RECIPES = sorted(p.relative_to(REPO) for p in (REPO / "config").rglob("*.yaml") if p.parent.name != "models")
+
+
+def test_every_recipe_belongs_to_a_stage():
+    assert {recipe.stem for recipe in RECIPES} == set(STAGES)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=str)
 def test_every_recipe_parses(recipe):
     import importlib
 
-    stage = recipe.stem
-    script, types = STAGES[stage]
+    script, types, _ = STAGES[recipe.stem]
     module = importlib.import_module(script[:-3])
     parsed = parse_config(types(module), ["--config", str(REPO / recipe)])
     assert all(parsed)
 
 
-@pytest.mark.parametrize("script", [script for script, _ in STAGES.values()])
-def test_entry_scripts_answer_help(script):
+@pytest.mark.parametrize("script,writes_output", [(script, out) for script, _, out in STAGES.values()])
+def test_entry_scripts_answer_help(script, writes_output):
     result = run_script(script, "--help")
-    assert "--config" in result.stdout and "--output_dir" in result.stdout
+    assert "--config" in result.stdout
+    assert ("--output_dir" in result.stdout) == writes_output
