@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from transformers import AutoTokenizer, set_seed
 from model.build import count_parameters, flops_per_token, is_seq2seq, load_model
 from model.generation import context_length
 from utils.config import parse_config, recipe_path
-from utils.conversations import FORMATS, load_preferences
+from utils.conversations import ConversationDataArguments, hold_out, load_preferences
 from utils.dpo import ADAPTER_DIR, DPOArguments, LoraArguments, ToolkitDPOTrainer, refuse_existing_model
 from utils.errors import UserError, run_main
 from utils.logging import setup_logging
@@ -47,39 +46,28 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class DataArguments(ConversationDataArguments):
     train_files: list[str] = field(default_factory=lambda: ["data/dpo"], metadata={
         "help": "Preference data: files, directories or hub datasets with prompt + chosen + rejected."})
-    validation_files: list[str] = field(default_factory=list, metadata={
-        "help": "Held-out preference pairs; default: --validation_ratio of the training pairs."})
-    validation_ratio: float = field(default=0.0, metadata={
-        "help": "Share of the training pairs held out for evaluation when no --validation_files (0 = none)."})
-    data_format: str = field(default="auto", metadata={
-        "help": f"Row format: {', '.join(FORMATS)} (auto = detected per file)."})
     max_prompt_length: int = field(default=256, metadata={
         "help": "Prompt tokens (T5: encoder input); longer conversations lose their oldest turns."})
     max_completion_length: int = field(default=256, metadata={
         "help": "Tokens of each answer including <|end|>; longer answers are cut (and counted)."})
 
     def __post_init__(self):
-        if not 0 <= self.validation_ratio < 1:
-            raise ValueError(f"--validation_ratio must be in [0, 1), not {self.validation_ratio}")
+        super().__post_init__()
         if self.max_prompt_length < 8 or self.max_completion_length < 1:
             raise ValueError("--max_prompt_length must be at least 8 and --max_completion_length at least 1")
 
 
 def load_pairs(data: DataArguments, seed: int) -> tuple[Dataset, Dataset | None]:
-    pairs = load_preferences(data.train_files, data.data_format)
+    """(train, validation) pairs: --validation_files, else a seeded --validation_ratio share (None if 0)."""
+    pairs = load_preferences(data.train_files, data.data_format, data.dataset_split)
     if data.validation_files:
-        return Dataset.from_list(pairs), Dataset.from_list(load_preferences(data.validation_files, data.data_format))
-    if not data.validation_ratio:
-        return Dataset.from_list(pairs), None
-    random.Random(seed).shuffle(pairs)
-    held = max(1, round(len(pairs) * data.validation_ratio))
-    if held >= len(pairs):
-        raise UserError(f"--validation_ratio {data.validation_ratio} leaves no training pairs of {len(pairs)}",
-                        field="validation_ratio", fix="lower it or pass --validation_files")
-    return Dataset.from_list(pairs[held:]), Dataset.from_list(pairs[:held])
+        return Dataset.from_list(pairs), Dataset.from_list(load_preferences(data.validation_files, data.data_format,
+                                                                            "validation"))
+    train, held = hold_out(pairs, data.validation_ratio, seed)
+    return Dataset.from_list(train), Dataset.from_list(held) if held else None
 
 
 def check_lengths(data: DataArguments, args: DPOArguments, model, tokenizer, seq2seq: bool) -> int:

@@ -24,7 +24,6 @@ plain AutoModelForSeq2SeqLM / AutoModelForCausalLM and AutoTokenizer.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -32,7 +31,7 @@ from transformers import AutoTokenizer, DataCollatorForSeq2Seq, TrainerCallback,
 
 from model.build import count_parameters, flops_per_token, is_seq2seq, load_model
 from utils.config import parse_config, recipe_path
-from utils.conversations import FORMATS, load_conversations
+from utils.conversations import ConversationDataArguments, hold_out, load_conversations
 from utils.errors import UserError, run_main
 from utils.logging import setup_logging
 from utils.sft_data import OVERLONG, tokenize_conversations
@@ -55,15 +54,11 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class DataArguments(ConversationDataArguments):
     train_files: list[str] = field(default_factory=lambda: ["data/sft"], metadata={
         "help": "Instruction data: files or directories (.jsonl/.json/.parquet/.csv) or hub dataset names."})
-    validation_files: list[str] = field(default_factory=list, metadata={
-        "help": "Held-out conversations; default: --validation_ratio of --train_files."})
     validation_ratio: float = field(default=0.02, metadata={
         "help": "Share of training conversations held out for evaluation when no --validation_files (0 = none)."})
-    data_format: str = field(default="auto", metadata={"help": f"One of {', '.join(FORMATS)} (auto: per file)."})
-    dataset_split: str = field(default="train", metadata={"help": "Split of hub datasets."})
     system_prompt: str | None = field(default=None, metadata={
         "help": "System turn put first in conversations that have none (use the same one at inference)."})
     max_source_length: int = field(default=512, metadata={"help": "T5 encoder input limit (tokens)."})
@@ -77,12 +72,9 @@ class DataArguments:
     preprocessing_num_workers: int = field(default=1, metadata={"help": "Processes for tokenisation."})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.overlong not in OVERLONG:
             raise ValueError(f"--overlong must be truncate or drop, not '{self.overlong}'")
-        if not 0 <= self.validation_ratio < 1:
-            raise ValueError(f"--validation_ratio must be in [0, 1), not {self.validation_ratio}")
-        if self.data_format not in FORMATS:
-            raise ValueError(f"--data_format must be one of {', '.join(FORMATS)}, not '{self.data_format}'")
 
 
 def freeze_parameters(model, spec: str) -> list[str]:
@@ -113,14 +105,7 @@ def split_validation(conversations: list, data: DataArguments, seed: int) -> tup
     if data.validation_files:
         return conversations, load_conversations(data.validation_files, data.data_format, "validation",
                                                  data.system_prompt)
-    count = int(len(conversations) * data.validation_ratio)
-    if data.validation_ratio > 0 and len(conversations) > 1:
-        count = min(max(count, 1), len(conversations) - 1)
-    order = list(range(len(conversations)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:count])
-    return ([c for i, c in enumerate(conversations) if i not in held],
-            [c for i, c in enumerate(conversations) if i in held])
+    return hold_out(conversations, data.validation_ratio, seed)
 
 
 class SampleReplies(TrainerCallback):

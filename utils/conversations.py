@@ -31,8 +31,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import random
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.errors import UserError
@@ -364,3 +366,36 @@ def load_answered_prompts(paths: Sequence[str], fmt: str = "auto", split: str = 
 def _conversation_field(fmt: str) -> str:
     return {"prompt_response": "prompt", "alpaca": "instruction", "sharegpt": "conversations",
             "messages": "messages"}[fmt]
+
+
+@dataclass
+class ConversationDataArguments:
+    """Where a stage's conversation data comes from (SFT and DPO subclass it with their own defaults)."""
+
+    train_files: list[str] = field(default_factory=list, metadata={
+        "help": "Files or directories (.jsonl/.json/.parquet/.csv) or hub dataset names."})
+    validation_files: list[str] = field(default_factory=list, metadata={
+        "help": "Held-out data in the same formats; default: --validation_ratio of --train_files."})
+    validation_ratio: float = field(default=0.0, metadata={
+        "help": "Share of the training rows held out for evaluation when no --validation_files (0 = none)."})
+    data_format: str = field(default="auto", metadata={"help": f"One of {', '.join(FORMATS)} (auto: per file)."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of hub datasets."})
+
+    def __post_init__(self):
+        if not 0 <= self.validation_ratio < 1:
+            raise ValueError(f"--validation_ratio must be in [0, 1), not {self.validation_ratio}")
+        if self.data_format not in FORMATS:
+            raise ValueError(f"--data_format must be one of {', '.join(FORMATS)}, not '{self.data_format}'")
+
+
+def hold_out(rows: list, ratio: float, seed: int) -> tuple[list, list]:
+    """(kept, held out): a seeded share `ratio` of `rows` held out (at least one row when ratio > 0), both
+    in their original order. Refuses a ratio that would leave nothing to train on."""
+    count = max(1, round(len(rows) * ratio)) if ratio > 0 else 0
+    if count and count >= len(rows):
+        raise UserError(f"--validation_ratio {ratio} leaves none of the {len(rows)} rows for training",
+                        field="validation_ratio", fix="lower it, or pass --validation_files")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:count])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
