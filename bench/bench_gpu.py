@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 GPU_WORK = HERE / "_work" / "gpu"
-LINE = re.compile(r"step (\d+)/(\d+) \| loss ([\d.]+) \| lr \S+ \| ([\d.]+)k tok/s(?: \| mfu ([\d.]+)%)?"
+LINE = re.compile(r"step (\d+)/(\d+) \| loss ([\d.]+) \| lr \S+ \| ([\d.]+k?) tok/s(?: \| mfu ([\d.]+)%)?"
                   r"(?: \| mem ([\d.]+)GiB)?")
 
 # (preset, micro-batch, torch.compile, Liger kernels, attention); sequence length 1024 for Llama, 512 encoder
@@ -70,6 +70,11 @@ def prepare(args) -> None:
     log(f"prepared {GPU_WORK}: carry 'bench/_work/gpu' to the GPU machine")
 
 
+def tokens_per_second(text: str) -> float:
+    """`312.4k` or `840` (the progress line's two forms) as a number."""
+    return float(text[:-1]) * 1e3 if text.endswith("k") else float(text)
+
+
 def run_one(preset: str, batch: int, compile_: bool, liger: bool, attention: str, steps: int, workdir: Path) -> dict:
     name = run_name(preset, batch, compile_, liger, attention)
     output = workdir / name
@@ -98,7 +103,7 @@ def run_one(preset: str, batch: int, compile_: bool, liger: bool, attention: str
               "returncode": process.returncode, "wall_s": round(time.perf_counter() - started, 1)}
     if after_warmup:
         result.update(
-            tokens_per_s=statistics.median(float(r[3]) * 1e3 for r in after_warmup),
+            tokens_per_s=statistics.median(tokens_per_second(r[3]) for r in after_warmup),
             mfu=statistics.median(float(r[4]) for r in after_warmup) if after_warmup[0][4] else None,
             peak_mem_gib=max(float(r[5]) for r in after_warmup) if after_warmup[0][5] else None,
             first_loss=float(rows[0][2]), last_loss=float(rows[-1][2]))

@@ -163,7 +163,8 @@ class ProgressLine(TrainerCallback):
         step_s = elapsed / max(step - self._last[2], 1)
         self._last = (now, tokens, step)
         parts = [f"step {step}/{state.max_steps}", f"loss {logs['loss']:.4f}",
-                 f"lr {logs.get('learning_rate', 0):.1e}", f"{tok_s / 1e3:.1f}k tok/s"]
+                 f"lr {logs.get('learning_rate', 0):.1e}",
+                 f"{tok_s / 1e3:.1f}k tok/s" if tok_s >= 1e3 else f"{tok_s:.0f} tok/s"]
         if self.peak:
             world = max(args.world_size, 1)
             parts.append(f"mfu {100 * self.flops_per_token * tok_s / (self.peak * world):.1f}%")
