@@ -28,10 +28,18 @@ from utils.tokenizer import (MODEL_TYPES, extend_tokenizer, format_scores, iter_
 
 logger = logging.getLogger("train_tokenizer")
 
-# Peak resident memory of BPE training per character of (sampled) training text, measured by
-# bench/bench_tokenizer.py (docs/BENCHMARKS.md) with margin; the memory budget is turned into a sample
-# size with it.
-BYTES_PER_TRAIN_CHAR = 40
+# Peak resident memory of this script, measured by bench/bench_tokenizer.py (docs/BENCHMARKS.md): about
+# 0.9 GB fixed (Python, tokenizers, transformers) plus 58 bytes per character of training text (the BPE
+# trainer's word and pair tables; Chinese pre-tokens are whole clauses, nearly all distinct). The memory
+# budget becomes a sample size through these two figures, each with a margin.
+FIXED_BYTES = 1.0e9
+BYTES_PER_TRAIN_CHAR = 64
+MIN_BUDGET_GB = 1.5
+
+
+def chars_for_budget(budget_gb: float) -> int:
+    """Characters of training text that fit in a peak-memory budget of `budget_gb` GB."""
+    return max(int((budget_gb * 1e9 - FIXED_BYTES) / BYTES_PER_TRAIN_CHAR), 0)
 
 
 @dataclass
@@ -53,7 +61,8 @@ class TokenizerArguments:
     num_sentinels: int = field(default=100, metadata={"help": "T5 sentinel tokens <extra_id_N> for span corruption."})
     model_max_length: int = field(default=1024, metadata={"help": "Context length recorded in the tokenizer."})
     memory_budget_gb: float = field(default=4.0, metadata={
-        "help": "Peak memory allowed for training (GB); the corpus is sampled to fit. 0 = use all text."})
+        "help": f"Peak memory allowed for training (GB, at least {MIN_BUDGET_GB}); the corpus is sampled to fit. "
+                "0 = use all text."})
     max_train_chars: int = field(default=-1, metadata={
         "help": "Sample at most this many characters (overrides --memory_budget_gb); -1 = from the budget."})
     text_column: str = field(default="text", metadata={"help": "Text column in .parquet/.jsonl/.json input."})
@@ -72,12 +81,16 @@ class TokenizerArguments:
             raise ValueError(f"--vocab_size must be at least 64, not {self.vocab_size}")
         if not 0 < self.character_coverage <= 1:
             raise ValueError(f"--character_coverage must be in (0, 1], not {self.character_coverage}")
+        if 0 < self.memory_budget_gb < MIN_BUDGET_GB and self.max_train_chars <= 0:
+            raise ValueError(f"--memory_budget_gb must be 0 (no limit) or at least {MIN_BUDGET_GB} (about "
+                             f"{FIXED_BYTES / 1e9:.0f} GB is fixed: Python and the libraries), not "
+                             f"{self.memory_budget_gb}; or cap the sample with --max_train_chars")
 
     @property
     def train_chars(self) -> int:
         if self.max_train_chars > 0:
             return self.max_train_chars
-        return int(self.memory_budget_gb * 1e9 / BYTES_PER_TRAIN_CHAR) if self.memory_budget_gb > 0 else 0
+        return chars_for_budget(self.memory_budget_gb) if self.memory_budget_gb > 0 else 0
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

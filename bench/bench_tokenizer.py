@@ -24,7 +24,7 @@ from pathlib import Path
 from common import (PYTHON, REPO, WIKI_JSONL, WORK, build_mixed_corpus, load_real_texts, log, markdown_table,
                     run_measured, shared_path, utc_now, write_section)
 
-from train_tokenizer import BYTES_PER_TRAIN_CHAR  # noqa: E402  (bench/common puts the repo on sys.path)
+from train_tokenizer import BYTES_PER_TRAIN_CHAR, FIXED_BYTES, chars_for_budget  # noqa: E402  (bench/common puts the repo on sys.path)
 from utils.io import write_text_atomic  # noqa: E402
 
 HELD_OUT_EVERY = 4  # every 4th article of the wiki JSONL is held out of the training mix
@@ -45,9 +45,10 @@ def split_real_texts() -> tuple[list[str], list[dict]]:
 
 
 def train_command(corpus: Path, output_dir: Path, vocab_size: int, budget_gb: float,
-                  eval_file: Path | None = None) -> list[str]:
+                  eval_file: Path | None = None, max_chars: int = -1) -> list[str]:
     command = [PYTHON, str(REPO / "train_tokenizer.py"), "--input", str(corpus), "--output_dir", str(output_dir),
-               "--overwrite_output_dir", "--vocab_size", str(vocab_size), "--memory_budget_gb", str(budget_gb)]
+               "--overwrite_output_dir", "--vocab_size", str(vocab_size), "--memory_budget_gb", str(budget_gb),
+               "--max_train_chars", str(max_chars)]
     if eval_file is not None:
         command += ["--eval_files", str(eval_file), "--reference_tokenizers",
                     str(shared_path("chatlm_mini_chinese_tokenizer", "ZHLM_SHARED_ANCHORS")),
@@ -68,16 +69,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes_mb", type=float, nargs="+", default=[25, 100, 200],
                         help="Corpus sizes in decimal MB of UTF-8 text.")
-    parser.add_argument("--budget_gb", type=float, default=1.0,
+    parser.add_argument("--budget_gb", type=float, default=2.0,
                         help="--memory_budget_gb of the budgeted runs (the others pass 0 = all text).")
+    parser.add_argument("--budget_only", action="store_true",
+                        help="Measure only the budgeted runs; reuse the unbudgeted rows of the last results.json "
+                             "(they do not depend on the budget).")
     parser.add_argument("--vocab_size", type=int, default=32000)
     parser.add_argument("--quick", action="store_true",
                         help="Tiny sizes and vocabulary, no docs/BENCHMARKS.md update (smoke test).")
     parser.add_argument("--report_only", action="store_true",
                         help="Re-render the docs section from the last run's bench/_work/tokenizer/results.json.")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.sizes_mb, args.vocab_size, args.budget_gb = [0.2], 1024, 0.002
+    if args.quick:  # the budgeted run caps the sample with --max_train_chars (a budget is >= 1.5 GB)
+        args.sizes_mb, args.vocab_size, args.budget_gb = [0.2], 1024, 1.5
     work = WORK / ("tokenizer_quick" if args.quick else "tokenizer")
     if args.report_only:
         path = work / "results.json"
@@ -109,15 +113,23 @@ def measure(args, work: Path) -> dict:
     log(f"{len(texts):,} real texts in the mix ({sum(map(len, texts)):,} characters); {len(held_out)} wiki "
         f"articles held out ({sum(len(r['text']) for r in held_out):,} characters)")
     runs, loads = [], [os.getloadavg()[0]]
+    previous = json.loads((work / "results.json").read_text())["runs"] if args.budget_only else []
     largest = max(args.sizes_mb)
     for size in sorted(args.sizes_mb):
         corpus = build_mixed_corpus(size, texts, name="tokenizer_mix_quick" if args.quick else "tokenizer_mix")
         for budget in (0.0, args.budget_gb):
+            reused = [r for r in previous if r["budget_gb"] == 0 and round(r["size_mb"]) == round(corpus.mb)]
+            if budget == 0 and reused:
+                runs.append(reused[0])
+                log(f"reused: {corpus.mb:.0f} MB corpus, no budget (--budget_only)")
+                continue
             score = budget > 0 and size == largest
             out = work / f"tok_{size:g}MB_budget{budget:g}"
             log(f"train: {corpus.mb:.0f} MB corpus, budget {budget:g} GB ...")
+            max_chars = corpus.chars // 3 if args.quick and budget > 0 else -1
             measured = run_measured(train_command(corpus.path, out, args.vocab_size, budget,
-                                                  held_out_path if score else None), out.with_suffix(".log"))
+                                                  held_out_path if score else None, max_chars),
+                                    out.with_suffix(".log"))
             chars = sampled_chars(measured.log_text, corpus.chars)
             loads.append(os.getloadavg()[0])
             runs.append({"size_mb": corpus.mb, "chars": corpus.chars, "budget_gb": budget, "train_chars": chars,
@@ -174,8 +186,9 @@ Corpora: synthetic parquet files built by `bench/common.build_mixed_corpus` from
 and glued into documents, so the pre-token table keeps growing with size as in a large real corpus (a check
 on the 4.4 MB of real text itself gave the same peak RSS as a mix of the same size: 816 vs 799 MB).
 "budget none" passes `--memory_budget_gb 0` (train on all text); the other rows pass
-`--memory_budget_gb {budget_gb:g}`, which samples at most {budget_gb:g} GB / BYTES_PER_TRAIN_CHAR
-({BYTES_PER_TRAIN_CHAR}) = {budget_gb * 1e9 / BYTES_PER_TRAIN_CHAR / 1e6:.0f} M characters. The machine has 2 cores
+`--memory_budget_gb {budget_gb:g}`, which samples at most ({budget_gb:g} GB - FIXED_BYTES {FIXED_BYTES / 1e9:g} GB) /
+BYTES_PER_TRAIN_CHAR ({BYTES_PER_TRAIN_CHAR}) = {chars_for_budget(budget_gb) / 1e6:.1f} M characters (`train_tokenizer.py`).
+The machine has 2 cores
 shared with other engineers' test runs (1-minute load average {results['load']} during this run), so wall
 times are noisy and inflated (compare wall with CPU time); RSS is not affected by that.
 
@@ -190,13 +203,11 @@ Reading:
   the BPE trainer's word and pair tables cost tens of bytes per character of text.
 - With the budget the RSS is flat once sampling starts: {flat}; at {largest['size_mb']:.0f} MB that is
   {per_gb_largest:.1f} GB per GB of corpus (<= 3 GB per GB from about {largest['peak_rss_mb'] / 3:,.0f} MB of corpus up).
-  But it is above the {budget_gb:g} GB budget itself: `BYTES_PER_TRAIN_CHAR = {BYTES_PER_TRAIN_CHAR}` in
-  `train_tokenizer.py` is too low. Measured peak RSS per trained character is
-  {min(r['peak_rss_mb'] * 1e6 / r['train_chars'] for r in runs):.0f}-{max(r['peak_rss_mb'] * 1e6 / r['train_chars'] for r in runs):.0f} bytes
-  (it includes the fixed part); the linear fit above says a budget B allows about (B - {fixed / 1e9:.1f} GB) /
-  {slope:.0f} bytes characters, e.g. {budget_needed / 1e6:,.1f} M characters for {budget_gb:g} GB and
-  {((4e9 - fixed) / slope) / 1e6 if slope > 0 else float('nan'):,.0f} M for the default 4 GB (a constant of about 100 bytes per character is
-  safe for budgets from about 3 GB; smaller budgets need the fixed part subtracted).
+  Budget kept: the budgeted runs peak at {capped_rss or 'n/a'} MB against the {budget_gb:g} GB budget
+  (**{'kept' if all(r['peak_rss_mb'] <= budget_gb * 1e3 for r in capped) else 'exceeded'}**). The linear fit
+  says a budget B allows about (B - {fixed / 1e9:.2f} GB) / {slope:.0f} bytes characters, e.g.
+  {budget_needed / 1e6:,.1f} M characters for {budget_gb:g} GB; `train_tokenizer.py` takes
+  {chars_for_budget(budget_gb) / 1e6:,.1f} M (its constants carry a margin on both terms).
 
 Compression on held-out real wiki text ({results['held_out_articles']} zhwiki articles of `{WIKI_JSONL}`, every
 {HELD_OUT_EVERY}th article, never part of the training mix), scored by `train_tokenizer.py --eval_files ...
