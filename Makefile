@@ -27,12 +27,18 @@ browser:
 	{ command -v chromium && fc-list :lang=zh family | grep -q .; } >/dev/null 2>&1 || { $(SUDO) apt-get update && \
 		$(SUDO) apt-get install -y chromium fonts-wqy-microhei; }
 
-demo: install
+# The whole pipeline on the built-in demo data, chained through data/demo_run/ and ending in model_save/demo:
+# corpus -> tokenizer -> pretraining -> SFT -> rejected answers -> DPO -> evaluation -> one chat reply.
+demo: $(STAMP)
 	$(PY) prepare_data.py --config config/demo/prepare_data.yaml
 	$(PY) train_tokenizer.py --config config/demo/tokenizer.yaml
 	$(PY) pre_train.py --config config/demo/pretrain.yaml
 	$(PY) sft_train.py --config config/demo/sft.yaml
 	$(PY) generate_rejected.py --config config/demo/generate_rejected.yaml
+	$(PY) dpo_train.py --config config/demo/dpo.yaml
+	$(PY) evaluate.py --config config/demo/evaluate.yaml
+	$(PY) evaluate.py report --run_dir model_save/demo
+	$(PY) chat.py --config config/demo/chat.yaml --message "你好，请介绍一下你自己。"
 
 test: install
 	$(PY) -m pytest -q tests
@@ -43,4 +49,4 @@ bench: install
 	$(PY) bench/bench_pretrain.py
 
 clean-demo:
-	rm -rf data/demo_run
+	rm -rf data/demo_run model_save/demo
