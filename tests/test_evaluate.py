@@ -297,9 +297,15 @@ def test_report_plots_a_real_run(tiny_corpus, tiny_tokenizer, tmp_path):
     for path in written:
         width, height = is_png(path)
         assert (width, height) == (700, 400)
-    # a run directory without a trainer state at its root: the latest checkpoint's is used
+    # the finished run's own trainer state (written by save_final) has every step
+    from utils.evaluation import find_trainer_state
+
+    assert find_trainer_state(run) == run / "trainer_state.json"
+    assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 6
+    # a run directory without a trainer state at its root (an interrupted run): the latest checkpoint's is used
     state = json.loads((run / "checkpoint-6" / "trainer_state.json").read_text())
     assert any("eval_loss" in h for h in state["log_history"])
+    (run / "trainer_state.json").unlink()
     shutil.rmtree(run / "checkpoint-6")
     older = plot_training(evaluate_state(run), tmp_path / "older")
     assert {p.name for p in older} >= {"loss.png", "learning_rate.png"}
@@ -337,8 +343,11 @@ def test_bad_input_is_refused_clearly(tmp_path, tiny_llama):
     assert result.returncode == 2 and "not a model directory" in result.stderr
     result = run_script("evaluate.py", "--config", "none", "--task", "bpc", check=False)
     assert result.returncode == 2 and "--bpc_files" in result.stderr
+    bare = tmp_path / "bare_model"  # a model directory that was never trained here
+    bare.mkdir()
+    (bare / "config.json").write_text("{}")
     with pytest.raises(UserError, match="no trainer_state.json"):
-        evaluate.main(["report", "--run_dir", str(tiny_llama)])
+        evaluate.main(["report", "--run_dir", str(bare)])
 
 
 def test_help_and_recipes_parse():
