@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from model.build import count_parameters
-from model.generation import context_length, load_for_inference
+from model.generation import InferenceArguments, context_length, load_for_inference
 from model.streaming import DecodingOptions, PromptTooLong, ReplyStream, default_reply_tokens, fit_prompt, prompt_budget
 from utils.config import parse_config, recipe_path
 from utils.errors import UserError, run_main
@@ -29,20 +29,14 @@ HELP = "/reset clears the conversation, /exit quits, ctrl+c stops a reply"
 
 
 @dataclass
-class ChatArguments:
-    model_name_or_path: str = field(default="model_save", metadata={
-        "help": "Model directory: any toolkit output (T5 or Llama) or a compatible HF model directory."})
+class ChatArguments(InferenceArguments):
     system: str | None = field(default=None, metadata={
         "help": "System prompt put before the conversation (kept when old turns are dropped). None = no system turn."})
     message: str | None = field(default=None, metadata={
         "help": "Non-interactive: print the reply to this one message and exit."})
-    device: str | None = field(default=None, metadata={"help": "cuda, cuda:1, cpu. None = cuda when available."})
-    dtype: str = field(default="auto", metadata={
-        "help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16, fp32."})
 
     def __post_init__(self):
-        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
-            raise ValueError(f"--dtype must be auto, bf16, fp16 or fp32, not '{self.dtype}'")
+        super().__post_init__()
 
 
 class ChatSession:

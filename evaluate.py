@@ -21,8 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.generation import InferenceArguments, load_for_inference
 from utils.config import parse_config, recipe_path
-from utils.errors import UserError, run_main
+from utils.errors import run_main
 from utils.io import write_json_atomic, write_text_atomic
 from utils.logging import setup_logging
 
@@ -31,9 +32,7 @@ TASKS = ("ceval", "cmmlu", "bpc", "generation", "triples")
 
 
 @dataclass
-class EvalArguments:
-    model_name_or_path: str = field(default="model_save", metadata={
-        "help": "Model directory: any output of pre_train.py / sft_train.py / dpo_train.py or a compatible HF model."})
+class EvalArguments(InferenceArguments):
     task: list[str] = field(default_factory=lambda: ["ceval"], metadata={
         "help": f"One or more of: {', '.join(TASKS)}."})
     output_dir: str | None = field(default=None, metadata={
@@ -67,11 +66,9 @@ class EvalArguments:
     max_length: int = field(default=-1, metadata={
         "help": "Longest multiple-choice prompt (tokens); -1 = the model's context length."})
     batch_size: int = field(default=8, metadata={"help": "Prompts / windows per forward pass."})
-    device: str | None = field(default=None, metadata={"help": "cuda, cpu, ...; default: cuda if available."})
-    dtype: str = field(default="auto", metadata={
-        "help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32."})
 
     def __post_init__(self):
+        super().__post_init__()
         unknown = [t for t in self.task if t not in TASKS]
         if unknown or not self.task:
             raise ValueError(f"--task takes {', '.join(TASKS)}, not '{' '.join(unknown)}'")
@@ -154,7 +151,6 @@ def main(argv: Sequence[str] | None = None) -> dict | list[Path]:
     if argv[:1] == ["report"]:
         return report(argv[1:])
     (args,) = parse_config([EvalArguments], argv, default_recipe=recipe_path("evaluate"), description=__doc__)
-    from model.generation import load_for_inference
     from utils.evaluation import results_markdown
 
     tasks = list(dict.fromkeys(args.task))

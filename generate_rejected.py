@@ -26,7 +26,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from model.generation import context_length, generate_replies, load_for_inference
+from model.generation import InferenceArguments, context_length, generate_replies, load_for_inference
 from utils.config import config_to_dict, parse_config, recipe_path
 from utils.conversations import FORMATS, load_answered_prompts
 from utils.errors import UserError, run_main
@@ -37,7 +37,7 @@ logger = logging.getLogger("generate_rejected")
 
 
 @dataclass
-class GenerateArguments:
+class GenerateArguments(InferenceArguments):
     model_name_or_path: str = field(default="model_save/sft", metadata={"help": "The SFT model (sft_train.py output)."})
     input: list[str] = field(default_factory=lambda: ["data/sft"], metadata={
         "help": "Instruction or preference data (files, directories or hub dataset names) whose prompts are answered."})
@@ -54,13 +54,11 @@ class GenerateArguments:
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (with --do_sample)."})
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling share (with --do_sample)."})
-    device: str | None = field(default=None, metadata={"help": "cuda, cuda:1, cpu ...; default: cuda if available."})
-    dtype: str = field(default="auto", metadata={
-        "help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16, fp32."})
     seed: int = field(default=42, metadata={"help": "Random seed (sampling)."})
     overwrite: bool = field(default=False, metadata={"help": "Start over instead of resuming an existing --output."})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("--batch_size and --max_new_tokens must be at least 1")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):

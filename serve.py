@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from model.generation import context_length, load_for_inference
+from model.generation import InferenceArguments, context_length, load_for_inference
 from model.streaming import (DecodingOptions, PromptTooLong, Reply, ReplyStream, default_reply_tokens, fit_prompt,
                              generate_reply, max_new_tokens_limit, prompt_budget)
 from utils.config import REPO_ROOT, parse_config, recipe_path
@@ -53,9 +53,7 @@ PAGE = REPO_ROOT / "web" / "index.html"
 
 
 @dataclass
-class ServeArguments:
-    model_name_or_path: str = field(default="model_save", metadata={
-        "help": "Model directory: any toolkit output (T5 or Llama) or a compatible HF model directory."})
+class ServeArguments(InferenceArguments):
     served_model_name: str | None = field(default=None, metadata={
         "help": "Model id clients send in 'model'. None = the directory's name; the path itself is accepted too."})
     host: str = field(default="127.0.0.1", metadata={
@@ -67,11 +65,9 @@ class ServeArguments:
     max_concurrent: int = field(default=4, metadata={
         "help": "Generations running at once; further requests wait in line (their streams start when served)."})
     max_body_bytes: int = field(default=1_000_000, metadata={"help": "Largest request body accepted, in bytes."})
-    device: str | None = field(default=None, metadata={"help": "cuda, cuda:1, cpu. None = cuda when available."})
-    dtype: str = field(default="auto", metadata={
-        "help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16, fp32."})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.max_concurrent < 1:
             raise ValueError(f"--max_concurrent must be >= 1, not {self.max_concurrent}")
         if self.max_body_bytes < 1024:

@@ -7,6 +7,8 @@ A saved model's `generation_config.json` stops at either EOS or the chat templat
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from transformers import GenerationConfig, PreTrainedConfig
 
 from utils.tokenizer import END_OF_TURN
@@ -21,6 +23,24 @@ def default_generation_config(tokenizer, config: PreTrainedConfig) -> Generation
                             bos_token_id=tokenizer.bos_token_id,
                             decoder_start_token_id=tokenizer.pad_token_id if seq2seq else None,
                             max_new_tokens=256, repetition_penalty=1.1)
+
+
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class InferenceArguments:
+    """The model a script runs and where (chat, serve, evaluate and generate_rejected subclass it)."""
+
+    model_name_or_path: str = field(default="model_save", metadata={
+        "help": "Model directory: any toolkit output (T5 or Llama) or a compatible HF model directory."})
+    device: str | None = field(default=None, metadata={"help": "cuda, cuda:1, cpu. None = cuda when available."})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32."})
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not '{self.dtype}'")
 
 
 def load_for_inference(path: str, device: str | None = None, dtype: str = "auto"):
