@@ -390,9 +390,9 @@ def main(argv: list[str] | None = None) -> None:
     t2t_bpc = results["ours_t2t"]["bpc_pairs"] / chat["bpc_pairs"]
     span_bpc = results["ours_span"]["bpc_span"] / chat["bpc_span"]
     budget_text = (f"{s.budget_s:.0f} CPU seconds of this process (its {torch.get_num_threads()} threads; about "
-                   f"{s.budget_s / torch.get_num_threads():.0f} wall seconds on an idle machine), counted in CPU time because "
-                   "the machine is shared: other jobs slow the wall clock of whichever recipe runs while they do, "
-                   "not the CPU time it gets" if s.budget_clock == "cpu" else f"{s.budget_s:.0f} wall-clock seconds")
+                   f"{s.budget_s / torch.get_num_threads():.0f} wall seconds on an idle machine; CPU time because on a "
+                   "shared machine other jobs slow the wall clock of whichever recipe runs beside them, not the CPU "
+                   "time it gets)" if s.budget_clock == "cpu" else f"{s.budget_s:.0f} wall-clock seconds")
     rep_ratios = " / ".join(f"{a.useful_per_s() / c.useful_per_s():.2f}x"
                             for a, c in zip(rates["ours_span"], rates["chatlm"]))
     budget_ratio = results["ours_span"]["useful_tok_cpu_s"] / chat["useful_tok_cpu_s"]
