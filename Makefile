@@ -38,7 +38,7 @@ demo: $(STAMP)
 	$(PY) dpo_train.py --config config/demo/dpo.yaml
 	$(PY) evaluate.py --config config/demo/evaluate.yaml
 	$(PY) evaluate.py report --run_dir model_save/demo
-	$(PY) chat.py --config config/demo/chat.yaml --message "你好，请介绍一下你自己。"
+	$(PY) chat.py --config config/demo/chat.yaml --message "你好！"
 
 test: install
 	$(PY) -m pytest -q tests
