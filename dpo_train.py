@@ -27,7 +27,7 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import AutoTokenizer, set_seed
 
-from model.build import count_parameters, flops_per_token, is_seq2seq, load_model
+from model.build import count_parameters, flops_per_token, is_seq2seq, load_model, require_model_dir
 from model.generation import context_length
 from utils.config import parse_config, recipe_path
 from utils.conversations import ConversationDataArguments, hold_out, load_preferences
@@ -92,9 +92,7 @@ def main(argv: Sequence[str] | None = None) -> ToolkitDPOTrainer:
     args.output_dir = str(output_dir / ADAPTER_DIR)  # checkpoints and the adapter; the merged model goes above
     set_seed(args.seed)
     train_set, eval_set = load_pairs(data, args.seed)
-    if not (Path(model_args.model_name_or_path) / "config.json").is_file():
-        raise UserError("not a model directory (no config.json)", path=model_args.model_name_or_path,
-                        field="model_name_or_path", fix="pass an sft_train.py output directory")
+    require_model_dir(model_args.model_name_or_path, fix="pass an sft_train.py output directory")
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     model = load_model(model_args.model_name_or_path, tokenizer)
     seq2seq = is_seq2seq(model.config)

@@ -82,6 +82,14 @@ def build_model(config: PreTrainedConfig, seed: int | None = None, attn_implemen
     return auto.from_config(config, attn_implementation=attn_implementation)
 
 
+def require_model_dir(path: str, fix: str = "pass an output directory of pre_train.py / sft_train.py / "
+                                            "dpo_train.py, e.g. model_save") -> None:
+    """Refuse a path that is not a local model directory (one clear error instead of a hub lookup)."""
+    if not (Path(path) / "config.json").is_file():
+        raise UserError("not a model directory (no config.json)", path=str(path), field="model_name_or_path",
+                        fix=fix)
+
+
 def load_model(path: str, tokenizer: PreTrainedTokenizerBase, attn_implementation: str = "sdpa") -> PreTrainedModel:
     """Load an HF checkpoint to continue training; grow its embeddings to fit an extended tokenizer.
 

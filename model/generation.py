@@ -47,16 +47,13 @@ def load_for_inference(path: str, device: str | None = None, dtype: str = "auto"
     """`(model, tokenizer)` of a toolkit output directory (or any compatible HF model directory), in
     eval mode on `device` (default: cuda if available, else cpu). `dtype`: auto (bf16 on GPUs that
     support it, else fp32), bf16, fp16 or fp32."""
-    from pathlib import Path
-
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    from model.build import require_model_dir
     from utils.errors import UserError
 
-    if not (Path(path) / "config.json").is_file():
-        raise UserError("not a model directory (no config.json)", path=str(path), field="model_name_or_path",
-                        fix="pass an output directory of pre_train.py / sft_train.py / dpo_train.py, e.g. model_save")
+    require_model_dir(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         dtype = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
