@@ -140,24 +140,54 @@ def test_llama_learns_and_reloads(tiny_corpus, tiny_tokenizer, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(output).config._attn_implementation == "sdpa"
 
 
-@pytest.mark.parametrize("model", ["llama-tiny", "t5-tiny"])
-def test_sigint_then_resume_equals_uninterrupted_run(model, tiny_corpus, tiny_tokenizer, tmp_path):
-    args = lambda out: common(tiny_corpus, tiny_tokenizer, model, out, "--max_steps", "10",  # noqa: E731
-                              "--gradient_accumulation_steps", "2", "--save_steps", "10")
+@pytest.mark.parametrize("model, steps, stop_at, extra", [
+    ("llama-tiny", 10, 3, []), ("t5-tiny", 10, 3, []),
+    # length-grouped pairs (the text-to-text recipe), stopped in the second epoch (15 steps per epoch)
+    ("t5-tiny", 18, 16, ["--objective", "text_to_text", "--train_sampling_strategy", "group_by_length"])],
+    ids=["llama", "t5-span", "t5-pairs-grouped"])
+def test_sigint_then_resume_equals_uninterrupted_run(model, steps, stop_at, extra, tiny_corpus, tiny_tokenizer,
+                                                      pair_file, tmp_path):
+    extra = [*extra, "--pair_files", pair_file] if extra else []
+    args = lambda out: common(tiny_corpus, tiny_tokenizer, model, out, "--max_steps", steps,  # noqa: E731
+                              "--gradient_accumulation_steps", "2", "--save_steps", steps, *extra)
     reference = tmp_path / "reference"
     subprocess.run([sys.executable, "pre_train.py", *args(reference)], cwd=REPO, check=True, capture_output=True)
     resumed = tmp_path / "resumed"
-    code, log = run_until_interrupted(args(resumed), stop_at=3)
+    code, log = run_until_interrupted(args(resumed), stop_at=stop_at)
     assert code == 0, log
     assert "Run the same command again to resume" in log
     stopped = latest_checkpoint(resumed)
-    assert stopped is not None and int(stopped.name.split("-")[1]) < 10
+    assert stopped is not None and stop_at <= int(stopped.name.split("-")[1]) < steps
     second = subprocess.run([sys.executable, "pre_train.py", *args(resumed)], cwd=REPO, capture_output=True,
                             text=True)
     assert second.returncode == 0 and f"resuming from {stopped}" in second.stderr
-    assert losses(resumed, 10) == losses(reference, 10)  # every step's loss, bit-exact
+    assert losses(resumed, steps) == losses(reference, steps)  # every step's loss, bit-exact
     before, after = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_length_grouped_batches_cut_padding_and_cover_every_pair_once_per_epoch(tiny_tokenizer, pair_file):
+    """`--train_sampling_strategy group_by_length` on text-to-text pairs: each epoch is a permutation of the
+    pairs, a different one per epoch, and batches pad far less than random ones."""
+    from utils.pretrain_data import TextToTextPairs
+    from utils.training import EpochLengthGroupedSampler
+
+    pairs = TextToTextPairs([str(pair_file)], "train", AutoTokenizer.from_pretrained(tiny_tokenizer), 64, 64, 1)
+    assert len(pairs.lengths) == len(pairs) == 120
+    assert all(pairs.lengths[i] == max(len(pairs[i]["input_ids"]), len(pairs[i]["labels"])) for i in range(120))
+    sampler = EpochLengthGroupedSampler(8, pairs.lengths.tolist(), seed=1)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(first) == sorted(second) == list(range(120)) and first != second
+    sampler.set_epoch(0)
+    assert list(sampler) == first  # what a resumed run replays
+
+    def padded(order):
+        return sum(8 * max(pairs.lengths[order[i:i + 8]]) for i in range(0, 120, 8))
+
+    shuffled = np.random.default_rng(0).permutation(120)
+    assert padded(first) < 0.9 * padded(shuffled)
 
 
 def test_two_processes_stop_together_and_resume(tiny_corpus, tiny_tokenizer, tmp_path):

@@ -190,7 +190,7 @@ class SpanCorruptionBlocks(Dataset):
 
     def __init__(self, stream: TokenStream, tokenizer, max_source_length: int, noise_density: float,
                  mean_span: float, seed: int):
-        self.stream, self.seed = stream, seed
+        self.stream, self.seed, self.max_source_length = stream, seed, max_source_length
         self.noise_density, self.mean_span = noise_density, mean_span
         self.raw_length, self.target_length = span_corruption_lengths(max_source_length, noise_density, mean_span)
         self.num_blocks = len(stream) // self.raw_length
@@ -214,6 +214,11 @@ class SpanCorruptionBlocks(Dataset):
     def __len__(self) -> int:
         return self.num_blocks
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """Every example is `max_source_length` long (the sampler groups mixes with pairs by this)."""
+        return np.full(self.num_blocks, self.max_source_length, dtype=np.int64)
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         start = index * self.raw_length
         tokens = self.stream.tokens[start:start + self.raw_length].astype(np.int64)
@@ -236,14 +241,17 @@ class TextToTextPairs(Dataset):
         def tokenize(batch):
             prompts = [e.ids for e in backend.encode_batch(batch["prompt"], add_special_tokens=False)]
             responses = [e.ids for e in backend.encode_batch(batch["response"], add_special_tokens=False)]
-            return {"input_ids": [p[:max_source_length - 1] + [eos] for p in prompts],
-                    "labels": [r[:max_target_length - 1] + [eos] for r in responses],
-                    "chars": [len(r) for r in batch["response"]]}
+            inputs = [p[:max_source_length - 1] + [eos] for p in prompts]
+            labels = [r[:max_target_length - 1] + [eos] for r in responses]
+            return {"input_ids": inputs, "labels": labels, "chars": [len(r) for r in batch["response"]],
+                    "length": [max(len(i), len(t)) for i, t in zip(inputs, labels)]}
 
         self.data = data.map(tokenize, batched=True, num_proc=num_proc if num_proc > 1 else None,
                              remove_columns=data.column_names, desc=f"tokenize {split} pairs")
         tokens = sum(len(x) - 1 for x in self.data["labels"])
         self.chars_per_token = sum(self.data["chars"]) / max(tokens, 1)
+        # the longer side of each pair, for batches of similar lengths (`--train_sampling_strategy group_by_length`)
+        self.lengths = np.asarray(self.data["length"], dtype=np.int64)
         self.data = self.data.select_columns(["input_ids", "labels"])
 
     def __len__(self) -> int:
@@ -273,6 +281,17 @@ class WeightedMix(Dataset):
 
     def __len__(self) -> int:
         return self.length
+
+    @property
+    def lengths(self) -> np.ndarray | None:
+        """Example lengths when every source knows its own (see `TextToTextPairs.lengths`)."""
+        if not all(hasattr(s, "lengths") for s in self.sources):
+            return None
+        out = np.empty(self.length, dtype=np.int64)
+        for source_id, source in enumerate(self.sources):
+            chosen = self.choice == source_id
+            out[chosen] = source.lengths[self.offsets[chosen]]
+        return out
 
     def __getitem__(self, index: int):
         return self.sources[self.choice[index]][int(self.offsets[index])]

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import ProgressCallback, Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 
 from utils.config import save_config
@@ -209,13 +210,39 @@ class AtomicCheckpointMixin:
         self.accelerator.wait_for_everyone()
 
 
+class EpochLengthGroupedSampler(LengthGroupedSampler):
+    """HF's `LengthGroupedSampler` (shuffle, then sort by length within mega-batches of 50 batches) with
+    its shuffle seeded by (seed, epoch), so a resumed run replays exactly the batches of the interrupted one."""
+
+    def __init__(self, batch_size: int, lengths, seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return super().__iter__()
+
+
 class ToolkitTrainer(AtomicCheckpointMixin, Seq2SeqTrainer):
-    """`Seq2SeqTrainer` with atomic checkpoints (`AtomicCheckpointMixin`) and bits per character in
-    evaluation logs."""
+    """`Seq2SeqTrainer` with atomic checkpoints (`AtomicCheckpointMixin`), bits per character in
+    evaluation logs, and `--train_sampling_strategy group_by_length` read from a dataset's own `lengths`
+    (the pretraining datasets know them; HF would otherwise load every example to measure it)."""
 
     def __init__(self, *args, chars_per_token: dict[str, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.chars_per_token = chars_per_token or {}
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = getattr(dataset, "lengths", None)
+        if self.args.train_sampling_strategy != "group_by_length" or lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return EpochLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                         lengths.tolist(), seed)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         for key in [k for k in logs if k.startswith("eval_") and k.endswith("loss")]:
