@@ -288,3 +288,37 @@ def test_eager_and_sdpa_attention_compute_the_same_loss(preset, tiny_tokenizer):
     losses = {impl: build_model(config, seed=0, attn_implementation=impl)(**batch).loss for impl in ("eager", "sdpa")}
     assert build_model(config, attn_implementation="sdpa").config._attn_implementation == "sdpa"
     torch.testing.assert_close(losses["eager"], losses["sdpa"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+def test_adafactor_optim_args_scale_updates_to_each_parameter(scaled, tiny_corpus, tiny_tokenizer, tmp_path):
+    """`--optim adafactor --optim_args scale_parameter=true` (HF's own handler ignores optim_args and turns
+    scaling off): one step moves every weight by about the same share of its RMS, so T5's small query
+    weights (std (d_model * d_kv)^-0.5) move as gently as its unit-scale embeddings."""
+    from model.build import build_model, model_config
+
+    output = tmp_path / "adafactor"
+    pre_train.main(common(tiny_corpus, tiny_tokenizer, "t5-tiny", output, "--max_steps", "1", "--optim", "adafactor",
+                          "--optim_args", f"scale_parameter={str(scaled).lower()}", "--learning_rate", "1e-2",
+                          "--warmup_steps", "0", "--lr_scheduler_type", "constant"))
+    before = build_model(model_config("t5-tiny", AutoTokenizer.from_pretrained(tiny_tokenizer)), seed=5)
+    after = AutoModelForSeq2SeqLM.from_pretrained(output)
+
+    def relative_change(name):
+        old, new = before.get_parameter(name).detach(), after.get_parameter(name).detach()
+        return float((new - old).pow(2).mean().sqrt() / old.pow(2).mean().sqrt())
+
+    query, embedding = relative_change("encoder.block.0.layer.0.SelfAttention.q.weight"), relative_change("shared.weight")
+    if scaled:
+        assert 0.5 < query / embedding < 2
+    else:
+        assert query / embedding > 10
+
+
+def test_bad_adafactor_options_are_refused(tiny_corpus, tiny_tokenizer, tmp_path):
+    for bad, message in (("relative_step=true", "not an Adafactor option"), ("scale_parameter=yes", "true or false"),
+                         ("beta1=high", "must be a number")):
+        with pytest.raises(UserError, match=message):
+            pre_train.main(common(tiny_corpus, tiny_tokenizer, "t5-tiny", tmp_path / "x", "--max_steps", "1",
+                                  "--optim", "adafactor", "--optim_args", bad))
+

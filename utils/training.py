@@ -60,6 +60,8 @@ class ToolkitArguments:
         if not torch.cuda.is_available():
             # CPU-only: several processes (accelerate launch --multi_gpu --num_processes 2) run DDP over gloo
             self.use_cpu, self.dataloader_pin_memory = True, False
+        if self.optim_args and str(self.optim).endswith("adafactor"):
+            adafactor_options(self.optim_args)  # refuse bad options before any data is tokenised
         if self.include_num_input_tokens_seen in ("no", False):
             self.include_num_input_tokens_seen = "non_padding"  # the progress line's tokens/s and MFU
         super().__post_init__()
@@ -210,6 +212,34 @@ class AtomicCheckpointMixin:
         self.accelerator.wait_for_everyone()
 
 
+ADAFACTOR_OPTIONS = {"scale_parameter": bool, "beta1": float, "clip_threshold": float, "decay_rate": float}
+
+
+def adafactor_options(text: str) -> dict:
+    """`scale_parameter=true,beta1=0.9` -> Adafactor keyword arguments (the ones that combine with a
+    learning-rate schedule; `relative_step` would replace the schedule and is refused)."""
+    options = {}
+    for item in filter(None, text.replace(" ", "").split(",")):
+        key, _, value = item.partition("=")
+        kind = ADAFACTOR_OPTIONS.get(key)
+        if kind is None or not value:
+            raise UserError(f"'{item}' is not an Adafactor option this toolkit passes on", field="optim_args",
+                            fix=f"use key=value pairs of {', '.join(ADAFACTOR_OPTIONS)} (the learning rate "
+                                "and its schedule come from --learning_rate / --lr_scheduler_type)")
+        if kind is bool:
+            if value.lower() not in ("true", "false"):
+                raise UserError(f"{key} must be true or false, not '{value}'", field="optim_args",
+                                fix=f"pass {key}=true or {key}=false")
+            options[key] = value.lower() == "true"
+        else:
+            try:
+                options[key] = float(value)
+            except ValueError:
+                raise UserError(f"{key} must be a number, not '{value}'", field="optim_args",
+                                fix=f"pass e.g. {key}=0.9") from None
+    return options
+
+
 class EpochLengthGroupedSampler(LengthGroupedSampler):
     """HF's `LengthGroupedSampler` (shuffle, then sort by length within mega-batches of 50 batches) with
     its shuffle seeded by (seed, epoch), so a resumed run replays exactly the batches of the interrupted one."""
@@ -234,6 +264,17 @@ class ToolkitTrainer(AtomicCheckpointMixin, Seq2SeqTrainer):
     def __init__(self, *args, chars_per_token: dict[str, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.chars_per_token = chars_per_token or {}
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args, model=None):
+        """HF's optimizer choice, plus `--optim adafactor --optim_args scale_parameter=true,...`: HF's handler
+        ignores `optim_args` for Adafactor and turns parameter scaling off; with `scale_parameter=true` each
+        update is relative to the parameter's RMS (T5's original optimizer, which suits T5's initialisation:
+        its query weights start 8x smaller than the others), while the learning-rate schedule stays ours."""
+        optimizer_cls, kwargs = Seq2SeqTrainer.get_optimizer_cls_and_kwargs(args, model)
+        if args.optim == "adafactor" and args.optim_args:
+            kwargs.update(adafactor_options(args.optim_args))
+        return optimizer_cls, kwargs
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
