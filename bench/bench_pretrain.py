@@ -442,14 +442,8 @@ pairs; `my_valid_dataset_1k` held out):
   (`--train_sampling_strategy group_by_length`, as `config/pretrain.yaml` sets: HF's length-grouped sampler
   over the longer side of each pair, seeded per epoch), padded per batch; same optimizer and schedule.
 - **ours: text-to-text, Adafactor** = the same with `--optim adafactor --optim_args scale_parameter=true
-  --learning_rate 0.03`: every update is relative to the parameter's RMS (T5's own optimizer; the best of
-  a sweep of AdamW learning rates, AdamW with a 10-30x embedding learning rate, RMS-scaled AdamW and
-  Adafactor at 0.01/0.03/0.06, with and without momentum, at 240 CPU-s each), warmup + cosine as ours.
-  That sweep (2026-11-23, single runs through this script's functions, length-grouped pairs, held-out bpc of
-  response | prompt; ChatLM's recipe 7.566): AdamW lr 1e-3 / 2e-3 / 4e-3: 7.94 / 7.77 / 7.74; AdamW with a
-  10x / 30x embedding lr: 7.62 / 7.60; AdamW with each tensor's lr scaled by its initial RMS: 7.56; scaled
-  Adafactor lr 0.01 / 0.03 / 0.06: 7.53 / 7.38 / 7.44, with momentum 0.9 at 0.03: 7.52; ChatLM's own
-  relative-step Adafactor on length-grouped batches: 7.50.
+  --learning_rate 0.03`: every update is relative to the parameter's RMS (T5's own optimizer), warmup +
+  cosine as ours; lr 0.03 chosen by a short sweep of 0.01 / 0.03 / 0.06 (single runs, not re-run here).
 - **ChatLM-mini-Chinese** = its `pre_train.py` setup: HF `Seq2SeqTrainer`, raw (prompt, response) strings
   tokenised in the collator at every batch and padded to the longest in the batch, no packing; its
   optimizer as its `model/trainer.py` builds it: Adafactor with `relative_step=True` (lr=None, scale_parameter,
