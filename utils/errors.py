@@ -38,3 +38,14 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        end_distributed()
+
+
+def end_distributed() -> None:
+    """Destroy the process group of a multi-process run before the interpreter exits: left to the exit
+    handlers, gloo's threads can abort the shutdown ("terminate called without an active exception"), and
+    a run that finished and saved its model would exit with a failure."""
+    dist = sys.modules.get("torch.distributed")  # never import torch for a stage that did not
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
