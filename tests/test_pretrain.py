@@ -321,4 +321,8 @@ def test_bad_adafactor_options_are_refused(tiny_corpus, tiny_tokenizer, tmp_path
         with pytest.raises(UserError, match=message):
             pre_train.main(common(tiny_corpus, tiny_tokenizer, "t5-tiny", tmp_path / "x", "--max_steps", "1",
                                   "--optim", "adafactor", "--optim_args", bad))
+    from utils.training import TrainArguments  # other optimizers' optim_args are HF's to read, untouched
+
+    assert TrainArguments(output_dir=str(tmp_path / "g"), optim="galore_adafactor", optim_args="rank=64",
+                          report_to=[]).optim_args == "rank=64"
 

@@ -60,7 +60,7 @@ class ToolkitArguments:
         if not torch.cuda.is_available():
             # CPU-only: several processes (accelerate launch --multi_gpu --num_processes 2) run DDP over gloo
             self.use_cpu, self.dataloader_pin_memory = True, False
-        if self.optim_args and str(self.optim).endswith("adafactor"):
+        if self.optim_args and getattr(self.optim, "value", self.optim) == "adafactor":  # not galore_adafactor
             adafactor_options(self.optim_args)  # refuse bad options before any data is tokenised
         if self.include_num_input_tokens_seen in ("no", False):
             self.include_num_input_tokens_seen = "non_padding"  # the progress line's tokens/s and MFU
