@@ -35,9 +35,6 @@ class ChatArguments(InferenceArguments):
     message: str | None = field(default=None, metadata={
         "help": "Non-interactive: print the reply to this one message and exit."})
 
-    def __post_init__(self):
-        super().__post_init__()
-
 
 class ChatSession:
     """A conversation with one model: the history, the decoding settings, and one streamed reply per turn."""

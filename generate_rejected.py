@@ -61,8 +61,6 @@ class GenerateArguments(InferenceArguments):
         super().__post_init__()
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("--batch_size and --max_new_tokens must be at least 1")
-        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
-            raise ValueError(f"--dtype must be auto, bf16, fp16 or fp32, not '{self.dtype}'")
 
 
 def progress_path(output: Path) -> Path:
