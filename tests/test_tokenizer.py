@@ -86,6 +86,22 @@ def test_sampling_within_budget_reports_what_it_took(tiny_corpus):
     assert sample_corpus(files, full.chars_total // 4, seed=1).texts == part.texts  # deterministic
 
 
+def test_training_twice_gives_the_same_tokenizer(tiny_corpus, tmp_path):
+    # coverage < 1 cuts the alphabet among characters of equal count, where the BPE trainer's own
+    # limit_alphabet would pick by hash-map order: a different vocabulary and merges on every run
+    outputs = [train(tmp_path / str(run), tiny_corpus, "--vocab_size", "1024", "--character_coverage", "0.98")[0]
+               for run in range(3)]
+    first = (outputs[0] / "tokenizer.json").read_bytes()
+    assert all((out / "tokenizer.json").read_bytes() == first for out in outputs[1:])
+    vocab = json.loads(first)["model"]["vocab"]
+    counts = {}
+    for text in (json.loads(line)["text"] for line in tiny_corpus.read_text(encoding="utf-8").splitlines()):
+        for char in text:
+            counts[char] = counts.get(char, 0) + 1
+    rarest = min(counts.values())
+    assert any(c not in vocab for c, n in counts.items() if n == rarest)  # the cut really left some out
+
+
 def test_extension_keeps_base_ids_and_adds_chinese_tokens(tiny_corpus, tmp_path):
     base_dir, _ = train(tmp_path / "base", tiny_corpus, "--model_type", "byte_bpe", "--vocab_size", "320")
     base = AutoTokenizer.from_pretrained(base_dir)

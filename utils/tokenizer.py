@@ -120,18 +120,20 @@ def sample_corpus(files: list[Path], max_chars: int, seed: int, text_column: str
     return CorpusSample(texts, docs_total, chars_total, len(texts), sum(map(len, texts)))
 
 
-def alphabet_size_for_coverage(texts: Iterable[str], coverage: float) -> int:
-    """How many of the most frequent characters cover `coverage` of all characters (sentencepiece's
-    character_coverage); the rest are left to byte fallback instead of taking vocabulary slots."""
+def alphabet_for_coverage(texts: Iterable[str], coverage: float) -> list[str]:
+    """The most frequent characters (ties by code point) that together cover `coverage` of all characters
+    (sentencepiece's character_coverage); the rest are left to byte fallback instead of taking vocabulary
+    slots."""
     counts: collections.Counter[str] = collections.Counter()
     for text in texts:
         counts.update(text)
+    ranked = sorted(counts, key=lambda c: (-counts[c], c))
     total, running = sum(counts.values()), 0
-    for rank, (_, count) in enumerate(counts.most_common(), start=1):
-        running += count
+    for rank, char in enumerate(ranked, start=1):
+        running += counts[char]
         if running >= coverage * total:
-            return rank
-    return len(counts)
+            return ranked[:rank]
+    return ranked
 
 
 def build_tokenizer(model_type: str) -> Tokenizer:
@@ -165,11 +167,13 @@ def train_bpe(texts: list[str], model_type: str, vocab_size: int, num_sentinels:
     if budget <= len(specials) + 16:
         raise UserError(f"vocab_size {vocab_size} leaves no room for merges after {len(specials)} special "
                         f"and 256 byte tokens", field="vocab_size", fix="pass a larger --vocab_size")
-    # Single characters may take at most half of what is left, so merges (words) always get room.
-    alphabet = min(alphabet_size_for_coverage(texts, character_coverage), (budget - len(specials)) // 2)
+    # Single characters may take at most half of what is left, so merges (words) always get room. The
+    # alphabet is chosen here and handed over whole: `limit_alphabet` alone cuts among characters of equal
+    # count in hash-map order, so the same corpus would give a different tokenizer on every run.
+    alphabet = alphabet_for_coverage(texts, character_coverage)[:(budget - len(specials)) // 2]
     trainer = trainers.BpeTrainer(vocab_size=budget, min_frequency=min_frequency, special_tokens=specials,
-                                  limit_alphabet=alphabet, max_token_length=max_token_length,
-                                  show_progress=True)
+                                  initial_alphabet=alphabet, limit_alphabet=len(alphabet),
+                                  max_token_length=max_token_length, show_progress=True)
     tokenizer.train_from_iterator(texts, trainer, length=len(texts))
     return add_byte_tokens(tokenizer)
 
