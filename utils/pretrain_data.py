@@ -114,6 +114,15 @@ class TokenStream:
         return cls(path)
 
 
+def checked_index(index: int, length: int) -> int:
+    """Python's sequence contract for a map-style dataset: negative indices count from the end, and an index
+    past the end raises IndexError (code that iterates a dataset, HF's length measuring among it, stops on it)."""
+    index = int(index)
+    if not -length <= index < length:
+        raise IndexError(f"index {index} out of range for {length} examples")
+    return index % length
+
+
 class PackedBlocks(Dataset):
     """Causal LM examples: block i is tokens [i*L, (i+1)*L) of the stream; labels = inputs."""
 
@@ -133,7 +142,7 @@ class PackedBlocks(Dataset):
         return np.full(self.num_blocks, self.block_size, dtype=np.int64)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        start = index * self.block_size
+        start = checked_index(index, self.num_blocks) * self.block_size
         ids = torch.from_numpy(self.stream.tokens[start:start + self.block_size].astype(np.int64))
         return {"input_ids": ids, "labels": ids.clone()}
 
@@ -225,6 +234,7 @@ class SpanCorruptionBlocks(Dataset):
         return np.full(self.num_blocks, self.max_source_length, dtype=np.int64)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        index = checked_index(index, self.num_blocks)
         start = index * self.raw_length
         tokens = self.stream.tokens[start:start + self.raw_length].astype(np.int64)
         rng = np.random.default_rng([self.seed, index])
@@ -299,4 +309,5 @@ class WeightedMix(Dataset):
         return out
 
     def __getitem__(self, index: int):
+        index = checked_index(index, self.length)
         return self.sources[self.choice[index]][int(self.offsets[index])]

@@ -1,5 +1,9 @@
 """Training helpers shared by every stage: graceful ctrl+c, atomic checkpoints, resume discovery,
-the one-line progress log with tokens/s and MFU, and bits per character at evaluation.
+the one-line progress log with tokens/s and MFU, token-weighted losses and bits per character at evaluation.
+
+Every loss the toolkit reports is a mean over label tokens of the whole global batch (training) or the
+whole evaluation set (evaluation), so it is the same number however a batch is split into micro-batches,
+accumulation steps and processes (`tests/test_invariance.py`).
 
 Ctrl+c / SIGTERM: the current optimizer step finishes, a full checkpoint is written (weights, optimizer,
 scheduler, RNG states, data position), and the run exits 0; running the same command again resumes
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
+import torch.nn.functional as F
 from transformers import ProgressCallback, Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
@@ -242,7 +247,9 @@ def adafactor_options(text: str) -> dict:
 
 class EpochLengthGroupedSampler(LengthGroupedSampler):
     """HF's `LengthGroupedSampler` (shuffle, then sort by length within mega-batches of 50 batches) with
-    its shuffle seeded by (seed, epoch), so a resumed run replays exactly the batches of the interrupted one."""
+    its shuffle seeded by (seed, epoch), so a resumed run replays exactly the batches of the interrupted one.
+    `batch_size` is the global batch (micro-batch x accumulation x processes), so the order of examples
+    does not depend on how a batch is split."""
 
     def __init__(self, batch_size: int, lengths, seed: int):
         super().__init__(batch_size, lengths=lengths)
@@ -256,14 +263,43 @@ class EpochLengthGroupedSampler(LengthGroupedSampler):
         return super().__iter__()
 
 
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example sums of the cross-entropy over label tokens (-100 ignored) and the number of those tokens.
+    `shift`: causal LMs predict token i+1 at position i (labels are the inputs)."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    labels = labels.to(logits.device)
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                             reduction="none").view(labels.shape)
+    return losses.sum(-1), labels.ne(-100).sum(-1)
+
+
 class ToolkitTrainer(AtomicCheckpointMixin, Seq2SeqTrainer):
-    """`Seq2SeqTrainer` with atomic checkpoints (`AtomicCheckpointMixin`), bits per character in
-    evaluation logs, and `--train_sampling_strategy group_by_length` read from a dataset's own `lengths`
-    (the pretraining datasets know them; HF would otherwise load every example to measure it)."""
+    """`Seq2SeqTrainer` with atomic checkpoints (`AtomicCheckpointMixin`), token-weighted losses, bits per
+    character in evaluation logs, and `--train_sampling_strategy group_by_length` read from a dataset's own
+    `lengths` (the pretraining datasets know them; HF would otherwise load every example to measure it).
+
+    Losses. HF's Trainer sums the micro-batch losses of a step and expects each to be normalised by the
+    label tokens of the whole global batch (`num_items_in_batch`). Llama's loss does that; T5's ignores it
+    and returns its micro-batch mean, so the logged loss grew with accumulation steps and processes (x8 at
+    accumulation 4 on 2 GPUs) and its gradients weighted tokens by micro-batch. T5 therefore gets the
+    token-sum loss as `compute_loss_func`. Evaluation sums every example's token losses and divides once by
+    all label tokens, whatever the evaluation batch size or process count (HF averages batch means).
+    """
 
     def __init__(self, *args, chars_per_token: dict[str, float] | None = None, **kwargs):
+        model = kwargs.get("model") if "model" in kwargs else args[0]
+        self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        if self.is_encoder_decoder and kwargs.get("compute_loss_func") is None:
+            kwargs["compute_loss_func"] = self.token_mean_loss
         super().__init__(*args, **kwargs)
         self.chars_per_token = chars_per_token or {}
+        self._eval_sums: list[torch.Tensor] | None = None
+
+    def token_mean_loss(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        """Sum of token losses over the label tokens of the global batch (HF scales it by the process count)."""
+        sums, counts = token_losses(outputs["logits"], labels, shift=False)
+        return sums.sum() / (num_items_in_batch if num_items_in_batch is not None else counts.sum().clamp(min=1))
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args, model=None):
@@ -282,8 +318,39 @@ class ToolkitTrainer(AtomicCheckpointMixin, Seq2SeqTrainer):
         if self.args.train_sampling_strategy != "group_by_length" or lengths is None:
             return super()._get_train_sampler(train_dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return EpochLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                         lengths.tolist(), seed)
+        global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return EpochLengthGroupedSampler(global_batch, lengths.tolist(), seed)
+
+    def _get_eval_sampler(self, eval_dataset):
+        """In order: the evaluation loss is a token-weighted sum, so grouping by length buys nothing, and HF's
+        grouped sampler would measure every example by loading it."""
+        if self.args.world_size <= 1:
+            return torch.utils.data.SequentialSampler(eval_dataset)
+        return None  # accelerate shards the evaluation set in order
+
+    def evaluation_loop(self, *args, **kwargs):
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        self._eval_sums = []
+        try:
+            output = super().evaluation_loop(*args, **kwargs)
+        finally:
+            sums, self._eval_sums = self._eval_sums, None
+        if sums:
+            loss_sum, tokens = torch.stack(sums).sum(0).tolist()
+            output.metrics[f"{prefix}_loss"] = loss_sum / max(tokens, 1)
+        return output
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        if not prediction_loss_only or self._eval_sums is None or "labels" not in inputs:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**inputs)
+        sums, counts = token_losses(outputs["logits"], inputs["labels"], shift=not self.is_encoder_decoder)
+        per_example = torch.stack([sums.double(), counts.double()], dim=1)
+        # gather_for_metrics drops the examples repeated to even out the last batch across processes
+        self._eval_sums.append(self.accelerator.gather_for_metrics(per_example).sum(0).cpu())
+        return (sums.sum() / counts.sum().clamp(min=1)).detach(), None, None
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         for key in [k for k in logs if k.startswith("eval_") and k.endswith("loss")]:
