@@ -12,6 +12,10 @@ Routes:
 
 With an API key (--api_key or ZHLM_API_KEY) every route except the page itself needs
 `Authorization: Bearer KEY`; the page asks for the key and keeps it in the browser's local storage.
+Other web pages may not drive the server through a visitor's browser: API bodies must be
+`Content-Type: application/json`, a request from a page whose Origin is neither the server's own nor in
+--allowed_origins is refused, and bound to loopback the Host must be localhost, 127.0.0.1 or [::1] at the
+bound port (DNS rebinding). Bound off loopback, the API key is the protection.
 Each request gets its own streamer and cancel flag; generation runs in threads, at most --max_concurrent
 at once (the rest wait in line), and stops when its client disconnects.
 """
@@ -22,6 +26,7 @@ import asyncio
 import collections
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -33,8 +38,10 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
@@ -65,9 +72,18 @@ class ServeArguments(InferenceArguments):
     max_concurrent: int = field(default=4, metadata={
         "help": "Generations running at once; further requests wait in line (their streams start when served)."})
     max_body_bytes: int = field(default=1_000_000, metadata={"help": "Largest request body accepted, in bytes."})
+    allowed_origins: list[str] = field(default_factory=list, metadata={
+        "help": "Web origins (scheme://host[:port], e.g. http://localhost:5173) whose pages may call the API "
+                "from a browser, with CORS; '*' = any page. Empty = only the server's own page at /."})
 
     def __post_init__(self):
         super().__post_init__()
+        origins = [origin if origin == "*" else canonical_origin(origin) for origin in self.allowed_origins]
+        if None in origins:
+            given = self.allowed_origins[origins.index(None)]
+            raise ValueError(f"--allowed_origins: '{given}' is not a web origin; write scheme://host[:port] "
+                             "(e.g. http://localhost:5173, no path) or '*' for any")
+        self.allowed_origins = origins
         if self.max_concurrent < 1:
             raise ValueError(f"--max_concurrent must be >= 1, not {self.max_concurrent}")
         if self.max_body_bytes < 1024:
@@ -119,6 +135,32 @@ class LegacyChatRequest(BaseModel):
     input_txt: str
 
 
+def canonical_origin(text: str) -> str | None:
+    """`text` as browsers write an Origin: `scheme://host[:port]`, lower case, the default port left out;
+    None when it is not an http(s) origin."""
+    try:
+        parts = urlsplit(text.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if (parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") or parts.query
+            or parts.fragment or parts.username is not None):
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default_port = 80 if parts.scheme == "http" else 443
+    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default_port) else "")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listening address is reachable from this machine only: localhost, 127.0.0.0/8 or ::1."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class APIError(Exception):
     """A refused request, answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
 
@@ -131,6 +173,45 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class CrossSiteGuard:
+    """Refuses what a web page could make a visitor's browser send to this server.
+
+    Any page may POST here cross-site (forms and text/plain need no CORS preflight; their bodies are refused
+    elsewhere, by Content-Type) and, by DNS rebinding, may even get its own name to resolve to 127.0.0.1 so
+    that its requests count as same-origin. So: a request carrying an Origin other than the server's own
+    (as its Host names it) or one of `allowed_origins` is refused, and a server bound to loopback answers only
+    Host names of loopback at its own port. Bound off loopback, Host is not checked: the API key protects.
+    """
+
+    def __init__(self, bind_host: str, allowed_origins: Sequence[str]):
+        self.check_host = is_loopback(bind_host)
+        self.host_names = {"localhost", "127.0.0.1", "[::1]", f"[{bind_host}]" if ":" in bind_host else bind_host}
+        self.any_origin = "*" in allowed_origins
+        self.allowed_origins = set(allowed_origins)
+
+    def check(self, scheme: str, host: str | None, origin: str | None, port: int | None) -> None:
+        """Raise the APIError refusing a request to `scheme`://`host` (the Host header) from `origin` (the
+        Origin header, None when absent) that reached local port `port`."""
+        own = canonical_origin(f"{scheme}://{host}") if host else None
+        if self.check_host:
+            loopback = {canonical_origin(f"{scheme}://{name}:{port}") for name in self.host_names} if port else set()
+            if own is None or own not in loopback:
+                raise APIError(403, f"Host '{host}' is refused: this server listens on loopback and answers only "
+                                    f"localhost, 127.0.0.1 or [::1] at port {port}, so that a web page cannot "
+                                    "reach it by pointing its own name at 127.0.0.1 (DNS rebinding).",
+                               code="host_not_allowed")
+        if origin is None or self.any_origin:
+            return
+        sender = canonical_origin(origin)
+        if sender is None or (sender != own and sender not in self.allowed_origins):
+            fix = (f"Start the server with --allowed_origins {sender} to let that page in." if sender else
+                   "A page without an origin of its own (a local file, a sandboxed frame) is let in by "
+                   "--allowed_origins '*' only.")
+            raise APIError(403, f"Requests from the web page at '{origin}' are refused: only this server's own "
+                                f"page and the origins in --allowed_origins may call it from a browser. {fix}",
+                           code="origin_not_allowed")
+
+
 def create_app(model, tokenizer, args: ServeArguments, decoding: DecodingOptions | None = None):
     """The FastAPI application serving `model`. `decoding` holds the server's defaults; request fields
     (max_tokens, temperature, top_p, top_k, repetition_penalty, num_beams) override them per request."""
@@ -140,8 +221,18 @@ def create_app(model, tokenizer, args: ServeArguments, decoding: DecodingOptions
     created = int(time.time())
     reply_limit = max_new_tokens_limit(model, tokenizer)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    guard = CrossSiteGuard(args.host, args.allowed_origins)
 
-    app = FastAPI(title="zhlm", docs_url=None, redoc_url=None, openapi_url=None)
+    def refuse_cross_site(request: Request) -> None:
+        port = (request.scope.get("server") or (None, None))[1]  # the local port this connection reached
+        guard.check(request.url.scheme, request.headers.get("host"), request.headers.get("origin"), port)
+
+    app = FastAPI(title="zhlm", docs_url=None, redoc_url=None, openapi_url=None,
+                  dependencies=[Depends(refuse_cross_site)])
+    if args.allowed_origins:
+        # Pages at those origins may call the API; their browser asks first (preflight) when they send the key.
+        app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     app.state.slots = asyncio.Semaphore(args.max_concurrent)
     app.state.active = 0  # generations running now
     app.state.peak_active = 0  # the most that ever ran at once
@@ -173,6 +264,11 @@ def create_app(model, tokenizer, args: ServeArguments, decoding: DecodingOptions
                                 f"server was started with via --api_key or {API_KEY_ENV}).", code="invalid_api_key")
 
     async def read_json(request: Request, schema):
+        # Forms and text/plain are what any web page may POST cross-site without asking first (no preflight).
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise APIError(415, f"The body must be sent as 'Content-Type: application/json', not "
+                                f"'{media_type or 'none'}'.", code="unsupported_media_type")
         declared = request.headers.get("content-length")
         too_large = APIError(413, f"Request body larger than {args.max_body_bytes} bytes.", code="request_too_large")
         if declared is not None and declared.isdigit() and int(declared) > args.max_body_bytes:
@@ -371,12 +467,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     model, tokenizer = load_for_inference(args.model_name_or_path, device=args.device, dtype=args.dtype)
     app = create_app(model, tokenizer, args, decoding)
     keyed = bool(args.api_key or os.environ.get(API_KEY_ENV))
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not keyed:
-        logger.warning("listening on %s without an API key: anyone who can reach this port can use the model",
-                       args.host)
-    logger.info("serving %s (%s) as '%s' on http://%s:%d/ | API key %s | %d generations at once",
+    if not is_loopback(args.host) and not keyed:
+        logger.warning("listening on %s without an API key: anyone who can reach this port can use the model, "
+                       "and off loopback Host is not checked, so a web page can reach it by DNS rebinding; "
+                       "set --api_key or %s", args.host, API_KEY_ENV)
+    logger.info("serving %s (%s) as '%s' on http://%s:%d/ | API key %s | %d generations at once | web origins: %s",
                 args.model_name_or_path, type(model).__name__, app.state.model_id, args.host, args.port,
-                "required" if keyed else "off", args.max_concurrent)
+                "required" if keyed else "off", args.max_concurrent,
+                ", ".join(["own page", *args.allowed_origins]))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

@@ -1,14 +1,18 @@
 """serve.py through the official `openai` client against a server on 127.0.0.1: replies (plain and
 streamed) equal direct generation, the API key is enforced, bad requests get OpenAI-style errors,
-32 concurrent streams each get their own text, and a client that disconnects stops its generation."""
+32 concurrent streams each get their own text, a client that disconnects stops its generation, and
+what a foreign web page could make a browser send (forms, text/plain, other origins, rebound Host
+names) is refused."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -66,15 +70,24 @@ def direct_reply(server, messages, max_new_tokens=16, **options):
     return generate_reply(server.model, server.tokenizer, ids, config)
 
 
-def post(url, body: bytes, key=KEY, headers=None):
-    """(status, parsed JSON) of a raw POST, for what the openai client cannot send."""
-    request = urllib.request.Request(url, data=body, method="POST", headers={
-        "Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})})
+def exchange(url, body: bytes | None = None, method="POST", key=KEY, headers=None):
+    """(status, response headers, parsed JSON or text) of a raw request, for what the openai client cannot send;
+    a body goes as application/json unless `headers` say otherwise."""
+    request = urllib.request.Request(url, data=body, method=method, headers={
+        **({"Content-Type": "application/json"} if body is not None else {}),
+        **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
+            status, received, raw = response.status, response.headers, response.read()
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        status, received, raw = err.code, err.headers, err.read()
+    return status, received, json.loads(raw) if received.get_content_type() == "application/json" else raw.decode()
+
+
+def post(url, body: bytes, key=KEY, headers=None):
+    """(status, parsed JSON) of a raw POST."""
+    status, _, answer = exchange(url, body, key=key, headers=headers)
+    return status, answer
 
 
 @pytest.mark.parametrize("which", ["llama_server", "t5_server"])
@@ -225,8 +238,8 @@ def test_a_client_that_disconnects_stops_its_generation(t5_server):
     before = len(app.state.recent)
     body = json.dumps(request).encode()
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (host.encode(), port.encode(), len(body), body))
         while app.state.active == 0:
             time.sleep(0.01)
     reply = wait_for_reply(app, before)
@@ -265,3 +278,121 @@ def test_the_command_serves_on_loopback_with_the_key_from_the_environment(tiny_t
         process.terminate()
         output = process.communicate(timeout=30)[0]
     assert f"on http://127.0.0.1:{port}/ | API key required" in output
+
+
+CHAT = json.dumps({"model": "model", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 2}).encode()
+
+
+@contextlib.contextmanager
+def another_server(server, path, host="127.0.0.1", **settings):
+    """A second app over `server`'s model with other settings, bound to `host`; yields its URL on 127.0.0.1."""
+    args = ServeArguments(model_name_or_path=str(path), host=host, **settings)
+    app = create_app(server.model, server.tokenizer, args, DecodingOptions(max_new_tokens=4))
+    with running_in_thread(app, host=host) as url:
+        yield "http://127.0.0.1:" + url.rsplit(":", 1)[1]
+
+
+def test_keyless_server_refuses_forms_text_plain_and_foreign_origins(t5_server):
+    """What any web page can make a visitor's browser send to 127.0.0.1 without a CORS preflight."""
+    url, before = t5_server.url, len(t5_server.app.state.recent)
+    form = urllib.parse.urlencode({"input_txt": "你好"}).encode()
+    for path, body, content_type in (
+            ("/v1/chat/completions", CHAT, "text/plain"),  # <form enctype="text/plain"> or fetch(no-cors)
+            ("/v1/chat/completions", CHAT, "text/plain;charset=UTF-8"),
+            ("/api/chat", form, "application/x-www-form-urlencoded"),
+            ("/api/chat", b'--x\r\nContent-Disposition: form-data; name="input_txt"\r\n\r\nhi\r\n--x--\r\n',
+             "multipart/form-data; boundary=x")):
+        status, answer = post(url + path, body, key=None, headers={"Content-Type": content_type})
+        assert status == 415 and answer["error"]["code"] == "unsupported_media_type", (path, content_type)
+        assert "application/json" in answer["error"]["message"]
+    for origin in ("https://evil.example", "null", "http://127.0.0.1:1"):
+        status, answer = post(url + "/v1/chat/completions", CHAT, key=None, headers={"Origin": origin})
+        assert status == 403 and answer["error"]["code"] == "origin_not_allowed", origin
+        fix = "--allowed_origins '*'" if origin == "null" else f"--allowed_origins {origin}"
+        assert fix in answer["error"]["message"]
+        status, _, answer = exchange(url + "/v1/models", method="GET", key=None, headers={"Origin": origin})
+        assert status == 403 and answer["error"]["code"] == "origin_not_allowed"
+    assert len(t5_server.app.state.recent) == before, "a refused request generated"
+
+
+def test_own_origin_with_json_is_served(t5_server):
+    port = t5_server.url.rsplit(":", 1)[1]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LocalHost:{port}", f"[::1]:{port}"):
+        for origin in (None, f"http://{host}"):
+            status, received, answer = exchange(t5_server.url + "/v1/chat/completions", CHAT, key=None,
+                                                headers={"Host": host, **({"Origin": origin} if origin else {})})
+            assert status == 200 and answer["choices"][0]["message"]["role"] == "assistant", (host, origin)
+            assert "access-control-allow-origin" not in received  # no CORS without --allowed_origins
+    status, answer = post(t5_server.url + "/api/chat", json.dumps({"input_txt": "你好"}).encode(), key=None,
+                          headers={"Content-Type": "application/json; charset=utf-8", "Origin": t5_server.url})
+    assert status == 200 and "response" in answer
+    # The official client (no Origin, JSON bodies) is unaffected.
+    reply = t5_server.client.chat.completions.create(model="model", messages=[{"role": "user", "content": "你好"}],
+                                                     max_tokens=2)
+    assert reply.usage.completion_tokens <= 2
+
+
+def test_loopback_server_refuses_foreign_host_names(t5_server):
+    """DNS rebinding: evil.example first resolves to the attacker, then to 127.0.0.1, and its page, now
+    "same-origin", reads this server. Bound to loopback, the server answers only loopback names at its port."""
+    url, port = t5_server.url, int(t5_server.url.rsplit(":", 1)[1])
+    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1:{port + 1}", "127.0.0.1", f"[::2]:{port}",
+                 f"localhost.evil.example:{port}", f"evil@127.0.0.1:{port}", f"127.0.0.1:{port}/x"):
+        for method, path, body in (("GET", "/", None), ("GET", "/v1/models", None),
+                                   ("POST", "/v1/chat/completions", CHAT)):
+            status, _, answer = exchange(url + path, body, method=method, key=None,
+                                         headers={"Host": host, "Origin": f"http://{host}"})
+            assert status == 403 and answer["error"]["code"] == "host_not_allowed", (host, path)
+            assert "DNS rebinding" in answer["error"]["message"]
+
+
+def test_allowed_origins_are_served_with_cors(t5_server, tiny_t5):
+    page = "http://localhost:5173"
+    with another_server(t5_server, tiny_t5, allowed_origins=[page + "/"], api_key=KEY) as url:
+        # The browser's preflight for a POST with the key and a JSON body, then the request itself.
+        status, received, _ = exchange(url + "/v1/chat/completions", method="OPTIONS", key=None, headers={
+            "Origin": page, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert status == 200 and received["access-control-allow-origin"] == page
+        assert {"authorization", "content-type"} <= {h.strip().lower() for h in
+                                                      received["access-control-allow-headers"].split(",")}
+        assert "POST" in received["access-control-allow-methods"]
+        status, received, answer = exchange(url + "/v1/chat/completions", CHAT, headers={"Origin": page})
+        assert status == 200 and answer["object"] == "chat.completion"
+        assert received["access-control-allow-origin"] == page
+        status, _, answer = exchange(url + "/v1/chat/completions", CHAT, key=None, headers={"Origin": page})
+        assert status == 401  # an allowed page still needs the key
+        # Another port of the same host is another origin.
+        status, received, _ = exchange(url + "/v1/chat/completions", method="OPTIONS", key=None, headers={
+            "Origin": "http://localhost:5174", "Access-Control-Request-Method": "POST"})
+        assert status == 400 and "access-control-allow-origin" not in received
+        status, _, answer = exchange(url + "/v1/chat/completions", CHAT, headers={"Origin": "http://localhost:5174"})
+        assert status == 403 and answer["error"]["code"] == "origin_not_allowed"
+    with another_server(t5_server, tiny_t5, allowed_origins=["*"]) as url:
+        status, received, answer = exchange(url + "/v1/chat/completions", CHAT, key=None,
+                                            headers={"Origin": "https://anywhere.example"})
+        assert status == 200 and received["access-control-allow-origin"] == "*"
+        status, _, answer = exchange(url + "/v1/models", method="GET", key=None, headers={"Host": "evil.example"})
+        assert status == 403 and answer["error"]["code"] == "host_not_allowed"  # '*' opens origins, not Host
+
+
+def test_off_loopback_the_key_protects_and_host_is_not_checked(t5_server, tiny_t5):
+    with another_server(t5_server, tiny_t5, host="0.0.0.0", api_key=KEY) as url:
+        status, _, answer = exchange(url + "/v1/models", method="GET", headers={"Host": "my-server.lan:8000"})
+        assert status == 200 and answer["data"][0]["id"] == "model"
+        status, _, answer = exchange(url + "/v1/models", method="GET", key=None, headers={"Host": "my-server.lan"})
+        assert status == 401
+        status, _, answer = exchange(url + "/v1/chat/completions", CHAT, headers={
+            "Host": "my-server.lan:8000", "Origin": "http://other.lan:8000"})
+        assert status == 403 and answer["error"]["code"] == "origin_not_allowed"
+        status, _, answer = exchange(url + "/v1/chat/completions", CHAT, headers={
+            "Host": "my-server.lan:8000", "Origin": "http://my-server.lan:8000"})
+        assert status == 200
+
+
+def test_allowed_origins_are_checked_and_written_as_browsers_send_them():
+    args = ServeArguments(allowed_origins=["HTTP://LocalHost:5173/", "https://chat.example:443", "*"])
+    assert args.allowed_origins == ["http://localhost:5173", "https://chat.example", "*"]
+    for bad in ("localhost:5173", "http://localhost:5173/chat", "file:///tmp/page.html", "null"):
+        with pytest.raises(ValueError, match="--allowed_origins"):
+            ServeArguments(allowed_origins=[bad])
