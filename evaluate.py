@@ -4,6 +4,7 @@ triple extraction F1; or plot a run's training curves.
     python evaluate.py --task ceval cmmlu --ceval_data ../shared/data/ceval --cmmlu_data ../shared/data/cmmlu \
         --cmmlu_split dev --num_shots 5                     # model_save by default
     python evaluate.py --model_name_or_path model_save/sft --task bpc --bpc_files data/corpus
+    python evaluate.py --task bpc --bpc_files held_out_zh_tw.jsonl --opencc_config tw2sp    # traditional text
     python evaluate.py --task generation --generation_files data/sft/test.jsonl
     python evaluate.py --task triples --triples_files data/ie/test.json
     python evaluate.py report --run_dir model_save/sft      # loss / eval loss / learning-rate PNGs
@@ -47,7 +48,9 @@ class EvalArguments(InferenceArguments):
         "help": "CMMLU split to score. With 'dev', k-shot examples are the other dev questions (leave-one-out)."})
     cmmlu_subjects: list[str] = field(default_factory=list, metadata={"help": "CMMLU subjects; empty = all."})
     num_shots: int = field(default=0, metadata={
-        "help": "Solved dev-split examples before each question (0 = zero-shot; fewer if the prompt is too long)."})
+        "help": "Solved dev-split examples before each question (0 = zero-shot; fewer if the dev split has fewer "
+                "or the prompt is too long: the results give the numbers that ran). A subject without dev "
+                "examples is refused."})
     max_questions: int = field(default=-1, metadata={"help": "Questions per subject; -1 = all."})
     bpc_files: list[str] = field(default_factory=list, metadata={
         "help": ".txt/.jsonl/.parquet files with a 'text' column, or prepare_data.py output dirs (their "
@@ -56,6 +59,9 @@ class EvalArguments(InferenceArguments):
         "help": "Tokens per window (decoder) / chunk (T5); -1 = the model's context length."})
     bpc_stride: int = field(default=-1, metadata={
         "help": "Decoder windows advance by this many tokens (each token scored once); -1 = half the block."})
+    opencc_config: str = field(default="t2s", metadata={
+        "help": "OpenCC profile applied to the bpc text first, as prepare_data.py --opencc_config does to the "
+                "corpus (t2s, tw2sp, hk2s ...); 'none' = score the text as it is."})
     generation_files: list[str] = field(default_factory=list, metadata={
         "help": "Files with 'prompt' and 'response' columns for BLEU-4 / ROUGE-L."})
     triples_files: list[str] = field(default_factory=list, metadata={
@@ -102,7 +108,7 @@ def load_task_data(task: str, args: EvalArguments):
 
     if task in metrics.BENCHMARKS:
         subjects = metrics.load_benchmark(getattr(args, f"{task}_data"), getattr(args, f"{task}_split"),
-                                          getattr(args, f"{task}_subjects"), task=task)
+                                          getattr(args, f"{task}_subjects"), task=task, num_shots=args.num_shots)
         if args.max_questions > 0:
             for subject in subjects:
                 subject.questions = subject.questions[:args.max_questions]
@@ -118,15 +124,23 @@ def run_task(task: str, args: EvalArguments, data, model, tokenizer) -> dict:
 
     if task in metrics.BENCHMARKS:
         split = getattr(args, f"{task}_split")
-        logger.info("%s: %d subjects, %d questions (%s split), %d-shot", task, len(data),
+        logger.info("%s: %d subjects, %d questions (%s split), %d-shot asked", task, len(data),
                     sum(len(s.questions) for s in data), split, args.num_shots)
-        predictions = scoring.answer_questions(model, tokenizer, data, args.num_shots, args.batch_size,
-                                               args.max_length)
-        return {"source": getattr(args, f"{task}_data"), "split": split, "shots": args.num_shots,
-                **metrics.choice_accuracy(data, predictions)}
+        predictions, shots = scoring.answer_questions(model, tokenizer, data, args.num_shots, args.batch_size,
+                                                      args.max_length)
+        result = {"source": getattr(args, f"{task}_data"), "split": split, "shots_asked": args.num_shots,
+                  **metrics.choice_accuracy(data, predictions, shots)}
+        short = {name: metrics.shots_label(s) for name, s in result["subjects"].items()
+                 if s["shots_min"] < args.num_shots}
+        if short:
+            logger.warning("%s: %d-shot asked, but %d of %d subjects had fewer examples before some questions "
+                           "(dev split smaller, the question itself left out, or the prompt too long): %s", task,
+                           args.num_shots, len(short), len(data), ", ".join(f"{n} {x}" for n, x in short.items()))
+        return result
     if task == "bpc":
         return scoring.bits_per_character(model, tokenizer, args.bpc_files, block_size=args.bpc_block_size,
-                                          stride=args.bpc_stride, batch_size=args.batch_size)
+                                          stride=args.bpc_stride, batch_size=args.batch_size,
+                                          opencc_config=args.opencc_config)
     prompts, references = data
     replies = scoring.reply_to_prompts(model, tokenizer, prompts, args.max_new_tokens, args.num_beams, args.batch_size)
     scores = metrics.text_metrics(replies, references) if task == "generation" else \

@@ -7,11 +7,12 @@ answer is `chosen` and the SFT model's own answer is `rejected` (how ChatLM-mini
 
 Writes JSON lines `{"id", "prompt": [messages], "chosen", "rejected"}` (what dpo_train.py reads; `id` is
 the row's index in the input). Rows where the model's answer equals the dataset's, or is empty, are
-skipped and counted. Resumable: each batch is appended with one write + fsync, then
-`OUTPUT.progress.json` records how far the input is done (and the resolved configuration); after ctrl+c,
-kill -9 or a power cut, the same command drops any torn or unrecorded lines and continues from the first
-unfinished batch. The input is read through utils/conversations.py (any SFT or preference format, hub
-names too).
+skipped and counted; a run that ends with no pair at all is an error (exit status 2: DPO would have nothing
+to learn from), one where fewer than half the rows gave a pair is warned about. Resumable: each batch is
+appended with one write + fsync, then `OUTPUT.progress.json` records how far the input is done (and the
+resolved configuration); after ctrl+c, kill -9 or a power cut, the same command drops any torn or
+unrecorded lines and continues from the first unfinished batch. The input is read through
+utils/conversations.py (any SFT or preference format, hub names too).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from utils.io import write_json_atomic
 from utils.logging import setup_logging
 
 logger = logging.getLogger("generate_rejected")
+LOW_PAIR_SHARE = 0.5  # warn when fewer rows than this share give a pair
+MORE_PAIRS = ("sample instead of greedy decoding (--do_sample true, --temperature 1.0 or higher), or answer "
+              "with a weaker or earlier checkpoint (--model_name_or_path)")
 
 
 @dataclass
@@ -155,6 +159,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         bar.close()
     logger.info("%d pairs in %s; skipped %d rows where the model gave the dataset's answer and %d empty answers",
                 counts["written"], output, counts["equal_skipped"], counts["empty_skipped"])
+    if not counts["written"]:
+        raise UserError(f"no preference pair: of the {len(items)} rows read, the model's answer equalled the "
+                        f"dataset's in {counts['equal_skipped']} and was empty in {counts['empty_skipped']}",
+                        path=str(output), fix=f"{MORE_PAIRS}; add --overwrite, since this run is recorded as "
+                                              f"finished in {progress_path(output)}")
+    if counts["written"] < LOW_PAIR_SHARE * len(items):
+        logger.warning("only %d of %d rows (%.0f%%) gave a pair (%d answers equalled the dataset's, %d were empty); "
+                       "for more: %s", counts["written"], len(items), 100 * counts["written"] / len(items),
+                       counts["equal_skipped"], counts["empty_skipped"], MORE_PAIRS)
     return counts
 
 

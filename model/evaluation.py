@@ -6,9 +6,11 @@ last user turn - rendered with the tokenizer's chat template plus the generation
 answer is the letter among A/B/C/D whose token has the highest logit at the first reply position:
 for a decoder the last prompt position, for T5 the first decoder step given the prompt as encoder input.
 
-Bits per character: the text is tokenised exactly as for pretraining (`TokenStream`: each document
-followed by EOS) and the model's negative log-likelihood of every token of that stream (documents and
-their EOS) is summed, in bits, and divided by the number of characters of the documents:
+Bits per character: the text is converted with OpenCC as prepare_data.py converts its corpus
+(`opencc_config`, t2s by default, so a model is scored on the kind of text it was trained on), tokenised
+exactly as for pretraining (`TokenStream`: each document followed by EOS), and the model's negative
+log-likelihood of every token of that stream (documents and their EOS) is summed, in bits, and divided by
+the number of characters of the (converted) documents:
 - decoder: the stream, preceded by one EOS (the context a document has in pretraining), is scored in
   sliding windows of `block_size` tokens that advance by `stride`; every token is scored exactly once,
   with at least `block_size - stride` tokens of context when there are that many before it;
@@ -32,7 +34,7 @@ from tqdm.auto import tqdm
 
 from model.generation import chat_prompt_ids, context_length, generate_replies
 from utils.errors import UserError
-from utils.evaluation import LETTERS, Question, Subject
+from utils.evaluation import LETTERS, Question, Subject, convert_text_files
 from utils.pretrain_data import TokenStream
 
 logger = logging.getLogger(__name__)
@@ -62,15 +64,15 @@ def question_messages(question: Question, shots: Sequence[Question], title: str)
 
 
 def question_prompt(tokenizer, question: Question, shots: Sequence[Question], title: str,
-                    max_tokens: int) -> list[int]:
-    """Prompt ids with as many of `shots` as fit in `max_tokens` (the question itself is truncated from
-    the left only if it does not fit alone)."""
+                    max_tokens: int) -> tuple[list[int], int]:
+    """Prompt ids with as many of `shots` as fit in `max_tokens`, and how many that is (the question
+    itself is truncated from the left only if it does not fit alone)."""
     for count in range(len(shots), -1, -1):
         messages = question_messages(question, shots[:count], title)
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         if len(ids) <= max_tokens:
-            return list(ids)
-    return chat_prompt_ids(tokenizer, messages, max_tokens)
+            return list(ids), count
+    return chat_prompt_ids(tokenizer, messages, max_tokens), 0
 
 
 def shots_for(question: Question, subject: Subject, num_shots: int) -> list[Question]:
@@ -119,21 +121,26 @@ def letter_logits(model, prompts: Sequence[Sequence[int]], choice_ids: Sequence[
 
 
 def answer_questions(model, tokenizer, subjects: Sequence[Subject], num_shots: int = 0, batch_size: int = 8,
-                     max_length: int = -1, progress: bool = True) -> dict[str, list[str]]:
-    """The predicted letter of every question of every subject: {subject name: [letter, ...]}."""
+                     max_length: int = -1, progress: bool = True) -> tuple[dict[str, list[str]], dict[str, list[int]]]:
+    """The predicted letter of every question of every subject, {subject name: [letter, ...]}, and the
+    number of solved examples its prompt really held, {subject name: [shots, ...]}: fewer than `num_shots`
+    when the dev split has fewer (one fewer when it is the evaluated split) or the prompt would be too long."""
     choice_ids = choice_token_ids(tokenizer)
     limit = max_prompt_length(model, tokenizer, max_length)
     prompts, owners = [], []
+    shots: dict[str, list[int]] = {s.name: [] for s in subjects}
     for subject in subjects:
         for question in subject.questions:
-            prompts.append(question_prompt(tokenizer, question, shots_for(question, subject, num_shots),
-                                           subject.title, limit))
+            ids, count = question_prompt(tokenizer, question, shots_for(question, subject, num_shots),
+                                         subject.title, limit)
+            prompts.append(ids)
             owners.append(subject.name)
+            shots[subject.name].append(count)
     logits = letter_logits(model, prompts, choice_ids, tokenizer.pad_token_id, batch_size, progress)
     predictions: dict[str, list[str]] = {s.name: [] for s in subjects}
     for owner, best in zip(owners, logits.argmax(-1).tolist()):
         predictions[owner].append(LETTERS[best])
-    return predictions
+    return predictions, shots
 
 
 def _windows(length: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
@@ -149,8 +156,10 @@ def _windows(length: int, block_size: int, stride: int) -> list[tuple[int, int, 
 
 @torch.inference_mode()
 def bits_per_character(model, tokenizer, files: Sequence[str], split: str = "validation", block_size: int = -1,
-                       stride: int = -1, batch_size: int = 8, progress: bool = True) -> dict:
-    """Bits per character of the `text` column of `files` (see the module docstring for the definition)."""
+                       stride: int = -1, batch_size: int = 8, opencc_config: str = "t2s",
+                       progress: bool = True) -> dict:
+    """Bits per character of the `text` column of `files` after OpenCC `opencc_config` ('none' = as it is;
+    see the module docstring for the definition)."""
     seq2seq = bool(model.config.is_encoder_decoder)
     if block_size <= 0:
         block_size = max_prompt_length(model, tokenizer, -1)
@@ -160,7 +169,9 @@ def bits_per_character(model, tokenizer, files: Sequence[str], split: str = "val
         raise UserError(f"the stride ({stride}) must be between 1 and the block size ({block_size}) - 1",
                         field="bpc_stride", fix="pass a smaller --bpc_stride (default: half the block)")
     with tempfile.TemporaryDirectory(prefix="bpc-") as cache:
-        stream = TokenStream.build(list(files), split, tokenizer, Path(cache), 1)
+        text = Path(cache) / "text.jsonl"
+        conversion = convert_text_files(files, split, opencc_config, text)
+        stream = TokenStream.build([str(text)], split, tokenizer, Path(cache), 1)
         tokens = torch.from_numpy(stream.tokens.astype("int64"))
         characters, documents = stream.meta["chars"], stream.meta["documents"]
     if characters == 0:
@@ -194,7 +205,7 @@ def bits_per_character(model, tokenizer, files: Sequence[str], split: str = "val
     return {"bpc": bits / characters, "bits": bits, "characters": characters, "tokens": len(tokens),
             "documents": documents, "block_size": block_size, "stride": None if seq2seq else stride,
             "method": "t5_decoder_given_eos" if seq2seq else "sliding_window",
-            "files": [str(f) for f in files]}
+            "files": [str(f) for f in files], **conversion}
 
 
 def reply_to_prompts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256, num_beams: int = 1,

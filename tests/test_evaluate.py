@@ -1,6 +1,8 @@
 """Evaluation: C-Eval / CMMLU accuracy is exact on crafted models whose letter logits are known, batching
-does not change scores, bits per character equals a hand computation, BLEU / ROUGE-L / triple F1 on
-hand-checked cases, training plots are valid PNGs, bad input is refused clearly."""
+does not change scores, the shots that really ran are reported and a k-shot run without dev examples is
+refused, bits per character equals a hand computation and is taken on OpenCC-converted text as the corpus
+stage converts it, BLEU / ROUGE-L / triple F1 on hand-checked cases, training plots are valid PNGs, bad input
+is refused clearly."""
 
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ from model.evaluation import (_windows, answer_questions, bits_per_character, ch
                               question_prompt, shots_for)
 from model.generation import load_for_inference
 from utils.errors import UserError
-from utils.evaluation import (LETTERS, choice_accuracy, load_benchmark, parse_triples, plot_training, read_choice_csv,
-                              text_metrics, triple_scores)
+from utils.evaluation import (LETTERS, TRADITIONAL_SHARE_WARNING, choice_accuracy, load_benchmark, parse_triples,
+                              plot_training, read_choice_csv, results_markdown, text_metrics, triple_scores)
+from utils.text import to_simplified
 
 CEVAL_SUBJECTS = ["computer_network", "high_school_physics", "modern_chinese_history"]
 CMMLU_SUBJECTS = ["agronomy", "ancient_chinese", "high_school_physics"]
@@ -89,6 +92,7 @@ def test_ceval_accuracy_is_exact_on_a_model_that_always_answers_c(crafted, tmp_p
     ceval = shared_path("ceval")
     results = evaluate.main(["--config", "none", "--model_name_or_path", str(crafted["llama_C"]), "--task", "ceval",
                              "--ceval_data", str(ceval), "--ceval_subjects", *CEVAL_SUBJECTS, "--num_shots", "2",
+                             "--max_length", "100000",  # the tiny context would leave room for no example
                              "--batch_size", "5", "--output_dir", str(tmp_path)])
     answers = answers_from_csv(ceval, CEVAL_SUBJECTS, "val", "{subject}_val.csv")
     mapping = json.loads((ceval / "subject_mapping.json").read_text(encoding="utf-8"))
@@ -105,14 +109,17 @@ def test_ceval_accuracy_is_exact_on_a_model_that_always_answers_c(crafted, tmp_p
         assert result["categories"][category]["accuracy"] == pytest.approx(in_category.count("C") / len(in_category))
     saved = json.loads((tmp_path / "eval_results.json").read_text())
     assert saved["results"]["ceval"]["accuracy"] == result["accuracy"]
-    assert "| **overall** |" in (tmp_path / "eval_results.md").read_text()
+    assert (saved["results"]["ceval"]["shots_asked"], result["shots_min"], result["shots_max"]) == (2, 2, 2)
+    table = (tmp_path / "eval_results.md").read_text()
+    assert "| **overall** |" in table and "### ceval (2-shot, split val)" in table
 
 
 def test_cmmlu_accuracy_is_exact_on_a_t5_that_always_answers_a(crafted):
     cmmlu = shared_path("cmmlu")
     model, tokenizer = load_for_inference(str(crafted["t5_A"]), device="cpu")
     subjects = load_benchmark(str(cmmlu), "dev", CMMLU_SUBJECTS, task="cmmlu")
-    predictions = answer_questions(model, tokenizer, subjects, num_shots=3, batch_size=4, progress=False)
+    predictions, shots = answer_questions(model, tokenizer, subjects, num_shots=3, batch_size=4, progress=False)
+    assert all(counts == [3] * len(s.questions) for s, counts in zip(subjects, shots.values()))
     answers = answers_from_csv(cmmlu, CMMLU_SUBJECTS, "dev", "{subject}.csv")
     for subject in subjects:
         assert predictions[subject.name] == ["A"] * len(answers[subject.name])
@@ -120,7 +127,13 @@ def test_cmmlu_accuracy_is_exact_on_a_t5_that_always_answers_a(crafted):
         # dev is also the shot split: a question is never its own example
         assert all(q not in shots_for(q, subject, 5) for q in subject.questions)
     every = [a for letters in answers.values() for a in letters]
-    assert choice_accuracy(subjects, predictions)["accuracy"] == pytest.approx(every.count("A") / len(every))
+    assert choice_accuracy(subjects, predictions, shots)["accuracy"] == pytest.approx(every.count("A") / len(every))
+    # 5 shots asked of a 5-question dev split that is also the evaluated split: 4 ran, and the result says so
+    _, five = answer_questions(model, tokenizer, subjects, num_shots=5, batch_size=8, progress=False)
+    result = choice_accuracy(subjects, predictions, five)
+    assert (result["shots_min"], result["shots_max"]) == (4, 4)
+    assert "### cmmlu (4-shot, 5 asked, split dev)" in results_markdown({"cmmlu": {
+        **result, "split": "dev", "shots_asked": 5}})
     mapping = json.loads((cmmlu / "subject_mapping.json").read_text(encoding="utf-8"))
     ancient = next(s for s in subjects if s.name == "ancient_chinese")
     assert set(ancient.categories) == {c for c, subs in mapping["categories"].items()
@@ -133,7 +146,7 @@ def test_batching_and_padding_do_not_change_letter_logits(tiny_llama, tiny_t5):
     subjects = load_benchmark(str(ceval), "val", ["computer_network"])
     for path in (tiny_llama, tiny_t5):
         model, tokenizer = load_for_inference(str(path), device="cpu")
-        prompts = [question_prompt(tokenizer, q, subjects[0].shots[:i % 3], subjects[0].title, 256)
+        prompts = [question_prompt(tokenizer, q, subjects[0].shots[:i % 3], subjects[0].title, 256)[0]
                    for i, q in enumerate(subjects[0].questions[:7])]
         assert len({len(p) for p in prompts}) > 3  # really different lengths, so padding happens
         ids = choice_token_ids(tokenizer)
@@ -153,13 +166,64 @@ def test_k_shot_prompt_drops_examples_that_do_not_fit(tiny_llama):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     subject = load_benchmark(str(shared_path("ceval")), "val", ["computer_network"])[0]
     question = subject.questions[0]
-    full = question_prompt(tokenizer, question, subject.shots[:5], subject.title, 100_000)
-    zero = question_prompt(tokenizer, question, [], subject.title, 100_000)
-    fitted = question_prompt(tokenizer, question, subject.shots[:5], subject.title, len(full) - 1)
-    assert len(zero) < len(fitted) < len(full)
+    full, five = question_prompt(tokenizer, question, subject.shots[:5], subject.title, 100_000)
+    zero, none = question_prompt(tokenizer, question, [], subject.title, 100_000)
+    fitted, fewer = question_prompt(tokenizer, question, subject.shots[:5], subject.title, len(full) - 1)
+    assert len(zero) < len(fitted) < len(full) and (five, fewer, none) == (5, 4, 0)
     text = tokenizer.decode(full)
     assert text.count("<|user|>") == 6 and text.endswith("答案：<|end|>\n<|assistant|>\n")
     assert f"<|assistant|>\n{subject.shots[0].answer}<|end|>" in text
+
+
+def benchmark_copy(root, dev_rows):
+    """A C-Eval directory of the given subjects' val files and `dev_rows[subject]` of their dev questions
+    (None: no dev file; an empty dict: no dev directory at all)."""
+    ceval = shared_path("ceval")
+    (root / "val").mkdir(parents=True)
+    shutil.copy(ceval / "subject_mapping.json", root)
+    for subject, rows in dev_rows.items():
+        shutil.copy(ceval / "val" / f"{subject}_val.csv", root / "val")
+        if rows is not None:
+            (root / "dev").mkdir(exist_ok=True)
+            with open(ceval / "dev" / f"{subject}_dev.csv", encoding="utf-8", newline="") as source, \
+                    open(root / "dev" / f"{subject}_dev.csv", "w", encoding="utf-8", newline="") as target:
+                csv.writer(target).writerows(list(csv.reader(source))[:rows + 1])
+    return root
+
+
+def test_k_shot_without_dev_examples_is_refused(tmp_path):
+    no_dev = benchmark_copy(tmp_path / "no_dev", {"computer_network": None})
+    args = ["--config", "none", "--model_name_or_path", str(tmp_path / "unused"), "--task", "ceval",
+            "--num_shots", "5", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(UserError, match="--num_shots 5 takes solved examples from the 'dev' split") as err:
+        evaluate.main([*args, "--ceval_data", str(no_dev)])
+    assert err.value.path == str(no_dev / "dev") and err.value.field == "num_shots"
+    assert "--num_shots 0" in err.value.fix and "directory is missing" in err.value.problem
+    one_lacking = benchmark_copy(tmp_path / "one_lacking", {"computer_network": 5, "high_school_physics": None,
+                                                            "modern_chinese_history": 0})
+    with pytest.raises(UserError, match="2 of 3 subjects have no examples") as err:
+        load_benchmark(str(one_lacking), "val", num_shots=1)
+    assert err.value.path == str(one_lacking / "dev" / "high_school_physics_dev.csv")
+    assert len(load_benchmark(str(one_lacking), "val", num_shots=0)) == 3  # zero-shot needs no dev split
+    result = run_script("evaluate.py", *args, "--ceval_data", str(no_dev), check=False)
+    assert result.returncode == 2 and "no_dev/dev" in result.stderr and "fix: pass --num_shots 0" in result.stderr
+
+
+def test_shots_that_ran_are_reported_per_subject(tiny_llama, tmp_path):
+    data = benchmark_copy(tmp_path / "ceval", {"computer_network": 5, "modern_chinese_history": 1})
+    out = tmp_path / "out"
+    results = evaluate.main(["--config", "none", "--model_name_or_path", str(tiny_llama), "--task", "ceval",
+                             "--ceval_data", str(data), "--num_shots", "3", "--max_questions", "2",
+                             "--max_length", "100000", "--output_dir", str(out)])  # no shot cut for length
+    subjects = results["ceval"]["subjects"]
+    assert (subjects["computer_network"]["shots_min"], subjects["computer_network"]["shots_max"]) == (3, 3)
+    assert (subjects["modern_chinese_history"]["shots_min"], subjects["modern_chinese_history"]["shots_max"]) == (1, 1)
+    saved = json.loads((out / "eval_results.json").read_text())["results"]["ceval"]
+    assert (saved["shots_asked"], saved["shots_min"], saved["shots_max"]) == (3, 1, 3)
+    table = (out / "eval_results.md").read_text()
+    assert "### ceval (1-3-shot, 3 asked, split val)" in table
+    assert "| modern_chinese_history (近代史纲要) | 2 | 1-shot |" in table
+    assert "| computer_network (计算机网络) | 2 | 3-shot |" in table
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +287,51 @@ def test_bpc_of_t5_equals_decoder_nll_given_eos(tiny_t5, text_file):
     result = bits_per_character(model, tokenizer, [str(path)], block_size=20, batch_size=4, progress=False)
     assert result["bpc"] == pytest.approx(bits / sum(map(len, documents)), rel=1e-5)
     assert result["method"] == "t5_decoder_given_eos"
+
+
+def test_bpc_converts_traditional_text_as_the_corpus_stage_does(tiny_llama, tmp_path, caplog):
+    documents = ["".join(SENTENCES[:4]), SENTENCES[6] + "\n" + SENTENCES[10]]
+    traditional = [to_simplified(d, "s2t") for d in documents]  # the same text in traditional characters
+    simplified = [to_simplified(d, "t2s") for d in traditional]
+    files = {}
+    for name, texts in (("traditional", traditional), ("simplified", simplified)):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts),
+                               encoding="utf-8")
+    model, tokenizer = load_for_inference(str(tiny_llama), device="cpu")
+
+    def bpc(name, conversion):
+        return bits_per_character(model, tokenizer, [str(files[name])], block_size=64, batch_size=4,
+                                  opencc_config=conversion, progress=False)
+
+    converted, reference = bpc("traditional", "t2s"), bpc("simplified", "none")
+    for key in ("bpc", "bits", "characters", "tokens"):
+        assert converted[key] == reference[key]
+    changed = sum(a != b for t, s in zip(traditional, simplified) for a, b in zip(t, s))
+    assert converted["characters_changed"] == changed > 0 and reference["characters_changed"] == 0
+    assert converted["traditional_share"] > 0.2 and reference["traditional_share"] == 0
+    caplog.clear()
+    as_is = bpc("traditional", "none")
+    assert as_is["bpc"] != converted["bpc"] and as_is["characters_changed"] == 0
+    assert as_is["traditional_share"] == converted["traditional_share"] >= TRADITIONAL_SHARE_WARNING
+    assert any("traditional" in r.message and r.levelname == "WARNING" for r in caplog.records)
+    assert "| t2s | " in results_markdown({"bpc": converted})
+    assert "Warning" in results_markdown({"bpc": as_is}) and "Warning" not in results_markdown({"bpc": reference})
+    with pytest.raises(UserError, match="not an OpenCC profile") as err:
+        bpc("traditional", "no_such_profile")
+    assert err.value.field == "opencc_config"
+
+
+def test_bpc_conversion_defaults_to_the_corpus_stage_default():
+    import yaml
+
+    from utils.config import parse_config, recipe_path
+    from utils.corpus import CleaningArguments
+
+    (args,) = parse_config([evaluate.EvalArguments], ["--task", "bpc", "--bpc_files", "x.txt"],
+                           default_recipe=recipe_path("evaluate"))
+    corpus = yaml.safe_load(recipe_path("prepare_data").read_text())["opencc_config"]
+    assert args.opencc_config == corpus == CleaningArguments().opencc_config == evaluate.EvalArguments().opencc_config
 
 
 def test_generation_metrics_on_known_pairs():

@@ -1,6 +1,7 @@
 """Rejected-answer generation: valid {prompt, chosen, rejected} triples that the DPO loader reads, rows
-where the model repeats the dataset's answer skipped, and resume after kill -9 (torn and unrecorded lines
-dropped) giving the same file as an uninterrupted run."""
+where the model repeats the dataset's answer skipped (few pairs warned about, none an error with exit
+status 2), and resume after kill -9 (torn and unrecorded lines dropped) giving the same file as an
+uninterrupted run."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, SENTENCES
+from conftest import REPO, SENTENCES, run_script
 
 import generate_rejected
 from model.generation import generate_replies, load_for_inference
@@ -70,6 +71,42 @@ def test_writes_triples_and_skips_answers_equal_to_the_dataset(tiny_llama, tmp_p
     with pytest.raises(UserError, match="made from other data"):
         generate_rejected.main(command(tiny_llama, [str(other)], output))
     assert generate_rejected.main(command(tiny_llama, [str(other)], output, "--overwrite"))["written"] <= 1
+
+
+def test_no_pair_is_an_error_and_few_pairs_a_warning(tiny_llama, tmp_path, capsys):
+    # the references are the model's own greedy answers of a first run, so greedy decoding repeats them
+    first = tmp_path / "greedy.jsonl"
+    (tmp_path / "first").mkdir()
+    counts = generate_rejected.main(command(tiny_llama, write_inputs(tmp_path / "first")[:1], first))
+    greedy = {row["id"]: row["rejected"] for row in map(json.loads, first.read_text(encoding="utf-8").splitlines())}
+    assert counts["written"] == len(greedy) >= 2
+    empty = counts["empty_skipped"]
+
+    few = tmp_path / "few"
+    few.mkdir()
+    kept = min(greedy)  # every row but one gets the model's answer as its reference
+    inputs = write_inputs(few, answers={i: a for i, a in greedy.items() if i != kept})[:1]
+    capsys.readouterr()
+    counts = generate_rejected.main(command(tiny_llama, inputs, few / "rejected.jsonl"))
+    assert counts == {"written": 1, "equal_skipped": len(greedy) - 1, "empty_skipped": empty}
+    assert f"only 1 of 6 rows (17%) gave a pair ({len(greedy) - 1} answers equalled" in capsys.readouterr().err
+
+    none = tmp_path / "none"
+    none.mkdir()
+    inputs, output = write_inputs(none, answers=greedy)[:1], none / "rejected.jsonl"
+    with pytest.raises(UserError) as err:
+        generate_rejected.main(command(tiny_llama, inputs, output))
+    assert (f"of the 6 rows read, the model's answer equalled the dataset's in {len(greedy)} and was empty in "
+            f"{empty}") in err.value.problem
+    assert "--do_sample" in err.value.fix and "--overwrite" in err.value.fix and err.value.path == str(output)
+    progress = json.loads((none / "rejected.jsonl.progress.json").read_text())  # a consistent, finished record
+    assert output.read_bytes() == b"" and progress["next_index"] == 6 and progress["written"] == 0
+    result = run_script("generate_rejected.py", *command(tiny_llama, inputs, output), check=False)
+    assert result.returncode == 2 and "error:" in result.stderr and "no preference pair" in result.stderr
+    # the fix it names works: sampling, started over
+    counts = generate_rejected.main(command(tiny_llama, inputs, output, "--overwrite", "--do_sample", "true",
+                                            "--temperature", "1.5"))
+    assert counts["written"] > 0
 
 
 def test_resume_after_kill_equals_an_uninterrupted_run(tiny_t5, tmp_path):

@@ -16,12 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.errors import UserError
+from utils.text import CJK_CHAR, to_simplified
 
 logger = logging.getLogger(__name__)
 
 LETTERS = ("A", "B", "C", "D")
 CHANCE = 0.25
 BENCHMARKS = ("ceval", "cmmlu")
+# Share of Chinese characters that OpenCC t2s changes: ~0% in simplified text, 30-40% in traditional text.
+TRADITIONAL_SHARE_WARNING = 0.05
 
 
 @dataclass
@@ -102,10 +105,11 @@ def _subject_of(path: Path, split: str) -> str:
 
 
 def load_local_benchmark(root: str | Path, split: str, subjects: Sequence[str] = (), shot_split: str = "dev",
-                         task: str = "ceval") -> list[Subject]:
+                         task: str = "ceval", num_shots: int = 0) -> list[Subject]:
     """Subjects of a local directory of official CSVs: `{split}/*.csv` (C-Eval names them
     `{subject}_{split}.csv`, CMMLU `{subject}.csv`), k-shot examples from `{shot_split}/`, titles and
-    categories from `subject_mapping.json` when present."""
+    categories from `subject_mapping.json` when present. With `num_shots` > 0 a subject without any
+    `{shot_split}` example is refused: it would silently run zero-shot."""
     root = Path(root)
     if not root.is_dir():
         raise UserError("the benchmark directory does not exist", path=str(root), field=f"{task}_data",
@@ -126,6 +130,18 @@ def load_local_benchmark(root: str | Path, split: str, subjects: Sequence[str] =
         title, categories = _subject_info(mapping, name)
         shots = read_choice_csv(shot_files[name], name) if name in shot_files else []
         result.append(Subject(name, title, categories, read_choice_csv(files[name], name), shots))
+    lacking = [s.name for s in result if not s.shots]
+    if num_shots > 0 and lacking:
+        first = lacking[0]
+        path = shot_files.get(first, shot_dir / files[first].name.replace(f"_{split}.csv", f"_{shot_split}.csv"))
+        problem = "is missing" if first not in shot_files else "holds no questions"
+        raise UserError(f"--num_shots {num_shots} takes solved examples from the '{shot_split}' split, but the "
+                        f"{'directory' if not shot_dir.is_dir() else 'file'} {problem} ({len(lacking)} of "
+                        f"{len(result)} subjects have no examples: {', '.join(lacking[:5])}"
+                        f"{' ...' if len(lacking) > 5 else ''})",
+                        path=str(shot_dir if not shot_dir.is_dir() else path), field="num_shots",
+                        fix=f"pass --num_shots 0 for a zero-shot run, or provide {shot_dir}/ with the official "
+                            f"{shot_split} CSVs of these subjects")
     return result
 
 
@@ -174,23 +190,28 @@ def _hub_question(row: dict, subject: str, dataset_name: str) -> Question:
 
 
 def load_benchmark(source: str, split: str, subjects: Sequence[str] = (), shot_split: str = "dev",
-                   task: str = "ceval") -> list[Subject]:
-    """A local directory of CSVs if `source` is a path that exists (or looks like one), else a hub dataset."""
+                   task: str = "ceval", num_shots: int = 0) -> list[Subject]:
+    """A local directory of CSVs if `source` is a path that exists (or looks like one), else a hub dataset
+    (whose loader refuses a missing `shot_split` itself)."""
     if Path(source).exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
-        return load_local_benchmark(Path(source).expanduser(), split, subjects, shot_split, task)
+        return load_local_benchmark(Path(source).expanduser(), split, subjects, shot_split, task, num_shots)
     return load_hub_benchmark(source, split, subjects, shot_split, task)
 
 
-def choice_accuracy(subjects: Sequence[Subject], predictions: dict[str, list[str]]) -> dict:
+def choice_accuracy(subjects: Sequence[Subject], predictions: dict[str, list[str]],
+                    shots: dict[str, list[int]]) -> dict:
     """Accuracy per subject, per category (a CMMLU subject may count in two) and overall (micro: all
-    questions; macro: mean of subject accuracies), with the chance level."""
+    questions; macro: mean of subject accuracies), with the chance level, and the fewest and most solved
+    examples that really preceded a question (`shots`: per subject, per question)."""
     per_subject, per_category = {}, {}
     for subject in subjects:
         answers = [q.answer for q in subject.questions]
         correct = sum(p == a for p, a in zip(predictions[subject.name], answers, strict=True))
+        used = shots[subject.name] or [0]
         per_subject[subject.name] = {"title": subject.title, "categories": subject.categories,
                                      "correct": correct, "total": len(answers),
-                                     "accuracy": correct / len(answers) if answers else 0.0}
+                                     "accuracy": correct / len(answers) if answers else 0.0,
+                                     "shots_min": min(used), "shots_max": max(used)}
         for category in subject.categories:
             entry = per_category.setdefault(category, {"correct": 0, "total": 0})
             entry["correct"] += correct
@@ -201,8 +222,66 @@ def choice_accuracy(subjects: Sequence[Subject], predictions: dict[str, list[str
     total = sum(s["total"] for s in per_subject.values())
     macro = sum(s["accuracy"] for s in per_subject.values()) / max(len(per_subject), 1)
     return {"accuracy": correct / total if total else 0.0, "macro_accuracy": macro, "correct": correct,
-            "total": total, "chance": CHANCE, "categories": dict(sorted(per_category.items())),
-            "subjects": per_subject}
+            "total": total, "chance": CHANCE,
+            "shots_min": min((s["shots_min"] for s in per_subject.values()), default=0),
+            "shots_max": max((s["shots_max"] for s in per_subject.values()), default=0),
+            "categories": dict(sorted(per_category.items())), "subjects": per_subject}
+
+
+def shots_label(entry: dict) -> str:
+    """'5-shot', or '3-5-shot' when questions had different numbers of examples (a result saved before
+    the shots that ran were recorded shows the number asked)."""
+    low, high = entry.get("shots_min", entry.get("shots")), entry.get("shots_max", entry.get("shots"))
+    return f"{low}-shot" if low == high else f"{low}-{high}-shot"
+
+
+def convert_text_files(files: Sequence[str], split: str, opencc_config: str, target: Path) -> dict:
+    """Write the `text` column of `files` (one row per document, as the token stream reads them) to the
+    JSON-lines file `target`, converted with the OpenCC profile `opencc_config` as prepare_data.py does
+    ('none' = as it is). Returns the conversion, the characters it changed, and the share of the Chinese
+    characters that t2s changes (measured also when nothing is converted: how traditional the text is)."""
+    from utils.pretrain_data import load_text_files
+
+    try:
+        to_simplified("", "t2s" if opencc_config == "none" else opencc_config)
+    except RuntimeError as err:
+        raise UserError(f"not an OpenCC profile ({err})", field="opencc_config",
+                        fix="pass one of OpenCC's profiles (t2s, tw2sp, hk2s, ...) as prepare_data.py takes, "
+                            "or none") from None
+    data, _ = load_text_files(list(files), split, ["text"])
+    changed = traditional = chinese = 0
+    with open(target, "w", encoding="utf-8") as handle:
+        for batch in data.iter(batch_size=1024):
+            for text in batch["text"]:
+                simplified = to_simplified(text, "t2s")
+                converted = text if opencc_config == "none" else simplified if opencc_config == "t2s" else \
+                    to_simplified(text, opencc_config)
+                traditional += _characters_changed(text, simplified)
+                changed += _characters_changed(text, converted)
+                chinese += len(CJK_CHAR.findall(text))
+                handle.write(json.dumps({"text": converted}, ensure_ascii=False) + "\n")
+    result = {"opencc_config": opencc_config, "characters_changed": changed,
+              "traditional_share": traditional / chinese if chinese else 0.0}
+    if traditional_warning(result):
+        logger.warning("bpc text: %s", traditional_warning(result))
+    elif opencc_config != "none":
+        logger.info("bpc text: OpenCC %s changed %s of %s Chinese characters", opencc_config, f"{changed:,}",
+                    f"{chinese:,}")
+    return result
+
+
+def traditional_warning(result: dict) -> str | None:
+    """What is wrong with a bpc figure taken on largely traditional text left unconverted, or None."""
+    if result.get("opencc_config", "none") != "none" or result.get("traditional_share", 0) < TRADITIONAL_SHARE_WARNING:
+        return None
+    return (f"{100 * result['traditional_share']:.0f}% of the Chinese characters are traditional and were scored as "
+            "they are (--opencc_config none); prepare_data.py converts its corpus to simplified by default, so a "
+            "model trained on it scores this text worse: pass --opencc_config t2s")
+
+
+def _characters_changed(before: str, after: str) -> int:
+    """Characters OpenCC replaced (it converts character for character; a length change counts in full)."""
+    return sum(a != b for a, b in zip(before, after)) + abs(len(before) - len(after))
 
 
 class _CharacterTokenizer:
@@ -267,20 +346,29 @@ def results_markdown(results: dict) -> str:
     lines = []
     for task, result in results.items():
         if task in BENCHMARKS:
-            lines += [f"### {task} ({result['shots']}-shot, split {result['split']})", "",
-                      "| | questions | accuracy | chance |", "|---|---:|---:|---:|",
-                      f"| **overall** | {result['total']} | {100 * result['accuracy']:.2f}% | "
-                      f"{100 * result['chance']:.0f}% |",
-                      f"| macro (mean of subjects) | {len(result['subjects'])} subjects | "
-                      f"{100 * result['macro_accuracy']:.2f}% | {100 * result['chance']:.0f}% |"]
-            lines += [f"| {name} | {c['total']} | {100 * c['accuracy']:.2f}% | {100 * result['chance']:.0f}% |"
+            ran, asked = shots_label(result), result.get("shots_asked")
+            if asked is not None and ran != f"{asked}-shot":
+                ran += f", {asked} asked"
+            chance = f"{100 * result['chance']:.0f}%"
+            lines += [f"### {task} ({ran}, split {result['split']})", "",
+                      "| | questions | shots | accuracy | chance |", "|---|---:|---:|---:|---:|",
+                      f"| **overall** | {result['total']} | {shots_label(result)} | {100 * result['accuracy']:.2f}% | "
+                      f"{chance} |",
+                      f"| macro (mean of subjects) | {len(result['subjects'])} subjects | | "
+                      f"{100 * result['macro_accuracy']:.2f}% | {chance} |"]
+            lines += [f"| {name} | {c['total']} | | {100 * c['accuracy']:.2f}% | {chance} |"
                       for name, c in result["categories"].items()]
-            lines += [f"| {name} ({s['title']}) | {s['total']} | {100 * s['accuracy']:.2f}% | "
-                      f"{100 * result['chance']:.0f}% |" for name, s in result["subjects"].items()]
+            lines += [f"| {name} ({s['title']}) | {s['total']} | {shots_label(s) if 'shots_min' in s else ''} | "
+                      f"{100 * s['accuracy']:.2f}% | {chance} |" for name, s in result["subjects"].items()]
         elif task == "bpc":
-            lines += ["### bits per character", "", "| file(s) | characters | tokens | bpc |", "|---|---:|---:|---:|",
-                      f"| {', '.join(result['files'])} | {result['characters']:,} | {result['tokens']:,} | "
+            lines += ["### bits per character", "",
+                      "| file(s) | OpenCC conversion | characters changed | characters | tokens | bpc |",
+                      "|---|---|---:|---:|---:|---:|",
+                      f"| {', '.join(result['files'])} | {result.get('opencc_config', 'none')} | "
+                      f"{result.get('characters_changed', 0):,} | {result['characters']:,} | {result['tokens']:,} | "
                       f"{result['bpc']:.4f} |"]
+            if traditional_warning(result):
+                lines += ["", f"Warning: {traditional_warning(result)}."]
         elif task == "generation":
             lines += ["### generation (character level)", "", "| examples | BLEU-4 | ROUGE-L |", "|---:|---:|---:|",
                       f"| {result['examples']} | {result['bleu4']:.2f} | {result['rougeL']:.2f} |"]
