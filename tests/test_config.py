@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import enum
+import errno
+import os
+import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import yaml
 from conftest import REPO, run_script
 
 from utils.config import load_recipe, parse_config, save_config
-from utils.errors import UserError
+from utils.errors import UserError, run_main
 
 
 @dataclass
@@ -27,6 +33,23 @@ class Data:
     def __post_init__(self):
         if "bad" in self.files:
             raise ValueError("--files must not contain 'bad'")
+
+
+class Color(enum.Enum):
+    RED = "red"
+    GREEN = "green"
+
+
+@dataclass
+class Kinds:
+    """One field of each kind of type the stages use (HF's `TrainingArguments` included)."""
+    ratio: float = field(default=0.5, metadata={"help": "a share"})
+    weights: list[float] = field(default_factory=list, metadata={"help": "mixing weights"})
+    mode: Literal["fast", "slow"] = field(default="fast", metadata={"help": "speed"})
+    color: Color | str = field(default=Color.RED, metadata={"help": "an enum, as HF writes them"})
+    limit: int | None = field(default=None, metadata={"help": "None = no limit"})
+    level: str = field(default="info", metadata={"help": "log level", "choices": ["info", "debug"]})
+    targets: list[str] | None = field(default=None, metadata={"help": "optional list"})
 
 
 def write(path: Path, text: str) -> Path:
@@ -59,15 +82,99 @@ def test_unknown_recipe_key_names_file_line_and_suggestion(tmp_path):
 
 
 def test_unknown_cli_flag_and_bad_yaml_are_refused(tmp_path):
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(UserError, match="unknown argument '--no_such_flag'"):
         parse_config([Model, Data], ["--config", "none", "--no_such_flag", "1"])
-    assert exit_info.value.code != 0
     with pytest.raises(UserError, match="line 2"):
-        load_recipe(write(tmp_path / "bad.yaml", "width: 1\n  name: [unclosed\n"), {"width", "name"})
+        load_recipe(write(tmp_path / "bad.yaml", "width: 1\n  name: [unclosed\n"), [Model])
     with pytest.raises(UserError, match="mapping"):
-        load_recipe(write(tmp_path / "list.yaml", "- 1\n- 2\n"), {"width"})
+        load_recipe(write(tmp_path / "list.yaml", "- 1\n- 2\n"), [Model])
     with pytest.raises(UserError, match="does not exist"):
         parse_config([Model, Data], ["--config", str(tmp_path / "missing.yaml")])
+
+
+@pytest.mark.parametrize("flag", ["--wid", "--wid=3", "--fil"])
+def test_abbreviated_flags_are_unknown_with_the_full_name_suggested(flag):
+    with pytest.raises(UserError) as err:
+        parse_config([Model, Data], ["--config", "none", flag, "3"])
+    name = "--width" if flag.startswith("--wid") else "--files"
+    assert f"unknown argument '{flag}'" in str(err.value) and f"did you mean '{name}'" in str(err.value)
+
+
+def test_flag_value_of_the_wrong_type_is_a_user_error():
+    with pytest.raises(UserError, match="--width: invalid int value: '4.5'"):
+        parse_config([Model, Data], ["--config", "none", "--width", "4.5"])
+
+
+GOOD_VALUES = [  # recipe line -> the value the field gets
+    ("files: /data/one.jsonl", "files", ["/data/one.jsonl"]),  # one value for a list field: a one-element list
+    ("files: []", "files", []),
+    ("width: '16'", "width", 16),  # text that spells a number, as a flag's value would
+    ("shuffle: 'no'", "shuffle", False),
+    ("ratio: 1", "ratio", 1),  # an int is a float
+    ("ratio: 3e-4", "ratio", 3e-4),  # YAML 1.1 reads 3e-4 (no dot) as text
+    ("weights: 0.7", "weights", [0.7]),
+    ("weights: [1, 0.5]", "weights", [1, 0.5]),
+    ("mode: slow", "mode", "slow"),
+    ("color: green", "color", "green"),
+    ("limit: null", "limit", None),
+    ("limit: 3", "limit", 3),
+    ("level: debug", "level", "debug"),
+    ("targets: q", "targets", ["q"]),
+    ("targets:", "targets", None),
+]
+
+
+@pytest.mark.parametrize("line,key,expected", GOOD_VALUES, ids=[case[0] for case in GOOD_VALUES])
+def test_recipe_values_fitting_their_field_are_taken(line, key, expected, tmp_path):
+    recipe = write(tmp_path / "r.yaml", f"{line}\n")
+    parsed = parse_config([Model, Data, Kinds], ["--config", str(recipe)])
+    value = next(getattr(config, key) for config in parsed if hasattr(config, key))
+    assert value == expected and type(value) is type(expected)
+
+
+BAD_VALUES = [  # recipe line -> words of the error
+    ("width: 4096.5", "expected a whole number, got 4096.5"),
+    ("width: [1, 2]", "expected a whole number, got [1, 2]"),
+    ("width: true", "expected a whole number, got true"),
+    ("width:", "expected a whole number, got null"),
+    ("name: 3", "expected a string, got 3"),
+    ("name: {a: 1}", "expected a string"),
+    ("files: [a, [b]]", "expected a string or a list of them"),
+    ("files: 3", "expected a string or a list of them"),
+    ("shuffle: 1", "expected true or false"),
+    ("shuffle: maybe", "expected true or false"),
+    ("ratio: half", "expected a number"),
+    ("weights: [a]", "expected a number or a list of them"),
+    ("mode: medium", 'expected one of "fast", "slow"'),
+    ("color: blue", "expected one of red, green"),
+    ("limit: 1.5", "expected a whole number or null"),
+    ("level: trace", "expected one of info, debug"),
+    ("targets: {a: 1}", "expected a string or a list of them or null"),
+]
+
+
+@pytest.mark.parametrize("line,expected", BAD_VALUES, ids=[case[0] for case in BAD_VALUES])
+def test_recipe_values_of_the_wrong_type_name_file_line_and_field(line, expected, tmp_path):
+    recipe = write(tmp_path / "r.yaml", f"# a comment\n{line}\n")
+    with pytest.raises(UserError) as err:
+        parse_config([Model, Data, Kinds], ["--config", str(recipe)])
+    key = line.split(":")[0]
+    assert f"r.yaml, line 2, field '{key}': {expected}" in str(err.value) and "fix:" in str(err.value)
+
+
+def test_recipe_values_for_hf_training_arguments(tmp_path):
+    from utils.training import TrainArguments
+
+    recipe = write(tmp_path / "r.yaml", f"output_dir: {tmp_path}\nreport_to: none\neval_strategy: steps\n"
+                                        "eval_steps: 10\nwarmup_steps: 0.1\nlr_scheduler_kwargs: {min_lr: 0.1}\n"
+                                        "include_num_input_tokens_seen: all\n")
+    (args,) = parse_config([TrainArguments], ["--config", str(recipe)])
+    assert (args.report_to, args.eval_strategy, args.eval_steps, args.lr_scheduler_kwargs) == \
+        ([], "steps", 10, {"min_lr": 0.1})
+    assert args.include_num_input_tokens_seen == "all"  # a valid value the command line cannot give
+    write(recipe, f"output_dir: {tmp_path}\neval_strategy: sometimes\n")
+    with pytest.raises(UserError, match="line 2, field 'eval_strategy': expected one of no, steps, epoch"):
+        parse_config([TrainArguments], ["--config", str(recipe)])
 
 
 def test_cross_field_error_becomes_user_error():
@@ -117,3 +224,53 @@ def test_entry_scripts_answer_help(script, writes_output):
     result = run_script(script, "--help")
     assert "--config" in result.stdout
     assert ("--output_dir" in result.stdout) == writes_output
+
+
+@pytest.fixture(params=["read_only", "under_a_file"])
+def unwritable(request, tmp_path):
+    """An output path that no one can write, root included (CI runs the tests as root, and root ignores
+    permission bits, so a chmod 0555 folder alone would not do): a folder made immutable with `chattr +i`
+    as root (chmod 0555 for other users), or a path whose parent is a regular file (ENOTDIR)."""
+    if request.param == "under_a_file":
+        (tmp_path / "notes.txt").write_text("a file, not a folder")
+        yield tmp_path / "notes.txt" / "out"
+        return
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+    elif not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(folder)]).returncode != 0:
+        pytest.skip("root needs chattr +i (on a filesystem that supports it) for a folder it cannot write")
+    try:
+        yield folder / "out"
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("script,args", [
+    ("prepare_data.py", ["--input", "nothing.jsonl"]),
+    ("train_tokenizer.py", ["--input", "nothing.jsonl"]),
+])
+def test_unwritable_output_is_one_clear_error_before_any_work(script, args, unwritable):
+    result = run_script(script, "--config", "none", *args, "--output_dir", str(unwritable), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: {unwritable}, field 'output_dir': cannot write here" in result.stderr
+    assert "fix: choose another --output_dir" in result.stderr  # before the missing input is even noticed
+
+
+def test_system_refusing_a_file_is_a_user_error_at_the_boundary(capsys):
+    def main(argv):
+        raise PermissionError(errno.EACCES, "Permission denied", "/data/out/train-00000.parquet")
+
+    with pytest.raises(SystemExit) as done:
+        run_main(main, [])
+    assert done.value.code == 2
+    assert capsys.readouterr().err.startswith("error: /data/out/train-00000.parquet: Permission denied\n  fix: ")
+
+    def buggy(argv):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/a/bug")
+
+    with pytest.raises(FileNotFoundError):  # not the system refusing: a traceback, as for any bug
+        run_main(buggy, [])

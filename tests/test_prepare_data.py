@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import bz2
+import errno
 import json
+import os
 import random
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_documents, run_script, shared_path
+from conftest import REPO, make_documents, run_script, shared_path
 
 import prepare_data
 from utils.errors import UserError
+from utils.io import atomic_output_dir, honour_umask, remove_stale_temporaries
 from utils.text import to_simplified
 
 MARKUP = re.compile(r"\[\[|\]\]|\{\{|\}\}|<ref|</?ref|&lt;|&gt;|&amp;|-\{|\}-|'''|<!--|（）")
@@ -166,3 +173,78 @@ def test_truncated_plain_xml_is_refused(zhwiki_xml, tmp_path):
 def test_refuses_to_replace_output_without_overwrite(wiki_corpus, zhwiki_xml):
     with pytest.raises(UserError, match="overwrite_output_dir"):
         prepare("--input", zhwiki_xml, output=wiki_corpus[0])
+
+
+def test_outputs_have_the_modes_of_a_plain_write(wiki_corpus):
+    out = wiki_corpus[0]
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
+    assert modes == {p.name: (0o777 if p.is_dir() else 0o666) & ~mask for p in [out, *out.rglob("*")]}
+
+
+def test_private_files_get_plain_modes(tmp_path):
+    """safetensors writes `model.safetensors` 0600 (the toolkit's model files went out so); `honour_umask`,
+    run on every output before it is renamed into place, gives it what any other file gets."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
+    assert tmp_path.joinpath("model.safetensors").stat().st_mode & 0o777 == 0o600
+    honour_umask(tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert tmp_path.joinpath("model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_full_disk_while_writing_names_the_output_dir(tmp_path):
+    out = tmp_path / "corpus"
+    with pytest.raises(UserError, match="No space left on device") as err:
+        with atomic_output_dir(out):
+            raise OSError(errno.ENOSPC, "No space left on device")  # what a write() on a full disk raises
+    assert f"{out}, field 'output_dir'" in str(err.value) and "free some disk space" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_run_leaves_a_temporary_that_the_next_run_removes(tmp_path):
+    """`kill -9` of prepare_data.py mid-run leaves its hidden temporary output folder; the next run
+    removes it (its owner is dead) and writes the complete corpus."""
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                              for t in make_documents(5000, seed=5)), encoding="utf-8")
+    out = tmp_path / "corpus"
+    args = ["--config", "none", "--input", str(corpus), "--num_proc", "1", "--dedup", "false"]
+    process = subprocess.Popen([sys.executable, "prepare_data.py", *args, "--output_dir", str(out)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None and not list(tmp_path.glob(".corpus.*.tmp/*")):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "prepare_data.py ended before it could be killed"
+    left = list(tmp_path.glob(".corpus.*.tmp"))
+    assert len(left) == 1 and f"-{process.pid}." in left[0].name and not out.exists()
+    report = prepare(*args[2:], output=out)
+    assert not left[0].exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert len(read_corpus(out)) == report["documents"] == 5000
+
+
+def test_only_temporaries_of_dead_owners_on_this_host_are_removed(tmp_path):
+    out = tmp_path / "corpus"
+    holder = subprocess.Popen(  # a live run, in the middle of writing `out`
+        [sys.executable, "-c", "import sys, time\nfrom utils.io import atomic_output_dir\n"
+         f"with atomic_output_dir({str(out)!r}) as tmp:\n    print(tmp.name, flush=True)\n    time.sleep(60)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    live = tmp_path / holder.stdout.readline().strip()
+    remove_stale_temporaries(out)
+    assert live.is_dir(), "a live run's temporary was removed"
+    holder.kill()
+    holder.wait()
+    # the same owner, killed while swapping: the old output moved aside, the new one not yet in place
+    old = live.with_name(live.name.rsplit(".", 2)[0] + ".old")
+    old.mkdir()
+    (old / "stats.json").write_text("{}")
+    other_host = tmp_path / re.sub(r"\.[^.]+-(\d+)\.", r".elsewhere-\1.", live.name, count=1)
+    other_host.mkdir()
+    remove_stale_temporaries(out)
+    assert not live.exists() and not old.exists() and other_host.is_dir()
+    assert [p.name for p in out.iterdir()] == ["stats.json"]  # what was there before is back

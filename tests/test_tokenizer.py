@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from conftest import shared_path
@@ -47,6 +48,14 @@ def test_special_tokens_and_ids(tiny_tokenizer):
         assert ids == [tokenizer.convert_tokens_to_ids(token)], token
     config = json.loads((tiny_tokenizer / "tokenizer_config.json").read_text())
     assert "auto_map" not in config  # loads without remote code
+
+
+def test_saved_files_have_the_modes_of_a_plain_write(tiny_tokenizer):
+    mask = os.umask(0)
+    os.umask(mask)
+    paths = [tiny_tokenizer, *tiny_tokenizer.rglob("*")]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in paths} == \
+        {p.name: oct((0o777 if p.is_dir() else 0o666) & ~mask) for p in paths}
 
 
 def test_chat_template_renders_roles_and_marks_assistant_tokens(tiny_tokenizer):

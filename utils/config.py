@@ -4,8 +4,12 @@
 
 Precedence, lowest to highest: dataclass defaults < the YAML recipe (`--config`, or the stage's default
 recipe in `config/` when none is given) < command-line flags. A key that no dataclass declares is an
-error, in the recipe as on the command line. The resolved configuration is written next to every output
-by `save_config`, so each output directory records exactly how it was made.
+error, in the recipe as on the command line (where flags are never abbreviated: `--min_cjk` is not
+`--min_cjk_ratio`). Each recipe value is checked against its field's type (a single value for a list field
+is a one-element list) and refused with its file, line and field otherwise. An output location
+(`output_dir`, `output`) that cannot be written is refused here too, before any work. The resolved
+configuration is written next to every output by `save_config`, so each output directory records exactly
+how it was made.
 
 Built on `transformers.HfArgumentParser`, so Hugging Face argument dataclasses (`TrainingArguments`,
 TRL's configs) plug in unchanged.
@@ -16,21 +20,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import enum
+import json
 import logging
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
 from utils.errors import UserError
-from utils.io import write_text_atomic
+from utils.io import check_writable, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILENAME = "config.yaml"
+OUTPUT_FIELDS = ("output_dir", "output")  # checked for writability before a stage starts work
+_BOOL_WORDS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")  # what --flag VALUE accepts
+_NO = object()  # "the value does not fit the type"
 
 
 def recipe_path(name: str) -> Path:
@@ -38,8 +50,10 @@ def recipe_path(name: str) -> Path:
     return REPO_ROOT / "config" / f"{name}.yaml"
 
 
-def load_recipe(path: str | Path, known_keys: set[str]) -> dict[str, Any]:
-    """Read a flat YAML mapping and refuse keys outside `known_keys`, naming the line and a close match."""
+def load_recipe(path: str | Path, dataclass_types: Sequence[type]) -> dict[str, Any]:
+    """Read a flat YAML mapping of the fields of `dataclass_types`: refuse unknown keys (naming the line
+    and a close match) and values that do not fit their field's type; return the values as the fields
+    take them (a single value for a list field becomes a one-element list)."""
     path = Path(path)
     if not path.is_file():
         raise UserError("the recipe file does not exist", path=str(path), field="config",
@@ -59,13 +73,25 @@ def load_recipe(path: str | Path, known_keys: set[str]) -> dict[str, Any]:
         raise UserError("a recipe must be a mapping of 'key: value' lines", path=str(path), line=1,
                         fix="write one 'key: value' per line, keys as listed by --help")
     lines = {key_node.value: key_node.start_mark.line + 1 for key_node, _ in root.value}
-    for key in data:
-        if key not in known_keys:
-            close = difflib.get_close_matches(str(key), sorted(known_keys), n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
+    fields = dataclass_fields(dataclass_types)
+    checked = {}
+    for key, value in data.items():
+        if key not in fields:
             raise UserError("unknown key", path=str(path), line=lines.get(key), field=str(key),
-                            fix=f"{hint}run the script with --help for the accepted keys")
-    return data
+                            fix=f"{did_you_mean(str(key), fields)}run the script with --help for the accepted keys")
+        annotation, choices = fields[key]
+        checked[key] = _coerce(value, annotation)
+        wanted = describe_type(annotation)
+        if checked[key] is not _NO and choices is not None and not _within(checked[key], choices):
+            checked[key], wanted = _NO, "one of " + ", ".join(map(str, choices))
+        if checked[key] is _NO:
+            shown = json.dumps(value, ensure_ascii=False, default=str)
+            quoting = isinstance(value, (int, float, bool)) and _coerce(str(value), annotation) is not _NO
+            raise UserError(f"expected {wanted}, got {shown}", path=str(path), line=lines.get(key), field=key,
+                            fix=f"set '{key}' to {wanted} (see --help)" +
+                                (f"; text that YAML reads as a number or boolean needs quotes: {key}: \"{value}\""
+                                 if quoting else ""))
+    return checked
 
 
 def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = None, *,
@@ -75,36 +101,51 @@ def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
     `--config PATH` names a YAML recipe; without it `default_recipe` is used when it exists
     (`--config none` starts from the dataclass defaults alone).
     """
-    parser = HfArgumentParser(list(dataclass_types), description=description,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = HfArgumentParser(list(dataclass_types), description=description, allow_abbrev=False,
+                              exit_on_error=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None,
                         help=f"YAML recipe with defaults for any flag below; flags given on the command "
                              f"line win. 'none' = no recipe. Default: {default_recipe or 'none'}")
-    known_keys = {action.dest for action in parser._actions if action.dest not in ("help", "config")}
 
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     config_arg = pre.parse_known_args(argv)[0].config
     if config_arg is None and default_recipe is not None and Path(default_recipe).is_file():
         config_arg = str(default_recipe)
     recipe: dict[str, Any] = {}
     if config_arg and config_arg.lower() != "none":
-        recipe = load_recipe(config_arg, known_keys)
+        recipe = load_recipe(config_arg, dataclass_types)
         logger.info("recipe: %s", config_arg)
+        # A field without a default is required on the command line unless the recipe gives it; argparse
+        # has no public way to say so after the parser is built.
         for action in parser._actions:
             if action.dest in recipe:
                 action.required = False
-        parser.set_defaults(**recipe)
+        parser.set_defaults(**recipe)  # shown by --help
+    fields = dataclass_fields(dataclass_types)
+    # Flags not given keep this marker, so recipe values never pass through argparse's conversions again.
+    unset = argparse.Namespace(**dict.fromkeys(fields, _NO))
     try:
-        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-        # HfArgumentParser appends a namespace with the attributes no dataclass took (here: --config).
-        parsed = parsed[:len(dataclass_types)]
+        namespace, remaining = parser.parse_known_args(argv, namespace=unset)
+    except argparse.ArgumentError as err:  # a flag's value that does not fit its type or choices
+        raise UserError(str(err), fix="run the script with --help for the accepted values") from None
+    if remaining:
+        flag = next((arg for arg in remaining if arg.startswith("-")), remaining[0])
+        name = flag.lstrip("-").split("=")[0].replace("-", "_")
+        raise UserError(f"unknown argument '{flag}'" if flag.startswith("-") else f"unexpected argument '{flag}'",
+                        fix=f"{did_you_mean(name, [*fields, 'config'], prefix='--')}run the script with --help "
+                            "for the accepted flags")
+    given = {name: value for name, value in vars(namespace).items() if name in fields and value is not _NO}
+    try:
+        parsed = parser.parse_dict({**recipe, **given})
     except ValueError as err:
         # Cross-field checks in the dataclasses' __post_init__ raise ValueError naming the flags.
         raise UserError(str(err), path=config_arg if recipe else None,
                         fix="correct the flags named above (see --help)") from None
-    if remaining:
-        parser.error(f"unknown arguments: {' '.join(remaining)}")
+    for config in parsed:
+        for name in OUTPUT_FIELDS:
+            if isinstance(getattr(config, name, None), str):
+                check_writable(getattr(config, name), field=name)
     return tuple(parsed)
 
 
@@ -123,6 +164,103 @@ def save_config(output_dir: str | Path, *configs: Any) -> Path:
     path = Path(output_dir) / CONFIG_FILENAME
     write_text_atomic(path, yaml.safe_dump(config_to_dict(*configs), allow_unicode=True, sort_keys=False))
     return path
+
+
+def dataclass_fields(dataclass_types: Iterable[type]) -> dict[str, tuple[Any, Sequence | None]]:
+    """Every field a recipe or flag may set: name -> (its type, the `choices` of its metadata or None)."""
+    fields = {}
+    for dtype in dataclass_types:
+        hints = typing.get_type_hints(dtype)
+        for item in dataclasses.fields(dtype):
+            if item.init:
+                fields[item.name] = (hints[item.name], item.metadata.get("choices"))
+    return fields
+
+
+def did_you_mean(name: str, known: Iterable[str], prefix: str = "") -> str:
+    """The hint "did you mean 'X'? " for the known name closest to `name` (one it abbreviates first), or ""."""
+    known = sorted(known)
+    close = [k for k in known if k.startswith(name)] or difflib.get_close_matches(name, known, n=1)
+    return f"did you mean '{prefix}{close[0]}'? " if close else ""
+
+
+def describe_type(annotation: Any) -> str:
+    """A field type in words, as an error message asks for it: `list[int]` -> "a whole number or a list of them"."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(describe_type(member) for member in _union_members(args)))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in args)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "one of " + ", ".join(str(member.value) for member in annotation)
+    if origin is list or annotation is list:
+        return f"{describe_type(args[0]) if args else 'a value'} or a list of them"
+    if origin is dict or annotation is dict:
+        return "a mapping"
+    names = {type(None): "null (nothing)", bool: "true or false", int: "a whole number", float: "a number",
+             str: "a string"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _union_members(args: tuple) -> tuple:
+    # `IntervalStrategy | str` means "one of the strategy names", as HfArgumentParser reads it
+    if any(isinstance(a, type) and issubclass(a, enum.Enum) for a in args):
+        return tuple(a for a in args if a is not str)
+    return args
+
+
+def _coerce(value: Any, annotation: Any, promote: bool = True) -> Any:
+    """`value` as a field of type `annotation` takes it, or `_NO`. Text that spells a number or a boolean
+    becomes one (as a flag's value would); with `promote`, a single value for a list becomes a one-element
+    list. Types this does not know (library classes) are left for their dataclass to check."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for allow_promotion in (False, True):  # a value that fits as it is wins over a one-element list
+            for member in _union_members(args):
+                fitted = _coerce(value, member, allow_promotion)
+                if fitted is not _NO:
+                    return fitted
+        return _NO
+    if annotation is type(None):
+        return value if value is None else _NO
+    if origin is typing.Literal:
+        return value if any(value == a and type(value) is type(a) for a in args) else _NO
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return value if isinstance(value, annotation) or value in [m.value for m in annotation] else _NO
+    if annotation is bool:
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return string_to_bool(value)
+        return value if isinstance(value, bool) else _NO
+    if annotation in (int, float):
+        if isinstance(value, str):
+            try:
+                return annotation(value)
+            except ValueError:
+                return _NO
+        kinds = (int,) if annotation is int else (int, float)
+        return value if isinstance(value, kinds) and not isinstance(value, bool) else _NO
+    if annotation is str:
+        return value if isinstance(value, str) else _NO
+    if origin is list or annotation is list:
+        if value is None or isinstance(value, dict) or (not isinstance(value, list) and not promote):
+            return _NO
+        items = [_coerce(item, args[0] if args else Any, promote=False)
+                 for item in (value if isinstance(value, list) else [value])]
+        return _NO if any(item is _NO for item in items) else items
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            return _NO
+        if not args:
+            return value
+        fitted = {_coerce(k, args[0], False): _coerce(v, args[1], False) for k, v in value.items()}
+        return _NO if any(k is _NO or v is _NO for k, v in fitted.items()) else fitted
+    return value
+
+
+def _within(value: Any, choices: Sequence) -> bool:
+    return value is None or all(item in choices for item in (value if isinstance(value, list) else [value]))
 
 
 def _plain(value: Any) -> Any:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from collections.abc import Callable, Sequence
 
 logger = logging.getLogger(__name__)
+
+# What the system refuses, not what the code gets wrong: reported like a user error, naming the file.
+_PERMISSION = "make it writable (or readable, for an input), or choose another location"
+ENVIRONMENT_ERRNOS = {errno.EACCES: _PERMISSION, errno.EPERM: _PERMISSION,
+                      errno.EROFS: "choose a location on a writable filesystem",
+                      errno.ENOSPC: "free some disk space, or choose a location on another disk",
+                      errno.EDQUOT: "free some space within your disk quota, or choose another location",
+                      errno.ENOTDIR: "a file stands where a folder must be: choose another path"}
 
 
 class UserError(Exception):
@@ -32,14 +41,28 @@ class UserError(Exception):
 
 
 def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run a stage's `main` as a command: user errors become one clear message and exit status 2."""
+    """Run a stage's `main` as a command: user errors, and the system refusing a file (permission denied, a
+    read-only filesystem, a full disk), become one clear message and exit status 2."""
     try:
         main(argv)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (UserError, OSError) as err:
+        user_error = err if isinstance(err, UserError) else environment_error(err)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
         sys.exit(2)
     finally:
         end_distributed()
+
+
+def environment_error(err: OSError, path: str | None = None, field: str | None = None) -> UserError | None:
+    """`err` as a `UserError` naming `path` (default: the file `err` names) when the system refused (a
+    permission, a read-only filesystem, a full disk: `ENVIRONMENT_ERRNOS`); None for any other error."""
+    if err.errno not in ENVIRONMENT_ERRNOS:
+        return None
+    path = path if path is not None else err.filename
+    return UserError(err.strerror or str(err), path=None if path is None else str(path), field=field,
+                     fix=ENVIRONMENT_ERRNOS[err.errno])
 
 
 def end_distributed() -> None:

@@ -1,23 +1,31 @@
-"""Atomic writes: outputs appear complete or not at all, and what was there before survives failures."""
+"""Atomic writes: outputs appear complete or not at all, and what was there before survives failures.
+
+Temporary names carry their owner, `.NAME.HOST-PID.XXXXXXXX.tmp` beside `NAME`, so the next write of
+`NAME` removes what a killed run (`kill -9`, a crash) left behind, and never a live run's. Outputs get the
+modes a plain write gets (0644 / 0755 under umask 022), whatever the writer or `mkdtemp` chose.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from utils.errors import UserError
+from utils.errors import UserError, environment_error
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same directory, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -45,30 +53,113 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> None:
                         fix="pass --overwrite_output_dir to replace it, or choose another --output_dir")
 
 
+def check_writable(path: str | os.PathLike, field: str) -> None:
+    """Refuse an output location that cannot be written, before any work is done: the nearest existing
+    directory at or above `path` (its folder, when `path` is an existing file) must be writable. Reports
+    a read-only or immutable location (root included) and a regular file standing where a folder must be."""
+    path = Path(path).absolute()
+    existing = path.parent if path.is_file() else path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot write here: {existing} is a file, not a folder", path=str(path), field=field,
+                        fix=f"choose another --{field}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write here: {existing} is not writable (permissions or a read-only "
+                        "filesystem)", path=str(path), field=field,
+                        fix=f"choose another --{field}, or make {existing} writable")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `output_dir`; on success it replaces `output_dir` in one rename.
 
     On any error (or ctrl+c) the temporary directory is removed and an existing `output_dir` is left
-    exactly as it was.
+    exactly as it was. Failing to write (permission denied, read-only, disk full) is a `UserError`
+    naming `output_dir`.
     """
     final = Path(output_dir)
-    check_output_dir(final, overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        remove_stale_temporaries(final)  # first: it may put back an output a killed swap moved aside
+        check_output_dir(final, overwrite)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(final), suffix=".tmp", dir=final.parent))
+    except OSError as err:
+        raise environment_error(err, path=str(final), field="output_dir") or err
     try:
         yield tmp
-    except BaseException:
+        honour_umask(tmp)
+        old = None
+        if final.exists():
+            old = final.with_name(f"{_temporary_prefix(final)}old")
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        # an error inside the hidden temporary folder (or none named: a full disk) is about `output_dir`
+        if isinstance(err, OSError) and (err.filename is None or _inside(err.filename, tmp)):
+            raise environment_error(err, path=str(final), field="output_dir") or err
         raise
-    os.chmod(tmp, 0o777 & ~_umask())
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def honour_umask(directory: str | os.PathLike) -> None:
+    """Give everything under `directory` the mode a plain write gets (0644 files, 0755 folders under umask
+    022): safetensors writes `model.safetensors` 0600 and `mkdtemp` makes its folder 0700."""
+    mask = _umask()
+    for root, _, files in os.walk(directory):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, (0o777 if os.stat(path).st_mode & 0o111 else 0o666) & ~mask)
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> None:
+    """Remove the temporaries of `path` (see the module docstring) whose owner on this host has died. A
+    killed swap (the old output moved aside, the new one not yet in place) is undone first."""
+    path = Path(path)
+    owned = re.compile(rf"\.{re.escape(path.name)}\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\."
+                       r"(?:(?P<old>old)|[a-z0-9_]+\.tmp)")
+    if not path.parent.is_dir():
+        return
+    for entry in path.parent.iterdir():
+        found = owned.fullmatch(entry.name)
+        if not found or found["host"] != _host() or _alive(int(found["pid"])):
+            continue
+        if found["old"] and not os.path.lexists(path):
+            os.replace(entry, path)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}.{_host()}-{os.getpid()}."
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "localhost"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _inside(filename: object, folder: Path) -> bool:
+    return isinstance(filename, (str, os.PathLike)) and \
+        Path(os.path.abspath(filename)).is_relative_to(folder.absolute())
 
 
 def _umask() -> int:

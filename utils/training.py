@@ -33,6 +33,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotat
 
 from utils.config import save_config
 from utils.errors import UserError
+from utils.io import honour_umask
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +208,7 @@ class AtomicCheckpointMixin:
             self._staging, self.args.save_total_limit = False, limit
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            honour_umask(run_dir / STAGING_DIR / name)  # safetensors writes model.safetensors 0600
             final = run_dir / name
             if final.exists():
                 shutil.rmtree(final)
@@ -424,6 +426,7 @@ def save_final(trainer: Trainer, tokenizer, configs: list, summary: dict, output
         (staging / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         trainer.state.save_to_json(str(staging / "trainer_state.json"))  # the whole run, for plots
         (staging / "training_args.bin").unlink(missing_ok=True)
+        honour_umask(staging)  # safetensors writes model.safetensors 0600
         for path in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
             target = output / path.name
             if target.is_dir():
