@@ -34,6 +34,7 @@ from utils.conversations import ConversationDataArguments, hold_out, load_prefer
 from utils.dpo import ADAPTER_DIR, DPOArguments, LoraArguments, ToolkitDPOTrainer, refuse_existing_model
 from utils.errors import UserError, run_main
 from utils.logging import setup_logging
+from utils.runs import claim_output_dir, run_identity
 from utils.training import ProgressLine, format_duration, save_final, train_until_done_or_stopped
 
 logger = logging.getLogger("dpo_train")
@@ -97,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> ToolkitDPOTrainer:
     model = load_model(model_args.model_name_or_path, tokenizer)
     seq2seq = is_seq2seq(model.config)
     seq_len = check_lengths(data, args, model, tokenizer, seq2seq)
+    claim_output_dir(run_identity("dpo", model, tokenizer, [model_args, lora, data], args), args)
 
     # DPO runs the policy forward + backward on both answers and the reference forward: 4/3 of training cost
     flops = flops_per_token(model.config, seq_len, data.max_completion_length if seq2seq else None) * 4 / 3

@@ -27,6 +27,7 @@ from utils.config import parse_config, recipe_path, save_config
 from utils.errors import UserError, run_main
 from utils.logging import setup_logging
 from utils.pretrain_data import PackedBlocks, SpanCorruptionBlocks, TextToTextPairs, TokenStream, WeightedMix
+from utils.runs import claim_output_dir, run_identity
 from utils.training import (ProgressLine, ToolkitTrainer, TrainArguments, format_duration, save_final,
                             train_until_done_or_stopped)
 
@@ -149,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> ToolkitTrainer:
         model = build_model(model_config(model_args.model_config, tokenizer, model_args.overrides()), args.seed,
                             model_args.attn_implementation)
     seq2seq = is_seq2seq(model.config)
+    claim_output_dir(run_identity("pretrain", model, tokenizer, [model_args, data], args), args)
     objective, train_set, eval_set, ratios = build_datasets(data, tokenizer, seq2seq,
                                                             Path(args.output_dir) / "data_cache", args.seed, args)
 

@@ -34,6 +34,7 @@ from utils.config import parse_config, recipe_path
 from utils.conversations import ConversationDataArguments, hold_out, load_conversations
 from utils.errors import UserError, run_main
 from utils.logging import setup_logging
+from utils.runs import claim_output_dir, run_identity
 from utils.sft_data import OVERLONG, tokenize_conversations
 from utils.training import (ProgressLine, ToolkitTrainer, TrainArguments, format_duration, save_final,
                             train_until_done_or_stopped)
@@ -142,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> ToolkitTrainer:
     model = load_model(model_args.model_name_or_path, tokenizer)
     seq2seq = is_seq2seq(model.config)
     frozen = freeze_parameters(model, model_args.freeze)
+    claim_output_dir(run_identity("sft", model, tokenizer, [model_args, data], args), args)
 
     conversations = load_conversations(data.train_files, data.data_format, data.dataset_split, data.system_prompt)
     train_conversations, eval_conversations = split_validation(conversations, data, args.seed)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import yaml
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedConfig,
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedConfig,
                           PreTrainedModel, PreTrainedTokenizerBase)
 
 from utils.errors import UserError
@@ -90,12 +90,38 @@ def require_model_dir(path: str, fix: str = "pass an output directory of pre_tra
                         fix=fix)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def check_tokenizer_keeps_ids(path: str, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a tokenizer that does not keep every token id of the model's own tokenizer (saved beside it).
+
+    An extended tokenizer (`train_tokenizer.py --extend`) appends tokens after the base's last id, so the
+    trained embedding rows still mean the same tokens; any other tokenizer would silently scramble them.
+    """
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        logger.warning("%s holds no tokenizer: cannot check that the tokenizer keeps the model's token ids", path)
+        return
+    base = AutoTokenizer.from_pretrained(path).get_vocab()
+    new = tokenizer.get_vocab()
+    changed = sorted((i, token) for token, i in base.items() if new.get(token) != i)
+    if changed:
+        examples = ", ".join(f"id {i} {token!r}" + (f" is id {new[token]}" if token in new else " is missing")
+                             for i, token in changed[:3])
+        raise UserError(f"the tokenizer does not keep the model's token ids: {len(changed):,} of {len(base):,} ids "
+                        f"differ ({examples}); {len(base) - len(changed):,} agree", field="tokenizer_name_or_path",
+                        fix=f"use the model's own tokenizer ({path}) or one extended from it "
+                            f"(train_tokenizer.py --extend {path})")
+
+
 def load_model(path: str, tokenizer: PreTrainedTokenizerBase, attn_implementation: str = "sdpa") -> PreTrainedModel:
     """Load an HF checkpoint to continue training; grow its embeddings to fit an extended tokenizer.
 
-    New embedding rows start at the mean of the existing rows (so new tokens begin as an "average"
-    token instead of noise); existing rows are untouched.
+    The tokenizer must keep the ids of the model's own tokenizer (`check_tokenizer_keeps_ids`). New
+    embedding rows start at the mean of the existing rows (so new tokens begin as an "average" token
+    instead of noise); existing rows are untouched.
     """
+    check_tokenizer_keeps_ids(path, tokenizer)
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForSeq2SeqLM if is_seq2seq(config) else AutoModelForCausalLM
     model = auto.from_pretrained(path, attn_implementation=attn_implementation)

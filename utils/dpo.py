@@ -47,6 +47,7 @@ from trl.trainer.utils import FusedCausalLMOutput
 from model.build import is_seq2seq
 from model.generation import chat_prompt_ids
 from utils.errors import UserError
+from utils.runs import holds_model
 from utils.tokenizer import END_OF_TURN
 from utils.training import AtomicCheckpointMixin, ToolkitArguments
 
@@ -58,18 +59,12 @@ LORA_TARGETS = {
     "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],  # wi_0/wi_1: gated-GELU feed-forward
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
-MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-               "pytorch_model.bin.index.json")
 _LOGPROB_CHUNK = 32768  # vocabulary columns per tile of the chunked LM head (TRL's default)
 
 
 @dataclass
 class DPOArguments(ToolkitArguments, DPOConfig):
-    """TRL's `DPOConfig` plus the toolkit's `--no_resume` / `--precision` and an overwrite guard."""
-
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Replace a model already saved in --output_dir (default: refuse). Checkpoints in "
-                "output_dir/adapter are still resumed; add --no_resume to start over."})
+    """TRL's `DPOConfig` plus the toolkit's `--no_resume` / `--precision` / `--overwrite_output_dir`."""
 
 
 @dataclass
@@ -101,12 +96,6 @@ class LoraArguments:
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                           target_modules=targets, bias="none",
                           task_type=TaskType.SEQ_2_SEQ_LM if is_seq2seq(model.config) else TaskType.CAUSAL_LM)
-
-
-def holds_model(directory: str | Path) -> bool:
-    """Whether `directory` itself holds a saved model (checkpoint-N/ and adapter/ inside it do not count)."""
-    root = Path(directory)
-    return any((root / name).exists() for name in MODEL_FILES) or any(root.glob("model-*.safetensors"))
 
 
 def refuse_existing_model(output_dir: str | Path, overwrite: bool) -> None:

@@ -34,6 +34,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotat
 from utils.config import save_config
 from utils.errors import UserError
 from utils.io import honour_umask
+from utils.runs import RUN_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,9 @@ class ToolkitArguments:
     `TrainArguments` for our trainers, `utils.dpo.DPOArguments` for TRL's `DPOConfig`."""
 
     no_resume: bool = field(default=False, metadata={
-        "help": "Start from scratch even if --output_dir holds checkpoints (default: resume from the latest)."})
+        "help": "Start this run over: remove its checkpoints in --output_dir (default: resume from the latest)."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Replace another run's model and checkpoints in --output_dir (default: refuse; see utils/runs.py)."})
     precision: str = field(default="auto", metadata={
         "help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32. Sets --bf16/--fp16."})
 
@@ -208,6 +211,8 @@ class AtomicCheckpointMixin:
             self._staging, self.args.save_total_limit = False, limit
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            if (run_dir / RUN_FILE).is_file():  # the checkpoint names the run it belongs to
+                shutil.copy2(run_dir / RUN_FILE, run_dir / STAGING_DIR / name / RUN_FILE)
             honour_umask(run_dir / STAGING_DIR / name)  # safetensors writes model.safetensors 0600
             final = run_dir / name
             if final.exists():
@@ -423,6 +428,9 @@ def save_final(trainer: Trainer, tokenizer, configs: list, summary: dict, output
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(staging)
         save_config(staging, *configs)
+        run_record = Path(trainer.args.output_dir) / RUN_FILE
+        if run_record.is_file():
+            shutil.copy2(run_record, staging / RUN_FILE)
         (staging / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         trainer.state.save_to_json(str(staging / "trainer_state.json"))  # the whole run, for plots
         (staging / "training_args.bin").unlink(missing_ok=True)

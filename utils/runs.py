@@ -1,0 +1,194 @@
+"""Run identity: what makes a training run *this* run, stored with its output and every checkpoint.
+
+A training stage writes into an output directory for hours or days, and the same command resumes it
+after ctrl+c. Pointed at a directory that holds another run's work, it must neither overwrite that work
+nor "resume" from it. So every run records `run.json` in its output directory (and a copy in every
+checkpoint and in the final model): the stage, the model's architecture and configuration, the tokenizer,
+the data and its settings, and the training settings that fix the data order and the optimizer. Before
+anything is written, `claim_output_dir` compares the stored identity with the new run's:
+
+- same identity: resume from the latest checkpoint (or start over with `--no_resume`, which clears the
+  old checkpoints so a later resume can never pick one of them up);
+- another identity, or a model / checkpoints with no `run.json`: refused, naming every difference, unless
+  `--overwrite_output_dir` (which removes the old run's checkpoints and model files, nothing else).
+
+What may change between the interrupted run and its resumption: how the global batch is split into
+micro-batches, accumulation steps and processes (the examples of each step stay the same; logged with a
+warning), the number of steps or epochs (to extend a run), logging / evaluation / saving intervals,
+precision, worker counts and paths of model and tokenizer (identified by content, not by path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from utils.errors import UserError
+from utils.io import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "adapter_config.json", "adapter_model.safetensors")
+# Files a finished stage writes beside the weights (removed with the old model on --overwrite_output_dir).
+OUTPUT_FILES = (*MODEL_FILES, "generation_config.json", "training_summary.json", "trainer_state.json",
+                "config.yaml", RUN_FILE)
+# Settings that name where a model or tokenizer is (identified by content instead) or change only speed.
+NOT_IDENTITY = {"model_name_or_path", "tokenizer_name_or_path", "model_config", "model_overrides",
+                "attn_implementation", "preprocessing_num_workers", "num_proc", "eval_samples",
+                "sample_max_new_tokens"}
+# Training settings that decide which examples each step sees and how the optimizer moves.
+TRAINING_IDENTITY = ("seed", "data_seed", "train_sampling_strategy", "optim", "optim_args", "learning_rate",
+                     "lr_scheduler_type", "lr_scheduler_kwargs", "weight_decay", "adam_beta1", "adam_beta2",
+                     "adam_epsilon", "warmup_steps", "max_grad_norm", "label_smoothing_factor",
+                     "beta", "loss_type", "loss_weights", "label_smoothing", "rpo_alpha")
+VOLATILE_CONFIG = {"transformers_version", "dtype", "torch_dtype", "architectures", "use_cache"}
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _files(paths: Iterable[str]) -> list[list]:
+    """[resolved path, bytes] of each input (a directory counts all files under it)."""
+    out = []
+    for name in paths:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        else:
+            size = path.stat().st_size if path.is_file() else None  # a hub dataset name, or missing
+        out.append([str(path.resolve()) if path.exists() else name, size])
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "value") and not isinstance(value, (str, int, float, bool)):
+        return value.value  # enums
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+def run_identity(stage: str, model, tokenizer, settings: Sequence[Any], args) -> dict:
+    """The identity of a run: `settings` are the stage's model / data / LoRA dataclasses (every field counts
+    except those in `NOT_IDENTITY`; `*_files` fields count by resolved path and size), `args` its training
+    arguments (the fields of `TRAINING_IDENTITY` count)."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in VOLATILE_CONFIG and not k.startswith("_")}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    values: dict[str, Any] = {}
+    for group in settings:
+        for item in fields(group) if is_dataclass(group) else ():
+            if item.name in NOT_IDENTITY:
+                continue
+            value = getattr(group, item.name)
+            values[item.name] = _files(value) if item.name.endswith("_files") and value else _plain(value)
+    training = {name: _plain(getattr(args, name)) for name in TRAINING_IDENTITY if hasattr(args, name)}
+    split = {"per_device": args.per_device_train_batch_size, "accumulation": args.gradient_accumulation_steps,
+             "processes": args.world_size}
+    training["global_batch"] = split["per_device"] * split["accumulation"] * split["processes"]
+    return {"stage": stage,
+            "model": {"architecture": type(model).__name__,
+                      "config": _digest(json.dumps(_plain(config), sort_keys=True))},
+            "tokenizer": {"tokens": len(tokenizer),
+                          "digest": _digest(vocabulary + (getattr(tokenizer, "chat_template", None) or ""))},
+            "settings": values, "training": training, "batch_split": split}
+
+
+def read_identity(directory: str | Path) -> dict | None:
+    path = Path(directory) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise UserError("not valid JSON (a damaged run record)", path=str(path),
+                        fix="restore it, or pass --overwrite_output_dir to start the run over") from None
+
+
+def differences(stored: dict, current: dict) -> list[str]:
+    """`key: was -> now` for every identity entry that differs (the batch split is not identity)."""
+    out = []
+    for section in ("stage", "model", "tokenizer", "settings", "training"):
+        old, new = stored.get(section), current.get(section)
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in sorted(set(old) | set(new)):
+                if old.get(key, "(unset)") != new.get(key, "(unset)"):
+                    out.append(f"{section}.{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}")
+        elif old != new:
+            out.append(f"{section}: {old} -> {new}")
+    return out
+
+
+def holds_model(directory: str | Path) -> bool:
+    """Whether `directory` itself holds a saved model (checkpoint-N/ and adapter/ inside it do not count)."""
+    root = Path(directory)
+    return any((root / name).exists() for name in MODEL_FILES) or any(root.glob("model-*.safetensors"))
+
+
+def checkpoints(directory: str | Path) -> list[Path]:
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    return [p for p in root.iterdir() if p.is_dir() and (p.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
+                                                           or p.name in (".staging", ".final-staging"))]
+
+
+def clear_run(directory: str | Path, model_files: bool) -> None:
+    """Remove a run's checkpoints (and with `model_files`, its final model and records) from `directory`."""
+    root = Path(directory)
+    for path in checkpoints(root):
+        shutil.rmtree(path)
+    if model_files:
+        for path in [*(root / name for name in OUTPUT_FILES), *root.glob("model-*.safetensors")]:
+            path.unlink(missing_ok=True)
+
+
+def claim_output_dir(identity: dict, args) -> None:
+    """Check that `args.output_dir` is free for this run or holds this same run (see the module docstring),
+    clear what the user asked to start over from, and record `run.json`. Call it before writing anything
+    into the output directory."""
+    root = Path(args.output_dir)
+    fix = "choose another --output_dir, or pass --overwrite_output_dir to replace that run"
+    with args.main_process_first(desc="check the output directory"):
+        stored = read_identity(root)
+        if args.overwrite_output_dir:
+            if args.should_save and (stored is not None or holds_model(root) or checkpoints(root)):
+                logger.warning("--overwrite_output_dir: removing the checkpoints and model of the run in %s", root)
+                clear_run(root, model_files=True)
+            stored = None
+        elif stored is None and (holds_model(root) or checkpoints(root)):
+            raise UserError("the output directory holds a model or checkpoints with no record of the run that "
+                            f"made them ({RUN_FILE})", path=str(root), field="output_dir", fix=fix)
+        elif stored is not None and (changed := differences(stored, identity)):
+            raise UserError("the output directory holds another run; it differs in\n    " + "\n    ".join(changed),
+                            path=str(root), field="output_dir",
+                            fix=fix + " (or run with the settings above to resume it)")
+        resume = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+        if resume is not None and (other := read_identity(resume)) is not None \
+                and (changed := differences(other, identity)):
+            raise UserError("the checkpoint belongs to another run; it differs in\n    " + "\n    ".join(changed),
+                            path=str(resume), field="resume_from_checkpoint",
+                            fix="resume with that run's settings, or start over without --resume_from_checkpoint")
+        if stored is not None and args.no_resume and resume is None and args.should_save and checkpoints(root):
+            logger.warning("--no_resume: removing the earlier checkpoints of this run in %s", root)
+            clear_run(root, model_files=False)
+        elif stored is not None and stored.get("batch_split") != identity["batch_split"] and checkpoints(root):
+            logger.warning("resuming with the global batch of %d split differently (%s, was %s): each step sees the "
+                           "same examples, but the result is not bit-identical to an unchanged run",
+                           identity["training"]["global_batch"], identity["batch_split"], stored.get("batch_split"))
+        if args.should_save:
+            root.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(root / RUN_FILE, identity)
