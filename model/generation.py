@@ -7,11 +7,12 @@ A saved model's `generation_config.json` stops at either EOS or the chat templat
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 from transformers import GenerationConfig, PreTrainedConfig
 
-from utils.tokenizer import END_OF_TURN
+from utils.tokenizer import CHAT_TEMPLATE, END_OF_TURN
 
 
 def default_generation_config(tokenizer, config: PreTrainedConfig) -> GenerationConfig:
@@ -80,6 +81,12 @@ def chat_prompt_ids(tokenizer, messages: list[dict], max_prompt_tokens: int) -> 
     When the conversation is longer than `max_prompt_tokens`, the oldest turns are dropped (a system
     message stays) until it fits; the last message alone is truncated from the left if it must be.
     """
+    return ChatPrompts(tokenizer, messages).prompt_ids(len(messages), max_prompt_tokens)
+
+
+def prompt_ids_by_rerendering(tokenizer, messages: list[dict], max_prompt_tokens: int) -> list[int]:
+    """`chat_prompt_ids` for any chat template: render, and render again after each dropped turn (quadratic
+    in the number of turns; `ChatPrompts` uses it only for templates other than the toolkit's)."""
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(system):]
     while True:
@@ -93,6 +100,70 @@ def chat_prompt_ids(tokenizer, messages: list[dict], max_prompt_tokens: int) -> 
             system = []
         else:
             return list(ids)[-max_prompt_tokens:]
+
+
+class ChatPrompts:
+    """The generation prompts of a conversation's beginnings, from one rendering and one tokenisation.
+
+    `prompt_ids(end, limit)` equals `chat_prompt_ids(tokenizer, messages[:end], limit)`, and SFT asks for it
+    before every answer, so rendering each beginning and each trimmed candidate anew was cubic in the
+    conversation's length. The toolkit's template renders a conversation as its messages rendered one by
+    one, each starting with a role token, then the generation prompt `<|assistant|>\n`; the tokenizer splits
+    the text at added tokens before anything else, so the ids of any run of messages are that run's slice
+    of the whole tokenisation. The cuts are checked to fall on added tokens; another template, or a cut
+    that fails the check, falls back to `prompt_ids_by_rerendering`.
+    """
+
+    def __init__(self, tokenizer, messages: list[dict]):
+        self.tokenizer, self.messages = tokenizer, messages
+        self.has_system = bool(messages) and messages[0]["role"] == "system"
+        self.tokens: list[int] | None = None  # the whole conversation + generation prompt; None = re-render
+        self.starts: list[int] = []  # token index where message i starts; starts[-1]: the generation prompt
+        if messages and tokenizer.chat_template == CHAT_TEMPLATE and tokenizer.is_fast:
+            self._tokenize_once()
+
+    def _tokenize_once(self):
+        render = lambda messages, prompt: self.tokenizer.apply_chat_template(  # noqa: E731
+            messages, add_generation_prompt=prompt, tokenize=False)
+        pieces = [render([message], False) for message in self.messages]
+        pieces.append(render(self.messages[-1:], True)[len(pieces[-1]):])
+        # tokenised as apply_chat_template does, with character offsets to find the cuts
+        encoded = self.tokenizer("".join(pieces), add_special_tokens=False, return_offsets_mapping=True)
+        first_token_at: dict[int, int] = {}
+        for index, (start, _) in enumerate(encoded["offset_mapping"]):
+            first_token_at.setdefault(start, index)
+        added, tokens = self.tokenizer.added_tokens_decoder, encoded["input_ids"]
+        cuts, starts = 0, []
+        for piece in pieces:
+            index = first_token_at.get(cuts)
+            if index is None or tokens[index] not in added:
+                return
+            starts.append(index)
+            cuts += len(piece)
+        self.tokens, self.starts = tokens, starts
+
+    def length(self, end: int) -> int:
+        """Tokens of `messages[:end]` rendered whole with the generation prompt (before any trimming)."""
+        if self.tokens is None:
+            return len(self.tokenizer.apply_chat_template(self.messages[:end], add_generation_prompt=True,
+                                                          tokenize=True, return_dict=False))
+        return self.starts[end] + len(self.tokens) - self.starts[-1]
+
+    def prompt_ids(self, end: int, max_prompt_tokens: int | None = None) -> list[int]:
+        """`chat_prompt_ids(tokenizer, messages[:end], max_prompt_tokens)`; None = no limit, nothing dropped."""
+        limit = max_prompt_tokens if max_prompt_tokens is not None else self.length(end)
+        if self.tokens is None:
+            return prompt_ids_by_rerendering(self.tokenizer, self.messages[:end], limit)
+        tokens, starts = self.tokens, self.starts
+        generation = tokens[starts[-1]:]
+        oldest = 1 if self.has_system and end > 0 else 0  # the oldest turn after a system message
+        newest = max(end - 1, oldest)  # the newest turn always stays
+        system = starts[oldest]  # tokens of the system message, 0 without one
+        # the oldest turn from which the conversation fits: system + starts[end] - starts[turn] + generation
+        turn = bisect_left(starts, system + starts[end] + len(generation) - limit, oldest, newest + 1)
+        if turn <= newest:
+            return tokens[:system] + tokens[starts[turn]:starts[end]] + generation
+        return (tokens[starts[newest]:starts[end]] + generation)[-limit:]  # the system message goes too
 
 
 def generate_replies(model, tokenizer, conversations: list[list[dict]], generation_config: GenerationConfig | None = None,

@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 import sft_train
-from model.generation import chat_prompt_ids
+from model.generation import ChatPrompts, chat_prompt_ids
 from utils.config import parse_config
 from utils.errors import UserError
-from utils.sft_data import tokenize_conversations
+from utils.sft_data import OVERLONG, seq2seq_examples, tokenize_conversations
 from utils.training import latest_checkpoint
 
 SYSTEM = "你是一个复述助手。"
@@ -152,6 +152,81 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(tiny_tokenizer):
     assert max(len(x) for x in kept["input_ids"]) == 48
     _, stats = tokenize_conversations(conversations, tokenizer, overlong="drop", **args)
     assert (stats.examples, stats.dropped) == (2, 2)
+
+
+def long_conversation(system: bool) -> list[dict]:
+    """Many turns of uneven length, with what could upset a cut between messages: an empty user turn, chat
+    tokens and leading spaces / newlines inside the text, and a newest question longer than any budget."""
+    messages = [{"role": "system", "content": SYSTEM}] if system else []
+    for i in range(12):
+        question = ["请复述：" + SENTENCES[i], "", " 空格开头，<|end|>不是结尾", "\n\n<|assistant|>换行开头"][i % 4]
+        messages += [{"role": "user", "content": question},
+                     {"role": "assistant", "content": "".join(SENTENCES[i:i + 1 + i % 3])}]
+    return messages + [{"role": "user", "content": "".join(SENTENCES)}, {"role": "assistant", "content": "好的。"}]
+
+
+def rendered(tokenizer, messages: list[dict]) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                              return_dict=False))
+
+
+def reference_prompt(tokenizer, messages: list[dict], limit: int) -> list[int]:
+    """chat_prompt_ids's rule spelled out: the first of (system + turns from the oldest on, system + turns
+    from the next on, ..., the newest turn alone) that fits, each rendered whole; else the last cut."""
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    for candidate in [system + turns[oldest:] for oldest in range(len(turns))] + [turns[-1:]]:
+        ids = rendered(tokenizer, candidate)
+        if len(ids) <= limit:
+            return ids
+    return ids[-limit:]
+
+
+@pytest.fixture(scope="module", params=["tiny_t5", "tiny_llama", "byte_bpe", "sentencepiece"])
+def any_tokenizer(request, tiny_corpus, tmp_path_factory):
+    """The tokenizers of the tiny T5 and Llama, and tokenizers of the two other model types."""
+    if request.param.startswith("tiny_"):
+        return AutoTokenizer.from_pretrained(request.getfixturevalue(request.param))
+    import train_tokenizer
+
+    out = tmp_path_factory.mktemp(request.param) / "tokenizer"
+    train_tokenizer.main(["--config", "none", "--input", str(tiny_corpus), "--vocab_size", "600", "--model_type",
+                          request.param, "--output_dir", str(out), "--num_sentinels", "8", "--min_frequency", "1"])
+    return AutoTokenizer.from_pretrained(out)
+
+
+@pytest.mark.parametrize("system", [True, False])
+def test_prompts_from_one_rendering_equal_rendering_each_trimmed_prompt(any_tokenizer, system):
+    tokenizer, messages = any_tokenizer, long_conversation(system)
+    prompts = ChatPrompts(tokenizer, messages)
+    assert prompts.tokens is not None  # the one-rendering path, not the fallback
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    full_length = len(rendered(tokenizer, messages[:answers[-1]]))
+    for limit in (6, 30, 90, full_length // 2, 10**6):  # from cutting the newest turn to keeping everything
+        for end in range(1 + system, len(messages) + 1):  # at least one turn
+            expected = reference_prompt(tokenizer, messages[:end], limit)
+            assert prompts.prompt_ids(end, limit) == expected, (limit, end)
+            assert chat_prompt_ids(tokenizer, messages[:end], limit) == expected, (limit, end)
+        for overlong in OVERLONG:  # the T5 SFT examples: one per answer
+            examples = seq2seq_examples(messages, tokenizer, limit, 10**6, overlong)
+            for index, example in zip(answers, examples, strict=True):
+                whole = rendered(tokenizer, messages[:index])
+                assert example["over_source"] == (len(whole) > limit)
+                assert example["input_ids"] == (reference_prompt(tokenizer, messages[:index], limit)
+                                                if example["kept"] else whole)
+
+
+def test_other_chat_templates_are_rendered_prompt_by_prompt(tiny_tokenizer):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    # a template that is not a sequence of independent messages: the system text goes into the first turn
+    tokenizer.chat_template = ("{%- for m in messages if m['role'] != 'system' -%}{{ '<|' + m['role'] + '|>' }}"
+                               "{%- if loop.first and messages[0]['role'] == 'system' -%}{{ messages[0]['content'] }}"
+                               "{%- endif -%}{{ m['content'] + '<|end|>' }}{%- endfor -%}"
+                               "{%- if add_generation_prompt -%}{{ '<|assistant|>' }}{%- endif -%}")
+    messages = long_conversation(system=True)
+    assert ChatPrompts(tokenizer, messages).tokens is None
+    for limit in (6, 60, 10**6):
+        assert chat_prompt_ids(tokenizer, messages, limit) == reference_prompt(tokenizer, messages, limit)
 
 
 def test_sigint_then_resume_equals_uninterrupted_run(tiny_t5, sft_file, tmp_path):

@@ -2,7 +2,8 @@
 
 T5 (encoder-decoder): one example per assistant turn. The encoder input is the conversation before that
 turn rendered with the generation prompt (`model.generation.chat_prompt_ids`, the same rendering chat
-and serving use), the target is the turn's content + `<|end|>` + EOS.
+and serving use; `ChatPrompts` renders and tokenises the conversation once for all its answers), the
+target is the turn's content + `<|end|>` + EOS.
 Llama (decoder-only): one example per conversation, the whole template rendering; labels are the input
 ids on assistant tokens (the template's `{% generation %}` span, via `return_assistant_tokens_mask`) and
 -100 elsewhere, so the loss covers only what the assistant says.
@@ -53,21 +54,18 @@ class SftStats:
 def seq2seq_examples(messages: list[dict], tokenizer, max_source_length: int, max_target_length: int,
                      overlong: str) -> list[dict]:
     """One T5 example per assistant turn, with `over_source` / `over_target` / `kept` flags."""
-    from model.generation import chat_prompt_ids  # model/ builds on utils/, not the reverse
+    from model.generation import ChatPrompts  # model/ builds on utils/, not the reverse
 
+    prompts = ChatPrompts(tokenizer, messages)  # rendered and tokenised once for all the answers
     examples = []
     end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        context = messages[:index]
-        source = list(tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=True,
-                                                    return_dict=False))
         target = tokenizer(message["content"], add_special_tokens=False)["input_ids"] + [end, tokenizer.eos_token_id]
-        over_source, over_target = len(source) > max_source_length, len(target) > max_target_length
+        over_source, over_target = prompts.length(index) > max_source_length, len(target) > max_target_length
         kept = overlong == "truncate" or not (over_source or over_target)
-        if kept and over_source:
-            source = chat_prompt_ids(tokenizer, context, max_source_length)
+        source = prompts.prompt_ids(index, max_source_length if kept else None)
         examples.append({"input_ids": source, "labels": target[:max_target_length], "over_source": over_source,
                          "over_target": over_target, "kept": kept})
     return examples
