@@ -43,3 +43,35 @@ def test_bench_tokenizer_quick_measures_and_scores():
     assert budgeted["train_chars"] < budgeted["chars"]  # the budget made it sample
     assert [s["name"] for s in results["scores"]][1:] == ["chatlm_mini_chinese_tokenizer", "chatglm2_tokenizer"]
     assert results["scores"][0]["unk_rate"] == 0.0
+
+
+def test_gpu_recipes_smoke_interrupts_resumes_and_reports(tmp_path):
+    """bench/gpu_recipes.py on CPU: `prepare --quick`, `run --smoke` (tiny presets, plain python, every stage
+    of the GPU run, ctrl+c and resume included) and `report` into a scratch markdown file."""
+    import math
+
+    import gpu_recipes
+
+    data, results, markdown = tmp_path / "input", tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
+    gpu_recipes.main(["prepare", "--quick", "--dir", str(data)])
+    gpu_recipes.main(["run", "--smoke", "--input", str(data), "--runs_dir", str(tmp_path / "runs"),
+                      "--out", str(results)])
+    gpu_recipes.main(["report", "--results", str(results), "--markdown", str(markdown)])
+
+    runs = json.loads(results.read_text())["runs"]
+    assert set(runs) == {"t5", "llama", "llama_reference", "sft", "dpo"}
+    assert all(r["finished"] and r["last_step"] == 6 for r in runs.values())
+    for key in ("t5", "llama", "llama_reference"):  # from scratch: about uniform over the vocabulary
+        assert runs[key]["first_loss"] == pytest.approx(runs[key]["ln_vocab"], rel=0.1)
+    assert runs["dpo"]["first_loss"] == pytest.approx(math.log(2), abs=1e-3)  # LoRA starts at the reference
+    llama = runs["llama"]
+    assert llama["stop_exit_code"] == 0 and llama["stopped_at"] < 6
+    assert llama["resumed_from"].endswith(f"checkpoint-{llama['stopped_at']}")
+    assert llama["resume_check"]["identical"]  # one CPU process: the resumed run equals the uninterrupted one
+
+    text = markdown.read_text(encoding="utf-8")
+    assert text.count("<!-- section: gpu_recipes.py -->") == 1
+    for row in ("t5-tiny pretrain", "llama-tiny pretrain, uninterrupted", "llama-tiny pretrain, ctrl+c at step 1 + resume",
+                "t5-tiny SFT", "t5-tiny DPO (LoRA)"):
+        assert f"| {row} |" in text
+    assert "resuming from checkpoint-" in text
