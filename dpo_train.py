@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from utils.conversations import ConversationDataArguments, hold_out, load_prefer
 from utils.dpo import ADAPTER_DIR, DPOArguments, LoraArguments, ToolkitDPOTrainer, refuse_existing_model
 from utils.errors import UserError, run_main
 from utils.logging import setup_logging
-from utils.runs import claim_output_dir, run_identity
+from utils.runs import RUN_FILE, claim_output_dir, run_identity
 from utils.training import ProgressLine, format_duration, save_final, train_until_done_or_stopped
 
 logger = logging.getLogger("dpo_train")
@@ -131,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> ToolkitDPOTrainer:
     merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
     merged.__dict__.pop("forward", None)  # drop the fused LM head TRL / utils.dpo put on the instance
     save_final(trainer, tokenizer, configs, summary, output_dir=output_dir, model=merged)
+    if trainer.is_world_process_zero():  # the merged model names its run too (the record lives with the adapter)
+        shutil.copy2(output_dir / ADAPTER_DIR / RUN_FILE, output_dir / RUN_FILE)
     return trainer
 
 

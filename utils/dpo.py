@@ -49,7 +49,7 @@ from model.generation import chat_prompt_ids
 from utils.errors import UserError
 from utils.runs import holds_model
 from utils.tokenizer import END_OF_TURN
-from utils.training import AtomicCheckpointMixin, ToolkitArguments
+from utils.training import AtomicCheckpointMixin, ExactEvalLossMixin, ToolkitArguments
 
 logger = logging.getLogger(__name__)
 
@@ -214,10 +214,11 @@ def add_seq2seq_fused_lm_head(model: PreTrainedModel) -> None:
     model.forward = types.MethodType(_seq2seq_fused_forward, model)
 
 
-class ToolkitDPOTrainer(AtomicCheckpointMixin, DPOTrainer):
+class ToolkitDPOTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, DPOTrainer):
     """TRL's `DPOTrainer` with atomic checkpoints, the toolkit's chat-template tokenisation
-    (`tokenize_preference`) for both architectures, and the encoder-decoder extension for T5 (see the
-    module docstring). Pass datasets of `{prompt: [messages], chosen: str, rejected: str}` rows."""
+    (`tokenize_preference`) for both architectures, the encoder-decoder extension for T5 (see the
+    module docstring) and an evaluation loss weighted by pairs (`ExactEvalLossMixin`). Pass datasets of
+    `{prompt: [messages], chosen: str, rejected: str}` rows."""
 
     def __init__(self, *, model, max_prompt_length: int, max_completion_length: int, data_collator=None,
                  **kwargs):
@@ -235,6 +236,16 @@ class ToolkitDPOTrainer(AtomicCheckpointMixin, DPOTrainer):
         if self.seq2seq:
             model = self.accelerator.unwrap_model(self.model)
             add_seq2seq_fused_lm_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """TRL's step; its loss is the mean over the batch's pairs (chosen rows, then rejected rows). TRL does not
+        expose per-pair losses, so each pair carries its batch's mean: exact unless accelerate repeats pairs
+        to even out the last batch across processes (a validation set that is a multiple of
+        per_device_eval_batch_size x processes avoids that)."""
+        pairs = len(inputs["input_ids"]) // 2
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        self.record_eval_loss(loss.detach().reshape(1).expand(pairs), torch.ones(pairs, device=loss.device))
+        return loss, logits, labels
 
     def _prepare_dataset(self, dataset, processing_class, args: DPOConfig, dataset_name: str):
         return prepare_preferences(dataset, processing_class, self.max_prompt_length, self.max_completion_length,

@@ -28,6 +28,7 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 import torch.nn.functional as F
 from transformers import ProgressCallback, Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainerCallback
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 
@@ -125,7 +126,7 @@ class GracefulStop(TrainerCallback):
         if self.requested:  # a second ctrl+c stops at once
             raise KeyboardInterrupt
         self.requested = True
-        logger.warning("%s received: finishing the current step and saving a checkpoint "
+        logger.warning("%s received: finishing the current step (and evaluation, if one runs) and saving a checkpoint "
                        "(press ctrl+c again to abort without saving)", signal.Signals(signum).name)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -281,7 +282,37 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tup
     return losses.sum(-1), labels.ne(-100).sum(-1)
 
 
-class ToolkitTrainer(AtomicCheckpointMixin, Seq2SeqTrainer):
+class ExactEvalLossMixin:
+    """The evaluation loss as one weighted mean over the whole evaluation set (mix in first).
+
+    HF averages one loss per evaluation batch, each repeated by the *first* batch's size, so a short last
+    batch counts as a full one and the figure moves with the evaluation batch size and process count. A
+    subclass's `prediction_step` instead calls `record_eval_loss(sums, weights)` with per-example loss sums
+    and weights (label tokens, or pairs); they are gathered per example, which drops the examples accelerate
+    repeats to even out the last batch across processes, and `{prefix}_loss` becomes sum / weight.
+    """
+
+    _eval_sums: list[torch.Tensor] | None = None
+
+    def record_eval_loss(self, sums: torch.Tensor, weights: torch.Tensor) -> None:
+        if self._eval_sums is not None:
+            per_example = torch.stack([sums.detach().double(), weights.detach().double()], dim=1)
+            self._eval_sums.append(self.accelerator.gather_for_metrics(per_example).sum(0).cpu())
+
+    def evaluation_loop(self, *args, **kwargs):
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        self._eval_sums = []
+        try:
+            output = super().evaluation_loop(*args, **kwargs)
+        finally:
+            sums, self._eval_sums = self._eval_sums, None
+        if sums:
+            loss_sum, weight = torch.stack(sums).sum(0).tolist()
+            output.metrics[f"{prefix}_loss"] = loss_sum / max(weight, 1e-12)
+        return output
+
+
+class ToolkitTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, Seq2SeqTrainer):
     """`Seq2SeqTrainer` with atomic checkpoints (`AtomicCheckpointMixin`), token-weighted losses, bits per
     character in evaluation logs, and `--train_sampling_strategy group_by_length` read from a dataset's own
     `lengths` (the pretraining datasets know them; HF would otherwise load every example to measure it).
@@ -301,7 +332,6 @@ class ToolkitTrainer(AtomicCheckpointMixin, Seq2SeqTrainer):
             kwargs["compute_loss_func"] = self.token_mean_loss
         super().__init__(*args, **kwargs)
         self.chars_per_token = chars_per_token or {}
-        self._eval_sums: list[torch.Tensor] | None = None
 
     def token_mean_loss(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
         """Sum of token losses over the label tokens of the global batch (HF scales it by the process count)."""
@@ -335,28 +365,14 @@ class ToolkitTrainer(AtomicCheckpointMixin, Seq2SeqTrainer):
             return torch.utils.data.SequentialSampler(eval_dataset)
         return None  # accelerate shards the evaluation set in order
 
-    def evaluation_loop(self, *args, **kwargs):
-        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
-        self._eval_sums = []
-        try:
-            output = super().evaluation_loop(*args, **kwargs)
-        finally:
-            sums, self._eval_sums = self._eval_sums, None
-        if sums:
-            loss_sum, tokens = torch.stack(sums).sum(0).tolist()
-            output.metrics[f"{prefix}_loss"] = loss_sum / max(tokens, 1)
-        return output
-
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
-        if not prediction_loss_only or self._eval_sums is None or "labels" not in inputs:
+        if not prediction_loss_only or "labels" not in inputs:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs)
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             outputs = model(**inputs)
         sums, counts = token_losses(outputs["logits"], inputs["labels"], shift=not self.is_encoder_decoder)
-        per_example = torch.stack([sums.double(), counts.double()], dim=1)
-        # gather_for_metrics drops the examples repeated to even out the last batch across processes
-        self._eval_sums.append(self.accelerator.gather_for_metrics(per_example).sum(0).cpu())
+        self.record_eval_loss(sums, counts)
         return (sums.sum() / counts.sum().clamp(min=1)).detach(), None, None
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -421,10 +437,12 @@ def save_final(trainer: Trainer, tokenizer, configs: list, summary: dict, output
         shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     model.generation_config = default_generation_config(tokenizer, model.config)
-    if model is trainer.model:
-        trainer.save_model(str(staging))
+    if model is trainer.model and is_deepspeed_zero3_enabled():
+        trainer.save_model(str(staging))  # ZeRO-3: the parameters are gathered from every rank
     elif trainer.is_world_process_zero():
-        model.save_pretrained(staging)
+        # the module itself, not HF's DeepSpeed state-dict copy: tied weights (T5's shared embeddings and head)
+        # keep one storage, so they are saved once
+        trainer.accelerator.unwrap_model(model).save_pretrained(staging)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(staging)
         save_config(staging, *configs)
