@@ -18,8 +18,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from model.build import count_parameters
-from model.generation import InferenceArguments, context_length, load_for_inference
-from model.streaming import DecodingOptions, PromptTooLong, ReplyStream, default_reply_tokens, fit_prompt, prompt_budget
+from model.inference.generation import InferenceArguments, context_length, load_for_inference
+from model.inference.streaming import (
+    DecodingOptions,
+    PromptTooLong,
+    ReplyStream,
+    default_reply_tokens,
+    fit_prompt,
+    prompt_budget,
+)
 from utils.config import parse_config, recipe_path
 from utils.errors import UserError, run_main
 from utils.logging import setup_logging

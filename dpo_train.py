@@ -1,12 +1,12 @@
 """Align an SFT model with preference pairs: DPO through TRL with a PEFT LoRA adapter, merged back into a
-plain model at the end. Works for the T5 path (TRL extended for encoder-decoders, see utils/dpo.py) and the
+plain model at the end. Works for the T5 path (TRL extended for encoder-decoders, see model/training/dpo.py) and the
 Llama path (stock TRL; both tokenise through the chat template the same way).
 
     python dpo_train.py                        # config/dpo.yaml: model_save/sft + data/dpo -> model_save
     python dpo_train.py --model_name_or_path model_save/sft --train_files pairs.jsonl --output_dir model_save
     accelerate launch --config_file accelerate.yaml dpo_train.py   # 2 GPUs
 
-Data: `{prompt, chosen, rejected}` rows, or any conversation format of utils/conversations.py with
+Data: `{prompt, chosen, rejected}` rows, or any conversation format of utils/data/conversations.py with
 `chosen` / `rejected` answers (jsonl / json / parquet / csv files, directories, hub datasets).
 
 The merged model (weights + tokenizer + generation config + config.yaml + training_summary.json) is
@@ -29,14 +29,14 @@ from datasets import Dataset
 from transformers import AutoTokenizer, set_seed
 
 from model.build import count_parameters, flops_per_token, is_seq2seq, load_model, require_model_dir
-from model.generation import context_length
+from model.inference.generation import context_length
+from model.training.dpo import ADAPTER_DIR, DPOArguments, LoraArguments, PreferenceTrainer, refuse_existing_model
+from model.training.runs import RUN_FILE, claim_output_dir, run_identity
+from model.training.trainer import ProgressLine, format_duration, save_final, train_until_done_or_stopped
 from utils.config import parse_config, recipe_path
-from utils.conversations import ConversationDataArguments, hold_out, load_preferences
-from utils.dpo import ADAPTER_DIR, DPOArguments, LoraArguments, ToolkitDPOTrainer, refuse_existing_model
+from utils.data.conversations import ConversationDataArguments, hold_out, load_preferences
 from utils.errors import UserError, run_main
 from utils.logging import setup_logging
-from utils.runs import RUN_FILE, claim_output_dir, run_identity
-from utils.training import ProgressLine, format_duration, save_final, train_until_done_or_stopped
 
 logger = logging.getLogger("dpo_train")
 
@@ -85,7 +85,7 @@ def check_lengths(data: DataArguments, args: DPOArguments, model, tokenizer, seq
     return total
 
 
-def main(argv: Sequence[str] | None = None) -> ToolkitDPOTrainer:
+def main(argv: Sequence[str] | None = None) -> PreferenceTrainer:
     setup_logging()
     model_args, lora, data, args = parse_config([ModelArguments, LoraArguments, DataArguments, DPOArguments], argv,
                                                 default_recipe=recipe_path("dpo"), description=__doc__)
@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> ToolkitDPOTrainer:
 
     # DPO runs the policy forward + backward on both answers and the reference forward: 4/3 of training cost
     flops = flops_per_token(model.config, seq_len, data.max_completion_length if seq2seq else None) * 4 / 3
-    trainer = ToolkitDPOTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+    trainer = PreferenceTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                 processing_class=tokenizer, peft_config=lora.config_for(model),
                                 max_prompt_length=data.max_prompt_length,
                                 max_completion_length=data.max_completion_length, callbacks=[ProgressLine(flops)])
@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> ToolkitDPOTrainer:
                **metrics, "train_runtime_human": format_duration(result.metrics.get("train_runtime", 0))}
     save_final(trainer, tokenizer, configs, summary, output_dir=output_dir / ADAPTER_DIR)
     merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-    merged.__dict__.pop("forward", None)  # drop the fused LM head TRL / utils.dpo put on the instance
+    merged.__dict__.pop("forward", None)  # drop the fused LM head TRL / model.training.dpo put on the instance
     save_final(trainer, tokenizer, configs, summary, output_dir=output_dir, model=merged)
     if trainer.is_world_process_zero():  # the merged model names its run too (the record lives with the adapter)
         shutil.copy2(output_dir / ADAPTER_DIR / RUN_FILE, output_dir / RUN_FILE)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.generation import InferenceArguments, load_for_inference
+from model.inference.generation import InferenceArguments, load_for_inference
 from utils.config import parse_config, recipe_path
 from utils.errors import run_main
 from utils.io import write_json_atomic, write_text_atomic
@@ -94,7 +94,7 @@ class ReportArguments:
 
 
 def load_rows(files: Sequence[str], limit: int) -> tuple[list[str], list[str]]:
-    from utils.pretrain_data import load_text_files
+    from utils.examples.pretrain_data import load_text_files
 
     data, _ = load_text_files(list(files), "validation", ["prompt", "response"])
     if limit > 0:
@@ -150,7 +150,7 @@ def run_task(task: str, args: EvalArguments, data, model, tokenizer) -> dict:
 
 
 def report(argv: Sequence[str]) -> list[Path]:
-    from utils.evaluation import find_trainer_state, plot_training
+    from model.evaluation.metrics import find_trainer_state, plot_training
 
     (args,) = parse_config([ReportArguments], argv, description=__doc__)
     state = find_trainer_state(args.run_dir)
@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> dict | list[Path]:
     if argv[:1] == ["report"]:
         return report(argv[1:])
     (args,) = parse_config([EvalArguments], argv, default_recipe=recipe_path("evaluate"), description=__doc__)
-    from utils.evaluation import results_markdown
+    from model.evaluation.metrics import results_markdown
 
     tasks = list(dict.fromkeys(args.task))
     data = {task: load_task_data(task, args) for task in tasks}

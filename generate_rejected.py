@@ -12,7 +12,7 @@ to learn from), one where fewer than half the rows gave a pair is warned about. 
 appended with one write + fsync, then `OUTPUT.progress.json` records how far the input is done (and the
 resolved configuration); after ctrl+c, kill -9 or a power cut, the same command drops any torn or
 unrecorded lines and continues from the first unfinished batch. The input is read through
-utils/conversations.py (any SFT or preference format, hub names too).
+utils/data/conversations.py (any SFT or preference format, hub names too).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from model.generation import InferenceArguments, context_length, generate_replies, load_for_inference
+from model.inference.generation import InferenceArguments, context_length, generate_replies, load_for_inference
 from utils.config import config_to_dict, parse_config, recipe_path
-from utils.conversations import FORMATS, load_answered_prompts
+from utils.data.conversations import FORMATS, load_answered_prompts
 from utils.errors import UserError, run_main
 from utils.io import write_json_atomic
 from utils.logging import setup_logging

@@ -21,15 +21,20 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq, default_data_collator, set_seed
 
-from model.build import (ATTENTION, build_model, count_parameters, flops_per_token, is_seq2seq, load_model,
-                         model_config)
+from model.build import ATTENTION, build_model, count_parameters, flops_per_token, is_seq2seq, load_model, model_config
+from model.training.runs import claim_output_dir, run_identity
+from model.training.trainer import (
+    LanguageModelTrainer,
+    ProgressLine,
+    TrainArguments,
+    format_duration,
+    save_final,
+    train_until_done_or_stopped,
+)
 from utils.config import parse_config, recipe_path, save_config
 from utils.errors import UserError, run_main
+from utils.examples.pretrain_data import PackedBlocks, SpanCorruptionBlocks, TextToTextPairs, TokenStream, WeightedMix
 from utils.logging import setup_logging
-from utils.pretrain_data import PackedBlocks, SpanCorruptionBlocks, TextToTextPairs, TokenStream, WeightedMix
-from utils.runs import claim_output_dir, run_identity
-from utils.training import (ProgressLine, ToolkitTrainer, TrainArguments, format_duration, save_final,
-                            train_until_done_or_stopped)
 
 logger = logging.getLogger("pre_train")
 OBJECTIVES = ("auto", "causal_lm", "span_corruption", "text_to_text", "mix")
@@ -138,7 +143,7 @@ def build_datasets(data: DataArguments, tokenizer, seq2seq: bool, cache_dir: Pat
     return objective, train_set, eval_set, ratios
 
 
-def main(argv: Sequence[str] | None = None) -> ToolkitTrainer:
+def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
     setup_logging()
     model_args, data, args = parse_config([ModelArguments, DataArguments, TrainArguments], argv,
                                           default_recipe=recipe_path("pretrain"), description=__doc__)
@@ -169,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> ToolkitTrainer:
 
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100) if seq2seq \
         else default_data_collator
-    trainer = ToolkitTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+    trainer = LanguageModelTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                              data_collator=collator, processing_class=tokenizer, chars_per_token=ratios,
                              callbacks=[ProgressLine(flops)])
     result = train_until_done_or_stopped(trainer, args)

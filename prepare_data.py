@@ -15,7 +15,7 @@ import logging
 from collections.abc import Sequence
 
 from utils.config import parse_config, recipe_path, save_config
-from utils.corpus import CleaningArguments, DedupArguments, InputArguments, OutputArguments, prepare_corpus
+from utils.data.corpus import CleaningArguments, DedupArguments, InputArguments, OutputArguments, prepare_corpus
 from utils.errors import run_main
 from utils.io import atomic_output_dir
 from utils.logging import setup_logging

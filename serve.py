@@ -47,9 +47,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from model.generation import InferenceArguments, context_length, load_for_inference
-from model.streaming import (DecodingOptions, PromptTooLong, Reply, ReplyStream, default_reply_tokens, fit_prompt,
-                             generate_reply, max_new_tokens_limit, prompt_budget)
+from model.inference.generation import InferenceArguments, context_length, load_for_inference
+from model.inference.streaming import (
+    DecodingOptions,
+    PromptTooLong,
+    Reply,
+    ReplyStream,
+    default_reply_tokens,
+    fit_prompt,
+    generate_reply,
+    max_new_tokens_limit,
+    prompt_budget,
+)
 from utils.config import REPO_ROOT, parse_config, recipe_path
 from utils.errors import run_main
 from utils.logging import setup_logging

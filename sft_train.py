@@ -5,7 +5,7 @@ data in any conversation format (prompt/response, alpaca, ShareGPT, messages, hu
     python sft_train.py --model_name_or_path DIR --train_files a.jsonl b.json --output_dir DIR2
     accelerate launch --config_file accelerate.yaml sft_train.py   # 2 GPUs, DeepSpeed ZeRO-2
 
-Every format goes through the tokenizer's chat template (utils/sft_data.py). T5: the encoder reads the
+Every format goes through the tokenizer's chat template (utils/examples/sft_data.py). T5: the encoder reads the
 conversation so far, the decoder learns the answer; by default the embeddings and the whole encoder are
 frozen (ChatLM-mini-Chinese's recipe, `--freeze embeddings,encoder`; `--freeze none` trains everything).
 T5 ties its input embeddings to the LM head (one tensor), so freezing `embeddings` freezes the output
@@ -14,7 +14,7 @@ keeps the vocabulary geometry of pretraining intact for the rarely seen tokens. 
 `decoder` never touches that shared tensor; name `embeddings` for it. Llama: the loss covers only the
 assistant's tokens (labels -100 on the prompt, from the template's `{% generation %}` mask, which is what
 TRL's `assistant_only_loss` reads too); nothing is frozen by default. One tokenisation and one trainer
-(`ToolkitTrainer`) serve both model types: TRL's `SFTTrainer` builds causal LMs only and truncates at
+(`LanguageModelTrainer`) serve both model types: TRL's `SFTTrainer` builds causal LMs only and truncates at
 `max_length` without counting, while here the length limits are counted and truncate-or-drop is a choice.
 
 ctrl+c saves a checkpoint and exits; the same command resumes from it. The output directory loads with
@@ -30,14 +30,22 @@ from dataclasses import asdict, dataclass, field
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq, TrainerCallback, set_seed
 
 from model.build import count_parameters, flops_per_token, is_seq2seq, load_model
+from model.inference.generation import generate_replies
+from model.training.runs import claim_output_dir, run_identity
+from model.training.trainer import (
+    LanguageModelTrainer,
+    ProgressLine,
+    TrainArguments,
+    format_duration,
+    save_final,
+    train_until_done_or_stopped,
+)
 from utils.config import parse_config, recipe_path
-from utils.conversations import ConversationDataArguments, hold_out, load_conversations
+from utils.data.conversations import ConversationDataArguments, hold_out, load_conversations
 from utils.errors import UserError, run_main
+from utils.examples.sft_data import OVERLONG, tokenize_conversations
 from utils.logging import setup_logging
-from utils.runs import claim_output_dir, run_identity
-from utils.sft_data import OVERLONG, tokenize_conversations
-from utils.training import (ProgressLine, ToolkitTrainer, TrainArguments, format_duration, save_final,
-                            train_until_done_or_stopped)
+from utils.tokenization.chat_format import default_generation_config
 
 logger = logging.getLogger("sft_train")
 FREEZABLE = ("embeddings", "encoder", "decoder")
@@ -120,8 +128,6 @@ class SampleReplies(TrainerCallback):
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         if not self.prompts or not state.is_world_process_zero:
             return
-        from model.generation import default_generation_config, generate_replies
-
         config = default_generation_config(self.tokenizer, model.config)
         config.max_new_tokens = self.max_new_tokens
         was_training = model.training
@@ -134,7 +140,7 @@ class SampleReplies(TrainerCallback):
                         prompt[-1]["content"][:80], reply[:120], reference[:80])
 
 
-def main(argv: Sequence[str] | None = None) -> ToolkitTrainer:
+def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
     setup_logging()
     model_args, data, args = parse_config([ModelArguments, DataArguments, TrainArguments], argv,
                                           default_recipe=recipe_path("sft"), description=__doc__)
@@ -170,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> ToolkitTrainer:
 
     samples = SampleReplies(eval_conversations[:data.eval_samples], tokenizer, data.sample_max_new_tokens)
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
-    trainer = ToolkitTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+    trainer = LanguageModelTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                              data_collator=collator, processing_class=tokenizer,
                              callbacks=[ProgressLine(flops), samples])
     result = train_until_done_or_stopped(trainer, args)

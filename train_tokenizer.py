@@ -19,12 +19,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.config import parse_config, recipe_path, save_config
+from utils.data.sources import split_files
 from utils.errors import UserError, run_main
 from utils.io import atomic_output_dir, write_json_atomic
 from utils.logging import setup_logging
-from utils.sources import split_files
-from utils.tokenizer import (MODEL_TYPES, extend_tokenizer, format_scores, iter_documents, round_vocab,
-                             sample_corpus, score_tokenizer, to_transformers, train_bpe, train_sentencepiece)
+from utils.tokenization.tokenizer import (
+    MODEL_TYPES,
+    extend_tokenizer,
+    format_scores,
+    iter_documents,
+    round_vocab,
+    sample_corpus,
+    score_tokenizer,
+    to_transformers,
+    train_bpe,
+    train_sentencepiece,
+)
 
 logger = logging.getLogger("train_tokenizer")
 

@@ -1,5 +1,5 @@
 """Near-duplicate removal benchmark (issue 2): quality and speed of prepare_data.py's MinHash step
-(`utils/dedup.py`: MinHash LSH over character 5-gram shingles, rensa) against the character-SET MinHash
+(`utils/data/dedup.py`: MinHash LSH over character 5-gram shingles, rensa) against the character-SET MinHash
 of ChatLM-mini-Chinese, on planted near-duplicates of real text.
 
     .venv/bin/python bench/bench_dedup.py            # about a minute on 2 cores
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import rensa
 from common import MixSpec, load_real_texts, log, markdown_table, mixed_documents, write_section
 
-from utils.dedup import NearDuplicateIndex, minhash_signature  # noqa: E402
+from utils.data.dedup import NearDuplicateIndex, minhash_signature  # noqa: E402
 
 EDIT_RATES = (0.005, 0.01, 0.02, 0.05)
 SHINGLE_SIZE, NUM_PERM, THRESHOLD, SEED = 5, 128, 0.8, 42  # config/prepare_data.yaml defaults
@@ -71,7 +71,7 @@ class Method:
                                                        seed=SEED))
 
 
-METHODS = [Method("ours: 5-gram shingles, LSH 0.8, 128 perm (utils/dedup.py)", ours_signature, THRESHOLD, NUM_PERM),
+METHODS = [Method("ours: 5-gram shingles, LSH 0.8, 128 perm (utils/data/dedup.py)", ours_signature, THRESHOLD, NUM_PERM),
            Method("ChatLM-mini-Chinese: character set, LSH 0.85, 256 perm", chatlm_signature, CHATLM_THRESHOLD,
                   CHATLM_NUM_PERM),
            # Other settings of our step (prepare_data.py --dedup_threshold / --shingle_size), for tuning.
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
                  "t2s, normalisation) - not measured here." if pooled < single else "")
     per_cpu = next(float(r[6].replace(",", "")) for r in speed_rows if r[0].startswith("synthetic") and r[3] == 1)
     body = f"""
-What it measures: the near-duplicate step of `prepare_data.py` (`utils/dedup.py`: rensa MinHash LSH over
+What it measures: the near-duplicate step of `prepare_data.py` (`utils/data/dedup.py`: rensa MinHash LSH over
 character {SHINGLE_SIZE}-gram shingles of the text without whitespace, threshold {THRESHOLD}, {NUM_PERM}
 permutations, the `config/prepare_data.yaml` defaults) against ChatLM-mini-Chinese's `DropDatasetDuplicate`
 (MinHash updated with each single character after dropping punctuation, i.e. a signature of the character

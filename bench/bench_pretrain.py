@@ -7,7 +7,7 @@ model, data and machine, in one run.
 
 Recipes (all on the `t5-demo` model from the same initial weights, batch 16, fp32, this process's threads):
 - ours / span corruption: pre_train.py's default T5 objective on packed blocks of the training text
-  (`build_datasets` of pre_train.py), AdamW + warmup + cosine, `ToolkitTrainer`.
+  (`build_datasets` of pre_train.py), AdamW + warmup + cosine, `LanguageModelTrainer`.
 - ours / text-to-text: pre_train.py `--objective text_to_text` on the prompt/response pairs (pre-tokenised
   with `datasets`, padded per batch), AdamW + warmup + cosine.
 - ChatLM-mini-Chinese: HF `Seq2SeqTrainer`, pairs tokenised in the collator at every batch and padded to
@@ -37,15 +37,21 @@ import torch.nn.functional as F
 import transformers
 from common import CHATLM_SFT, WORK, fmt_int, log, markdown_table, shared_path, write_section
 from torch.utils.data import Dataset
-from transformers import (AutoTokenizer, DataCollatorForSeq2Seq, PrinterCallback, Seq2SeqTrainer,
-                          Seq2SeqTrainingArguments, TrainerCallback)
+from transformers import (
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    PrinterCallback,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    TrainerCallback,
+)
 from transformers.optimization import Adafactor, AdafactorSchedule
 
 import train_tokenizer  # noqa: E402  (bench/common puts the repo on sys.path)
 from model.build import build_model, count_parameters, model_config  # noqa: E402
+from model.training.trainer import LanguageModelTrainer, TrainArguments  # noqa: E402
 from pre_train import DataArguments, build_datasets  # noqa: E402
-from utils.pretrain_data import TokenStream  # noqa: E402
-from utils.training import ToolkitTrainer, TrainArguments  # noqa: E402
+from utils.examples.pretrain_data import TokenStream  # noqa: E402
 
 TRAIN_FILES = ("my_train_dataset_3k.parquet", "my_test_dataset_2k.parquet")
 HELD_OUT_FILE = "my_valid_dataset_1k.parquet"
@@ -233,7 +239,7 @@ def make_trainer(s: Settings, arm: Arm, model, tokenizer, max_steps: int, callba
     else:
         flags = {"learning_rate": s.learning_rate, "optim": "adamw_torch", **ARM_FLAGS[arm.name]}
         args = TrainArguments(**common, warmup_steps=s.warmup_steps, lr_scheduler_type="cosine", **flags)
-        trainer = ToolkitTrainer(model=model, args=args, train_dataset=arm.train_set, data_collator=counter,
+        trainer = LanguageModelTrainer(model=model, args=args, train_dataset=arm.train_set, data_collator=counter,
                                  processing_class=tokenizer, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # no metrics dict printed after every run
     return trainer, counter

@@ -24,9 +24,9 @@ from common import REPO, WIKI_DOC, WIKI_JSONL, WORK, log, markdown_table, shared
 from transformers import AutoTokenizer
 
 import train_tokenizer  # noqa: E402  (bench/common puts the repo on sys.path)
-from model.generation import ChatPrompts, prompt_ids_by_rerendering  # noqa: E402
-from utils.conversations import load_conversations  # noqa: E402
-from utils.sft_data import seq2seq_examples, tokenize_conversations  # noqa: E402
+from utils.data.conversations import load_conversations  # noqa: E402
+from utils.examples.sft_data import seq2seq_examples, tokenize_conversations  # noqa: E402
+from utils.tokenization.chat_format import ChatPrompts, prompt_ids_by_rerendering  # noqa: E402
 
 SHAREGPT = "sft/medicalgpt_sharegpt_zh_1K_format.jsonl"
 # Old figures, measured by the issue's reporter on the same file (issue 11, item 8).
@@ -34,7 +34,7 @@ ISSUE_OLD = {"file": "11 min 47 s", 86: "3.9 s", 330: "> 290 s (unfinished)"}
 
 
 def old_sources(tokenizer, messages: list[dict], max_source_length: int) -> list[list[int]]:
-    """The T5 encoder inputs as utils/sft_data.py built them before this change: each answer's conversation
+    """The T5 encoder inputs as utils/examples/sft_data.py built them before this change: each answer's conversation
     rendered whole, and when over the limit, rendered again after each dropped turn."""
     sources = []
     for index, message in enumerate(messages):
@@ -134,9 +134,9 @@ trained on the fly by `train_tokenizer.py` on `{WIKI_JSONL}` with the demo recip
 ({vocab_size:,} tokens, {demo['num_sentinels']} sentinels).
 
 T5 builds one example per answer whose prompt is the conversation before it, oldest turns dropped to fit
-(`model.generation.chat_prompt_ids`). The old code rendered and tokenised each answer's conversation, then
+(`model.inference.generation.render_prompt`). The old code rendered and tokenised each answer's conversation, then
 once more after each dropped turn: a quadratic number of renderings of growing text. Now
-`model.generation.ChatPrompts` renders and tokenises a conversation once and cuts every prompt from it at
+`model.inference.generation.ChatPrompts` renders and tokenises a conversation once and cuts every prompt from it at
 message boundaries (binary search for the oldest turn that fits), with the same token ids
 (tests/test_sft.py compares them with each trimmed prompt rendered whole; this script checks the
 86-message conversation against the old algorithm). "old (issue)" is the reporter's figure (another

@@ -21,8 +21,20 @@ import os
 import sys
 from pathlib import Path
 
-from common import (PYTHON, REPO, WIKI_JSONL, WORK, build_mixed_corpus, load_real_texts, log, markdown_table,
-                    run_measured, shared_path, utc_now, write_section)
+from common import (
+    PYTHON,
+    REPO,
+    WIKI_JSONL,
+    WORK,
+    build_mixed_corpus,
+    load_real_texts,
+    log,
+    markdown_table,
+    run_measured,
+    shared_path,
+    utc_now,
+    write_section,
+)
 
 from train_tokenizer import BYTES_PER_TRAIN_CHAR, FIXED_BYTES, chars_for_budget  # noqa: E402  (bench/common puts the repo on sys.path)
 from utils.io import write_text_atomic  # noqa: E402

@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from utils.data.sources import read_records  # noqa: E402
 from utils.io import write_text_atomic  # noqa: E402
-from utils.sources import read_records  # noqa: E402
 
 WORK = REPO / "bench" / "_work"
 BENCHMARKS_MD = REPO / "docs" / "BENCHMARKS.md"

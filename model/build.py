@@ -17,11 +17,18 @@ from typing import Any
 
 import torch
 import yaml
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedConfig,
-                          PreTrainedModel, PreTrainedTokenizerBase)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from utils.errors import UserError
-from utils.tokenizer import round_vocab
+from utils.tokenization.tokenizer import round_vocab
 
 logger = logging.getLogger(__name__)
 

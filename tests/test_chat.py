@@ -1,4 +1,4 @@
-"""chat.py and model/streaming.py: streamed replies equal plain generation, the whole conversation is sent
+"""chat.py and model/inference/streaming.py: streamed replies equal plain generation, the whole conversation is sent
 (oldest turns dropped to fit), decoding options reach generation, and the CLI works in a real terminal."""
 
 from __future__ import annotations
@@ -12,9 +12,15 @@ import torch
 from conftest import REPO
 
 import chat
-from model.generation import load_for_inference
-from model.streaming import (DecodingOptions, PromptTooLong, ReplyStream, fit_prompt, generate_reply,
-                             prompt_budget)
+from model.inference.generation import load_for_inference
+from model.inference.streaming import (
+    DecodingOptions,
+    PromptTooLong,
+    ReplyStream,
+    fit_prompt,
+    generate_reply,
+    prompt_budget,
+)
 from utils.config import parse_config
 from utils.errors import UserError
 

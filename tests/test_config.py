@@ -163,7 +163,7 @@ def test_recipe_values_of_the_wrong_type_name_file_line_and_field(line, expected
 
 
 def test_recipe_values_for_hf_training_arguments(tmp_path):
-    from utils.training import TrainArguments
+    from model.training.trainer import TrainArguments
 
     recipe = write(tmp_path / "r.yaml", f"output_dir: {tmp_path}\nreport_to: none\neval_strategy: steps\n"
                                         "eval_steps: 10\nwarmup_steps: 0.1\nlr_scheduler_kwargs: {min_lr: 0.1}\n"

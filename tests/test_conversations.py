@@ -12,7 +12,7 @@ import pytest
 from conftest import shared_path
 from transformers import AutoTokenizer
 
-from utils.conversations import load_answered_prompts, load_conversations, load_preferences
+from utils.data.conversations import load_answered_prompts, load_conversations, load_preferences
 from utils.errors import UserError
 
 QUESTION, ANSWER = "怎样泡一杯好喝的绿茶？", "水温八十度左右，先温杯，再放茶叶，泡两分钟即可。"

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from conftest import REPO, run_script
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from utils.conversations import load_preferences
+from utils.data.conversations import load_preferences
 
 
 def test_demo_pipeline(tmp_path):

@@ -20,12 +20,19 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 import dpo_train
 from dpo_train import DataArguments, ModelArguments
+from model.training.dpo import (
+    DataCollatorForSeq2SeqPreference,
+    DPOArguments,
+    LoraArguments,
+    add_seq2seq_fused_lm_head,
+    holds_model,
+    prepare_preferences,
+    tokenize_preference,
+)
 from utils.config import parse_config
-from utils.conversations import load_preferences
-from utils.dpo import (DataCollatorForSeq2SeqPreference, DPOArguments, LoraArguments, add_seq2seq_fused_lm_head,
-                       holds_model, prepare_preferences, tokenize_preference)
+from utils.data.conversations import load_preferences
 from utils.errors import UserError
-from utils.tokenizer import END_OF_TURN
+from utils.tokenization.chat_format import END_OF_TURN
 
 # Original preference pairs: a question, a fitting answer (chosen) and an off-topic one (rejected).
 PAIRS = [
@@ -193,7 +200,7 @@ def test_pairs_render_like_the_chat_template_and_lengths_are_enforced(tiny_token
 @pytest.mark.parametrize("name", ["dpo/llamafactory_dpo_zh_demo.json", "dpo/medicalgpt_dpo_zh_500.jsonl"])
 def test_shared_preference_data_tokenizes_within_limits(name, tiny_tokenizer):
     """The real preference files (ShareGPT-style conversations, multi-turn, long answers) load through
-    utils.conversations and tokenise within the limits, every prompt ending with the generation prompt."""
+    utils.data.conversations and tokenise within the limits, every prompt ending with the generation prompt."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
     pairs = load_preferences([str(shared_path(name))])[:200]
     data = prepare_preferences(Dataset.from_list(pairs), tokenizer, 128, 96, "train")

@@ -19,13 +19,30 @@ from conftest import SENTENCES, run_script, shared_path
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 import evaluate
-from model.evaluation import (_windows, answer_questions, bits_per_character, choice_token_ids, letter_logits,
-                              question_prompt, shots_for)
-from model.generation import load_for_inference
+from model.evaluation.metrics import (
+    LETTERS,
+    TRADITIONAL_SHARE_WARNING,
+    choice_accuracy,
+    load_benchmark,
+    parse_triples,
+    plot_training,
+    read_choice_csv,
+    results_markdown,
+    text_metrics,
+    triple_scores,
+)
+from model.evaluation.scoring import (
+    _windows,
+    answer_questions,
+    bits_per_character,
+    choice_token_ids,
+    letter_logits,
+    question_prompt,
+    shots_for,
+)
+from model.inference.generation import load_for_inference
+from utils.data.text import to_simplified
 from utils.errors import UserError
-from utils.evaluation import (LETTERS, TRADITIONAL_SHARE_WARNING, choice_accuracy, load_benchmark, parse_triples,
-                              plot_training, read_choice_csv, results_markdown, text_metrics, triple_scores)
-from utils.text import to_simplified
 
 CEVAL_SUBJECTS = ["computer_network", "high_school_physics", "modern_chinese_history"]
 CMMLU_SUBJECTS = ["agronomy", "ancient_chinese", "high_school_physics"]
@@ -326,7 +343,7 @@ def test_bpc_conversion_defaults_to_the_corpus_stage_default():
     import yaml
 
     from utils.config import parse_config, recipe_path
-    from utils.corpus import CleaningArguments
+    from utils.data.corpus import CleaningArguments
 
     (args,) = parse_config([evaluate.EvalArguments], ["--task", "bpc", "--bpc_files", "x.txt"],
                            default_recipe=recipe_path("evaluate"))
@@ -407,7 +424,7 @@ def test_report_plots_a_real_run(tiny_corpus, tiny_tokenizer, tmp_path):
         width, height = is_png(path)
         assert (width, height) == (700, 400)
     # the finished run's own trainer state (written by save_final) has every step
-    from utils.evaluation import find_trainer_state
+    from model.evaluation.metrics import find_trainer_state
 
     assert find_trainer_state(run) == run / "trainer_state.json"
     assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 6
@@ -421,7 +438,7 @@ def test_report_plots_a_real_run(tiny_corpus, tiny_tokenizer, tmp_path):
 
 
 def evaluate_state(run):
-    from utils.evaluation import find_trainer_state
+    from model.evaluation.metrics import find_trainer_state
 
     found = find_trainer_state(run)
     assert found.parent.name == "checkpoint-3"

@@ -14,9 +14,9 @@ import pytest
 from conftest import REPO, SENTENCES, run_script
 
 import generate_rejected
-from model.generation import generate_replies, load_for_inference
+from model.inference.generation import generate_replies, load_for_inference
 from utils.config import parse_config
-from utils.conversations import load_answered_prompts, load_preferences
+from utils.data.conversations import load_answered_prompts, load_preferences
 from utils.errors import UserError
 
 

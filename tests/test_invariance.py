@@ -104,7 +104,7 @@ def stage_args(stage, arch, data, request, output) -> tuple[str, list[str]]:
                                 str(data["sft"]), "--max_source_length", "64", "--max_target_length", "48",
                                 "--max_length", "128", "--learning_rate", "1e-3", "--validation_ratio", "0.2",
                                 "--eval_samples", "0", "--freeze", "none"]
-    # 8 pairs and an evaluation batch of 2: no pair is repeated to even out processes (see ToolkitDPOTrainer)
+    # 8 pairs and an evaluation batch of 2: no pair is repeated to even out processes (see PreferenceTrainer)
     return "dpo_train.py", [*common, "--model_name_or_path", str(model), "--train_files", str(data["pairs"]),
                             "--validation_files", str(data["pairs"]), "--max_prompt_length", "48",
                             "--max_completion_length", "32", "--learning_rate", "5e-3", "--gradient_checkpointing",

@@ -19,9 +19,9 @@ import pytest
 from conftest import REPO, make_documents, run_script, shared_path
 
 import prepare_data
+from utils.data.text import to_simplified
 from utils.errors import UserError
 from utils.io import atomic_output_dir, honour_umask, remove_stale_temporaries
-from utils.text import to_simplified
 
 MARKUP = re.compile(r"\[\[|\]\]|\{\{|\}\}|<ref|</?ref|&lt;|&gt;|&amp;|-\{|\}-|'''|<!--|（）")
 

@@ -18,9 +18,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 import pre_train
 from model.build import load_model
+from model.training.trainer import latest_checkpoint
 from utils.errors import UserError
-from utils.pretrain_data import PackedBlocks, SpanCorruptionBlocks, TokenStream, span_corruption_lengths
-from utils.training import latest_checkpoint
+from utils.examples.pretrain_data import PackedBlocks, SpanCorruptionBlocks, TokenStream, span_corruption_lengths
 
 
 def common(tiny_corpus, tiny_tokenizer, model, output, *extra):
@@ -169,8 +169,8 @@ def test_sigint_then_resume_equals_uninterrupted_run(model, steps, stop_at, extr
 def test_length_grouped_batches_cut_padding_and_cover_every_pair_once_per_epoch(tiny_tokenizer, pair_file):
     """`--train_sampling_strategy group_by_length` on text-to-text pairs: each epoch is a permutation of the
     pairs, a different one per epoch, and batches pad far less than random ones."""
-    from utils.pretrain_data import TextToTextPairs
-    from utils.training import EpochLengthGroupedSampler
+    from model.training.trainer import EpochLengthGroupedSampler
+    from utils.examples.pretrain_data import TextToTextPairs
 
     pairs = TextToTextPairs([str(pair_file)], "train", AutoTokenizer.from_pretrained(tiny_tokenizer), 64, 64, 1)
     assert len(pairs.lengths) == len(pairs) == 120
@@ -321,7 +321,7 @@ def test_bad_adafactor_options_are_refused(tiny_corpus, tiny_tokenizer, tmp_path
         with pytest.raises(UserError, match=message):
             pre_train.main(common(tiny_corpus, tiny_tokenizer, "t5-tiny", tmp_path / "x", "--max_steps", "1",
                                   "--optim", "adafactor", "--optim_args", bad))
-    from utils.training import TrainArguments  # other optimizers' optim_args are HF's to read, untouched
+    from model.training.trainer import TrainArguments  # other optimizers' optim_args are HF's to read, untouched
 
     assert TrainArguments(output_dir=str(tmp_path / "g"), optim="galore_adafactor", optim_args="rank=64",
                           report_to=[]).optim_args == "rank=64"

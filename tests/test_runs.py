@@ -16,9 +16,9 @@ from transformers import AutoTokenizer
 
 import pre_train
 import sft_train
+from model.training.runs import RUN_FILE
 from utils.errors import UserError
-from utils.pretrain_data import PackedBlocks, SpanCorruptionBlocks, TokenStream
-from utils.runs import RUN_FILE
+from utils.examples.pretrain_data import PackedBlocks, SpanCorruptionBlocks, TokenStream
 
 
 def pretrain_args(corpus, tokenizer, output, preset="llama-tiny", *extra):

@@ -22,8 +22,8 @@ import pytest
 import torch
 from conftest import SENTENCES
 
-from model.generation import load_for_inference
-from model.streaming import DecodingOptions, fit_prompt, generate_reply, prompt_budget
+from model.inference.generation import load_for_inference
+from model.inference.streaming import DecodingOptions, fit_prompt, generate_reply, prompt_budget
 from serve import ServeArguments, create_app, running_in_thread
 
 KEY = "sk-test-key"

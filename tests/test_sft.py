@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 import sft_train
-from model.generation import ChatPrompts, chat_prompt_ids
+from model.training.trainer import latest_checkpoint
 from utils.config import parse_config
 from utils.errors import UserError
-from utils.sft_data import OVERLONG, seq2seq_examples, tokenize_conversations
-from utils.training import latest_checkpoint
+from utils.examples.sft_data import OVERLONG, seq2seq_examples, tokenize_conversations
+from utils.tokenization.chat_format import ChatPrompts, render_prompt
 
 SYSTEM = "你是一个复述助手。"
 
@@ -142,7 +142,7 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(tiny_tokenizer):
     assert end not in target  # a cut answer does not teach stopping
     assert all(x[-2:] == [end, tokenizer.eos_token_id] for x in kept["labels"] if len(x) < 24)
     # the encoder reads the prompt exactly as chat / serving render it
-    assert kept["input_ids"][0] == chat_prompt_ids(tokenizer, conversation(1)[:1], 10**6)
+    assert kept["input_ids"][0] == render_prompt(tokenizer, conversation(1)[:1], 10**6)
     dropped, stats = tokenize_conversations(conversations, tokenizer, overlong="drop", **args)
     assert (stats.examples, stats.truncated, stats.dropped, len(dropped)) == (2, 0, 2, 2)
 
@@ -171,7 +171,7 @@ def rendered(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def reference_prompt(tokenizer, messages: list[dict], limit: int) -> list[int]:
-    """chat_prompt_ids's rule spelled out: the first of (system + turns from the oldest on, system + turns
+    """render_prompt's rule spelled out: the first of (system + turns from the oldest on, system + turns
     from the next on, ..., the newest turn alone) that fits, each rendered whole; else the last cut."""
     system = messages[:1] if messages[0]["role"] == "system" else []
     turns = messages[len(system):]
@@ -206,7 +206,7 @@ def test_prompts_from_one_rendering_equal_rendering_each_trimmed_prompt(any_toke
         for end in range(1 + system, len(messages) + 1):  # at least one turn
             expected = reference_prompt(tokenizer, messages[:end], limit)
             assert prompts.prompt_ids(end, limit) == expected, (limit, end)
-            assert chat_prompt_ids(tokenizer, messages[:end], limit) == expected, (limit, end)
+            assert render_prompt(tokenizer, messages[:end], limit) == expected, (limit, end)
         for overlong in OVERLONG:  # the T5 SFT examples: one per answer
             examples = seq2seq_examples(messages, tokenizer, limit, 10**6, overlong)
             for index, example in zip(answers, examples, strict=True):
@@ -226,7 +226,7 @@ def test_other_chat_templates_are_rendered_prompt_by_prompt(tiny_tokenizer):
     messages = long_conversation(system=True)
     assert ChatPrompts(tokenizer, messages).tokens is None
     for limit in (6, 60, 10**6):
-        assert chat_prompt_ids(tokenizer, messages, limit) == reference_prompt(tokenizer, messages, limit)
+        assert render_prompt(tokenizer, messages, limit) == reference_prompt(tokenizer, messages, limit)
 
 
 def test_sigint_then_resume_equals_uninterrupted_run(tiny_t5, sft_file, tmp_path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from utils.text import QualityFilter, cjk_ratio, normalize_text, resolve_conversion_markup, to_simplified
+from utils.data.text import QualityFilter, cjk_ratio, normalize_text, resolve_conversion_markup, to_simplified
 
 
 def test_conversion_markup_prefers_simplified_variant():

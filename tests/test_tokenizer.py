@@ -11,7 +11,8 @@ from transformers import AutoTokenizer
 
 import train_tokenizer
 from utils.errors import UserError
-from utils.tokenizer import CHAT_TOKENS, END_OF_TURN, round_vocab, sample_corpus, score_tokenizer
+from utils.tokenization.chat_format import CHAT_TOKENS, END_OF_TURN
+from utils.tokenization.tokenizer import round_vocab, sample_corpus, score_tokenizer
 
 MIXED = ("数学是研究數量的学科 English words, digits 3.14159 and 2026年，emoji 😀🚀👍🏽，全角标点：“引号”！？"
          "ＡＢＣ\n\n  two spaces\tand a tab\r\nend 𠀀𪚥 ĉu ñ Привет こんにちは 안녕 \u200b<0x41> <s> ")
@@ -84,7 +85,7 @@ def test_other_model_types_round_trip(model_type, tiny_corpus, tmp_path):
 
 
 def test_sampling_within_budget_reports_what_it_took(tiny_corpus):
-    from utils.sources import split_files
+    from utils.data.sources import split_files
 
     files = split_files([str(tiny_corpus)], "train")
     full = sample_corpus(files, 0, seed=1)

@@ -13,8 +13,8 @@ import openai
 import pytest
 import torch
 
-from model.generation import load_for_inference
-from model.streaming import DecodingOptions
+from model.inference.generation import load_for_inference
+from model.inference.streaming import DecodingOptions
 from serve import ServeArguments, create_app, running_in_thread
 
 KEY = "sk-web-test"

@@ -1,7 +1,7 @@
 """Conversations -> SFT training examples, through the tokenizer's chat template, with length limits.
 
 T5 (encoder-decoder): one example per assistant turn. The encoder input is the conversation before that
-turn rendered with the generation prompt (`model.generation.chat_prompt_ids`, the same rendering chat
+turn rendered with the generation prompt (`model.inference.generation.render_prompt`, the same rendering chat
 and serving use; `ChatPrompts` renders and tokenises the conversation once for all its answers), the
 target is the turn's content + `<|end|>` + EOS.
 Llama (decoder-only): one example per conversation, the whole template rendering; labels are the input
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import datasets
 
 from utils.errors import UserError
-from utils.tokenizer import END_OF_TURN
+from utils.tokenization.chat_format import END_OF_TURN, ChatPrompts
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,6 @@ class SftStats:
 def seq2seq_examples(messages: list[dict], tokenizer, max_source_length: int, max_target_length: int,
                      overlong: str) -> list[dict]:
     """One T5 example per assistant turn, with `over_source` / `over_target` / `kept` flags."""
-    from model.generation import ChatPrompts  # model/ builds on utils/, not the reverse
-
     prompts = ChatPrompts(tokenizer, messages)  # rendered and tokenised once for all the answers
     examples = []
     end = tokenizer.convert_tokens_to_ids(END_OF_TURN)

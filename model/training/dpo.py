@@ -6,7 +6,7 @@ and the model is a PEFT model), so there is no second copy of the model in memor
 at zero, so at step 0 the policy equals the reference and the sigmoid loss is exactly ln 2.
 
 Encoder-decoder extension. TRL >= 0.29 supports only causal LMs in `DPOTrainer` (PR #3906 removed the
-encoder-decoder path). Instead of pinning an old TRL, `ToolkitDPOTrainer` subclasses the current one and
+encoder-decoder path). Instead of pinning an old TRL, `PreferenceTrainer` subclasses the current one and
 changes three things for T5, keeping TRL's `DPOConfig`, every `loss_type`, `ld_alpha`, WPO weighting,
 precomputed reference log-probs and the metrics (rewards/chosen, rewards/rejected, rewards/margins,
 rewards/accuracies, logps/*, logits/*, entropy):
@@ -23,7 +23,7 @@ rewards/accuracies, logps/*, logits/*, entropy):
    as they are.
 
 Both architectures tokenise the same way (`tokenize_preference`): the prompt through the tokenizer's chat
-template exactly as SFT and inference render it (`model.generation.chat_prompt_ids`: ends with
+template exactly as SFT and inference render it (`model.inference.generation.render_prompt`: ends with
 `<|assistant|>\\n`, oldest turns dropped to fit `max_prompt_length`), each answer as `text<|end|>`, the
 tokens a reply ends with. For Llama the collator, fused LM head, loss and metrics are stock TRL.
 """
@@ -45,11 +45,10 @@ from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.utils import FusedCausalLMOutput
 
 from model.build import is_seq2seq
-from model.generation import chat_prompt_ids
+from model.training.runs import holds_model
+from model.training.trainer import AtomicCheckpointMixin, ExactEvalLossMixin, RunArguments
 from utils.errors import UserError
-from utils.runs import holds_model
-from utils.tokenizer import END_OF_TURN
-from utils.training import AtomicCheckpointMixin, ExactEvalLossMixin, ToolkitArguments
+from utils.tokenization.chat_format import END_OF_TURN, render_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ _LOGPROB_CHUNK = 32768  # vocabulary columns per tile of the chunked LM head (TR
 
 
 @dataclass
-class DPOArguments(ToolkitArguments, DPOConfig):
+class DPOArguments(RunArguments, DPOConfig):
     """TRL's `DPOConfig` plus the toolkit's `--no_resume` / `--precision` / `--overwrite_output_dir`."""
 
 
@@ -111,7 +110,7 @@ def tokenize_preference(example: dict, tokenizer, max_prompt_length: int, max_co
     prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     prompt_cut = len(prompt_ids) > max_prompt_length
     if prompt_cut:  # drop the oldest turns as inference does
-        prompt_ids = chat_prompt_ids(tokenizer, messages, max_prompt_length)
+        prompt_ids = render_prompt(tokenizer, messages, max_prompt_length)
     answers = {}
     for key in ("chosen", "rejected"):
         ids = tokenizer(example[key] + END_OF_TURN, add_special_tokens=False)["input_ids"]
@@ -214,7 +213,7 @@ def add_seq2seq_fused_lm_head(model: PreTrainedModel) -> None:
     model.forward = types.MethodType(_seq2seq_fused_forward, model)
 
 
-class ToolkitDPOTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, DPOTrainer):
+class PreferenceTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, DPOTrainer):
     """TRL's `DPOTrainer` with atomic checkpoints, the toolkit's chat-template tokenisation
     (`tokenize_preference`) for both architectures, the encoder-decoder extension for T5 (see the
     module docstring) and an evaluation loss weighted by pairs (`ExactEvalLossMixin`). Pass datasets of

@@ -1,19 +1,40 @@
-"""Generation settings shared by every stage that saves or runs a model.
+"""The toolkit's one conversation format: the chat template saved with every tokenizer, its tokens, prompt
+rendering within a token budget, and the generation settings that stop at the end of a turn.
 
-A saved model's `generation_config.json` stops at either EOS or the chat template's end-of-turn token
-`<|end|>`, pads with the tokenizer's pad token, and (for T5) starts the decoder with the pad token, so
-`model.generate` works on any output directory of the toolkit without extra arguments.
+Every stage renders prompts here: SFT (the prompt an answer is trained after), rejected-answer generation
+and DPO (the prompt of a preference pair), chat, serving and evaluation. So a model is always asked in
+exactly the format it was trained on, trimmed the same way when a conversation is too long.
+
+    ids = render_prompt(tokenizer, messages, max_prompt_tokens=512)
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from dataclasses import dataclass, field
 
 from transformers import GenerationConfig, PreTrainedConfig
 
-from utils.tokenizer import CHAT_TEMPLATE, END_OF_TURN
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+END_OF_TURN = "<|end|>"
+CHAT_TOKENS = [*ROLE_TOKENS.values(), END_OF_TURN]
 
+# The one conversation format of the toolkit. Each turn is `<|role|>\n{content}<|end|>\n`; a prompt for
+# generation ends with `<|assistant|>\n`. Assistant content is wrapped in {% generation %} so that
+# `apply_chat_template(..., return_assistant_tokens_mask=True)` marks the tokens SFT trains on.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{ raise_exception('Unknown role: ' + message['role'] + ' (use system, user or assistant)') }}"
+    "{%- endif -%}"
+    "{{ '<|' + message['role'] + '|>\n' }}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{%- else -%}"
+    "{{ message['content'] + '<|end|>\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- endif -%}"
+)
 
 def default_generation_config(tokenizer, config: PreTrainedConfig) -> GenerationConfig:
     """The toolkit's generation defaults for a model of `config` with `tokenizer`."""
@@ -26,56 +47,7 @@ def default_generation_config(tokenizer, config: PreTrainedConfig) -> Generation
                             max_new_tokens=256, repetition_penalty=1.1)
 
 
-DTYPES = ("auto", "bf16", "fp16", "fp32")
-
-
-@dataclass
-class InferenceArguments:
-    """The model a script runs and where (chat, serve, evaluate and generate_rejected subclass it)."""
-
-    model_name_or_path: str = field(default="model_save", metadata={
-        "help": "Model directory: any toolkit output (T5 or Llama) or a compatible HF model directory."})
-    device: str | None = field(default=None, metadata={"help": "cuda, cuda:1, cpu. None = cuda when available."})
-    dtype: str = field(default="auto", metadata={
-        "help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32."})
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not '{self.dtype}'")
-
-
-def load_for_inference(path: str, device: str | None = None, dtype: str = "auto"):
-    """`(model, tokenizer)` of a toolkit output directory (or any compatible HF model directory), in
-    eval mode on `device` (default: cuda if available, else cpu). `dtype`: auto (bf16 on GPUs that
-    support it, else fp32), bf16, fp16 or fp32."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    from model.build import require_model_dir
-    from utils.errors import UserError
-
-    require_model_dir(path)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        dtype = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    config = AutoConfig.from_pretrained(path)
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=torch_dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.chat_template is None:
-        raise UserError("the tokenizer has no chat template", path=str(path), field="chat_template",
-                        fix="use a tokenizer trained by train_tokenizer.py (it saves the toolkit's template)")
-    return model, tokenizer
-
-
-def context_length(model, tokenizer) -> int:
-    """Longest prompt + reply the model takes: the decoder's position limit, else the tokenizer's."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    return int(limit or tokenizer.model_max_length)
-
-
-def chat_prompt_ids(tokenizer, messages: list[dict], max_prompt_tokens: int) -> list[int]:
+def render_prompt(tokenizer, messages: list[dict], max_prompt_tokens: int) -> list[int]:
     """Token ids of `messages` rendered with the chat template plus the assistant generation prompt.
 
     When the conversation is longer than `max_prompt_tokens`, the oldest turns are dropped (a system
@@ -85,7 +57,7 @@ def chat_prompt_ids(tokenizer, messages: list[dict], max_prompt_tokens: int) -> 
 
 
 def prompt_ids_by_rerendering(tokenizer, messages: list[dict], max_prompt_tokens: int) -> list[int]:
-    """`chat_prompt_ids` for any chat template: render, and render again after each dropped turn (quadratic
+    """`render_prompt` for any chat template: render, and render again after each dropped turn (quadratic
     in the number of turns; `ChatPrompts` uses it only for templates other than the toolkit's)."""
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(system):]
@@ -105,7 +77,7 @@ def prompt_ids_by_rerendering(tokenizer, messages: list[dict], max_prompt_tokens
 class ChatPrompts:
     """The generation prompts of a conversation's beginnings, from one rendering and one tokenisation.
 
-    `prompt_ids(end, limit)` equals `chat_prompt_ids(tokenizer, messages[:end], limit)`, and SFT asks for it
+    `prompt_ids(end, limit)` equals `render_prompt(tokenizer, messages[:end], limit)`, and SFT asks for it
     before every answer, so rendering each beginning and each trimmed candidate anew was cubic in the
     conversation's length. The toolkit's template renders a conversation as its messages rendered one by
     one, each starting with a role token, then the generation prompt `<|assistant|>\n`; the tokenizer splits
@@ -150,7 +122,7 @@ class ChatPrompts:
         return self.starts[end] + len(self.tokens) - self.starts[-1]
 
     def prompt_ids(self, end: int, max_prompt_tokens: int | None = None) -> list[int]:
-        """`chat_prompt_ids(tokenizer, messages[:end], max_prompt_tokens)`; None = no limit, nothing dropped."""
+        """`render_prompt(tokenizer, messages[:end], max_prompt_tokens)`; None = no limit, nothing dropped."""
         limit = max_prompt_tokens if max_prompt_tokens is not None else self.length(end)
         if self.tokens is None:
             return prompt_ids_by_rerendering(self.tokenizer, self.messages[:end], limit)
@@ -164,44 +136,3 @@ class ChatPrompts:
         if turn <= newest:
             return tokens[:system] + tokens[starts[turn]:starts[end]] + generation
         return (tokens[starts[newest]:starts[end]] + generation)[-limit:]  # the system message goes too
-
-
-def generate_replies(model, tokenizer, conversations: list[list[dict]], generation_config: GenerationConfig | None = None,
-                     batch_size: int = 8, max_prompt_tokens: int | None = None, progress: bool = True) -> list[str]:
-    """The model's reply to each conversation (each ends with a user turn), generated in batches.
-
-    Prompts go through the chat template (`chat_prompt_ids`); decoder-only models are left-padded so
-    that every prompt ends where generation starts. Replies are decoded without special tokens.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    import copy
-
-    config = generation_config or model.generation_config
-    seq2seq = bool(model.config.is_encoder_decoder)
-    context = context_length(model, tokenizer)
-    max_new = config.max_new_tokens or 256
-    if max_prompt_tokens is None:
-        # a decoder's prompt and reply share its positions; keep at least half for the prompt
-        max_prompt_tokens = context if seq2seq else max(context - max_new, context // 2)
-    replies: list[str] = []
-    batches = range(0, len(conversations), batch_size)
-    for start in tqdm(batches, desc="generate", unit="batch", disable=not progress):
-        prompts = [chat_prompt_ids(tokenizer, c, max_prompt_tokens) for c in conversations[start:start + batch_size]]
-        width = max(map(len, prompts))
-        pad = tokenizer.pad_token_id
-        padded = [(p + [pad] * (width - len(p))) if seq2seq else ([pad] * (width - len(p)) + p) for p in prompts]
-        mask = [([1] * len(p) + [0] * (width - len(p))) if seq2seq else ([0] * (width - len(p)) + [1] * len(p))
-                for p in prompts]
-        input_ids = torch.tensor(padded, device=model.device)
-        batch_config = config
-        if not seq2seq and width + max_new > context:
-            batch_config = copy.deepcopy(config)
-            batch_config.max_new_tokens = max(context - width, 1)
-        with torch.inference_mode():
-            output = model.generate(input_ids=input_ids, attention_mask=torch.tensor(mask, device=model.device),
-                                    generation_config=batch_config)
-        new_tokens = output if seq2seq else output[:, width:]
-        replies += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    return replies

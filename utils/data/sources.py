@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from utils.data.wiki import WikiPage, is_mediawiki_dump, read_dump
 from utils.errors import UserError
-from utils.wiki import WikiPage, is_mediawiki_dump, read_dump
 
 _DOC_HEADER = re.compile(r'<doc id="([^"]*)"(?: url="[^"]*")?(?: title="([^"]*)")?[^>]*>')
 TXT_SPLITS = ("blank_line", "line")

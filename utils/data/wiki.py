@@ -7,7 +7,7 @@ zhwiki dump. Download the dump from the Wikimedia dumps site:
 
 Text extraction is wikiextractor's own `Extractor.clean_text`, run page by page in worker processes by
 the corpus pipeline. Templates are removed rather than expanded (expanding needs a full first pass over
-the dump); what removal leaves behind, such as empty brackets, is cleaned by `utils.text.normalize_text`.
+the dump); what removal leaves behind, such as empty brackets, is cleaned by `utils.data.text.normalize_text`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import BinaryIO
 import wikiextractor.WikiExtractor as wikiextractor_main
 from wikiextractor.extract import Extractor
 
+from utils.data.text import resolve_conversion_markup
 from utils.errors import UserError
-from utils.text import resolve_conversion_markup
 
 _NAMESPACE = re.compile(r'<namespace key="(-?\d+)"[^>]*?(?:/>|>([^<]*)</namespace>)')
 _SNIFF_BYTES = 4096

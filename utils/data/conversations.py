@@ -37,8 +37,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.data.sources import discover_inputs
 from utils.errors import UserError
-from utils.sources import discover_inputs
 
 logger = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from utils.data.sources import split_files
 from utils.errors import UserError
 from utils.io import write_json_atomic
-from utils.sources import split_files
 
 logger = logging.getLogger(__name__)
 

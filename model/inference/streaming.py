@@ -23,7 +23,8 @@ from dataclasses import dataclass, field, fields
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from model.generation import chat_prompt_ids, context_length
+from model.inference.generation import context_length
+from utils.tokenization.chat_format import render_prompt
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
 
@@ -127,7 +128,7 @@ def default_reply_tokens(model, tokenizer, max_new_tokens: int) -> int:
 def fit_prompt(tokenizer, messages: list[dict], budget: int) -> tuple[list[int], bool]:
     """Prompt ids of a conversation within `budget` tokens and whether older turns were dropped to fit.
 
-    Oldest turns go first and a system message stays while it fits (`chat_prompt_ids`); a newest message
+    Oldest turns go first and a system message stays while it fits (`render_prompt`); a newest message
     that does not fit even alone raises `PromptTooLong` rather than being cut.
     """
     newest = tokenizer.apply_chat_template(messages[-1:], add_generation_prompt=True, tokenize=True,
@@ -137,7 +138,7 @@ def fit_prompt(tokenizer, messages: list[dict], budget: int) -> tuple[list[int],
     full = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     if len(full) <= budget:
         return list(full), False
-    return chat_prompt_ids(tokenizer, messages, budget), True
+    return render_prompt(tokenizer, messages, budget), True
 
 
 class CancelOnEvent(StoppingCriteria):

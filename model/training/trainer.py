@@ -25,17 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.contrib.logging import logging_redirect_tqdm
 import torch.nn.functional as F
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import ProgressCallback, Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 
+from model.training.runs import RUN_FILE
 from utils.config import save_config
 from utils.errors import UserError
 from utils.io import honour_umask
-from utils.runs import RUN_FILE
+from utils.tokenization.chat_format import default_generation_config
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +50,14 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12, "H
 
 
 @dataclass
-class ToolkitArguments:
+class RunArguments:
     """The toolkit's switches on top of any HF / TRL training-arguments class (mixed in first):
-    `TrainArguments` for our trainers, `utils.dpo.DPOArguments` for TRL's `DPOConfig`."""
+    `TrainArguments` for our trainers, `model.training.dpo.DPOArguments` for TRL's `DPOConfig`."""
 
     no_resume: bool = field(default=False, metadata={
         "help": "Start this run over: remove its checkpoints in --output_dir (default: resume from the latest)."})
     overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Replace another run's model and checkpoints in --output_dir (default: refuse; see utils/runs.py)."})
+        "help": "Replace another run's model and checkpoints in --output_dir (default: refuse; see model/training/runs.py)."})
     precision: str = field(default="auto", metadata={
         "help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32. Sets --bf16/--fp16."})
 
@@ -78,7 +79,7 @@ class ToolkitArguments:
 
 
 @dataclass
-class TrainArguments(ToolkitArguments, Seq2SeqTrainingArguments):
+class TrainArguments(RunArguments, Seq2SeqTrainingArguments):
     """`Seq2SeqTrainingArguments` plus the toolkit's resume switch."""
 
 
@@ -312,7 +313,7 @@ class ExactEvalLossMixin:
         return output
 
 
-class ToolkitTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, Seq2SeqTrainer):
+class LanguageModelTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, Seq2SeqTrainer):
     """`Seq2SeqTrainer` with atomic checkpoints (`AtomicCheckpointMixin`), token-weighted losses, bits per
     character in evaluation logs, and `--train_sampling_strategy group_by_length` read from a dataset's own
     `lengths` (the pretraining datasets know them; HF would otherwise load every example to measure it).
@@ -426,10 +427,8 @@ def save_final(trainer: Trainer, tokenizer, configs: list, summary: dict, output
 
     `model` (default `trainer.model`) lets a stage save something else than the trained module, e.g.
     DPO's merged model. The generation config written is the toolkit's
-    (`model.generation.default_generation_config`: stop on EOS or <|end|>).
+    (`utils.tokenization.chat_format.default_generation_config`: stop on EOS or <|end|>).
     """
-    from model.generation import default_generation_config  # model/ builds on utils/, not the reverse
-
     model = model if model is not None else trainer.model
     output = Path(output_dir or trainer.args.output_dir)
     staging = output / ".final-staging"

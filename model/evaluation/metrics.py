@@ -1,7 +1,7 @@
 """Evaluation data and metrics that need no model: C-Eval / CMMLU questions, character-level BLEU-4 and
 ROUGE-L, (subject, relation, object) triple scores, the results table, and training-curve plots.
 
-Model-side scoring (letter logits, bits per character, generation) is in `model/evaluation.py`.
+Model-side scoring (letter logits, bits per character, generation) is in `model/evaluation/scoring.py`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.data.text import CJK_CHAR, to_simplified
 from utils.errors import UserError
-from utils.text import CJK_CHAR, to_simplified
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def convert_text_files(files: Sequence[str], split: str, opencc_config: str, tar
     JSON-lines file `target`, converted with the OpenCC profile `opencc_config` as prepare_data.py does
     ('none' = as it is). Returns the conversion, the characters it changed, and the share of the Chinese
     characters that t2s changes (measured also when nothing is converted: how traditional the text is)."""
-    from utils.pretrain_data import load_text_files
+    from utils.examples.pretrain_data import load_text_files
 
     try:
         to_simplified("", "t2s" if opencc_config == "none" else opencc_config)
@@ -384,7 +384,7 @@ def results_markdown(results: dict) -> str:
 def find_trainer_state(run_dir: str | Path) -> Path:
     """`trainer_state.json` of a run: in `run_dir` itself, else in its latest `checkpoint-N` (also one
     level down, e.g. DPO's `adapter/` directory)."""
-    from utils.training import latest_checkpoint
+    from model.training.trainer import latest_checkpoint
 
     root = Path(run_dir)
     if not root.is_dir():

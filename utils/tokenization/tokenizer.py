@@ -1,4 +1,4 @@
-"""Tokenizer training, extension and evaluation, and the toolkit's one conversation format.
+"""Tokenizer training, extension and evaluation (the chat format it saves lives in `chat_format`).
 
 The default tokenizer is a character-level BPE with byte fallback (the Llama / sentencepiece recipe,
 built with HF `tokenizers`): merges start from Unicode characters, so Chinese words become tokens,
@@ -26,35 +26,15 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from utils.data.sources import Document, read_records
 from utils.errors import UserError
-from utils.sources import Document, read_records
+from utils.tokenization.chat_format import CHAT_TEMPLATE, CHAT_TOKENS
 
 logger = logging.getLogger(__name__)
 
 PAD, EOS, UNK, BOS = "<pad>", "</s>", "<unk>", "<s>"
-ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
-END_OF_TURN = "<|end|>"
-CHAT_TOKENS = [*ROLE_TOKENS.values(), END_OF_TURN]
 MODEL_TYPES = ("bpe", "byte_bpe", "sentencepiece")
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
-
-# The one conversation format of the toolkit. Each turn is `<|role|>\n{content}<|end|>\n`; a prompt for
-# generation ends with `<|assistant|>\n`. Assistant content is wrapped in {% generation %} so that
-# `apply_chat_template(..., return_assistant_tokens_mask=True)` marks the tokens SFT trains on.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
-    "{{ raise_exception('Unknown role: ' + message['role'] + ' (use system, user or assistant)') }}"
-    "{%- endif -%}"
-    "{{ '<|' + message['role'] + '|>\n' }}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}{{ '\n' }}"
-    "{%- else -%}"
-    "{{ message['content'] + '<|end|>\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- endif -%}"
-)
 
 # Pre-tokenisation for text with and without spaces: runs of Han characters, runs of other letters
 # (with one leading space, as in GPT-2), single digits, punctuation runs, and whitespace. Merges never

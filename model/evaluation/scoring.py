@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from model.generation import chat_prompt_ids, context_length, generate_replies
+from model.evaluation.metrics import LETTERS, Question, Subject, convert_text_files
+from model.inference.generation import context_length, generate_replies
 from utils.errors import UserError
-from utils.evaluation import LETTERS, Question, Subject, convert_text_files
-from utils.pretrain_data import TokenStream
+from utils.examples.pretrain_data import TokenStream
+from utils.tokenization.chat_format import render_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def question_prompt(tokenizer, question: Question, shots: Sequence[Question], ti
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         if len(ids) <= max_tokens:
             return list(ids), count
-    return chat_prompt_ids(tokenizer, messages, max_tokens), 0
+    return render_prompt(tokenizer, messages, max_tokens), 0
 
 
 def shots_for(question: Question, subject: Subject, num_shots: int) -> list[Question]:

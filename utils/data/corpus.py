@@ -24,12 +24,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from utils.dedup import NearDuplicateIndex, minhash_signature
+from utils.data.dedup import NearDuplicateIndex, minhash_signature
+from utils.data.sources import TXT_SPLITS, Document, detect_format, discover_inputs, read_records
+from utils.data.text import QualityFilter, normalize_text, to_simplified
+from utils.data.wiki import WikiPage, extract_text
 from utils.errors import UserError
 from utils.io import write_json_atomic
-from utils.sources import TXT_SPLITS, Document, detect_format, discover_inputs, read_records
-from utils.text import QualityFilter, normalize_text, to_simplified
-from utils.wiki import WikiPage, extract_text
 
 logger = logging.getLogger(__name__)
 

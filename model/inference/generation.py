@@ -1,0 +1,102 @@
+"""Generation settings shared by every stage that saves or runs a model.
+
+A saved model's `generation_config.json` stops at either EOS or the chat template's end-of-turn token
+`<|end|>`, pads with the tokenizer's pad token, and (for T5) starts the decoder with the pad token, so
+`model.generate` works on any output directory of the toolkit without extra arguments.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass, field
+
+from transformers import GenerationConfig, PreTrainedConfig
+
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class InferenceArguments:
+    """The model a script runs and where (chat, serve, evaluate and generate_rejected subclass it)."""
+
+    model_name_or_path: str = field(default="model_save", metadata={
+        "help": "Model directory: any toolkit output (T5 or Llama) or a compatible HF model directory."})
+    device: str | None = field(default=None, metadata={"help": "cuda, cuda:1, cpu. None = cuda when available."})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32."})
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not '{self.dtype}'")
+
+
+def load_for_inference(path: str, device: str | None = None, dtype: str = "auto"):
+    """`(model, tokenizer)` of a toolkit output directory (or any compatible HF model directory), in
+    eval mode on `device` (default: cuda if available, else cpu). `dtype`: auto (bf16 on GPUs that
+    support it, else fp32), bf16, fp16 or fp32."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from model.build import require_model_dir
+    from utils.errors import UserError
+
+    require_model_dir(path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        dtype = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    config = AutoConfig.from_pretrained(path)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.chat_template is None:
+        raise UserError("the tokenizer has no chat template", path=str(path), field="chat_template",
+                        fix="use a tokenizer trained by train_tokenizer.py (it saves the toolkit's template)")
+    return model, tokenizer
+
+
+def context_length(model, tokenizer) -> int:
+    """Longest prompt + reply the model takes: the decoder's position limit, else the tokenizer's."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return int(limit or tokenizer.model_max_length)
+
+
+def generate_replies(model, tokenizer, conversations: list[list[dict]], generation_config: GenerationConfig | None = None,
+                     batch_size: int = 8, max_prompt_tokens: int | None = None, progress: bool = True) -> list[str]:
+    """The model's reply to each conversation (each ends with a user turn), generated in batches.
+
+    Prompts go through the chat template (`render_prompt`); decoder-only models are left-padded so
+    that every prompt ends where generation starts. Replies are decoded without special tokens.
+    """
+    import copy
+
+    import torch
+    from tqdm.auto import tqdm
+
+    config = generation_config or model.generation_config
+    seq2seq = bool(model.config.is_encoder_decoder)
+    context = context_length(model, tokenizer)
+    max_new = config.max_new_tokens or 256
+    if max_prompt_tokens is None:
+        # a decoder's prompt and reply share its positions; keep at least half for the prompt
+        max_prompt_tokens = context if seq2seq else max(context - max_new, context // 2)
+    replies: list[str] = []
+    batches = range(0, len(conversations), batch_size)
+    for start in tqdm(batches, desc="generate", unit="batch", disable=not progress):
+        prompts = [render_prompt(tokenizer, c, max_prompt_tokens) for c in conversations[start:start + batch_size]]
+        width = max(map(len, prompts))
+        pad = tokenizer.pad_token_id
+        padded = [(p + [pad] * (width - len(p))) if seq2seq else ([pad] * (width - len(p)) + p) for p in prompts]
+        mask = [([1] * len(p) + [0] * (width - len(p))) if seq2seq else ([0] * (width - len(p)) + [1] * len(p))
+                for p in prompts]
+        input_ids = torch.tensor(padded, device=model.device)
+        batch_config = config
+        if not seq2seq and width + max_new > context:
+            batch_config = copy.deepcopy(config)
+            batch_config.max_new_tokens = max(context - width, 1)
+        with torch.inference_mode():
+            output = model.generate(input_ids=input_ids, attention_mask=torch.tensor(mask, device=model.device),
+                                    generation_config=batch_config)
+        new_tokens = output if seq2seq else output[:, width:]
+        replies += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return replies

@@ -1,0 +1,56 @@
+"""The layers of docs/ARCHITECTURE.md point down only: a module never imports one of a higher layer, not even
+inside a function (an import hidden in a function to dodge the rule is the rule broken)."""
+
+from __future__ import annotations
+
+import ast
+
+from conftest import REPO
+
+# Lowest first. A module may import its own layer and the layers before it.
+LAYERS = ["utils", "utils.data", "utils.tokenization", "utils.examples", "model", "model.training",
+          "model.inference", "model.evaluation"]
+STAGES = {path.stem for path in REPO.glob("*.py")}
+
+
+def layer(module: str) -> int | None:
+    """Index in LAYERS (the longest matching prefix); len(LAYERS) for a stage script; None for libraries."""
+    if module.split(".")[0] in STAGES:
+        return len(LAYERS)
+    matches = [i for i, name in enumerate(LAYERS) if module == name or module.startswith(name + ".")]
+    return max(matches, key=lambda i: len(LAYERS[i])) if matches else None
+
+
+def imports(path) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module))
+            found += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names  # `from model import build`
+                      if node.module in ("utils", "model")]
+    return found
+
+
+def test_layers_import_only_downwards():
+    modules = sorted(p for top in ("utils", "model") for p in (REPO / top).rglob("*.py"))
+    assert len(modules) > 20
+    upward = []
+    for path in modules:
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        own = layer(name)
+        for line, target in imports(path):
+            theirs = layer(target)
+            if theirs is not None and theirs > own:
+                upward.append(f"{path.relative_to(REPO)}:{line} ({LAYERS[own]}) imports {target}")
+    assert not upward, "imports pointing up:\n" + "\n".join(upward)
+
+
+def test_the_layer_check_catches_an_upward_import(tmp_path):
+    """The check itself: a data module importing the trainer, even inside a function, is caught."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from model.training.trainer import save_final\n")
+    assert [layer(target) for _, target in imports(bad)] == [LAYERS.index("model.training")]
+    assert layer("utils.data.sources") < layer("utils.tokenization.chat_format") < layer("model.build")
+    assert layer("pre_train") == len(LAYERS) and layer("torch") is None
