@@ -19,8 +19,6 @@ command resumes from it. An output directory that already holds a model is refus
 from __future__ import annotations
 
 import logging
-import math
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +29,8 @@ from transformers import AutoTokenizer, set_seed
 from model.build import count_parameters, flops_per_token, is_seq2seq, load_model, require_model_dir
 from model.inference.generation import context_length
 from model.training.dpo import ADAPTER_DIR, DPOArguments, LoraArguments, PreferenceTrainer, refuse_existing_model
-from model.training.runs import RUN_FILE, claim_output_dir, run_identity
-from model.training.trainer import ProgressLine, format_duration, save_final, train_until_done_or_stopped
+from model.training.runs import claim_output_dir, run_identity
+from model.training.trainer import ProgressLine, plan_steps, save_final, train_until_done_or_stopped
 from utils.config import parse_config, recipe_path
 from utils.data.conversations import ConversationDataArguments, hold_out, load_preferences
 from utils.errors import UserError, run_main
@@ -107,9 +105,7 @@ def main(argv: Sequence[str] | None = None) -> PreferenceTrainer:
                                 processing_class=tokenizer, peft_config=lora.config_for(model),
                                 max_prompt_length=data.max_prompt_length,
                                 max_completion_length=data.max_completion_length, callbacks=[ProgressLine(flops)])
-    pairs_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    steps = args.max_steps if args.max_steps > 0 else math.ceil(
-        len(trainer.train_dataset) * args.num_train_epochs / pairs_per_step)
+    pairs_per_step, steps = plan_steps(args, len(trainer.train_dataset))
     logger.info("model %s: %s parameters, LoRA r=%d on %s: %s trainable | loss %s, beta %g | %d training pairs%s | "
                 "%d pairs/step (batch %d x accum %d x %d processes) | %d steps", type(model).__name__,
                 f"{count_parameters(trainer.model):,}", lora.lora_r,
@@ -123,17 +119,13 @@ def main(argv: Sequence[str] | None = None) -> PreferenceTrainer:
     if result is None:
         return trainer
     metrics = trainer.evaluate() if eval_set is not None else {}
-    args.output_dir = str(output_dir)  # config.yaml records the command's --output_dir
-    configs = [model_args, lora, data, args]
+    configs, recorded = [model_args, lora, data, args], {"output_dir": str(output_dir)}  # the command's, not adapter/
     summary = {"base_model": model_args.model_name_or_path, "pairs": len(trainer.train_dataset),
                "trainable_parameters": count_parameters(trainer.model, trainable_only=True), **result.metrics,
-               **metrics, "train_runtime_human": format_duration(result.metrics.get("train_runtime", 0))}
-    save_final(trainer, tokenizer, configs, summary, output_dir=output_dir / ADAPTER_DIR)
-    merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-    merged.__dict__.pop("forward", None)  # drop the fused LM head TRL / model.training.dpo put on the instance
-    save_final(trainer, tokenizer, configs, summary, output_dir=output_dir, model=merged)
-    if trainer.is_world_process_zero():  # the merged model names its run too (the record lives with the adapter)
-        shutil.copy2(output_dir / ADAPTER_DIR / RUN_FILE, output_dir / RUN_FILE)
+               **metrics}
+    save_final(trainer, tokenizer, configs, summary, config_overrides=recorded)  # the adapter
+    save_final(trainer, tokenizer, configs, summary, output_dir=output_dir, model=trainer.merged_model(),
+               config_overrides=recorded)
     return trainer
 
 

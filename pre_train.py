@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,11 +26,11 @@ from model.training.trainer import (
     LanguageModelTrainer,
     ProgressLine,
     TrainArguments,
-    format_duration,
+    plan_steps,
     save_final,
     train_until_done_or_stopped,
 )
-from utils.config import parse_config, recipe_path, save_config
+from utils.config import parse_config, recipe_path
 from utils.errors import UserError, run_main
 from utils.examples.pretrain_data import PackedBlocks, SpanCorruptionBlocks, TextToTextPairs, TokenStream, WeightedMix
 from utils.logging import setup_logging
@@ -162,10 +161,8 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
     seq_len = data.max_source_length if seq2seq else data.block_size
     target_len = SpanCorruptionBlocks.target_len(data) if objective == "span_corruption" else data.max_target_length
     flops = flops_per_token(model.config, seq_len, target_len if seq2seq else None)
-    tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size * seq_len
-    steps = args.max_steps if args.max_steps > 0 else math.ceil(
-        len(train_set) * args.num_train_epochs / (args.per_device_train_batch_size * args.gradient_accumulation_steps
-                                                  * args.world_size))
+    examples_per_step, steps = plan_steps(args, len(train_set))
+    tokens_per_step = examples_per_step * seq_len
     logger.info("model %s: %s parameters | objective %s | %d examples | %s tokens/step (batch %d x accum %d x "
                 "%d processes x %d) | %d steps, %s tokens | %.0f MFLOP/token", type(model).__name__,
                 f"{count_parameters(model):,}", objective, len(train_set), f"{tokens_per_step:,}",
@@ -182,8 +179,7 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
         return trainer
     metrics = trainer.evaluate() if args.eval_strategy != "no" or eval_set else {}
     save_final(trainer, tokenizer, [model_args, data, args],
-               {"objective": objective, "parameters": count_parameters(model), **result.metrics, **metrics,
-                "train_runtime_human": format_duration(result.metrics.get("train_runtime", 0))})
+               {"objective": objective, "parameters": count_parameters(model), **result.metrics, **metrics})
     return trainer
 
 

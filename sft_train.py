@@ -36,7 +36,6 @@ from model.training.trainer import (
     LanguageModelTrainer,
     ProgressLine,
     TrainArguments,
-    format_duration,
     save_final,
     train_until_done_or_stopped,
 )
@@ -185,8 +184,7 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
     metrics = trainer.evaluate() if eval_set is not None else {}
     save_final(trainer, tokenizer, [model_args, data, args],
                {"model_type": model.config.model_type, "parameters": total, "trainable_parameters": trainable,
-                "frozen": frozen, "data": asdict(stats), "samples": samples.latest, **result.metrics, **metrics,
-                "train_runtime_human": format_duration(result.metrics.get("train_runtime", 0))})
+                "frozen": frozen, "data": asdict(stats), "samples": samples.latest, **result.metrics, **metrics})
     return trainer
 
 

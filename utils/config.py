@@ -159,10 +159,12 @@ def config_to_dict(*configs: Any) -> dict[str, Any]:
     return resolved
 
 
-def save_config(output_dir: str | Path, *configs: Any) -> Path:
-    """Write the resolved configuration as `config.yaml` in `output_dir`; it reloads with `--config`."""
+def save_config(output_dir: str | Path, *configs: Any, overrides: dict[str, Any] | None = None) -> Path:
+    """Write the resolved configuration (with `overrides` on top) as `config.yaml` in `output_dir`; it reloads
+    with `--config`."""
     path = Path(output_dir) / CONFIG_FILENAME
-    write_text_atomic(path, yaml.safe_dump(config_to_dict(*configs), allow_unicode=True, sort_keys=False))
+    values = {**config_to_dict(*configs), **(overrides or {})}
+    write_text_atomic(path, yaml.safe_dump(values, allow_unicode=True, sort_keys=False))
     return path
 
 

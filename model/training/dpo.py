@@ -231,6 +231,13 @@ class PreferenceTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, DPOTrainer):
         super().__init__(model=model, data_collator=data_collator, **kwargs)
         self._install_seq2seq_head()
 
+    def merged_model(self) -> PreTrainedModel:
+        """The adapter merged into the base (`merge_and_unload`): a plain model again, without the instance
+        `forward` that TRL (causal LMs) or `add_seq2seq_fused_lm_head` (T5) put on it for the fused LM head."""
+        merged = self.accelerator.unwrap_model(self.model).merge_and_unload()
+        merged.__dict__.pop("forward", None)
+        return merged
+
     def _install_seq2seq_head(self) -> None:
         if self.seq2seq:
             model = self.accelerator.unwrap_model(self.model)

@@ -81,6 +81,11 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
+def global_batch(args) -> int:
+    """Examples per optimizer step: micro-batch x accumulation steps x processes."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+
 def run_identity(stage: str, model, tokenizer, settings: Sequence[Any], args) -> dict:
     """The identity of a run: `settings` are the stage's model / data / LoRA dataclasses (every field counts
     except those in `NOT_IDENTITY`; `*_files` fields count by resolved path and size), `args` its training
@@ -98,7 +103,7 @@ def run_identity(stage: str, model, tokenizer, settings: Sequence[Any], args) ->
     training = {name: _plain(getattr(args, name)) for name in TRAINING_IDENTITY if hasattr(args, name)}
     split = {"per_device": args.per_device_train_batch_size, "accumulation": args.gradient_accumulation_steps,
              "processes": args.world_size}
-    training["global_batch"] = split["per_device"] * split["accumulation"] * split["processes"]
+    training["global_batch"] = global_batch(args)
     return {"stage": stage,
             "model": {"architecture": type(model).__name__,
                       "config": _digest(json.dumps(_plain(config), sort_keys=True))},

@@ -32,7 +32,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 
-from model.training.runs import RUN_FILE
+from model.training.runs import RUN_FILE, global_batch
 from utils.config import save_config
 from utils.errors import UserError
 from utils.io import honour_umask
@@ -141,6 +141,13 @@ class GracefulStop(TrainerCallback):
             control.should_training_stop = True
             self.stopped_at = state.global_step
         return control
+
+
+def plan_steps(args, examples: int) -> tuple[int, int]:
+    """(examples per optimizer step, optimizer steps) for a training set of `examples`: the global batch, and
+    --max_steps or else the steps of --num_train_epochs epochs."""
+    per_step = global_batch(args)
+    return per_step, args.max_steps if args.max_steps > 0 else math.ceil(examples * args.num_train_epochs / per_step)
 
 
 def format_duration(seconds: float) -> str:
@@ -418,7 +425,7 @@ def train_until_done_or_stopped(trainer: Trainer, args: TrainArguments) -> Train
 
 
 def save_final(trainer: Trainer, tokenizer, configs: list, summary: dict, output_dir: str | Path | None = None,
-               model=None) -> Path:
+               model=None, config_overrides: dict | None = None) -> Path:
     """Write the model, tokenizer, generation config, resolved config (`config.yaml`),
     `training_summary.json` and `trainer_state.json` (the log history) into `output_dir` (default
     `args.output_dir`) through a staging directory, so the final model is never half-written: files are
@@ -426,7 +433,9 @@ def save_final(trainer: Trainer, tokenizer, configs: list, summary: dict, output
     complete.
 
     `model` (default `trainer.model`) lets a stage save something else than the trained module, e.g.
-    DPO's merged model. The generation config written is the toolkit's
+    DPO's merged model; `config_overrides` are recorded in `config.yaml` over the configs' own values (DPO
+    records the command's --output_dir, not the adapter directory its trainer writes to). The summary
+    gains `train_runtime_human` from `train_runtime`, and `run.json` is copied from the trainer's output. The generation config written is the toolkit's
     (`utils.tokenization.chat_format.default_generation_config`: stop on EOS or <|end|>).
     """
     model = model if model is not None else trainer.model
@@ -444,7 +453,9 @@ def save_final(trainer: Trainer, tokenizer, configs: list, summary: dict, output
         trainer.accelerator.unwrap_model(model).save_pretrained(staging)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(staging)
-        save_config(staging, *configs)
+        save_config(staging, *configs, overrides=config_overrides)
+        if "train_runtime" in summary:
+            summary = {**summary, "train_runtime_human": format_duration(summary["train_runtime"])}
         run_record = Path(trainer.args.output_dir) / RUN_FILE
         if run_record.is_file():
             shutil.copy2(run_record, staging / RUN_FILE)
