@@ -153,3 +153,29 @@ def test_json_array_errors_name_the_row(tmp_path):
         load_conversations([str(path)], fmt="alpaca")
     with pytest.raises(UserError, match="no such file"):
         load_conversations([str(tmp_path / "missing.jsonl")])
+
+
+def test_one_reader_gives_both_pipelines_the_files_own_lines(tmp_path):
+    """Conversations and the corpus read JSON through the same reader: a byte-order mark and blank lines
+    before the first row, and a U+2028 inside a string (a line break to `str.splitlines`), keep the error
+    on the file's own line; a CSV that is not UTF-8 is refused like any other file."""
+    from utils.data.sources import read_records
+
+    good = json.dumps({"prompt": "问\u2028题", "response": ANSWER, "text": "文\u2028本"}, ensure_ascii=False)
+    lines = tmp_path / "bad.jsonl"
+    lines.write_text(f"\ufeff\n\n{good}\n{{\"prompt\": \"x\", oops}}\n", encoding="utf-8")
+    array = tmp_path / "bad.json"
+    array.write_text(f"\n\n[{good},\n {{\"prompt\": oops}}]\n", encoding="utf-8")
+    for path in (lines, array):
+        for read, source in ((load_conversations, [str(path)]), (read_records, path)):
+            with pytest.raises(UserError, match="not valid JSON") as error:
+                list(read(source))
+            assert error.value.path == str(path) and error.value.line == 4
+    lines.write_text(f"\n{good}\n", encoding="utf-8")
+    assert load_conversations([str(lines)])[0][0]["content"] == "问\u2028题"
+    assert [(doc.text, location.line) for doc, location in read_records(lines)] == [("文\u2028本", 2)]
+    gbk = tmp_path / "gbk.csv"
+    gbk.write_bytes(f"prompt,response\n{QUESTION},{ANSWER}\n".encode("gbk"))
+    with pytest.raises(UserError, match="not UTF-8 text") as error:
+        load_conversations([str(gbk)])
+    assert error.value.path == str(gbk) and error.value.fix

@@ -28,8 +28,6 @@ the log. The first user turn (the prompt) and every answer must be non-empty.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import random
 import re
@@ -37,7 +35,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.data.sources import discover_inputs
+from utils.data.sources import Location, discover_inputs, read_rows
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -51,79 +49,15 @@ _HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".tsv", ".arrow")
 
 
-class Location:
-    """Where a row came from, for error messages: a file and its line, or its row number."""
-
-    def __init__(self, path: str, line: int | None = None, row: int | None = None):
-        self.path, self.line, self.row = path, line, row
-
-    def error(self, problem: str, field: str | None = None, fix: str | None = None) -> UserError:
-        if self.line is None and self.row is not None:
-            problem = f"row {self.row}: {problem}"
-        return UserError(problem, path=self.path, line=self.line, field=field, fix=fix)
-
-
 def iter_rows(name: str, split: str = "train") -> Iterator[tuple[dict, Location]]:
-    """Every row of a local file / directory, or of a hub dataset, with its location."""
+    """Every row of a local file / directory (`utils.data.sources.read_rows`), or of a hub dataset, with its
+    location."""
     path = Path(name)
     if not path.exists() and _HUB_NAME.match(name) and not name.lower().endswith(_FILE_SUFFIXES):
         yield from _hub_rows(name, split)
         return
     for file in discover_inputs([name]):
-        suffix = file.suffix.lower()
-        if suffix == ".parquet":
-            yield from _parquet_rows(file)
-        elif suffix == ".csv":
-            yield from _csv_rows(file)
-        else:
-            yield from _json_rows(file)
-
-
-def _json_rows(path: Path) -> Iterator[tuple[dict, Location]]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise UserError(f"not UTF-8 text ({err.reason})", path=str(path), fix="convert the file to UTF-8") from None
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"not valid JSON: {err.msg}", path=str(path), line=err.lineno,
-                            fix="fix the JSON, or write one JSON object per line (.jsonl)") from None
-        for index, row in enumerate(rows):
-            yield row, Location(str(path), row=index)
-        return
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"not valid JSON: {err.msg} (column {err.colno})", path=str(path), line=line_no,
-                            fix="each line of a .jsonl file must be one JSON object; fix or remove that line") from None
-        yield row, Location(str(path), line=line_no)
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[dict, Location]]:
-    import pyarrow.parquet as pq
-
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception as err:  # pyarrow raises several types for a damaged file
-        raise UserError(f"not a readable parquet file ({err})", path=str(path),
-                        fix="re-create the file, or pass it as .jsonl") from None
-    index = 0
-    for batch in parquet.iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            yield row, Location(str(path), row=index)
-            index += 1
-
-
-def _csv_rows(path: Path) -> Iterator[tuple[dict, Location]]:
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        for row in reader:
-            yield row, Location(str(path), line=reader.line_num)
+        yield from read_rows(file)
 
 
 def _hub_rows(name: str, split: str) -> Iterator[tuple[dict, Location]]:
@@ -139,8 +73,8 @@ def _hub_rows(name: str, split: str) -> Iterator[tuple[dict, Location]]:
         yield row, Location(name, row=index)
 
 
-def detect_format(row: dict, location: Location) -> str:
-    """The format of a row from its keys."""
+def row_format(row: dict, location: Location) -> str:
+    """The conversation format of a row (one of `FORMATS` but auto), from its keys."""
     if not isinstance(row, dict):
         raise location.error("a row is not a JSON object",
                              fix="write one object per row, e.g. {\"prompt\": \"...\", \"response\": \"...\"}")
@@ -288,7 +222,7 @@ def _rows(paths: Sequence[str], fmt: str, split: str) -> Iterator[tuple[dict, st
         current_file = None
         for row, location in iter_rows(name, split):
             if location.path != current_file and fmt == "auto":  # a directory may mix formats
-                current_file, detected = location.path, detect_format(row, location)
+                current_file, detected = location.path, row_format(row, location)
             if not isinstance(row, dict):
                 raise location.error("a row is not an object", fix="write one JSON object per row")
             yield row, detected, location

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from utils.data.dedup import NearDuplicateIndex, minhash_signature
-from utils.data.sources import TXT_SPLITS, Document, detect_format, discover_inputs, read_records
+from utils.data.sources import TXT_SPLITS, Document, discover_inputs, file_format, read_records
 from utils.data.text import QualityFilter, normalize_text, to_simplified
 from utils.data.wiki import WikiPage, extract_text
 from utils.errors import UserError
@@ -218,15 +218,15 @@ def _batches(files: list[Path], inputs: InputArguments, stats: StepStats,
     size = 64
     for path in files:
         start = time.perf_counter()
-        logger.info("reading %s (%s)", path, detect_format(path))
-        for record, position in read_records(path, inputs.text_column, inputs.txt_split):
+        logger.info("reading %s (%s)", path, file_format(path))
+        for record, location in read_records(path, inputs.text_column, inputs.txt_split):
             chars = sum(map(len, record.lines)) if isinstance(record, WikiPage) else len(record.text)
             stats.record("read", chars, chars, 0.0)
             batch.append((record, path.name))
             count += 1
             if len(batch) >= size or count == inputs.max_docs:
                 stats.table["read"]["seconds"] += time.perf_counter() - start
-                progress.n = done_bytes + position
+                progress.n = done_bytes + location.consumed
                 progress.refresh()
                 yield batch
                 batch, start = [], time.perf_counter()

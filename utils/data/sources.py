@@ -1,25 +1,29 @@
-"""Input discovery and streaming readers for the corpus pipeline.
+"""Input discovery and the one reader per file format, for the corpus pipeline and conversation data.
 
 Accepted inputs (several may be mixed; directories are searched recursively):
 - MediaWiki `pages-articles` dumps, `.xml` or `.xml.bz2` -> articles still to be extracted (`WikiPage`);
 - wikiextractor output, `<doc id=... title=...>` text or `--json` lines, in files such as `AA/wiki_00`;
 - `.jsonl` / `.json` (JSON lines or one JSON array) and `.parquet` with a text column;
-- plain `.txt`, one document per block of lines separated by a blank line (or one per line).
+- plain `.txt`, one document per block of lines separated by a blank line (or one per line);
+- `.csv` with a header line (conversation data only, through `read_rows`).
 
-Every reader yields `(record, position)` pairs, `position` being how many bytes of the file have been
-consumed, which drives the progress bar's ETA.
+Every reader yields `(row, Location)` pairs: the `Location` names the file and the line (text formats) or
+row (JSON arrays, parquet) for error messages, and how many bytes of the file have been consumed, which
+drives the progress bar's ETA. `read_records` turns them into documents, `read_rows` gives table rows.
 """
 
 from __future__ import annotations
 
-import bz2
+import csv
 import io
 import json
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow.parquet as pq
 
@@ -27,6 +31,7 @@ from utils.data.wiki import WikiPage, is_mediawiki_dump, read_dump
 from utils.errors import UserError
 
 _DOC_HEADER = re.compile(r'<doc id="([^"]*)"(?: url="[^"]*")?(?: title="([^"]*)")?[^>]*>')
+_LEADING_SPACE = "\ufeff \r\n\t"
 TXT_SPLITS = ("blank_line", "line")
 
 
@@ -37,6 +42,22 @@ class Document:
     text: str
     title: str | None = None
     id: str | None = None
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a row came from, for error messages: a file (or hub dataset) and its line, or its row number;
+    `consumed` is how many bytes of the file had been read when the row was, for progress bars."""
+
+    path: str
+    line: int | None = None
+    row: int | None = None
+    consumed: int = 0
+
+    def error(self, problem: str, field: str | None = None, fix: str | None = None) -> UserError:
+        if self.line is None and self.row is not None:
+            problem = f"row {self.row}: {problem}"
+        return UserError(problem, path=self.path, line=self.line, field=field, fix=fix)
 
 
 def discover_inputs(paths: list[str]) -> list[Path]:
@@ -62,15 +83,15 @@ def discover_inputs(paths: list[str]) -> list[Path]:
     return files
 
 
-def detect_format(path: Path) -> str:
-    """One of: dump, parquet, json, doc, txt."""
+def file_format(path: Path) -> str:
+    """The format of a corpus input file, from its name and first bytes: dump, parquet, json, doc or txt."""
     suffixes = "".join(path.suffixes[-2:]).lower()
     if path.suffix.lower() == ".parquet":
         return "parquet"
     if suffixes.endswith((".xml", ".xml.bz2")) or path.suffix.lower() == ".bz2":
         return "dump"
     head = _head_text(path)
-    stripped = head.lstrip("\ufeff \r\n\t")
+    stripped = head.lstrip(_LEADING_SPACE)
     if "<mediawiki" in head[:2048]:
         return "dump"
     if stripped.startswith("<doc "):
@@ -86,141 +107,181 @@ def _head_text(path: Path) -> str:
 
 
 def read_records(path: Path, text_column: str = "text",
-                 txt_split: str = "blank_line") -> Iterator[tuple[WikiPage | Document, int]]:
-    """Stream one input file as `(record, bytes consumed)` pairs."""
-    kind = detect_format(path)
+                 txt_split: str = "blank_line") -> Iterator[tuple[WikiPage | Document, Location]]:
+    """Stream one corpus input file as `(article or document, location)` pairs, by its `file_format`."""
+    kind = file_format(path)
     if kind == "dump":
-        if not is_mediawiki_dump(path):
-            raise UserError("not a MediaWiki XML dump (no <mediawiki> root element)", path=str(path),
-                            line=1, fix="pass a 'pages-articles' dump as downloaded from "
-                                        "https://dumps.wikimedia.org/zhwiki/latest/")
-        raw = open(path, "rb")
-        with raw:
-            for page in read_dump(path, raw):
-                yield page, raw.tell()
+        yield from read_dump_pages(path)
+    elif kind == "doc":
+        yield from read_wikiextractor_docs(path)
+    elif kind == "txt":
+        yield from read_txt_documents(path, txt_split)
     elif kind == "parquet":
-        yield from _read_parquet(path, text_column)
+        for row, location in read_parquet_rows(path, text_column):
+            if row[text_column] is not None:  # a null cell holds no document
+                row[text_column] = str(row[text_column])
+                yield _row_document(row, location, text_column), location
     else:
-        reader = {"json": _read_json, "doc": _read_doc, "txt": _read_txt}[kind]
-        with open(path, "rb") as raw:
-            stream = io.TextIOWrapper(raw, encoding="utf-8")
+        for row, location in read_json_rows(path):
+            yield _row_document(row, location, text_column), location
+
+
+def read_rows(path: Path) -> Iterator[tuple[object, Location]]:
+    """The rows of a data file, by its suffix: `.parquet`, `.csv`, anything else JSON lines or a JSON array."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        yield from read_parquet_rows(path)
+    elif suffix == ".csv":
+        yield from read_csv_rows(path)
+    else:
+        yield from read_json_rows(path)
+
+
+@contextmanager
+def _utf8_text(path: Path, newline: str | None = None) -> Iterator[tuple[io.TextIOWrapper, BinaryIO]]:
+    """The file as UTF-8 text (a byte-order mark skipped) and its byte stream, whose `tell()` is the bytes
+    consumed; text that is not UTF-8 is refused."""
+    with open(path, "rb") as raw:
+        try:
+            yield io.TextIOWrapper(raw, encoding="utf-8-sig", newline=newline), raw
+        except UnicodeDecodeError as err:
+            raise UserError(f"not UTF-8 text ({err.reason})", path=str(path),
+                            fix="convert the file to UTF-8") from None
+
+
+def read_json_rows(path: Path) -> Iterator[tuple[object, Location]]:
+    """JSON lines (`line` = line number, blank lines skipped), or one JSON array (`row` = index)."""
+    with _utf8_text(path) as (stream, raw):
+        first, lines_before = stream.read(1), 0
+        while first and first in _LEADING_SPACE:  # counted, so that line numbers stay the file's
+            lines_before += first == "\n"
+            first = stream.read(1)
+        if first == "[":
             try:
-                for record in reader(path, stream, text_column, txt_split):
-                    yield record, raw.tell()
-            except UnicodeDecodeError as err:
-                raise UserError(f"not UTF-8 text ({err.reason})", path=str(path),
-                                fix="convert the file to UTF-8") from None
-
-
-def _read_json(path: Path, stream: io.TextIOWrapper, text_column: str, _split: str) -> Iterator[Document]:
-    first = stream.read(1)
-    while first and first in "\ufeff \r\n\t":
-        first = stream.read(1)
-    if first == "[":
-        try:
-            rows = json.loads(first + stream.read())
-        except json.JSONDecodeError as err:
-            raise UserError(f"not valid JSON: {err.msg}", path=str(path), line=err.lineno,
-                            fix="fix the JSON, or write one JSON object per line (.jsonl)") from None
-        for index, row in enumerate(rows):
-            yield _row_document(row, path, None, text_column, index)
-        return
-    for line_no, line in enumerate(_prepend(first, stream), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"not valid JSON: {err.msg} (column {err.colno})", path=str(path),
-                            line=line_no, fix="each line of a .jsonl file must be one JSON object; "
-                                              "fix or remove that line") from None
-        yield _row_document(row, path, line_no, text_column, line_no - 1)
+                rows = json.loads(first + stream.read())
+            except json.JSONDecodeError as err:
+                raise UserError(f"not valid JSON: {err.msg}", path=str(path), line=lines_before + err.lineno,
+                                fix="fix the JSON, or write one JSON object per line (.jsonl)") from None
+            for index, row in enumerate(rows):
+                yield row, Location(str(path), row=index, consumed=raw.tell())
+            return
+        for line_no, line in enumerate(_prepend(first, stream), start=lines_before + 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip("\n"))  # so that an error's column is on this line
+            except json.JSONDecodeError as err:
+                raise UserError(f"not valid JSON: {err.msg} (column {err.colno})", path=str(path),
+                                line=line_no, fix="each line of a .jsonl file must be one JSON object; "
+                                                  "fix or remove that line") from None
+            yield row, Location(str(path), line=line_no, consumed=raw.tell())
 
 
 def _prepend(first: str, stream: io.TextIOWrapper) -> Iterator[str]:
-    line = stream.readline()
-    yield first + line
+    yield first + stream.readline()
     yield from stream
 
 
-def _row_document(row: object, path: Path, line: int | None, text_column: str, index: int) -> Document:
-    if not isinstance(row, dict):
-        raise UserError("a row is not a JSON object", path=str(path), line=line,
-                        fix=f"write objects such as {{\"{text_column}\": \"...\"}}")
-    text = row.get(text_column)
-    if not isinstance(text, str):
-        problem = "missing text column" if text_column not in row else "the text column is not a string"
-        keys = ", ".join(map(str, row)) or "none"
-        where = f"row {index}" if line is None else None
-        raise UserError(f"{problem}{f' ({where})' if where else ''}; the row has: {keys}", path=str(path),
-                        line=line, field=text_column,
-                        fix="pass --text_column with the name of the column that holds the text")
-    title, doc_id = row.get("title"), row.get("id")
-    return Document(text, None if title is None else str(title), None if doc_id is None else str(doc_id))
-
-
-def _read_doc(path: Path, stream: io.TextIOWrapper, _column: str, _split: str) -> Iterator[Document]:
-    """wikiextractor's default output: `<doc id=.. url=.. title=..>`, the title line, text, `</doc>`."""
-    header, lines = None, []
-    for line_no, line in enumerate(stream, start=1):
-        if header is None:
-            found = _DOC_HEADER.match(line.strip())
-            if found:
-                header, lines = found, []
-            elif line.strip():
-                raise UserError("text outside a <doc> element", path=str(path), line=line_no,
-                                fix="pass wikiextractor output unchanged, or use a .txt file")
-        elif line.strip() == "</doc>":
-            doc_id, title = header.group(1), header.group(2)
-            if lines and title and lines[0].strip() == title:
-                lines = lines[1:]  # wikiextractor repeats the title as the first line
-            yield Document("".join(lines).strip(), title, doc_id)
-            header = None
-        else:
-            lines.append(line)
-    if header is not None:
-        raise UserError("the file ends inside a <doc> element (truncated)", path=str(path),
-                        fix="re-run wikiextractor or pass the complete file")
-
-
-def _read_txt(path: Path, stream: io.TextIOWrapper, _column: str, split: str) -> Iterator[Document]:
-    if split == "line":
-        for line in stream:
-            if line.strip():
-                yield Document(line.strip())
-        return
-    block: list[str] = []
-    for line in stream:
-        if line.strip():
-            block.append(line)
-        elif block:
-            yield Document("".join(block).strip())
-            block = []
-    if block:
-        yield Document("".join(block).strip())
-
-
-def _read_parquet(path: Path, text_column: str) -> Iterator[tuple[Document, int]]:
+def read_parquet_rows(path: Path, text_column: str | None = None) -> Iterator[tuple[dict, Location]]:
+    """Every row of a parquet file as a dict (`row` = index). With `text_column`, only the document columns
+    (that one, `title`, `id`) are read, and a file without the text column is refused."""
     try:
         parquet = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for a damaged file
         raise UserError(f"not a readable parquet file ({err})", path=str(path),
                         fix="re-create the file, or pass it as .jsonl") from None
-    names = parquet.schema_arrow.names
-    if text_column not in names:
-        raise UserError(f"missing text column; the file has: {', '.join(names)}", path=str(path),
-                        field=text_column, fix="pass --text_column with the name of the text column")
-    columns = [c for c in (text_column, "title", "id") if c in names]
-    size, total_rows, done = os.path.getsize(path), max(parquet.metadata.num_rows, 1), 0
+    columns = None
+    if text_column is not None:
+        names = parquet.schema_arrow.names
+        if text_column not in names:
+            raise UserError(f"missing text column; the file has: {', '.join(names)}", path=str(path),
+                            field=text_column, fix="pass --text_column with the name of the text column")
+        columns = [c for c in (text_column, "title", "id") if c in names]
+    size, total_rows, index = os.path.getsize(path), max(parquet.metadata.num_rows, 1), 0
     for batch in parquet.iter_batches(columns=columns, batch_size=1024):
-        data = batch.to_pydict()
-        for i, text in enumerate(data[text_column]):
-            done += 1
-            if text is None:
-                continue
-            title = data.get("title", [None] * len(data[text_column]))[i]
-            doc_id = data.get("id", [None] * len(data[text_column]))[i]
-            yield Document(str(text), title, None if doc_id is None else str(doc_id)), size * done // total_rows
+        for row in batch.to_pylist():
+            index += 1
+            yield row, Location(str(path), row=index - 1, consumed=size * index // total_rows)
+
+
+def read_csv_rows(path: Path) -> Iterator[tuple[dict, Location]]:
+    """Every row of a CSV file with a header line, as a dict (`line` = the line the row ends on)."""
+    with _utf8_text(path, newline="") as (stream, raw):
+        reader = csv.DictReader(stream)
+        for row in reader:
+            yield row, Location(str(path), line=reader.line_num, consumed=raw.tell())
+
+
+def read_dump_pages(path: Path) -> Iterator[tuple[WikiPage, Location]]:
+    """The articles of a MediaWiki `pages-articles` dump (`.xml` or `.xml.bz2`)."""
+    if not is_mediawiki_dump(path):
+        raise UserError("not a MediaWiki XML dump (no <mediawiki> root element)", path=str(path),
+                        line=1, fix="pass a 'pages-articles' dump as downloaded from "
+                                    "https://dumps.wikimedia.org/zhwiki/latest/")
+    with open(path, "rb") as raw:
+        for page in read_dump(path, raw):
+            yield page, Location(str(path), consumed=raw.tell())
+
+
+def read_wikiextractor_docs(path: Path) -> Iterator[tuple[Document, Location]]:
+    """wikiextractor's default output: `<doc id=.. url=.. title=..>`, the title line, text, `</doc>`
+    (`line` = the `<doc>` line)."""
+    with _utf8_text(path) as (stream, raw):
+        header, start, lines = None, 0, []
+        for line_no, line in enumerate(stream, start=1):
+            if header is None:
+                found = _DOC_HEADER.match(line.strip())
+                if found:
+                    header, start, lines = found, line_no, []
+                elif line.strip():
+                    raise UserError("text outside a <doc> element", path=str(path), line=line_no,
+                                    fix="pass wikiextractor output unchanged, or use a .txt file")
+            elif line.strip() == "</doc>":
+                doc_id, title = header.group(1), header.group(2)
+                if lines and title and lines[0].strip() == title:
+                    lines = lines[1:]  # wikiextractor repeats the title as the first line
+                yield Document("".join(lines).strip(), title, doc_id), Location(str(path), line=start,
+                                                                                consumed=raw.tell())
+                header = None
+            else:
+                lines.append(line)
+        if header is not None:
+            raise UserError("the file ends inside a <doc> element (truncated)", path=str(path),
+                            fix="re-run wikiextractor or pass the complete file")
+
+
+def read_txt_documents(path: Path, split: str = "blank_line") -> Iterator[tuple[Document, Location]]:
+    """Plain text: one document per block of lines separated by a blank line, or (`split="line"`) per
+    non-empty line (`line` = the document's first line)."""
+    with _utf8_text(path) as (stream, raw):
+        block, start = [], 0
+        for line_no, line in enumerate(stream, start=1):
+            if line.strip():
+                start = start if block else line_no
+                block.append(line)
+                if split != "line":
+                    continue
+            if block:
+                yield Document("".join(block).strip()), Location(str(path), line=start, consumed=raw.tell())
+                block = []
+        if block:
+            yield Document("".join(block).strip()), Location(str(path), line=start, consumed=raw.tell())
+
+
+def _row_document(row: object, location: Location, text_column: str) -> Document:
+    if not isinstance(row, dict):
+        raise UserError("a row is not a JSON object", path=location.path, line=location.line,
+                        fix=f"write objects such as {{\"{text_column}\": \"...\"}}")
+    text = row.get(text_column)
+    if not isinstance(text, str):
+        problem = "missing text column" if text_column not in row else "the text column is not a string"
+        keys = ", ".join(map(str, row)) or "none"
+        where = f"row {location.row}" if location.line is None else None
+        raise UserError(f"{problem}{f' ({where})' if where else ''}; the row has: {keys}", path=location.path,
+                        line=location.line, field=text_column,
+                        fix="pass --text_column with the name of the column that holds the text")
+    title, doc_id = row.get("title"), row.get("id")
+    return Document(text, None if title is None else str(title), None if doc_id is None else str(doc_id))
 
 
 def split_files(paths: list[str], split: str) -> list[Path]:
