@@ -116,11 +116,6 @@ def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
     if config_arg and config_arg.lower() != "none":
         recipe = load_recipe(config_arg, dataclass_types)
         logger.info("recipe: %s", config_arg)
-        # A field without a default is required on the command line unless the recipe gives it; argparse
-        # has no public way to say so after the parser is built.
-        for action in parser._actions:
-            if action.dest in recipe:
-                action.required = False
         parser.set_defaults(**recipe)  # shown by --help
     fields = dataclass_fields(dataclass_types)
     # Flags not given keep this marker, so recipe values never pass through argparse's conversions again.
@@ -169,11 +164,16 @@ def save_config(output_dir: str | Path, *configs: Any, overrides: dict[str, Any]
 
 
 def dataclass_fields(dataclass_types: Iterable[type]) -> dict[str, tuple[Any, Sequence | None]]:
-    """Every field a recipe or flag may set: name -> (its type, the `choices` of its metadata or None)."""
+    """Every field a recipe or flag may set: name -> (its type, the `choices` of its metadata or None).
+
+    Every field has a default: argparse would demand a field without one on the command line even when the
+    recipe gives it (and the stages' defaults are what chains them through data/ and model_save/)."""
     fields = {}
     for dtype in dataclass_types:
         hints = typing.get_type_hints(dtype)
         for item in dataclasses.fields(dtype):
+            assert not item.init or item.default is not dataclasses.MISSING \
+                or item.default_factory is not dataclasses.MISSING, f"{dtype.__name__}.{item.name} needs a default"
             if item.init:
                 fields[item.name] = (hints[item.name], item.metadata.get("choices"))
     return fields
