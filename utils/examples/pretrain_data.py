@@ -123,23 +123,30 @@ def checked_index(index: int, length: int) -> int:
     return index % length
 
 
-class PackedBlocks(Dataset):
-    """Causal LM examples: block i is tokens [i*L, (i+1)*L) of the stream; labels = inputs."""
+class FixedLengthExamples(Dataset):
+    """Examples that all have one length (`example_length`, `num_blocks` of them): `lengths` is known without
+    loading any, so length grouping can mix them with pairs cheaply."""
 
-    def __init__(self, stream: TokenStream, block_size: int):
-        self.stream, self.block_size = stream, block_size
-        self.num_blocks = len(stream) // block_size
-        if self.num_blocks == 0:
-            raise UserError(f"the data holds {len(stream)} tokens, less than one block of {block_size}",
-                            path=str(stream.path), field="block_size", fix="pass more text or a smaller --block_size")
+    num_blocks: int
+    example_length: int
 
     def __len__(self) -> int:
         return self.num_blocks
 
     @property
     def lengths(self) -> np.ndarray:
-        """Every block is `block_size` long (so length grouping never loads the examples to measure them)."""
-        return np.full(self.num_blocks, self.block_size, dtype=np.int64)
+        return np.full(self.num_blocks, self.example_length, dtype=np.int64)
+
+
+class PackedBlocks(FixedLengthExamples):
+    """Causal LM examples: block i is tokens [i*L, (i+1)*L) of the stream; labels = inputs."""
+
+    def __init__(self, stream: TokenStream, block_size: int):
+        self.stream, self.block_size, self.example_length = stream, block_size, block_size
+        self.num_blocks = len(stream) // block_size
+        if self.num_blocks == 0:
+            raise UserError(f"the data holds {len(stream)} tokens, less than one block of {block_size}",
+                            path=str(stream.path), field="block_size", fix="pass more text or a smaller --block_size")
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         start = checked_index(index, self.num_blocks) * self.block_size
@@ -199,12 +206,13 @@ def corrupt_spans(tokens: np.ndarray, mask: np.ndarray, sentinels: Sequence[int]
     return inputs + [eos], targets + [eos]
 
 
-class SpanCorruptionBlocks(Dataset):
+class SpanCorruptionBlocks(FixedLengthExamples):
     """T5 span corruption over consecutive raw blocks of the token stream."""
 
     def __init__(self, stream: TokenStream, tokenizer, max_source_length: int, noise_density: float,
                  mean_span: float, seed: int):
         self.stream, self.seed, self.max_source_length = stream, seed, max_source_length
+        self.example_length = max_source_length  # encoder inputs are exactly this long
         self.noise_density, self.mean_span = noise_density, mean_span
         self.raw_length, self.target_length = span_corruption_lengths(max_source_length, noise_density, mean_span)
         self.num_blocks = len(stream) // self.raw_length
@@ -224,14 +232,6 @@ class SpanCorruptionBlocks(Dataset):
     def target_len(data) -> int:
         """Target length for the data arguments' span corruption settings."""
         return span_corruption_lengths(data.max_source_length, data.noise_density, data.mean_noise_span_length)[1]
-
-    def __len__(self) -> int:
-        return self.num_blocks
-
-    @property
-    def lengths(self) -> np.ndarray:
-        """Every example is `max_source_length` long (the sampler groups mixes with pairs by this)."""
-        return np.full(self.num_blocks, self.max_source_length, dtype=np.int64)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         index = checked_index(index, self.num_blocks)
