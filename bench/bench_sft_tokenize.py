@@ -26,7 +26,7 @@ from transformers import AutoTokenizer
 import train_tokenizer  # noqa: E402  (bench/common puts the repo on sys.path)
 from utils.data.conversations import load_conversations  # noqa: E402
 from utils.examples.sft_data import seq2seq_examples, tokenize_conversations  # noqa: E402
-from utils.tokenization.chat_format import ChatPrompts, prompt_ids_by_rerendering  # noqa: E402
+from utils.tokenization.chat_format import ChatPrompts, rerender_prompt  # noqa: E402
 
 SHAREGPT = "sft/medicalgpt_sharegpt_zh_1K_format.jsonl"
 # Old figures, measured by the issue's reporter on the same file (issue 11, item 8).
@@ -42,7 +42,7 @@ def old_sources(tokenizer, messages: list[dict], max_source_length: int) -> list
             source = tokenizer.apply_chat_template(messages[:index], add_generation_prompt=True, tokenize=True,
                                                    return_dict=False)
             if len(source) > max_source_length:
-                source = prompt_ids_by_rerendering(tokenizer, messages[:index], max_source_length)
+                source = rerender_prompt(tokenizer, messages[:index], max_source_length).ids
             sources.append(list(source))
     return sources
 

@@ -19,7 +19,7 @@ from model.training.trainer import latest_checkpoint
 from utils.config import parse_config
 from utils.errors import UserError
 from utils.examples.sft_data import OVERLONG, seq2seq_examples, tokenize_conversations
-from utils.tokenization.chat_format import ChatPrompts, render_prompt
+from utils.tokenization.chat_format import ChatPrompts, RenderedPrompt, render_prompt
 
 SYSTEM = "你是一个复述助手。"
 
@@ -142,7 +142,7 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(tiny_tokenizer):
     assert end not in target  # a cut answer does not teach stopping
     assert all(x[-2:] == [end, tokenizer.eos_token_id] for x in kept["labels"] if len(x) < 24)
     # the encoder reads the prompt exactly as chat / serving render it
-    assert kept["input_ids"][0] == render_prompt(tokenizer, conversation(1)[:1], 10**6)
+    assert kept["input_ids"][0] == render_prompt(tokenizer, conversation(1)[:1], 10**6).ids
     dropped, stats = tokenize_conversations(conversations, tokenizer, overlong="drop", **args)
     assert (stats.examples, stats.truncated, stats.dropped, len(dropped)) == (2, 0, 2, 2)
 
@@ -170,16 +170,18 @@ def rendered(tokenizer, messages: list[dict]) -> list[int]:
                                               return_dict=False))
 
 
-def reference_prompt(tokenizer, messages: list[dict], limit: int) -> list[int]:
+def reference_prompt(tokenizer, messages: list[dict], limit: int) -> RenderedPrompt:
     """render_prompt's rule spelled out: the first of (system + turns from the oldest on, system + turns
-    from the next on, ..., the newest turn alone) that fits, each rendered whole; else the last cut."""
+    from the next on, ..., the newest turn alone) that fits, each rendered whole; else the last cut. With
+    the number of messages left out and of tokens cut."""
     system = messages[:1] if messages[0]["role"] == "system" else []
     turns = messages[len(system):]
-    for candidate in [system + turns[oldest:] for oldest in range(len(turns))] + [turns[-1:]]:
+    candidates = [(system + turns[oldest:], oldest) for oldest in range(len(turns))] + [(turns[-1:], len(messages) - 1)]
+    for candidate, dropped in candidates:
         ids = rendered(tokenizer, candidate)
         if len(ids) <= limit:
-            return ids
-    return ids[-limit:]
+            return RenderedPrompt(ids, dropped)
+    return RenderedPrompt(ids[-limit:], dropped, len(ids) - limit)
 
 
 @pytest.fixture(scope="module", params=["tiny_t5", "tiny_llama", "byte_bpe", "sentencepiece"])
@@ -205,14 +207,15 @@ def test_prompts_from_one_rendering_equal_rendering_each_trimmed_prompt(any_toke
     for limit in (6, 30, 90, full_length // 2, 10**6):  # from cutting the newest turn to keeping everything
         for end in range(1 + system, len(messages) + 1):  # at least one turn
             expected = reference_prompt(tokenizer, messages[:end], limit)
-            assert prompts.prompt_ids(end, limit) == expected, (limit, end)
+            assert prompts.render(end, limit) == expected, (limit, end)  # ids, messages dropped, tokens cut
             assert render_prompt(tokenizer, messages[:end], limit) == expected, (limit, end)
+            assert expected.trimmed == (len(rendered(tokenizer, messages[:end])) > limit)
         for overlong in OVERLONG:  # the T5 SFT examples: one per answer
             examples = seq2seq_examples(messages, tokenizer, limit, 10**6, overlong)
             for index, example in zip(answers, examples, strict=True):
                 whole = rendered(tokenizer, messages[:index])
                 assert example["over_source"] == (len(whole) > limit)
-                assert example["input_ids"] == (reference_prompt(tokenizer, messages[:index], limit)
+                assert example["input_ids"] == (reference_prompt(tokenizer, messages[:index], limit).ids
                                                 if example["kept"] else whole)
 
 

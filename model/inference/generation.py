@@ -1,16 +1,17 @@
-"""Generation settings shared by every stage that saves or runs a model.
+"""Inference: a toolkit output directory loaded for inference, its context length, and batched replies.
 
-A saved model's `generation_config.json` stops at either EOS or the chat template's end-of-turn token
-`<|end|>`, pads with the tokenizer's pad token, and (for T5) starts the decoder with the pad token, so
-`model.generate` works on any output directory of the toolkit without extra arguments.
+Prompts are rendered by `utils.tokenization.chat_format.render_prompt` (the chat template, oldest turns
+dropped to fit), and generation runs with the model's saved `generation_config.json`, which stops at EOS or
+the end-of-turn token `<|end|>` (`default_generation_config`).
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from dataclasses import dataclass, field
 
-from transformers import GenerationConfig, PreTrainedConfig
+from transformers import GenerationConfig
+
+from utils.tokenization.chat_format import render_prompt
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
@@ -83,7 +84,7 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], generati
     replies: list[str] = []
     batches = range(0, len(conversations), batch_size)
     for start in tqdm(batches, desc="generate", unit="batch", disable=not progress):
-        prompts = [render_prompt(tokenizer, c, max_prompt_tokens) for c in conversations[start:start + batch_size]]
+        prompts = [render_prompt(tokenizer, c, max_prompt_tokens).ids for c in conversations[start:start + batch_size]]
         width = max(map(len, prompts))
         pad = tokenizer.pad_token_id
         padded = [(p + [pad] * (width - len(p))) if seq2seq else ([pad] * (width - len(p)) + p) for p in prompts]

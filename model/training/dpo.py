@@ -107,15 +107,12 @@ def tokenize_preference(example: dict, tokenizer, max_prompt_length: int, max_co
     """Token ids of one `{prompt: [messages], chosen: str, rejected: str}` pair: the chat-template prompt
     (ending with `<|assistant|>\\n`) and each answer followed by `<|end|>`, cut to the length limits."""
     messages = list(example["prompt"])
-    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    prompt_cut = len(prompt_ids) > max_prompt_length
-    if prompt_cut:  # drop the oldest turns as inference does
-        prompt_ids = render_prompt(tokenizer, messages, max_prompt_length)
+    prompt = render_prompt(tokenizer, messages, max_prompt_length)  # oldest turns dropped as inference does
     answers = {}
     for key in ("chosen", "rejected"):
         ids = tokenizer(example[key] + END_OF_TURN, add_special_tokens=False)["input_ids"]
         answers[f"{key}_ids"], answers[f"{key}_cut"] = ids[:max_completion_length], len(ids) > max_completion_length
-    return {"prompt_ids": list(prompt_ids), "prompt_cut": prompt_cut, **answers}
+    return {"prompt_ids": prompt.ids, "prompt_cut": prompt.trimmed, **answers}
 
 
 def prepare_preferences(dataset: Dataset, tokenizer, max_prompt_length: int, max_completion_length: int,

@@ -63,7 +63,7 @@ def seq2seq_examples(messages: list[dict], tokenizer, max_source_length: int, ma
         target = tokenizer(message["content"], add_special_tokens=False)["input_ids"] + [end, tokenizer.eos_token_id]
         over_source, over_target = prompts.length(index) > max_source_length, len(target) > max_target_length
         kept = overlong == "truncate" or not (over_source or over_target)
-        source = prompts.prompt_ids(index, max_source_length if kept else None)
+        source = prompts.render(index, max_source_length if kept else None).ids
         examples.append({"input_ids": source, "labels": target[:max_target_length], "over_source": over_source,
                          "over_target": over_target, "kept": kept})
     return examples

@@ -5,12 +5,14 @@ Every stage renders prompts here: SFT (the prompt an answer is trained after), r
 and DPO (the prompt of a preference pair), chat, serving and evaluation. So a model is always asked in
 exactly the format it was trained on, trimmed the same way when a conversation is too long.
 
-    ids = render_prompt(tokenizer, messages, max_prompt_tokens=512)
+    prompt = render_prompt(tokenizer, messages, max_prompt_tokens=512)
+    prompt.ids, prompt.dropped_messages, prompt.truncated_tokens    # what fitting the budget took out
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
+from dataclasses import dataclass
 
 from transformers import GenerationConfig, PreTrainedConfig
 
@@ -47,43 +49,58 @@ def default_generation_config(tokenizer, config: PreTrainedConfig) -> Generation
                             max_new_tokens=256, repetition_penalty=1.1)
 
 
-def render_prompt(tokenizer, messages: list[dict], max_prompt_tokens: int) -> list[int]:
-    """Token ids of `messages` rendered with the chat template plus the assistant generation prompt.
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """A generation prompt's token ids and what fitting it into its budget took out."""
+
+    ids: list[int]
+    dropped_messages: int = 0  # oldest messages left out (a system message counts when it goes too)
+    truncated_tokens: int = 0  # tokens cut from the left of the newest message, which did not fit alone
+
+    @property
+    def trimmed(self) -> bool:
+        """Whether the prompt is shorter than the conversation rendered whole."""
+        return bool(self.dropped_messages or self.truncated_tokens)
+
+
+def render_prompt(tokenizer, messages: list[dict], max_prompt_tokens: int) -> RenderedPrompt:
+    """`messages` rendered with the chat template plus the assistant generation prompt, and what was trimmed.
 
     When the conversation is longer than `max_prompt_tokens`, the oldest turns are dropped (a system
     message stays) until it fits; the last message alone is truncated from the left if it must be.
     """
-    return ChatPrompts(tokenizer, messages).prompt_ids(len(messages), max_prompt_tokens)
+    return ChatPrompts(tokenizer, messages).render(len(messages), max_prompt_tokens)
 
 
-def prompt_ids_by_rerendering(tokenizer, messages: list[dict], max_prompt_tokens: int) -> list[int]:
+def rerender_prompt(tokenizer, messages: list[dict], max_prompt_tokens: int) -> RenderedPrompt:
     """`render_prompt` for any chat template: render, and render again after each dropped turn (quadratic
     in the number of turns; `ChatPrompts` uses it only for templates other than the toolkit's)."""
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(system):]
     while True:
-        ids = tokenizer.apply_chat_template(system + turns, add_generation_prompt=True, tokenize=True,
-                                            return_dict=False)
+        ids = list(tokenizer.apply_chat_template(system + turns, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False))
+        dropped = len(messages) - len(system) - len(turns)
         if len(ids) <= max_prompt_tokens:
-            return list(ids)
+            return RenderedPrompt(ids, dropped)
         if len(turns) > 1:
             turns = turns[1:]
         elif system:
             system = []
         else:
-            return list(ids)[-max_prompt_tokens:]
+            return RenderedPrompt(ids[-max_prompt_tokens:], dropped, len(ids) - max_prompt_tokens)
 
 
 class ChatPrompts:
     """The generation prompts of a conversation's beginnings, from one rendering and one tokenisation.
 
-    `prompt_ids(end, limit)` equals `render_prompt(tokenizer, messages[:end], limit)`, and SFT asks for it
+    `render(end, limit)` equals `render_prompt(tokenizer, messages[:end], limit)`, and SFT asks for it
     before every answer, so rendering each beginning and each trimmed candidate anew was cubic in the
     conversation's length. The toolkit's template renders a conversation as its messages rendered one by
     one, each starting with a role token, then the generation prompt `<|assistant|>\n`; the tokenizer splits
     the text at added tokens before anything else, so the ids of any run of messages are that run's slice
     of the whole tokenisation. The cuts are checked to fall on added tokens; another template, or a cut
-    that fails the check, falls back to `prompt_ids_by_rerendering`.
+    that fails the check, falls back to `rerender_prompt`.
     """
 
     def __init__(self, tokenizer, messages: list[dict]):
@@ -121,11 +138,11 @@ class ChatPrompts:
                                                           tokenize=True, return_dict=False))
         return self.starts[end] + len(self.tokens) - self.starts[-1]
 
-    def prompt_ids(self, end: int, max_prompt_tokens: int | None = None) -> list[int]:
+    def render(self, end: int, max_prompt_tokens: int | None = None) -> RenderedPrompt:
         """`render_prompt(tokenizer, messages[:end], max_prompt_tokens)`; None = no limit, nothing dropped."""
         limit = max_prompt_tokens if max_prompt_tokens is not None else self.length(end)
         if self.tokens is None:
-            return prompt_ids_by_rerendering(self.tokenizer, self.messages[:end], limit)
+            return rerender_prompt(self.tokenizer, self.messages[:end], limit)
         tokens, starts = self.tokens, self.starts
         generation = tokens[starts[-1]:]
         oldest = 1 if self.has_system and end > 0 else 0  # the oldest turn after a system message
@@ -134,5 +151,6 @@ class ChatPrompts:
         # the oldest turn from which the conversation fits: system + starts[end] - starts[turn] + generation
         turn = bisect_left(starts, system + starts[end] + len(generation) - limit, oldest, newest + 1)
         if turn <= newest:
-            return tokens[:system] + tokens[starts[turn]:starts[end]] + generation
-        return (tokens[starts[newest]:starts[end]] + generation)[-limit:]  # the system message goes too
+            return RenderedPrompt(tokens[:system] + tokens[starts[turn]:starts[end]] + generation, turn - oldest)
+        alone = tokens[starts[newest]:starts[end]] + generation  # the system message goes too
+        return RenderedPrompt(alone[-limit:], newest, max(len(alone) - limit, 0))
