@@ -22,6 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.evaluation.benchmarks import BENCHMARKS, answer_questions, choice_accuracy, load_benchmark, shots_label
+from model.evaluation.metrics import bits_per_character, reply_to_prompts, text_metrics, triple_scores
+from model.evaluation.plots import find_trainer_state, plot_training
+from model.evaluation.report import results_markdown
 from model.inference.generation import InferenceArguments, load_for_inference
 from utils.config import parse_config, recipe_path
 from utils.errors import run_main
@@ -104,11 +108,9 @@ def load_rows(files: Sequence[str], limit: int) -> tuple[list[str], list[str]]:
 
 def load_task_data(task: str, args: EvalArguments):
     """The task's questions or rows, read (and checked) before the model is loaded."""
-    from utils import evaluation as metrics
-
-    if task in metrics.BENCHMARKS:
-        subjects = metrics.load_benchmark(getattr(args, f"{task}_data"), getattr(args, f"{task}_split"),
-                                          getattr(args, f"{task}_subjects"), task=task, num_shots=args.num_shots)
+    if task in BENCHMARKS:
+        subjects = load_benchmark(getattr(args, f"{task}_data"), getattr(args, f"{task}_split"),
+                                  getattr(args, f"{task}_subjects"), task=task, num_shots=args.num_shots)
         if args.max_questions > 0:
             for subject in subjects:
                 subject.questions = subject.questions[:args.max_questions]
@@ -119,18 +121,15 @@ def load_task_data(task: str, args: EvalArguments):
 
 
 def run_task(task: str, args: EvalArguments, data, model, tokenizer) -> dict:
-    from model import evaluation as scoring
-    from utils import evaluation as metrics
-
-    if task in metrics.BENCHMARKS:
+    if task in BENCHMARKS:
         split = getattr(args, f"{task}_split")
         logger.info("%s: %d subjects, %d questions (%s split), %d-shot asked", task, len(data),
                     sum(len(s.questions) for s in data), split, args.num_shots)
-        predictions, shots = scoring.answer_questions(model, tokenizer, data, args.num_shots, args.batch_size,
-                                                      args.max_length)
+        predictions, shots = answer_questions(model, tokenizer, data, args.num_shots, args.batch_size,
+                                              args.max_length)
         result = {"source": getattr(args, f"{task}_data"), "split": split, "shots_asked": args.num_shots,
-                  **metrics.choice_accuracy(data, predictions, shots)}
-        short = {name: metrics.shots_label(s) for name, s in result["subjects"].items()
+                  **choice_accuracy(data, predictions, shots)}
+        short = {name: shots_label(s) for name, s in result["subjects"].items()
                  if s["shots_min"] < args.num_shots}
         if short:
             logger.warning("%s: %d-shot asked, but %d of %d subjects had fewer examples before some questions "
@@ -138,20 +137,16 @@ def run_task(task: str, args: EvalArguments, data, model, tokenizer) -> dict:
                            args.num_shots, len(short), len(data), ", ".join(f"{n} {x}" for n, x in short.items()))
         return result
     if task == "bpc":
-        return scoring.bits_per_character(model, tokenizer, args.bpc_files, block_size=args.bpc_block_size,
-                                          stride=args.bpc_stride, batch_size=args.batch_size,
-                                          opencc_config=args.opencc_config)
+        return bits_per_character(model, tokenizer, args.bpc_files, block_size=args.bpc_block_size,
+                                  stride=args.bpc_stride, batch_size=args.batch_size, opencc_config=args.opencc_config)
     prompts, references = data
-    replies = scoring.reply_to_prompts(model, tokenizer, prompts, args.max_new_tokens, args.num_beams, args.batch_size)
-    scores = metrics.text_metrics(replies, references) if task == "generation" else \
-        metrics.triple_scores(replies, references)
+    replies = reply_to_prompts(model, tokenizer, prompts, args.max_new_tokens, args.num_beams, args.batch_size)
+    scores = text_metrics(replies, references) if task == "generation" else triple_scores(replies, references)
     samples = [{"prompt": p, "reference": r, "reply": y} for p, r, y in list(zip(prompts, references, replies))[:5]]
     return {**scores, "files": list(getattr(args, f"{task}_files")), "samples": samples}
 
 
 def report(argv: Sequence[str]) -> list[Path]:
-    from model.evaluation.metrics import find_trainer_state, plot_training
-
     (args,) = parse_config([ReportArguments], argv, description=__doc__)
     state = find_trainer_state(args.run_dir)
     written = plot_training(state, args.output_dir or Path(args.run_dir) / "plots")
@@ -165,8 +160,6 @@ def main(argv: Sequence[str] | None = None) -> dict | list[Path]:
     if argv[:1] == ["report"]:
         return report(argv[1:])
     (args,) = parse_config([EvalArguments], argv, default_recipe=recipe_path("evaluate"), description=__doc__)
-    from model.evaluation.metrics import results_markdown
-
     tasks = list(dict.fromkeys(args.task))
     data = {task: load_task_data(task, args) for task in tasks}
     model, tokenizer = load_for_inference(args.model_name_or_path, args.device, args.dtype)

@@ -19,27 +19,27 @@ from conftest import SENTENCES, run_script, shared_path
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 import evaluate
-from model.evaluation.metrics import (
+from model.evaluation.benchmarks import (
     LETTERS,
-    TRADITIONAL_SHARE_WARNING,
+    answer_questions,
     choice_accuracy,
+    choice_token_ids,
+    letter_logits,
     load_benchmark,
-    parse_triples,
-    plot_training,
+    question_prompt,
     read_choice_csv,
-    results_markdown,
+    shots_for,
+)
+from model.evaluation.metrics import (
+    TRADITIONAL_SHARE_WARNING,
+    _windows,
+    bits_per_character,
+    parse_triples,
     text_metrics,
     triple_scores,
 )
-from model.evaluation.scoring import (
-    _windows,
-    answer_questions,
-    bits_per_character,
-    choice_token_ids,
-    letter_logits,
-    question_prompt,
-    shots_for,
-)
+from model.evaluation.plots import find_trainer_state, plot_training
+from model.evaluation.report import results_markdown
 from model.inference.generation import load_for_inference
 from utils.data.text import to_simplified
 from utils.errors import UserError
@@ -424,8 +424,6 @@ def test_report_plots_a_real_run(tiny_corpus, tiny_tokenizer, tmp_path):
         width, height = is_png(path)
         assert (width, height) == (700, 400)
     # the finished run's own trainer state (written by save_final) has every step
-    from model.evaluation.metrics import find_trainer_state
-
     assert find_trainer_state(run) == run / "trainer_state.json"
     assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 6
     # a run directory without a trainer state at its root (an interrupted run): the latest checkpoint's is used
@@ -435,11 +433,10 @@ def test_report_plots_a_real_run(tiny_corpus, tiny_tokenizer, tmp_path):
     shutil.rmtree(run / "checkpoint-6")
     older = plot_training(evaluate_state(run), tmp_path / "older")
     assert {p.name for p in older} >= {"loss.png", "learning_rate.png"}
+    assert sorted((tmp_path / "older").iterdir()) == sorted(older)  # written atomically: no temporaries left
 
 
 def evaluate_state(run):
-    from model.evaluation.metrics import find_trainer_state
-
     found = find_trainer_state(run)
     assert found.parent.name == "checkpoint-3"
     return found
