@@ -18,15 +18,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from model.build import count_parameters
-from model.inference.generation import InferenceArguments, context_length, load_for_inference
-from model.inference.streaming import (
-    DecodingOptions,
-    PromptTooLong,
-    ReplyStream,
-    default_reply_tokens,
-    fit_prompt,
-    prompt_budget,
-)
+from model.inference.generation import InferenceArguments, load_for_inference
+from model.inference.service import ChatService, DecodingOptions, PromptTooLong, ReplyTooLong
 from utils.config import parse_config, recipe_path
 from utils.errors import UserError, run_main
 from utils.logging import setup_logging
@@ -47,15 +40,9 @@ class ChatSession:
     """A conversation with one model: the history, the decoding settings, and one streamed reply per turn."""
 
     def __init__(self, model, tokenizer, decoding: DecodingOptions | None = None, system: str | None = None):
-        decoding = decoding or DecodingOptions()
-        self.model, self.tokenizer = model, tokenizer
-        self.config = decoding.generation_config(model.generation_config)
-        if decoding.max_new_tokens is None:
-            self.config.max_new_tokens = default_reply_tokens(model, tokenizer, self.config.max_new_tokens)
-        self.budget = prompt_budget(model, tokenizer, self.config.max_new_tokens)
-        if self.budget < 8:
-            raise ValueError(f"--max_new_tokens {self.config.max_new_tokens} leaves no room for a prompt in this "
-                             f"model's context of {context_length(model, tokenizer)} tokens")
+        self.service = ChatService(model, tokenizer, decoding)  # ReplyTooLong for a --max_new_tokens too long
+        self.config = self.service.generation_config()
+        self.budget = self.service.prompt_budget(self.config.max_new_tokens)
         self.system = [{"role": "system", "content": system}] if system else []
         self.history: list[dict] = []  # user and assistant turns so far
         self.last_prompt_ids: list[int] | None = None  # what the model saw last turn
@@ -69,9 +56,9 @@ class ChatSession:
         once the reply is complete; a reply stopped early (ctrl+c) leaves the history as it was.
         Raises `PromptTooLong` when `text` alone does not fit in the context."""
         user = {"role": "user", "content": text}
-        ids, self.trimmed = fit_prompt(self.tokenizer, self.system + self.history + [user], self.budget)
-        self.last_prompt_ids = ids
-        stream = ReplyStream(self.model, self.tokenizer, ids, self.config)
+        prepared = self.service.prepare(self.system + self.history + [user], self.config)
+        self.last_prompt_ids, self.trimmed = prepared.ids, prepared.trimmed
+        stream = self.service.reply_stream(prepared)
         yield from stream
         self.history += [user, {"role": "assistant", "content": stream.reply.text.strip()}]
 
@@ -129,8 +116,9 @@ def main(argv: Sequence[str] | None = None) -> ChatSession:
     model, tokenizer = load_for_inference(args.model_name_or_path, device=args.device, dtype=args.dtype)
     try:
         session = ChatSession(model, tokenizer, decoding, args.system)
-    except ValueError as err:
-        raise UserError(str(err), field="max_new_tokens", fix="lower --max_new_tokens") from None
+    except ReplyTooLong as err:
+        raise UserError(str(err), field="max_new_tokens",
+                        fix=f"lower --max_new_tokens to {err.limit} or less") from None
     if args.message is not None:
         try:
             print_reply(session, args.message)
@@ -142,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> ChatSession:
             f"sampling (temperature {config.temperature}, top_p {config.top_p}, top_k {config.top_k})"
             if config.do_sample else "greedy")
     print(f"{args.model_name_or_path}: {type(model).__name__}, {count_parameters(model) / 1e6:.1f}M parameters, "
-          f"context {context_length(model, tokenizer)} tokens | {mode}, up to {config.max_new_tokens} new tokens, "
+          f"context {session.service.context_length} tokens | {mode}, up to {config.max_new_tokens} new tokens, "
           f"repetition penalty {config.repetition_penalty}\n{HELP}", flush=True)
     interact(session)
     return session

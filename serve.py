@@ -22,8 +22,6 @@ at once (the rest wait in line), and stops when its client disconnects.
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import contextlib
 import hmac
 import ipaddress
@@ -44,23 +42,13 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from model.inference.generation import InferenceArguments, context_length, load_for_inference
-from model.inference.streaming import (
-    DecodingOptions,
-    PromptTooLong,
-    Reply,
-    ReplyStream,
-    default_reply_tokens,
-    fit_prompt,
-    generate_reply,
-    max_new_tokens_limit,
-    prompt_budget,
-)
+from model.inference.generation import InferenceArguments, load_for_inference
+from model.inference.service import ChatService, DecodingOptions, PreparedReply, PromptTooLong, ReplyTooLong
+from model.inference.streaming import Reply
 from utils.config import REPO_ROOT, parse_config, recipe_path
-from utils.errors import run_main
+from utils.errors import UserError, run_main
 from utils.logging import setup_logging
 
 logger = logging.getLogger("serve")
@@ -137,6 +125,15 @@ class ChatCompletionRequest(BaseModel):
     num_beams: int | None = Field(default=None, ge=1, le=16)
     n: int = Field(default=1, ge=1, le=1)
 
+    def conversation(self) -> list[dict]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    def decoding_overrides(self) -> dict:
+        """DecodingOptions fields of this request (None = the server's default)."""
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return dict(max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                    repetition_penalty=self.repetition_penalty, num_beams=self.num_beams)
+
 
 class LegacyChatRequest(BaseModel):
     """ChatLM-mini-Chinese's API: one user message, greedy reply."""
@@ -198,6 +195,11 @@ class CrossSiteGuard:
         self.any_origin = "*" in allowed_origins
         self.allowed_origins = set(allowed_origins)
 
+    def __call__(self, request: Request) -> None:
+        """The dependency of every route."""
+        port = (request.scope.get("server") or (None, None))[1]  # the local port this connection reached
+        self.check(request.url.scheme, request.headers.get("host"), request.headers.get("origin"), port)
+
     def check(self, scheme: str, host: str | None, origin: str | None, port: int | None) -> None:
         """Raise the APIError refusing a request to `scheme`://`host` (the Host header) from `origin` (the
         Origin header, None when absent) that reached local port `port`."""
@@ -221,225 +223,180 @@ class CrossSiteGuard:
                            code="origin_not_allowed")
 
 
+class APIKeyCheck:
+    """The dependency of every API route: with a key set, `Authorization: Bearer KEY` must carry it."""
+
+    def __init__(self, api_key: str | None):
+        self.api_key = api_key
+
+    def __call__(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>' (the key the "
+                                f"server was started with via --api_key or {API_KEY_ENV}).", code="invalid_api_key")
+
+
+async def read_json(request: Request, schema: type[BaseModel], max_bytes: int):
+    """The body as `schema`, or the APIError refusing it."""
+    # Forms and text/plain are what any web page may POST cross-site without asking first (no preflight).
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(415, f"The body must be sent as 'Content-Type: application/json', not "
+                            f"'{media_type or 'none'}'.", code="unsupported_media_type")
+    declared = request.headers.get("content-length")
+    too_large = APIError(413, f"Request body larger than {max_bytes} bytes.", code="request_too_large")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_large
+    try:
+        data = json.loads(body)
+    except ValueError as err:
+        raise APIError(400, f"The body is not valid JSON ({err}).", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "The body must be a JSON object.", code="invalid_json")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise APIError(400, f"Invalid value for '{param}': {first['msg']}.", param=param,
+                       code="invalid_value") from None
+
+
+async def api_error(request: Request, err: APIError):
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+async def http_error(request: Request, err: HTTPException):
+    # Unknown routes and methods get the same error shape as everything else.
+    return JSONResponse(APIError(err.status_code, str(err.detail), code=None).body(), status_code=err.status_code,
+                        headers=getattr(err, "headers", None))
+
+
+async def server_error(request: Request, err: Exception):
+    logger.error("request failed", exc_info=err)
+    failure = APIError(500, f"The server failed to answer: {type(err).__name__}: {err}", type="server_error")
+    return JSONResponse(failure.body(), status_code=500)
+
+
+def prepare_reply(service: ChatService, messages: list[dict], overrides: dict) -> PreparedReply:
+    """The service's prompt and generation config for one request, or the APIError refusing it."""
+    try:
+        config = service.generation_config(**overrides)
+    except ReplyTooLong as err:
+        raise APIError(400, f"max_tokens must be between 1 and {err.limit} for this model, not {err.asked}.",
+                       param="max_tokens", code="invalid_value") from None
+    try:
+        prepared = service.prepare(messages, config)
+    except PromptTooLong as err:
+        raise APIError(400, f"This model's maximum context length is {service.context_length} tokens; the last "
+                            f"message alone needs {err.prompt_tokens} tokens and the prompt may use {err.budget} "
+                            f"with max_tokens {config.max_new_tokens}. Shorten the message or lower max_tokens.",
+                       param="messages", code="context_length_exceeded") from None
+    if prepared.trimmed:
+        logger.info("conversation trimmed to its newest turns to fit %d prompt tokens", prepared.budget)
+    return prepared
+
+
+def usage_of(reply: Reply) -> dict:
+    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+            "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+
+
+def completion_body(reply: Reply, completion_id: str, model_id: str) -> dict:
+    return {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text.strip()},
+                         "finish_reason": reply.finish_reason}],
+            "usage": usage_of(reply)}
+
+
+async def completion_events(service: ChatService, prepared: PreparedReply, completion_id: str, model_id: str,
+                            include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events of one reply: a role chunk, content chunks, the finish chunk, [DONE]."""
+    def event(delta: dict, finish_reason=None, usage=None) -> str:
+        chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                 "model": model_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+        if usage is not None:
+            chunk["choices"], chunk["usage"] = [], usage
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    # Leaving the block early (Starlette cancels this generator when the client disconnects) stops generating.
+    async with service.stream(prepared) as stream:
+        try:
+            yield event({"role": "assistant", "content": ""})
+            async for piece in stream:
+                yield event({"content": piece})
+            yield event({}, finish_reason=stream.reply.finish_reason)
+            if include_usage:
+                yield event({}, usage=usage_of(stream.reply))
+            yield "data: [DONE]\n\n"
+        except Exception as err:  # the status line is sent already: the error can only travel as an event
+            logger.exception("generation failed")
+            failure = APIError(500, f"Generation failed: {type(err).__name__}: {err}", type="server_error")
+            yield f"data: {json.dumps(failure.body(), ensure_ascii=False)}\n\n"
+
+
 def create_app(model, tokenizer, args: ServeArguments, decoding: DecodingOptions | None = None):
     """The FastAPI application serving `model`. `decoding` holds the server's defaults; request fields
     (max_tokens, temperature, top_p, top_k, repetition_penalty, num_beams) override them per request."""
-    decoding = decoding or DecodingOptions()
+    service = ChatService(model, tokenizer, decoding, max_concurrent=args.max_concurrent)
     model_id = args.served_model_name or Path(args.model_name_or_path).resolve().name
     accepted_ids = {model_id, args.model_name_or_path}
     created = int(time.time())
-    reply_limit = max_new_tokens_limit(model, tokenizer)
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    guard = CrossSiteGuard(args.host, args.allowed_origins)
-
-    def refuse_cross_site(request: Request) -> None:
-        port = (request.scope.get("server") or (None, None))[1]  # the local port this connection reached
-        guard.check(request.url.scheme, request.headers.get("host"), request.headers.get("origin"), port)
-
+    require_key = Depends(APIKeyCheck(args.api_key or os.environ.get(API_KEY_ENV) or None))
     app = FastAPI(title="zhlm", docs_url=None, redoc_url=None, openapi_url=None,
-                  dependencies=[Depends(refuse_cross_site)])
+                  dependencies=[Depends(CrossSiteGuard(args.host, args.allowed_origins))])
     if args.allowed_origins:
         # Pages at those origins may call the API; their browser asks first (preflight) when they send the key.
         app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.state.slots = asyncio.Semaphore(args.max_concurrent)
-    app.state.active = 0  # generations running now
-    app.state.peak_active = 0  # the most that ever ran at once
-    app.state.recent = collections.deque(maxlen=256)  # finished Replies, newest last (for logs and tests)
-    counter_lock = threading.Lock()
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, err: APIError):
-        return JSONResponse(err.body(), status_code=err.status)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, err: HTTPException):
-        # Unknown routes and methods get the same error shape as everything else.
-        return JSONResponse(APIError(err.status_code, str(err.detail), code=None).body(), status_code=err.status_code,
-                            headers=getattr(err, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, err: Exception):
-        logger.error("request failed", exc_info=err)
-        failure = APIError(500, f"The server failed to answer: {type(err).__name__}: {err}", type="server_error")
-        return JSONResponse(failure.body(), status_code=500)
-
-    def require_key(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>' (the key the "
-                                f"server was started with via --api_key or {API_KEY_ENV}).", code="invalid_api_key")
-
-    async def read_json(request: Request, schema):
-        # Forms and text/plain are what any web page may POST cross-site without asking first (no preflight).
-        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-        if media_type != "application/json":
-            raise APIError(415, f"The body must be sent as 'Content-Type: application/json', not "
-                                f"'{media_type or 'none'}'.", code="unsupported_media_type")
-        declared = request.headers.get("content-length")
-        too_large = APIError(413, f"Request body larger than {args.max_body_bytes} bytes.", code="request_too_large")
-        if declared is not None and declared.isdigit() and int(declared) > args.max_body_bytes:
-            raise too_large
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > args.max_body_bytes:
-                raise too_large
-        try:
-            data = json.loads(body)
-        except ValueError as err:
-            raise APIError(400, f"The body is not valid JSON ({err}).", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "The body must be a JSON object.", code="invalid_json")
-        try:
-            return schema.model_validate(data)
-        except ValidationError as err:
-            first = err.errors()[0]
-            param = ".".join(str(part) for part in first["loc"]) or None
-            raise APIError(400, f"Invalid value for '{param}': {first['msg']}.", param=param,
-                           code="invalid_value") from None
-
-    def prepare(messages: list[dict], overrides: dict):
-        """Generation config and prompt ids of one request, or the APIError refusing it."""
-        asked = overrides.get("max_new_tokens")
-        if asked is not None and not 1 <= asked <= reply_limit:
-            raise APIError(400, f"max_tokens must be between 1 and {reply_limit} for this model, not {asked}.",
-                           param="max_tokens", code="invalid_value")
-        options = decoding.updated(**overrides)
-        config = options.generation_config(model.generation_config)
-        if options.max_new_tokens is None:
-            config.max_new_tokens = default_reply_tokens(model, tokenizer, config.max_new_tokens)
-        config.max_new_tokens = min(config.max_new_tokens, reply_limit)
-        budget = prompt_budget(model, tokenizer, config.max_new_tokens)
-        try:
-            ids, trimmed = fit_prompt(tokenizer, messages, budget)
-        except PromptTooLong as err:
-            raise APIError(400, f"This model's maximum context length is {context_length(model, tokenizer)} tokens; "
-                                f"the last message alone needs {err.prompt_tokens} tokens and the prompt may use "
-                                f"{budget} with max_tokens {config.max_new_tokens}. Shorten the message or lower "
-                                "max_tokens.", param="messages", code="context_length_exceeded") from None
-        if trimmed:
-            logger.info("conversation trimmed to its newest turns to fit %d prompt tokens", budget)
-        return config, ids
-
-    def generation_began():
-        with counter_lock:
-            app.state.active += 1
-            app.state.peak_active = max(app.state.peak_active, app.state.active)
-
-    def generation_ended(reply: Reply | None, began: float):
-        """Bookkeeping when a generation thread ends (called from that thread for streams)."""
-        with counter_lock:
-            app.state.active -= 1
-        if reply is not None:
-            app.state.recent.append(reply)
-            logger.info("reply: %d prompt + %d completion tokens, %s, %.2fs", reply.prompt_tokens,
-                        reply.completion_tokens, reply.finish_reason, time.monotonic() - began)
-
-    async def complete(request: Request, config, ids) -> Reply:
-        """Generate a whole reply in a worker thread; a client that disconnects meanwhile cancels it."""
-        cancel = threading.Event()
-
-        async def watch():
-            while not cancel.is_set():
-                if await request.is_disconnected():
-                    cancel.set()
-                await asyncio.sleep(0.1)
-
-        async with app.state.slots:
-            began, reply = time.monotonic(), None
-            generation_began()
-            watcher = asyncio.create_task(watch())
-            try:
-                reply = await run_in_threadpool(generate_reply, model, tokenizer, ids, config, cancel)
-                return reply
-            finally:
-                watcher.cancel()
-                generation_ended(reply, began)
-
-    async def stream_events(config, ids, completion_id: str, include_usage: bool) -> AsyncIterator[str]:
-        """Server-sent events of one reply: a role chunk, content chunks, the finish chunk, [DONE]."""
-        def event(delta: dict, finish_reason=None, usage=None) -> str:
-            chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                     "model": model_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
-            if usage is not None:
-                chunk["choices"], chunk["usage"] = [], usage
-            return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-
-        async with app.state.slots:
-            began = time.monotonic()
-            generation_began()
-            stream = ReplyStream(model, tokenizer, ids, config, on_done=lambda reply: generation_ended(reply, began))
-            try:
-                yield event({"role": "assistant", "content": ""})
-                async for piece in iterate_in_threadpool(iter(stream)):
-                    yield event({"content": piece})
-                reply = stream.reply
-                yield event({}, finish_reason=reply.finish_reason)
-                if include_usage:
-                    yield event({}, usage=usage_of(reply))
-                yield "data: [DONE]\n\n"
-            except Exception as err:  # the status line is sent already: the error can only travel as an event
-                logger.exception("generation failed")
-                failure = APIError(500, f"Generation failed: {type(err).__name__}: {err}", type="server_error")
-                yield f"data: {json.dumps(failure.body(), ensure_ascii=False)}\n\n"
-            finally:
-                # Reached early when the client disconnects (Starlette cancels this generator): stop generating.
-                stream.cancel()
-                if not stream.started:
-                    generation_ended(None, began)
-
-    def usage_of(reply: Reply) -> dict:
-        return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-                "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+    for error, handler in ((APIError, api_error), (HTTPException, http_error), (Exception, server_error)):
+        app.add_exception_handler(error, handler)
 
     @app.get("/", include_in_schema=False)
     async def page():
         return FileResponse(PAGE, media_type="text/html; charset=utf-8")
 
-    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    @app.get("/v1/models", dependencies=[require_key])
     async def list_models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "zhlm",
-                                            "context_length": context_length(model, tokenizer)}]}
+                                            "context_length": service.context_length}]}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
+    @app.post("/v1/chat/completions", dependencies=[require_key])
     async def chat_completions(request: Request):
-        body = await read_json(request, ChatCompletionRequest)
+        body = await read_json(request, ChatCompletionRequest, args.max_body_bytes)
         if body.model not in accepted_ids:
             raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{model_id}'.",
                            param="model", code="model_not_found")
         if not body.messages:
             raise APIError(400, "'messages' must contain at least one message.", param="messages",
                            code="empty_messages")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        overrides = dict(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                         repetition_penalty=body.repetition_penalty, num_beams=body.num_beams)
-        config, ids = prepare(messages, overrides)
+        prepared = prepare_reply(service, body.conversation(), body.decoding_overrides())
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream_events(config, ids, completion_id, include_usage),
+            return StreamingResponse(completion_events(service, prepared, completion_id, model_id, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        reply = await complete(request, config, ids)
-        return {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text.strip()},
-                             "finish_reason": reply.finish_reason}],
-                "usage": usage_of(reply)}
+        reply = await service.complete(prepared, request.is_disconnected)
+        return completion_body(reply, completion_id, model_id)
 
-    @app.post("/api/chat", dependencies=[Depends(require_key)])
+    @app.post("/api/chat", dependencies=[require_key])
     async def legacy_chat(request: Request):
-        body = await read_json(request, LegacyChatRequest)
+        body = await read_json(request, LegacyChatRequest, args.max_body_bytes)
         if not body.input_txt.strip():
             raise APIError(400, "'input_txt' is empty.", param="input_txt", code="empty_messages")
-        config, ids = prepare([{"role": "user", "content": body.input_txt}], {})
-        reply = await complete(request, config, ids)
+        prepared = prepare_reply(service, [{"role": "user", "content": body.input_txt}], {})
+        reply = await service.complete(prepared, request.is_disconnected)
         return {"response": reply.text.strip()}
 
-    app.state.model_id = model_id
+    app.state.model_id, app.state.service = model_id, service
     return app
 
 
@@ -474,7 +431,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     import uvicorn
 
     model, tokenizer = load_for_inference(args.model_name_or_path, device=args.device, dtype=args.dtype)
-    app = create_app(model, tokenizer, args, decoding)
+    try:
+        app = create_app(model, tokenizer, args, decoding)
+    except ReplyTooLong as err:
+        raise UserError(str(err), field="max_new_tokens",
+                        fix=f"lower --max_new_tokens to {err.limit} or less") from None
     keyed = bool(args.api_key or os.environ.get(API_KEY_ENV))
     if not is_loopback(args.host) and not keyed:
         logger.warning("listening on %s without an API key: anyone who can reach this port can use the model, "

@@ -1,10 +1,13 @@
-"""chat.py and model/inference/streaming.py: streamed replies equal plain generation, the whole conversation is sent
-(oldest turns dropped to fit), decoding options reach generation, and the CLI works in a real terminal."""
+"""chat.py, model/inference/streaming.py and the inference service (model/inference/service.py, without HTTP):
+streamed replies equal plain generation, the whole conversation is sent (oldest turns dropped to fit), decoding
+options reach generation, the service's slots are given back after a cancel, and the CLI works in a real terminal."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
+import time
 
 import pexpect
 import pytest
@@ -13,16 +16,11 @@ from conftest import REPO
 
 import chat
 from model.inference.generation import load_for_inference
-from model.inference.streaming import (
-    DecodingOptions,
-    PromptTooLong,
-    ReplyStream,
-    fit_prompt,
-    generate_reply,
-    prompt_budget,
-)
+from model.inference.service import ChatService, DecodingOptions, PromptTooLong, ReplyTooLong
+from model.inference.streaming import ReplyStream, generate_reply
 from utils.config import parse_config
 from utils.errors import UserError
+from utils.tokenization.chat_format import render_prompt
 
 MESSAGES = ["春天的早晨", "他用 Python 写了一个小程序", "老师说：“学习语言最重要的是坚持每天练习。”", "hello 😀"]
 
@@ -48,8 +46,9 @@ def test_stream_pieces_join_to_the_plain_reply(models, kind):
     greedy = DecodingOptions(max_new_tokens=24).generation_config(model.generation_config)
     beams = DecodingOptions(max_new_tokens=12, num_beams=3).generation_config(model.generation_config)
     for message in MESSAGES:
-        ids, trimmed = fit_prompt(tokenizer, [{"role": "user", "content": message}], 200)
-        assert not trimmed
+        prompt = render_prompt(tokenizer, [{"role": "user", "content": message}], 200)
+        assert not prompt.trimmed
+        ids = prompt.ids
         stream = ReplyStream(model, tokenizer, ids, greedy)
         pieces = list(stream)
         plain = generate_reply(model, tokenizer, ids, greedy)
@@ -68,7 +67,7 @@ def test_stream_pieces_join_to_the_plain_reply(models, kind):
 def test_leaving_a_stream_early_stops_its_generation(models):
     model, tokenizer = models["llama"]
     config = DecodingOptions(max_new_tokens=200, repetition_penalty=1.0).generation_config(model.generation_config)
-    ids, _ = fit_prompt(tokenizer, [{"role": "user", "content": MESSAGES[0]}], 50)
+    ids = render_prompt(tokenizer, [{"role": "user", "content": MESSAGES[0]}], 50).ids
     stream = ReplyStream(model, tokenizer, ids, config)
     for number, _ in enumerate(stream):
         if number == 2:
@@ -96,7 +95,7 @@ def test_decoding_options_map_onto_the_generation_config(models):
 
 def test_sampling_follows_the_seed_and_differs_from_greedy(models):
     model, tokenizer = models["llama"]
-    ids, _ = fit_prompt(tokenizer, [{"role": "user", "content": MESSAGES[0]}], 50)
+    ids = render_prompt(tokenizer, [{"role": "user", "content": MESSAGES[0]}], 50).ids
     sampled = DecodingOptions(max_new_tokens=16, temperature=1.5, top_k=50).generation_config(model.generation_config)
     runs = []
     for _ in range(2):
@@ -106,6 +105,118 @@ def test_sampling_follows_the_seed_and_differs_from_greedy(models):
         model.generation_config))
     assert runs[0] == runs[1]
     assert runs[0] != greedy.text
+
+
+def greedy_reply(model, tokenizer, messages, max_new_tokens):
+    """The greedy reply by model.generate through the streaming layer, without the service."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    return generate_reply(model, tokenizer, ids, DecodingOptions(max_new_tokens=max_new_tokens).generation_config(
+        model.generation_config))
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_service_completes_and_streams_the_greedy_reply(models, kind):
+    model, tokenizer = models[kind]
+    service = ChatService(model, tokenizer, DecodingOptions(max_new_tokens=20), max_concurrent=2)
+    messages = [{"role": "system", "content": "你是一个助手。"}, {"role": "user", "content": MESSAGES[1]}]
+    expected = greedy_reply(model, tokenizer, messages, 20)
+    prepared = service.prepare(messages, service.generation_config())
+    assert prepared.ids == tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert not prepared.trimmed and prepared.config.max_new_tokens == 20
+
+    async def both():
+        reply = await service.complete(prepared)
+        async with service.stream(prepared) as stream:
+            pieces = [piece async for piece in stream]
+        return reply, pieces, stream.reply
+
+    reply, pieces, streamed = asyncio.run(both())
+    assert reply == expected
+    assert len(pieces) > 1 and "".join(pieces) == streamed.text == expected.text
+    assert streamed.finish_reason == expected.finish_reason
+    deadline = time.monotonic() + 30
+    while service.active:  # a stream is counted until its generation thread has ended
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert list(service.recent) == [expected, expected] and service.peak_active == 1
+    # A request's options override the defaults, and the synchronous stream gives the same reply.
+    config = service.generation_config(max_new_tokens=6, repetition_penalty=1.0)
+    assert (config.max_new_tokens, config.repetition_penalty) == (6, 1.0) and not config.do_sample
+    assert "".join(service.reply_stream(prepared)) == expected.text
+
+
+def test_service_reply_and_prompt_lengths(models):
+    model, tokenizer = models["llama"]  # 256 positions
+    service = ChatService(model, tokenizer)
+    assert service.reply_limit == 248 and service.generation_config().max_new_tokens == 128  # half the context
+    assert service.generation_config(max_new_tokens=248).max_new_tokens == 248
+    for asked in (0, 249):
+        with pytest.raises(ReplyTooLong) as caught:
+            service.generation_config(max_new_tokens=asked)
+        assert (caught.value.asked, caught.value.limit) == (asked, 248)
+    with pytest.raises(ReplyTooLong):
+        ChatService(model, tokenizer, DecodingOptions(max_new_tokens=250))
+    # The budget is what the reply leaves; the oldest turns go first, the system message stays.
+    config = service.generation_config(max_new_tokens=200)
+    system = {"role": "system", "content": "助手"}
+    turns = [{"role": role, "content": f"第{n}轮：图书馆里很安静"} for n in range(4) for role in ("user", "assistant")]
+    prepared = service.prepare([system, *turns[:-1]], config)
+    assert prepared.budget == 56 and prepared.trimmed
+    fitting = [start for start in range(len(turns) - 1) if len(tokenizer.apply_chat_template(
+        [system, *turns[start:-1]], add_generation_prompt=True, return_dict=False)) <= 56]
+    assert fitting and fitting[0] > 0
+    assert prepared.ids == tokenizer.apply_chat_template([system, *turns[fitting[0]:-1]], add_generation_prompt=True,
+                                                         return_dict=False)
+    with pytest.raises(PromptTooLong) as caught:
+        service.prepare([system, {"role": "user", "content": "很长的消息" * 40}], config)
+    assert caught.value.budget == 56 and caught.value.prompt_tokens > 56
+    t5 = ChatService(*models["t5"])
+    assert t5.prompt_budget(200) == t5.context_length == t5.reply_limit  # an encoder reads the whole context
+
+
+def test_service_slots_are_released_after_a_cancel(models):
+    model, tokenizer = models["llama"]
+    service = ChatService(model, tokenizer, DecodingOptions(max_new_tokens=200, repetition_penalty=1.0),
+                          max_concurrent=1)
+    prepared = service.prepare([{"role": "user", "content": MESSAGES[0]}], service.generation_config())
+    short = service.prepare([{"role": "user", "content": MESSAGES[0]}], service.generation_config(max_new_tokens=4))
+
+    async def client_gone():
+        return True
+
+    async def run():
+        async with service.stream(prepared) as stream:  # a client that leaves after two pieces
+            async for number, _ in aenumerate(stream):
+                if number == 1:
+                    break
+        # The one slot is free again: a request waiting in line would otherwise wait forever.
+        assert (await asyncio.wait_for(service.complete(short), 60)).completion_tokens == 4
+        gone = await asyncio.wait_for(service.complete(prepared, client_gone), 60)
+        waiting = asyncio.create_task(service.complete(short))  # gives up while in line for the slot
+        async with service.stream(prepared) as stream:
+            await asyncio.sleep(0.05)
+            waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        return gone, await asyncio.wait_for(service.complete(short), 60)
+
+    gone, last = asyncio.run(run())
+    assert gone.finish_reason == "cancelled" and gone.completion_tokens < 200
+    assert last.completion_tokens == 4 and not service.slots.locked()
+    deadline = time.monotonic() + 30
+    while service.active:
+        assert time.monotonic() < deadline, "a cancelled generation did not end"
+        time.sleep(0.01)
+    cancelled = [reply for reply in service.recent if reply.finish_reason == "cancelled"]
+    assert len(cancelled) == 2 and all(reply.completion_tokens < 200 for reply in cancelled)
+    assert service.peak_active <= 2  # a cancelled stream's last token may overlap the next generation
+
+
+async def aenumerate(iterable):
+    number = 0
+    async for item in iterable:
+        yield number, item
+        number += 1
 
 
 @pytest.mark.parametrize("kind", ["t5", "llama"])
@@ -131,7 +242,7 @@ def test_the_whole_conversation_is_sent_and_reset_clears_it(models, kind):
 def test_long_conversations_drop_the_oldest_turns_and_keep_the_system(models):
     model, tokenizer = models["llama"]  # 256 positions: with 200 new tokens a prompt has 56
     session = chat.ChatSession(model, tokenizer, DecodingOptions(max_new_tokens=200), system="助手")
-    assert session.budget == prompt_budget(model, tokenizer, 200) == 56
+    assert session.budget == session.service.prompt_budget(200) == 56
     for turn in range(4):
         "".join(session.send(f"第{turn}轮：图书馆里很安静"))
     assert session.trimmed and len(session.history) == 8
@@ -151,6 +262,16 @@ def test_one_message_mode_prints_the_reply(models, tiny_t5, capsys):
     assert capsys.readouterr().out == expected + "\n"
     with pytest.raises(UserError, match="message"):
         chat.main(["--config", "none", "--model_name_or_path", str(tiny_t5), "--message", "长" * 2000])
+
+
+@pytest.mark.parametrize("script", ["chat", "serve"])
+def test_a_reply_longer_than_the_model_can_give_is_refused_at_start(script, tiny_llama):
+    import importlib
+
+    module = importlib.import_module(script)  # 256 positions: replies of at most 248 tokens
+    with pytest.raises(UserError, match="max_new_tokens") as caught:
+        module.main(["--config", "none", "--model_name_or_path", str(tiny_llama), "--max_new_tokens", "249"])
+    assert "1 to 248 tokens" in str(caught.value) and "--max_new_tokens to 248" in str(caught.value)
 
 
 def test_chat_in_a_terminal_streams_keeps_history_resets_and_exits(models, tiny_llama):

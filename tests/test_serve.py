@@ -22,8 +22,9 @@ import pytest
 import torch
 from conftest import SENTENCES
 
-from model.inference.generation import load_for_inference
-from model.inference.streaming import DecodingOptions, fit_prompt, generate_reply, prompt_budget
+from model.inference.generation import context_length, load_for_inference
+from model.inference.service import DecodingOptions
+from model.inference.streaming import generate_reply
 from serve import ServeArguments, create_app, running_in_thread
 
 KEY = "sk-test-key"
@@ -66,7 +67,9 @@ def t5_server(tiny_t5):
 def direct_reply(server, messages, max_new_tokens=16, **options):
     """The reply generated in-process, without the server."""
     config = DecodingOptions(max_new_tokens=max_new_tokens, **options).generation_config(server.model.generation_config)
-    ids, _ = fit_prompt(server.tokenizer, messages, prompt_budget(server.model, server.tokenizer, max_new_tokens))
+    # The whole conversation: these prompts are far shorter than the context.
+    ids = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert len(ids) + max_new_tokens <= context_length(server.model, server.tokenizer)
     return generate_reply(server.model, server.tokenizer, ids, config)
 
 
@@ -207,27 +210,27 @@ def test_32_concurrent_streams_each_get_their_own_reply(llama_server):
             model="tiny-llama", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, stream=True)
         return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
 
-    llama_server.app.state.peak_active = 0
+    llama_server.app.state.service.peak_active = 0
     with ThreadPoolExecutor(32) as pool:
         replies = list(pool.map(stream, requests))
     assert replies == expected
-    assert 2 <= llama_server.app.state.peak_active <= 4  # concurrent, and bounded by --max_concurrent
-    assert llama_server.app.state.active == 0
+    assert 2 <= llama_server.app.state.service.peak_active <= 4  # concurrent, and bounded by --max_concurrent
+    assert llama_server.app.state.service.active == 0
 
 
 def wait_for_reply(app, count_before, timeout=30):
     deadline = time.monotonic() + timeout
-    while len(app.state.recent) == count_before or app.state.active:
+    while len(app.state.service.recent) == count_before or app.state.service.active:
         assert time.monotonic() < deadline, "the generation did not end"
         time.sleep(0.05)
-    return app.state.recent[-1]
+    return app.state.service.recent[-1]
 
 
 def test_a_client_that_disconnects_stops_its_generation(t5_server):
     app, host, port = t5_server.app, *t5_server.url.removeprefix("http://").split(":")
     request = {"model": "model", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 1000}
     # A stream: read the first content chunk, then hang up.
-    before = len(app.state.recent)
+    before = len(app.state.service.recent)
     stream = t5_server.client.chat.completions.create(**request, stream=True)
     next(stream), next(stream)
     stream.close()
@@ -235,12 +238,12 @@ def test_a_client_that_disconnects_stops_its_generation(t5_server):
     assert reply.finish_reason == "cancelled" and reply.completion_tokens < 1000
 
     # A plain request: hang up while it is being generated.
-    before = len(app.state.recent)
+    before = len(app.state.service.recent)
     body = json.dumps(request).encode()
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (host.encode(), port.encode(), len(body), body))
-        while app.state.active == 0:
+        while app.state.service.active == 0:
             time.sleep(0.01)
     reply = wait_for_reply(app, before)
     assert reply.finish_reason == "cancelled" and reply.completion_tokens < 1000
@@ -294,7 +297,7 @@ def another_server(server, path, host="127.0.0.1", **settings):
 
 def test_keyless_server_refuses_forms_text_plain_and_foreign_origins(t5_server):
     """What any web page can make a visitor's browser send to 127.0.0.1 without a CORS preflight."""
-    url, before = t5_server.url, len(t5_server.app.state.recent)
+    url, before = t5_server.url, len(t5_server.app.state.service.recent)
     form = urllib.parse.urlencode({"input_txt": "你好"}).encode()
     for path, body, content_type in (
             ("/v1/chat/completions", CHAT, "text/plain"),  # <form enctype="text/plain"> or fetch(no-cors)
@@ -312,7 +315,7 @@ def test_keyless_server_refuses_forms_text_plain_and_foreign_origins(t5_server):
         assert fix in answer["error"]["message"]
         status, _, answer = exchange(url + "/v1/models", method="GET", key=None, headers={"Origin": origin})
         assert status == 403 and answer["error"]["code"] == "origin_not_allowed"
-    assert len(t5_server.app.state.recent) == before, "a refused request generated"
+    assert len(t5_server.app.state.service.recent) == before, "a refused request generated"
 
 
 def test_own_origin_with_json_is_served(t5_server):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from model.inference.generation import load_for_inference
-from model.inference.streaming import DecodingOptions
+from model.inference.service import DecodingOptions
 from serve import ServeArguments, create_app, running_in_thread
 
 KEY = "sk-web-test"

@@ -1,144 +1,25 @@
-"""Streaming generation for chat.py and serve.py: decoding options, prompt fitting, one reply per call.
+"""One reply of a model, streamed piece by piece or whole, that its caller can stop.
 
-    options = DecodingOptions(temperature=0.7)                 # None everywhere = the model's own settings
-    config = options.generation_config(model.generation_config)
-    ids, trimmed = fit_prompt(tokenizer, messages, prompt_budget(model, tokenizer, config.max_new_tokens))
-    stream = ReplyStream(model, tokenizer, ids, config)        # generation runs in its own thread
+    stream = ReplyStream(model, tokenizer, prompt_ids, config)  # generation runs in its own thread
     for piece in stream:                                       # text as it is generated
         print(piece, end="", flush=True)
     stream.reply.finish_reason                                 # stop / length / cancelled
+    reply = generate_reply(model, tokenizer, prompt_ids, config)  # the same reply, at once
 
 Every reply has its own streamer and its own cancel flag (a `threading.Event` checked by a stopping
 criterion after each token), so concurrent requests never see each other's text and a caller that goes
-away stops its generation. Works for encoder-decoders (T5) and decoder-only models (Llama).
+away stops its generation. Works for encoder-decoders (T5) and decoder-only models (Llama). What to
+generate (decoding options, prompt within the context) is `model.inference.service`'s.
 """
 
 from __future__ import annotations
 
-import copy
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-from model.inference.generation import context_length
-from utils.tokenization.chat_format import render_prompt
-
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
-
-
-@dataclass
-class DecodingOptions:
-    """How to decode a reply. Every field left at None keeps the model's `generation_config.json`.
-
-    Greedy is the toolkit's default; `--num_beams 4` is beam search; `--do_sample true` (or giving a
-    temperature / top-p / top-k without --do_sample) samples; `--temperature 0` forces greedy.
-    """
-
-    max_new_tokens: int | None = field(default=None, metadata={
-        "help": "Longest reply, in tokens. None = the model's generation config (256 for toolkit models)."})
-    do_sample: bool | None = field(default=None, metadata={
-        "help": "Sample instead of greedy/beam search. None = sample when --temperature (> 0), --top_p or "
-                "--top_k is given, else the model's setting."})
-    temperature: float | None = field(default=None, metadata={
-        "help": "Sampling temperature (> 0 samples; 0 = greedy). None = the model's setting."})
-    top_p: float | None = field(default=None, metadata={
-        "help": "Nucleus sampling: keep the smallest set of tokens whose probability sums to top_p, in (0, 1]."})
-    top_k: int | None = field(default=None, metadata={
-        "help": "Sample among the k most likely tokens (0 = no limit)."})
-    num_beams: int | None = field(default=None, metadata={
-        "help": "Beam search width (1 = no beam search). Beam replies are shown whole, not streamed."})
-    repetition_penalty: float | None = field(default=None, metadata={
-        "help": "Penalty > 1 discourages repeating tokens (1 = none). None = the model's (1.1 for toolkit models)."})
-
-    def __post_init__(self):
-        problems = []
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            problems.append(f"--max_new_tokens must be >= 1, not {self.max_new_tokens}")
-        if self.temperature is not None and self.temperature < 0:
-            problems.append(f"--temperature must be >= 0, not {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            problems.append(f"--top_p must be in (0, 1], not {self.top_p}")
-        if self.top_k is not None and self.top_k < 0:
-            problems.append(f"--top_k must be >= 0, not {self.top_k}")
-        if self.num_beams is not None and self.num_beams < 1:
-            problems.append(f"--num_beams must be >= 1, not {self.num_beams}")
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            problems.append(f"--repetition_penalty must be > 0, not {self.repetition_penalty}")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    def updated(self, **overrides) -> DecodingOptions:
-        """A copy with the non-None `overrides` applied (e.g. the fields of one API request)."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return DecodingOptions(**values)
-
-    def generation_config(self, base: GenerationConfig) -> GenerationConfig:
-        """`base` (the model's generation config) with these options applied."""
-        config = copy.deepcopy(base)
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None:
-                setattr(config, f.name, value)
-        sampling_asked = any(getattr(self, name) is not None for name in SAMPLING_FIELDS)
-        if self.do_sample is None and sampling_asked:
-            config.do_sample = True
-        if self.temperature == 0:
-            config.do_sample, config.temperature = False, None
-        if not config.do_sample:
-            # Sampling knobs inherited from the model's config would only trigger warnings under greedy.
-            config.temperature = config.top_p = config.top_k = None
-        if config.max_new_tokens is None:
-            config.max_new_tokens = 256
-        return config
-
-
-class PromptTooLong(ValueError):
-    """The newest message alone (with the chat template) does not fit in the prompt budget."""
-
-    def __init__(self, prompt_tokens: int, budget: int):
-        self.prompt_tokens, self.budget = prompt_tokens, budget
-        super().__init__(f"the last message needs {prompt_tokens} tokens but the prompt may use at most {budget}")
-
-
-def prompt_budget(model, tokenizer, max_new_tokens: int) -> int:
-    """Tokens a prompt may use: the whole context for an encoder (T5), else what the reply leaves."""
-    limit = context_length(model, tokenizer)
-    return limit if model.config.is_encoder_decoder else limit - max_new_tokens
-
-
-def max_new_tokens_limit(model, tokenizer) -> int:
-    """Longest reply a model can give: the decoder's context (a decoder-only model keeps >= 8 for a prompt)."""
-    limit = context_length(model, tokenizer)
-    return limit if model.config.is_encoder_decoder else limit - 8
-
-
-def default_reply_tokens(model, tokenizer, max_new_tokens: int) -> int:
-    """`max_new_tokens` from a model's defaults, capped for a decoder-only model at half its context so
-    that a conversation keeps room (a 256-position model with the default of 256 would have none).
-    Limits the user asked for explicitly are not capped."""
-    if model.config.is_encoder_decoder:
-        return max_new_tokens
-    return max(1, min(max_new_tokens, context_length(model, tokenizer) // 2))
-
-
-def fit_prompt(tokenizer, messages: list[dict], budget: int) -> tuple[list[int], bool]:
-    """Prompt ids of a conversation within `budget` tokens and whether older turns were dropped to fit.
-
-    Oldest turns go first and a system message stays while it fits (`render_prompt`); a newest message
-    that does not fit even alone raises `PromptTooLong` rather than being cut.
-    """
-    newest = tokenizer.apply_chat_template(messages[-1:], add_generation_prompt=True, tokenize=True,
-                                           return_dict=False)
-    if len(newest) > budget:
-        raise PromptTooLong(len(newest), budget)
-    full = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    if len(full) <= budget:
-        return list(full), False
-    return render_prompt(tokenizer, messages, budget), True
 
 
 class CancelOnEvent(StoppingCriteria):
