@@ -134,9 +134,9 @@ trained on the fly by `train_tokenizer.py` on `{WIKI_JSONL}` with the demo recip
 ({vocab_size:,} tokens, {demo['num_sentinels']} sentinels).
 
 T5 builds one example per answer whose prompt is the conversation before it, oldest turns dropped to fit
-(`model.inference.generation.render_prompt`). The old code rendered and tokenised each answer's conversation, then
+(`utils.tokenization.chat_format.render_prompt`). The old code rendered and tokenised each answer's conversation, then
 once more after each dropped turn: a quadratic number of renderings of growing text. Now
-`model.inference.generation.ChatPrompts` renders and tokenises a conversation once and cuts every prompt from it at
+`utils.tokenization.chat_format.ChatPrompts` renders and tokenises a conversation once and cuts every prompt from it at
 message boundaries (binary search for the oldest turn that fits), with the same token ids
 (tests/test_sft.py compares them with each trimmed prompt rendered whole; this script checks the
 86-message conversation against the old algorithm). "old (issue)" is the reporter's figure (another

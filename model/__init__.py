@@ -3,7 +3,7 @@
 - `model.build`: presets, building and loading stock HF T5 / Llama models.
 - `model.training`: the trainers (token-weighted losses, atomic checkpoints, ctrl+c), run identity, DPO.
 - `model.inference`: loading for inference, batched generation, streaming, the inference service.
-- `model.evaluation.scoring`: C-Eval / CMMLU, bits per character, generation metrics, training-curve plots.
+- `model.evaluation`: C-Eval / CMMLU, bits per character, generation metrics, training-curve plots.
 
 Every output directory loads with plain `AutoModelForSeq2SeqLM` / `AutoModelForCausalLM` and no
 `trust_remote_code`. A layer imports only the layers before it in this list, and `utils/`.

@@ -23,7 +23,7 @@ rewards/accuracies, logps/*, logits/*, entropy):
    as they are.
 
 Both architectures tokenise the same way (`tokenize_preference`): the prompt through the tokenizer's chat
-template exactly as SFT and inference render it (`model.inference.generation.render_prompt`: ends with
+template exactly as SFT and inference render it (`utils.tokenization.chat_format.render_prompt`: ends with
 `<|assistant|>\\n`, oldest turns dropped to fit `max_prompt_length`), each answer as `text<|end|>`, the
 tokens a reply ends with. For Llama the collator, fused LM head, loss and metrics are stock TRL.
 """

@@ -1,7 +1,7 @@
 """Conversations -> SFT training examples, through the tokenizer's chat template, with length limits.
 
 T5 (encoder-decoder): one example per assistant turn. The encoder input is the conversation before that
-turn rendered with the generation prompt (`model.inference.generation.render_prompt`, the same rendering chat
+turn rendered with the generation prompt (`utils.tokenization.chat_format.render_prompt`, the same rendering chat
 and serving use; `ChatPrompts` renders and tokenises the conversation once for all its answers), the
 target is the turn's content + `<|end|>` + EOS.
 Llama (decoder-only): one example per conversation, the whole template rendering; labels are the input
