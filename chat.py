@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from model.build import count_parameters
 from model.inference.generation import InferenceArguments, load_for_inference
 from model.inference.service import ChatService, DecodingOptions, PromptTooLong, ReplyTooLong
+from utils.cli import run_main
 from utils.config import parse_config, recipe_path
-from utils.errors import UserError, run_main
+from utils.errors import UserError
 from utils.logging import setup_logging
 
 logger = logging.getLogger("chat")

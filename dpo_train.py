@@ -31,9 +31,10 @@ from model.inference.generation import context_length
 from model.training.dpo import ADAPTER_DIR, DPOArguments, LoraArguments, PreferenceTrainer, refuse_existing_model
 from model.training.runs import claim_output_dir, run_identity
 from model.training.trainer import ProgressLine, plan_steps, save_final, train_until_done_or_stopped
+from utils.cli import run_main
 from utils.config import parse_config, recipe_path
 from utils.data.conversations import ConversationDataArguments, hold_out, load_preferences
-from utils.errors import UserError, run_main
+from utils.errors import UserError
 from utils.logging import setup_logging
 
 logger = logging.getLogger("dpo_train")

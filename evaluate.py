@@ -27,8 +27,8 @@ from model.evaluation.metrics import bits_per_character, reply_to_prompts, text_
 from model.evaluation.plots import find_trainer_state, plot_training
 from model.evaluation.report import results_markdown
 from model.inference.generation import InferenceArguments, load_for_inference
+from utils.cli import run_main
 from utils.config import parse_config, recipe_path
-from utils.errors import run_main
 from utils.io import write_json_atomic, write_text_atomic
 from utils.logging import setup_logging
 

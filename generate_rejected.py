@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from model.inference.generation import InferenceArguments, context_length, generate_replies, load_for_inference
+from utils.cli import run_main
 from utils.config import config_to_dict, parse_config, recipe_path
 from utils.data.conversations import FORMATS, load_answered_prompts
-from utils.errors import UserError, run_main
+from utils.errors import UserError
 from utils.io import write_json_atomic
 from utils.logging import setup_logging
 

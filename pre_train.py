@@ -30,8 +30,9 @@ from model.training.trainer import (
     save_final,
     train_until_done_or_stopped,
 )
+from utils.cli import run_main
 from utils.config import parse_config, recipe_path
-from utils.errors import UserError, run_main
+from utils.errors import UserError
 from utils.examples.pretrain_data import PackedBlocks, SpanCorruptionBlocks, TextToTextPairs, TokenStream, WeightedMix
 from utils.logging import setup_logging
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from utils.cli import run_main
 from utils.config import parse_config, recipe_path, save_config
 from utils.data.corpus import CleaningArguments, DedupArguments, InputArguments, OutputArguments, prepare_corpus
-from utils.errors import run_main
 from utils.io import atomic_output_dir
 from utils.logging import setup_logging
 

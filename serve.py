@@ -47,8 +47,9 @@ from starlette.exceptions import HTTPException
 from model.inference.generation import InferenceArguments, load_for_inference
 from model.inference.service import ChatService, DecodingOptions, PreparedReply, PromptTooLong, ReplyTooLong
 from model.inference.streaming import Reply
+from utils.cli import run_main
 from utils.config import REPO_ROOT, parse_config, recipe_path
-from utils.errors import UserError, run_main
+from utils.errors import UserError
 from utils.logging import setup_logging
 
 logger = logging.getLogger("serve")
@@ -85,8 +86,6 @@ class ServeArguments(InferenceArguments):
             raise ValueError(f"--max_concurrent must be >= 1, not {self.max_concurrent}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"--max_body_bytes must be >= 1024, not {self.max_body_bytes}")
-        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
-            raise ValueError(f"--dtype must be auto, bf16, fp16 or fp32, not '{self.dtype}'")
 
 
 class TextPart(BaseModel):

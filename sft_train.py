@@ -39,9 +39,10 @@ from model.training.trainer import (
     save_final,
     train_until_done_or_stopped,
 )
+from utils.cli import run_main
 from utils.config import parse_config, recipe_path
 from utils.data.conversations import ConversationDataArguments, hold_out, load_conversations
-from utils.errors import UserError, run_main
+from utils.errors import UserError
 from utils.examples.sft_data import OVERLONG, tokenize_conversations
 from utils.logging import setup_logging
 from utils.tokenization.chat_format import default_generation_config

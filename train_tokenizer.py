@@ -18,9 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.cli import run_main
 from utils.config import parse_config, recipe_path, save_config
 from utils.data.sources import split_files
-from utils.errors import UserError, run_main
+from utils.errors import UserError
 from utils.io import atomic_output_dir, write_json_atomic
 from utils.logging import setup_logging
 from utils.tokenization.tokenizer import (

@@ -78,6 +78,13 @@ def model_config(name_or_path: str, tokenizer: PreTrainedTokenizerBase,
 
 
 ATTENTION = ("sdpa", "eager")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # auto = bf16 on GPUs that support it, else fp32
+
+
+def check_precision(value: str, flag: str) -> None:
+    """Refuse a --precision / --dtype outside `PRECISIONS` (in a dataclass's __post_init__)."""
+    if value not in PRECISIONS:
+        raise ValueError(f"--{flag} must be one of {', '.join(PRECISIONS)}, not '{value}'")
 
 
 def build_model(config: PreTrainedConfig, seed: int | None = None, attn_implementation: str = "sdpa") -> PreTrainedModel:

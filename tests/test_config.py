@@ -15,8 +15,9 @@ import pytest
 import yaml
 from conftest import REPO, run_script
 
+from utils.cli import run_main
 from utils.config import load_recipe, parse_config, save_config
-from utils.errors import UserError, run_main
+from utils.errors import UserError
 
 
 @dataclass

@@ -1,11 +1,9 @@
-"""One kind of user-facing error, raised at the boundary and reported once by `run_main`."""
+"""One kind of user-facing error, raised where the problem is found and reported once by `utils.cli.run_main`."""
 
 from __future__ import annotations
 
 import errno
 import logging
-import sys
-from collections.abc import Callable, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -40,21 +38,6 @@ class UserError(Exception):
         return message + (f"\n  fix: {self.fix}" if self.fix else "")
 
 
-def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run a stage's `main` as a command: user errors, and the system refusing a file (permission denied, a
-    read-only filesystem, a full disk), become one clear message and exit status 2."""
-    try:
-        main(argv)
-    except (UserError, OSError) as err:
-        user_error = err if isinstance(err, UserError) else environment_error(err)
-        if user_error is None:
-            raise
-        print(f"error: {user_error}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        end_distributed()
-
-
 def environment_error(err: OSError, path: str | None = None, field: str | None = None) -> UserError | None:
     """`err` as a `UserError` naming `path` (default: the file `err` names) when the system refused (a
     permission, a read-only filesystem, a full disk: `ENVIRONMENT_ERRNOS`); None for any other error."""
@@ -63,12 +46,3 @@ def environment_error(err: OSError, path: str | None = None, field: str | None =
     path = path if path is not None else err.filename
     return UserError(err.strerror or str(err), path=None if path is None else str(path), field=field,
                      fix=ENVIRONMENT_ERRNOS[err.errno])
-
-
-def end_distributed() -> None:
-    """Destroy the process group of a multi-process run before the interpreter exits: left to the exit
-    handlers, gloo's threads can abort the shutdown ("terminate called without an active exception"), and
-    a run that finished and saved its model would exit with a failure."""
-    dist = sys.modules.get("torch.distributed")  # never import torch for a stage that did not
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import GenerationConfig
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
 
+from model.build import check_precision, require_model_dir
+from utils.errors import UserError
 from utils.tokenization.chat_format import render_prompt
-
-DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
 @dataclass
@@ -27,20 +28,13 @@ class InferenceArguments:
         "help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32."})
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not '{self.dtype}'")
+        check_precision(self.dtype, "dtype")
 
 
 def load_for_inference(path: str, device: str | None = None, dtype: str = "auto"):
     """`(model, tokenizer)` of a toolkit output directory (or any compatible HF model directory), in
     eval mode on `device` (default: cuda if available, else cpu). `dtype`: auto (bf16 on GPUs that
     support it, else fp32), bf16, fp16 or fp32."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    from model.build import require_model_dir
-    from utils.errors import UserError
-
     require_model_dir(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":

@@ -32,6 +32,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 
+from model.build import check_precision
 from model.training.runs import RUN_FILE, global_batch
 from utils.config import save_config
 from utils.errors import UserError
@@ -62,8 +63,7 @@ class RunArguments:
         "help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32. Sets --bf16/--fp16."})
 
     def __post_init__(self):
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise ValueError(f"--precision must be auto, bf16, fp16 or fp32, not '{self.precision}'")
+        check_precision(self.precision, "precision")
         if self.precision == "auto":
             self.bf16 = bool(self.bf16 or (torch.cuda.is_available() and torch.cuda.is_bf16_supported()))
         else:
