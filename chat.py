@@ -118,8 +118,7 @@ def main(argv: Sequence[str] | None = None) -> ChatSession:
     try:
         session = ChatSession(model, tokenizer, decoding, args.system)
     except ReplyTooLong as err:
-        raise UserError(str(err), field="max_new_tokens",
-                        fix=f"lower --max_new_tokens to {err.limit} or less") from None
+        raise err.as_user_error() from None
     if args.message is not None:
         try:
             print_reply(session, args.message)

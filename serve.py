@@ -49,7 +49,6 @@ from model.inference.service import ChatService, DecodingOptions, PreparedReply,
 from model.inference.streaming import Reply
 from utils.cli import run_main
 from utils.config import REPO_ROOT, parse_config, recipe_path
-from utils.errors import UserError
 from utils.logging import setup_logging
 
 logger = logging.getLogger("serve")
@@ -433,8 +432,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         app = create_app(model, tokenizer, args, decoding)
     except ReplyTooLong as err:
-        raise UserError(str(err), field="max_new_tokens",
-                        fix=f"lower --max_new_tokens to {err.limit} or less") from None
+        raise err.as_user_error() from None
     keyed = bool(args.api_key or os.environ.get(API_KEY_ENV))
     if not is_loopback(args.host) and not keyed:
         logger.warning("listening on %s without an API key: anyone who can reach this port can use the model, "

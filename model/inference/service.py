@@ -32,6 +32,7 @@ from transformers import GenerationConfig
 
 from model.inference.generation import context_length
 from model.inference.streaming import Reply, ReplyStream, generate_reply
+from utils.errors import UserError
 from utils.tokenization.chat_format import render_prompt
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,10 @@ class ReplyTooLong(ValueError):
         self.asked, self.limit = asked, limit
         super().__init__(f"a reply of {asked} tokens does not fit: this model's context of {context} tokens "
                          f"allows replies of 1 to {limit} tokens and leaves the rest for the prompt")
+
+    def as_user_error(self) -> UserError:
+        """The same refusal of a command's --max_new_tokens (chat.py, serve.py)."""
+        return UserError(str(self), field="max_new_tokens", fix=f"lower --max_new_tokens to {self.limit} or less")
 
 
 class PromptTooLong(ValueError):
