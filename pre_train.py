@@ -173,8 +173,8 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100) if seq2seq \
         else default_data_collator
     trainer = LanguageModelTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                             data_collator=collator, processing_class=tokenizer, chars_per_token=ratios,
-                             callbacks=[ProgressLine(flops)])
+                                   data_collator=collator, processing_class=tokenizer, chars_per_token=ratios,
+                                   callbacks=[ProgressLine(flops)])
     result = train_until_done_or_stopped(trainer, args)
     if result is None:
         return trainer

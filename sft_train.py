@@ -177,8 +177,8 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
     samples = SampleReplies(eval_conversations[:data.eval_samples], tokenizer, data.sample_max_new_tokens)
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
     trainer = LanguageModelTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                             data_collator=collator, processing_class=tokenizer,
-                             callbacks=[ProgressLine(flops), samples])
+                                   data_collator=collator, processing_class=tokenizer,
+                                   callbacks=[ProgressLine(flops), samples])
     result = train_until_done_or_stopped(trainer, args)
     if result is None:
         return trainer

@@ -240,7 +240,7 @@ def make_trainer(s: Settings, arm: Arm, model, tokenizer, max_steps: int, callba
         flags = {"learning_rate": s.learning_rate, "optim": "adamw_torch", **ARM_FLAGS[arm.name]}
         args = TrainArguments(**common, warmup_steps=s.warmup_steps, lr_scheduler_type="cosine", **flags)
         trainer = LanguageModelTrainer(model=model, args=args, train_dataset=arm.train_set, data_collator=counter,
-                                 processing_class=tokenizer, callbacks=callbacks)
+                                       processing_class=tokenizer, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # no metrics dict printed after every run
     return trainer, counter
 

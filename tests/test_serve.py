@@ -260,8 +260,8 @@ def test_the_command_serves_on_loopback_with_the_key_from_the_environment(tiny_t
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "ZHLM_API_KEY": "sk-from-env", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "serve.py", "--config", "config/serve.yaml", "--model_name_or_path", str(tiny_t5),
-                                "--port", str(port), "--max_new_tokens", "4"], cwd=REPO, env=env,
+    process = subprocess.Popen([sys.executable, "serve.py", "--config", "config/serve.yaml", "--model_name_or_path",
+                                str(tiny_t5), "--port", str(port), "--max_new_tokens", "4"], cwd=REPO, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-from-env", max_retries=0)

@@ -82,8 +82,9 @@ def _plain(value: Any) -> Any:
 
 
 def global_batch(args) -> int:
-    """Examples per optimizer step: micro-batch x accumulation steps x processes."""
-    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    """Examples per optimizer step: micro-batch x accumulation steps x processes (`train_batch_size` is the
+    micro-batch of all GPUs one process drives)."""
+    return args.train_batch_size * args.gradient_accumulation_steps * args.world_size
 
 
 def run_identity(stage: str, model, tokenizer, settings: Sequence[Any], args) -> dict:

@@ -58,7 +58,8 @@ class RunArguments:
     no_resume: bool = field(default=False, metadata={
         "help": "Start this run over: remove its checkpoints in --output_dir (default: resume from the latest)."})
     overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Replace another run's model and checkpoints in --output_dir (default: refuse; see model/training/runs.py)."})
+        "help": "Replace another run's model and checkpoints in --output_dir (default: refuse; see "
+                "model/training/runs.py)."})
     precision: str = field(default="auto", metadata={
         "help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32. Sets --bf16/--fp16."})
 
@@ -363,8 +364,7 @@ class LanguageModelTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, Seq2SeqTra
         if self.args.train_sampling_strategy != "group_by_length" or lengths is None:
             return super()._get_train_sampler(train_dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-        return EpochLengthGroupedSampler(global_batch, lengths.tolist(), seed)
+        return EpochLengthGroupedSampler(global_batch(self.args), lengths.tolist(), seed)
 
     def _get_eval_sampler(self, eval_dataset):
         """In order: the evaluation loss is a token-weighted sum, so grouping by length buys nothing, and HF's
@@ -435,8 +435,9 @@ def save_final(trainer: Trainer, tokenizer, configs: list, summary: dict, output
     `model` (default `trainer.model`) lets a stage save something else than the trained module, e.g.
     DPO's merged model; `config_overrides` are recorded in `config.yaml` over the configs' own values (DPO
     records the command's --output_dir, not the adapter directory its trainer writes to). The summary
-    gains `train_runtime_human` from `train_runtime`, and `run.json` is copied from the trainer's output. The generation config written is the toolkit's
-    (`utils.tokenization.chat_format.default_generation_config`: stop on EOS or <|end|>).
+    gains `train_runtime_human` from `train_runtime`, and `run.json` is copied from the trainer's output.
+    The generation config written is the toolkit's (`utils.tokenization.chat_format.default_generation_config`:
+    stop on EOS or <|end|>).
     """
     model = model if model is not None else trainer.model
     output = Path(output_dir or trainer.args.output_dir)
