@@ -2,12 +2,14 @@
 
     python serve.py                                     # config/serve.yaml: model_save on 127.0.0.1:8000
     python serve.py --model_name_or_path model_save/sft --port 8080 --api_key sk-local
-    ZHLM_API_KEY=sk-local python serve.py --host 0.0.0.0 --max_concurrent 8    # on a GPU, reachable on the LAN
+    ZHLM_API_KEY=sk-local python serve.py --host 0.0.0.0 --max_concurrent 32   # on a GPU, reachable on the LAN
 
 Routes:
     GET  /                     the chat page (web/index.html); open http://127.0.0.1:8000/ in a browser
     GET  /v1/models            the one served model
     POST /v1/chat/completions  OpenAI chat completions, `"stream": true` for server-sent events
+    POST /v1/completions       OpenAI text completions of raw prompts (no chat template), with `echo` and
+                               `logprobs` for prompt log-likelihoods (lm-evaluation-harness's local-completions)
     POST /api/chat             {"input_txt": "..."} -> {"response": "..."} (ChatLM-mini-Chinese)
 
 With an API key (--api_key or ZHLM_API_KEY) every route except the page itself needs
@@ -16,12 +18,14 @@ Other web pages may not drive the server through a visitor's browser: API bodies
 `Content-Type: application/json`, a request from a page whose Origin is neither the server's own nor in
 --allowed_origins is refused, and bound to loopback the Host must be localhost, 127.0.0.1 or [::1] at the
 bound port (DNS rebinding). Bound off loopback, the API key is the protection.
-Each request gets its own streamer and cancel flag; generation runs in threads, at most --max_concurrent
-at once (the rest wait in line), and stops when its client disconnects.
+Each request gets its own stream and cancel flag; at most --max_concurrent generate at once (the rest wait in
+line), in batches on one worker thread (--batching, the default) or each in a thread of its own, and a reply
+stops when its client disconnects. A batched reply equals the reply its request gets alone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import ipaddress
@@ -32,7 +36,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -46,6 +50,7 @@ from starlette.exceptions import HTTPException
 
 from model.inference.generation import InferenceArguments, load_for_inference
 from model.inference.service import ChatService, DecodingOptions, PreparedReply, PromptTooLong, ReplyTooLong
+from model.inference.scoring import TokenScore
 from model.inference.streaming import Reply
 from utils.cli import run_main
 from utils.config import REPO_ROOT, parse_config, recipe_path
@@ -66,8 +71,12 @@ class ServeArguments(InferenceArguments):
     api_key: str | None = field(default=None, metadata={
         "help": f"Require 'Authorization: Bearer KEY' on the API. None = the {API_KEY_ENV} environment "
                 "variable, or no key when that is unset too."})
-    max_concurrent: int = field(default=4, metadata={
-        "help": "Generations running at once; further requests wait in line (their streams start when served)."})
+    max_concurrent: int = field(default=16, metadata={
+        "help": "Generations running at once; further requests wait in line (their streams start when served). "
+                "With --batching, the largest batch."})
+    batching: bool = field(default=True, metadata={
+        "help": "Generate concurrent requests together in batches (one worker thread; much more throughput "
+                "with many clients). false = each request in a thread of its own."})
     max_body_bytes: int = field(default=1_000_000, metadata={"help": "Largest request body accepted, in bytes."})
     allowed_origins: list[str] = field(default_factory=list, metadata={
         "help": "Web origins (scheme://host[:port], e.g. http://localhost:5173) whose pages may call the API "
@@ -93,44 +102,81 @@ class TextPart(BaseModel):
 
 
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
+    # `developer` is OpenAI's current name for system instructions.
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def as_turn(self) -> dict:
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """The fields of OpenAI's chat completion request that apply to a local model, plus top_k,
+class DecodingRequest(BaseModel):
+    """The decoding fields of OpenAI's completion requests that apply to a local model, plus top_k,
     repetition_penalty and num_beams (as vLLM accepts them; the openai client sends them via extra_body)."""
 
-    # Fields of the OpenAI API that do not apply here (tools, logprobs, ...) are ignored, as vLLM does.
+    # Fields of the OpenAI API that do not apply here (tools, seed, ...) are ignored, as vLLM does.
     model_config = ConfigDict(extra="ignore")
     model: str
-    messages: list[Message]
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
     repetition_penalty: float | None = Field(default=None, gt=0)
     num_beams: int | None = Field(default=None, ge=1, le=16)
     n: int = Field(default=1, ge=1, le=1)
+    # The reply ends before the first of these (OpenAI allows 4; evaluation harnesses send more).
+    stop: str | list[str] | None = Field(default=None, max_length=16)
 
-    def conversation(self) -> list[dict]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+    def stop_strings(self) -> list[str]:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return [s for s in stop if s]
+
+    def reply_length(self) -> int | None:
+        return self.max_tokens
 
     def decoding_overrides(self) -> dict:
         """DecodingOptions fields of this request (None = the server's default)."""
-        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return dict(max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                    repetition_penalty=self.repetition_penalty, num_beams=self.num_beams)
+        return dict(max_new_tokens=self.reply_length(), temperature=self.temperature, top_p=self.top_p,
+                    top_k=self.top_k, repetition_penalty=self.repetition_penalty, num_beams=self.num_beams)
+
+
+class ChatCompletionRequest(DecodingRequest):
+    """OpenAI's chat completion request (logprobs, tools and the like are ignored)."""
+
+    messages: list[Message]
+    max_completion_tokens: int | None = None
+
+    def conversation(self) -> list[dict]:
+        return [m.as_turn() for m in self.messages]
+
+    def reply_length(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(DecodingRequest):
+    """OpenAI's (legacy) text completion request: raw prompts, as text or token ids, one choice each.
+    `echo` puts the prompt before the reply and `logprobs` (the number of most likely tokens to list at
+    each place) gives token log-probabilities, the prompt's too with `echo`."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=0)  # OpenAI's default; 0 with echo = score the prompt only
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each text or token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class LegacyChatRequest(BaseModel):
@@ -283,20 +329,25 @@ async def server_error(request: Request, err: Exception):
     return JSONResponse(failure.body(), status_code=500)
 
 
-def prepare_reply(service: ChatService, messages: list[dict], overrides: dict) -> PreparedReply:
-    """The service's prompt and generation config for one request, or the APIError refusing it."""
+def prepare_reply(service: ChatService, prompt: list[dict] | list[int], overrides: dict,
+                  stop: Sequence[str] = ()) -> PreparedReply:
+    """The service's prompt and generation config for one request, or the APIError refusing it. `prompt`:
+    the messages of a chat, or the token ids of a raw prompt."""
     try:
         config = service.generation_config(**overrides)
     except ReplyTooLong as err:
         raise APIError(400, f"max_tokens must be between 1 and {err.limit} for this model, not {err.asked}.",
                        param="max_tokens", code="invalid_value") from None
+    chat = bool(prompt) and isinstance(prompt[0], dict)
     try:
-        prepared = service.prepare(messages, config)
+        prepared = service.prepare(prompt, config, stop) if chat else service.prepare_prompt(prompt, config, stop)
     except PromptTooLong as err:
-        raise APIError(400, f"This model's maximum context length is {service.context_length} tokens; the last "
-                            f"message alone needs {err.prompt_tokens} tokens and the prompt may use {err.budget} "
-                            f"with max_tokens {config.max_new_tokens}. Shorten the message or lower max_tokens.",
-                       param="messages", code="context_length_exceeded") from None
+        what = "the last message alone needs" if chat else "the prompt has"
+        raise APIError(400, f"This model's maximum context length is {service.context_length} tokens; {what} "
+                            f"{err.prompt_tokens} tokens and the prompt may use {err.budget} with max_tokens "
+                            f"{config.max_new_tokens}. Shorten the {'message' if chat else 'prompt'} or lower "
+                            "max_tokens.", param="messages" if chat else "prompt",
+                       code="context_length_exceeded") from None
     if prepared.trimmed:
         logger.info("conversation trimmed to its newest turns to fit %d prompt tokens", prepared.budget)
     return prepared
@@ -309,17 +360,19 @@ def usage_of(reply: Reply) -> dict:
 
 def completion_body(reply: Reply, completion_id: str, model_id: str) -> dict:
     return {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model_id,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text.strip()},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
                          "finish_reason": reply.finish_reason}],
             "usage": usage_of(reply)}
 
 
 async def completion_events(service: ChatService, prepared: PreparedReply, completion_id: str, model_id: str,
-                            include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events of one reply: a role chunk, content chunks, the finish chunk, [DONE]."""
+                            include_usage: bool, chat: bool = True) -> AsyncIterator[str]:
+    """Server-sent events of one reply: a role chunk (chat), content chunks, the finish chunk, [DONE]."""
     def event(delta: dict, finish_reason=None, usage=None) -> str:
-        chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                 "model": model_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+        choice = ({"index": 0, "delta": delta, "finish_reason": finish_reason} if chat else
+                  {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish_reason})
+        chunk = {"id": completion_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                 "created": int(time.time()), "model": model_id, "choices": [choice]}
         if usage is not None:
             chunk["choices"], chunk["usage"] = [], usage
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
@@ -327,7 +380,8 @@ async def completion_events(service: ChatService, prepared: PreparedReply, compl
     # Leaving the block early (Starlette cancels this generator when the client disconnects) stops generating.
     async with service.stream(prepared) as stream:
         try:
-            yield event({"role": "assistant", "content": ""})
+            if chat:
+                yield event({"role": "assistant", "content": ""})
             async for piece in stream:
                 yield event({"content": piece})
             yield event({}, finish_reason=stream.reply.finish_reason)
@@ -340,10 +394,57 @@ async def completion_events(service: ChatService, prepared: PreparedReply, compl
             yield f"data: {json.dumps(failure.body(), ensure_ascii=False)}\n\n"
 
 
+def prompt_ids(service: ChatService, prompt: str | list[int]) -> list[int]:
+    """A completion prompt as token ids (text is tokenized as the tokenizer does by default), or the APIError
+    refusing it."""
+    if isinstance(prompt, str):
+        return service.tokenizer(prompt)["input_ids"]
+    vocab = service.model.config.vocab_size
+    if not prompt or not all(0 <= token < vocab for token in prompt):
+        raise APIError(400, f"A prompt of token ids must be non-empty, each id in 0..{vocab - 1}.", param="prompt",
+                       code="invalid_value")
+    return list(prompt)
+
+
+def logprobs_body(tokenizer, ids: list[int], generated: list[int], scores: list[TokenScore], echo: bool) -> dict:
+    """OpenAI's `logprobs` of one completion choice: the generated tokens, after the prompt's with `echo`
+    (the first has no log-probability: nothing comes before it). `scores` are those of `ids + generated`."""
+    prefixes = [len(text) for text in tokenizer.batch_decode([ids[:i] for i in range(len(ids) + 1)])] if echo else [0]
+    offsets = prefixes[:-1] if echo else []
+    offsets += [prefixes[-1] + len(text) for text in tokenizer.batch_decode(
+        [generated[:j] for j in range(len(generated))], skip_special_tokens=True)]
+    tokens = tokenizer.convert_ids_to_tokens(ids + generated)
+    logprobs = [None] + [score.logprob for score in scores]
+    top = [None] + [{tokenizer.convert_ids_to_tokens(token): value for token, value in score.top} for score in scores]
+    start = 0 if echo else len(ids)
+    return {"tokens": tokens[start:], "token_logprobs": logprobs[start:], "top_logprobs": top[start:],
+            "text_offset": offsets}
+
+
+async def text_completion(service: ChatService, body: CompletionRequest, ids: list[int],
+                          disconnected: Callable[[], Awaitable[bool]]) -> tuple[dict, Reply | None]:
+    """One choice of a text completion of `ids` and the reply (None when `max_tokens` is 0: nothing is
+    generated); `logprobs` scores prompt and reply in one forward pass."""
+    reply = None
+    if body.max_tokens != 0:
+        prepared = prepare_reply(service, ids, body.decoding_overrides(), body.stop_strings())
+        reply = await service.complete(prepared, disconnected)
+    elif len(ids) > service.context_length:
+        raise APIError(400, f"This model's maximum context length is {service.context_length} tokens; the prompt "
+                            f"has {len(ids)}.", param="prompt", code="context_length_exceeded")
+    generated = reply.token_ids if reply else []
+    text = (service.tokenizer.decode(ids) if body.echo else "") + (reply.text if reply else "")
+    logprobs = None
+    if body.logprobs is not None:
+        scores = await service.score(ids + generated, body.logprobs)
+        logprobs = logprobs_body(service.tokenizer, ids, generated, scores, body.echo)
+    return {"text": text, "logprobs": logprobs, "finish_reason": reply.finish_reason if reply else "length"}, reply
+
+
 def create_app(model, tokenizer, args: ServeArguments, decoding: DecodingOptions | None = None):
     """The FastAPI application serving `model`. `decoding` holds the server's defaults; request fields
     (max_tokens, temperature, top_p, top_k, repetition_penalty, num_beams) override them per request."""
-    service = ChatService(model, tokenizer, decoding, max_concurrent=args.max_concurrent)
+    service = ChatService(model, tokenizer, decoding, max_concurrent=args.max_concurrent, batched=args.batching)
     model_id = args.served_model_name or Path(args.model_name_or_path).resolve().name
     accepted_ids = {model_id, args.model_name_or_path}
     created = int(time.time())
@@ -375,7 +476,7 @@ def create_app(model, tokenizer, args: ServeArguments, decoding: DecodingOptions
         if not body.messages:
             raise APIError(400, "'messages' must contain at least one message.", param="messages",
                            code="empty_messages")
-        prepared = prepare_reply(service, body.conversation(), body.decoding_overrides())
+        prepared = prepare_reply(service, body.conversation(), body.decoding_overrides(), body.stop_strings())
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -384,6 +485,42 @@ def create_app(model, tokenizer, args: ServeArguments, decoding: DecodingOptions
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         reply = await service.complete(prepared, request.is_disconnected)
         return completion_body(reply, completion_id, model_id)
+
+    @app.post("/v1/completions", dependencies=[require_key])
+    async def completions(request: Request):
+        body = await read_json(request, CompletionRequest, args.max_body_bytes)
+        if body.model not in accepted_ids:
+            raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{model_id}'.",
+                           param="model", code="model_not_found")
+        prompts = [prompt_ids(service, prompt) for prompt in body.prompts()]
+        if not prompts:
+            raise APIError(400, "'prompt' must hold at least one prompt.", param="prompt", code="invalid_value")
+        for name, asked in (("echo", body.echo), ("logprobs", body.logprobs is not None)):
+            if asked and service.seq2seq:
+                raise APIError(400, f"'{name}' needs a decoder-only model (Llama): an encoder-decoder (T5) does not "
+                                    "give its prompt log-probabilities.", param=name, code="unsupported_value")
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 asks for nothing; it is allowed with echo (score the prompt only).",
+                           param="max_tokens", code="invalid_value")
+        completion_id = f"cmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            if len(prompts) > 1 or body.echo or body.logprobs is not None:
+                raise APIError(400, "Streaming takes one prompt, without echo or logprobs.", param="stream",
+                               code="invalid_value")
+            prepared = prepare_reply(service, prompts[0], body.decoding_overrides(), body.stop_strings())
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(completion_events(service, prepared, completion_id, model_id, include_usage,
+                                                       chat=False), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # Concurrent prompts share batches.
+        answers = await asyncio.gather(*(text_completion(service, body, ids, request.is_disconnected)
+                                         for ids in prompts))
+        completion_tokens = sum(reply.completion_tokens for _, reply in answers if reply)
+        prompt_tokens = sum(map(len, prompts))
+        return {"id": completion_id, "object": "text_completion", "created": int(time.time()), "model": model_id,
+                "choices": [{"index": index, **choice} for index, (choice, _) in enumerate(answers)],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
 
     @app.post("/api/chat", dependencies=[require_key])
     async def legacy_chat(request: Request):
@@ -438,9 +575,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         logger.warning("listening on %s without an API key: anyone who can reach this port can use the model, "
                        "and off loopback Host is not checked, so a web page can reach it by DNS rebinding; "
                        "set --api_key or %s", args.host, API_KEY_ENV)
-    logger.info("serving %s (%s) as '%s' on http://%s:%d/ | API key %s | %d generations at once | web origins: %s",
+    logger.info("serving %s (%s) as '%s' on http://%s:%d/ | API key %s | %d generations at once%s | web origins: %s",
                 args.model_name_or_path, type(model).__name__, app.state.model_id, args.host, args.port,
-                "required" if keyed else "off", args.max_concurrent,
+                "required" if keyed else "off", args.max_concurrent, ", batched" if args.batching else "",
                 ", ".join(["own page", *args.allowed_origins]))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

@@ -103,7 +103,7 @@ def test_plain_and_streamed_replies_equal_direct_generation(request, which):
     expected = direct_reply(server, messages, max_new_tokens=12)
 
     plain = server.client.chat.completions.create(model=model_id, messages=messages, max_tokens=12)
-    assert plain.choices[0].message.content == expected.text.strip()
+    assert plain.choices[0].message.content == expected.text  # whole and streamed replies are not stripped
     assert plain.choices[0].finish_reason == expected.finish_reason
     assert (plain.usage.prompt_tokens, plain.usage.completion_tokens) == (expected.prompt_tokens,
                                                                           expected.completion_tokens)
@@ -112,7 +112,7 @@ def test_plain_and_streamed_replies_equal_direct_generation(request, which):
                                                         stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     pieces = [c.choices[0].delta.content for c in chunks[1:] if c.choices and c.choices[0].delta.content]
-    assert len(pieces) > 1 and "".join(pieces).strip() == expected.text.strip()
+    assert len(pieces) > 1 and "".join(pieces) == expected.text
     assert chunks[-2].choices[0].finish_reason == expected.finish_reason
     assert chunks[-1].usage.completion_tokens == expected.completion_tokens
 
@@ -120,7 +120,7 @@ def test_plain_and_streamed_replies_equal_direct_generation(request, which):
     beams = server.client.chat.completions.create(model=model_id, messages=messages[-1:], max_tokens=8,
                                                   extra_body={"num_beams": 3, "repetition_penalty": 1.0})
     assert beams.choices[0].message.content == direct_reply(server, messages[-1:], 8, num_beams=3,
-                                                            repetition_penalty=1.0).text.strip()
+                                                            repetition_penalty=1.0).text
 
 
 def test_chatlm_api_chat_route(llama_server):
@@ -214,8 +214,10 @@ def test_32_concurrent_streams_each_get_their_own_reply(llama_server):
     with ThreadPoolExecutor(32) as pool:
         replies = list(pool.map(stream, requests))
     assert replies == expected
-    assert 2 <= llama_server.app.state.service.peak_active <= 4  # concurrent, and bounded by --max_concurrent
-    assert llama_server.app.state.service.active == 0
+    service = llama_server.app.state.service
+    assert 2 <= service.peak_active <= 4  # concurrent, and bounded by --max_concurrent
+    assert service.active == 0
+    assert service.scheduler.largest >= 2, "concurrent streams were generated in batches"
 
 
 def wait_for_reply(app, count_before, timeout=30):
@@ -399,3 +401,124 @@ def test_allowed_origins_are_checked_and_written_as_browsers_send_them():
     for bad in ("localhost:5173", "http://localhost:5173/chat", "file:///tmp/page.html", "null"):
         with pytest.raises(ValueError, match="--allowed_origins"):
             ServeArguments(allowed_origins=[bad])
+
+
+def test_stop_strings_cut_whole_and_streamed_replies_alike(llama_server):
+    client, messages = llama_server.client, [{"role": "user", "content": "春天的早晨"}]
+    full = direct_reply(llama_server, messages, 16, repetition_penalty=1.0).text
+    stop = full[4:6]  # from the middle of the reply: the reply ends before its first occurrence
+    assert len(full) > 8 and stop.strip()
+    cut = full[:full.find(stop)]
+    plain = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=16, stop=[stop, "不会出现"],
+                                           extra_body={"repetition_penalty": 1.0})
+    assert (plain.choices[0].message.content, plain.choices[0].finish_reason) == (cut, "stop")
+    chunks = list(client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=16, stop=stop,
+                                                 stream=True, extra_body={"repetition_penalty": 1.0}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == cut
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_streamer_holds_back_what_may_begin_a_stop_string():
+    from model.inference.streaming import ChineseTextStreamer
+
+    streamer = ChineseTextStreamer(None, stop=["的早晨", "。"])
+    for piece in ("春天", "的", "早", "上好", "的早", "晨还有"):
+        streamer.on_finalized_text(piece)
+    streamer.on_finalized_text("", stream_end=True)
+    assert list(streamer) == ["春天", "的早上好"] and streamer.text == "春天的早上好" and streamer.stopped
+    streamer = ChineseTextStreamer(None, stop=["的早晨"])
+    for piece in ("春天", "的早"):
+        streamer.on_finalized_text(piece)
+    streamer.on_finalized_text("", stream_end=True)  # the reply ended: what was held back is text after all
+    assert list(streamer) == ["春天", "的早"] and not streamer.stopped
+
+
+def test_developer_role_is_a_system_message(llama_server):
+    asked = [{"role": "developer", "content": "你是一个助手。"}, {"role": "user", "content": "小明每天"}]
+    expected = direct_reply(llama_server, [{**asked[0], "role": "system"}, asked[1]], 8).text
+    reply = llama_server.client.chat.completions.create(model="tiny-llama", messages=asked, max_tokens=8)
+    assert reply.choices[0].message.content == expected
+
+
+def test_completions_give_prompt_logprobs_as_lm_eval_reads_them(llama_server):
+    """lm-evaluation-harness's local-completions scores a continuation with prompt=[token ids], echo, max_tokens
+    1 and logprobs 1, and sums token_logprobs[ctxlen:-1]; is_greedy compares each with max(top_logprobs)."""
+    model, tokenizer, client = llama_server.model, llama_server.tokenizer, llama_server.client
+    context, continuation = tokenizer("湖泊里的学生骑着茶叶")["input_ids"], tokenizer("陶器在公里外说")["input_ids"]
+    assert len(context) >= 3 and len(continuation) >= 3, "the check needs several tokens on each side"
+    ids = context + continuation
+    answer = client.completions.create(model="tiny-llama", prompt=[ids, ids[:5]], echo=True, max_tokens=1,
+                                       logprobs=1, temperature=0, seed=1234)
+    with torch.inference_mode():
+        expected = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
+    choice = answer.choices[0]
+    logprobs = choice.logprobs
+    assert len(logprobs.token_logprobs) == len(logprobs.tokens) == len(ids) + 1 == len(logprobs.text_offset)
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    scored = logprobs.token_logprobs[len(context):-1]
+    assert scored == pytest.approx([expected[i - 1, ids[i]].item() for i in range(len(context), len(ids))], abs=1e-4)
+    is_greedy = all(lp == max(top.values()) for lp, top in zip(scored, logprobs.top_logprobs[len(context):-1]))
+    assert is_greedy == all(expected[i - 1].argmax().item() == ids[i] for i in range(len(context), len(ids)))
+    assert choice.text.startswith(tokenizer.decode(ids))
+    assert logprobs.text_offset[:len(ids)] == [len(tokenizer.decode(ids[:i])) for i in range(len(ids))]
+    assert [c.index for c in answer.choices] == [0, 1] and len(answer.choices[1].logprobs.tokens) == 6
+    assert answer.usage.prompt_tokens == len(ids) + 5 and answer.usage.completion_tokens == 2
+    # max_tokens 0 with echo scores the prompt alone.
+    only = client.completions.create(model="tiny-llama", prompt=ids, echo=True, max_tokens=0, logprobs=0)
+    assert only.choices[0].logprobs.token_logprobs[1:] == pytest.approx(logprobs.token_logprobs[1:-1], abs=1e-5)
+    assert only.usage.completion_tokens == 0
+
+
+@pytest.mark.parametrize("which", ["llama_server", "t5_server"])
+def test_text_completions_generate_from_the_raw_prompt(request, which):
+    server = request.getfixturevalue(which)
+    model_id = server.client.models.list().data[0].id
+    ids = server.tokenizer("小明每天骑自行车")["input_ids"]
+    config = DecodingOptions(max_new_tokens=10).generation_config(server.model.generation_config)
+    expected = generate_reply(server.model, server.tokenizer, ids, config)
+    answer = server.client.completions.create(model=model_id, prompt="小明每天骑自行车", max_tokens=10)
+    assert (answer.choices[0].text, answer.choices[0].finish_reason) == (expected.text, expected.finish_reason)
+    assert answer.choices[0].logprobs is None and answer.usage.completion_tokens == expected.completion_tokens
+    streamed = server.client.completions.create(model=model_id, prompt="小明每天骑自行车", max_tokens=10, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == expected.text
+
+
+@pytest.mark.parametrize("which, body, param", [
+    ("t5_server", {"prompt": "你好", "echo": True, "logprobs": 1}, "echo"),  # T5: no prompt log-probabilities
+    ("t5_server", {"prompt": "你好", "logprobs": 1}, "logprobs"),
+    ("t5_server", {"prompt": "你好", "max_tokens": 0}, "max_tokens"),
+    ("t5_server", {"prompt": []}, "prompt"),
+    ("t5_server", {"prompt": [[5, 99999]]}, "prompt"),
+    ("t5_server", {"prompt": "你好", "stop": ["a"] * 17}, "stop"),
+    ("llama_server", {"prompt": "春" * 300, "max_tokens": 8}, "prompt"),  # beyond the 256-position context
+    ("llama_server", {"prompt": "春" * 300, "max_tokens": 0, "echo": True}, "prompt"),
+])
+def test_bad_completion_requests_name_the_field(request, which, body, param):
+    server = request.getfixturevalue(which)
+    model_id = "tiny-llama" if which == "llama_server" else "model"
+    status, answer = post(server.url + "/v1/completions", json.dumps({"model": model_id, **body}).encode())
+    assert (status, answer["error"]["param"]) == (400, param), answer
+
+
+def test_batched_t5_streams_equal_their_solo_replies_and_a_failed_batch_leaves_the_server_serving(t5_server):
+    requests = [(SENTENCES[i][:3 + i % 4], 6 + i) for i in range(8)]
+    expected = [direct_reply(t5_server, [{"role": "user", "content": p}], n).text for p, n in requests]
+
+    def stream(request):
+        prompt, max_tokens = request
+        chunks = t5_server.client.chat.completions.create(
+            model="model", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    service = t5_server.app.state.service
+    batches = service.scheduler.batches
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(stream, requests)) == expected
+    assert service.scheduler.batches - batches < 8, "some streams shared a batch"
+
+    import asyncio
+
+    broken = service.prepare_prompt([service.model.config.vocab_size + 5], service.generation_config(max_new_tokens=2))
+    with pytest.raises(IndexError):  # the embedding has no such row: the error reaches the caller
+        asyncio.run(service.complete(broken))
+    assert stream(requests[0]) == expected[0]

@@ -9,10 +9,14 @@
             ...
     stream.reply.finish_reason                                  # stop / length / cancelled
     for piece in service.reply_stream(prepared): ...           # the terminal: synchronous, no slot
+    prepared = service.prepare_prompt(ids, config, stop=["\n"])  # a raw prompt (/v1/completions)
+    scores = await service.score(ids, top=1)                    # log-probabilities of the prompt's tokens
 
 A reply may be as long as the model's context (a decoder-only model keeps 8 positions for a prompt); a
 reply length nobody asked for is the model's default, at most half the context of a decoder-only model,
-and the prompt gets what the reply leaves. No HTTP here: serve.py frames these calls as routes.
+and the prompt gets what the reply leaves. With `batched=True` (the server) concurrent replies are generated
+together in batches (`model.inference.batching`); each still equals the reply it would get alone. No HTTP
+here: serve.py frames these calls as routes.
 """
 
 from __future__ import annotations
@@ -24,14 +28,16 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, fields
 
 import anyio
 from transformers import GenerationConfig
 
+from model.inference.batching import BatchScheduler
 from model.inference.generation import context_length
-from model.inference.streaming import Reply, ReplyStream, generate_reply
+from model.inference.scoring import TokenScore, score_tokens
+from model.inference.streaming import Reply, ReplyStream
 from utils.errors import UserError
 from utils.tokenization.chat_format import render_prompt
 
@@ -135,6 +141,7 @@ class PreparedReply:
     config: GenerationConfig
     trimmed: bool  # whether the oldest turns were left out to fit
     budget: int  # tokens the prompt could use
+    stop: tuple[str, ...] = ()  # the reply ends before the first of these strings
 
 
 class AsyncReplyStream:
@@ -142,6 +149,9 @@ class AsyncReplyStream:
 
     def __init__(self, stream: ReplyStream):
         self._stream = stream
+
+    def cancel(self) -> None:
+        self._stream.cancel()
 
     @property
     def reply(self) -> Reply | None:
@@ -159,10 +169,12 @@ class ChatService:
 
     `active`, `peak_active` and `recent` (finished `Reply`s, newest last) count the generations run
     through `complete` and `stream`. Raises `ReplyTooLong` when `defaults` ask for a reply longer than the
-    model can give.
+    model can give. `batched`: generate concurrent replies in batches of up to `max_concurrent` (one worker
+    thread) rather than each in a thread of its own.
     """
 
-    def __init__(self, model, tokenizer, defaults: DecodingOptions | None = None, max_concurrent: int = 1):
+    def __init__(self, model, tokenizer, defaults: DecodingOptions | None = None, max_concurrent: int = 1,
+                 batched: bool = False):
         self.model, self.tokenizer = model, tokenizer
         self.defaults = defaults or DecodingOptions()
         self.context_length = context_length(model, tokenizer)
@@ -171,6 +183,8 @@ class ChatService:
         self.reply_limit = self.context_length if self.seq2seq else self.context_length - 8
         self._check_reply_length(self.defaults.max_new_tokens)
         self.slots = asyncio.Semaphore(max_concurrent)
+        self.scheduler = BatchScheduler(model, tokenizer, max_concurrent,
+                                        context=None if self.seq2seq else self.context_length) if batched else None
         self.active = 0  # generations running now
         self.peak_active = 0  # the most that ever ran at once
         self.recent: collections.deque[Reply] = collections.deque(maxlen=256)
@@ -199,19 +213,31 @@ class ChatService:
         """Tokens a prompt may use: the whole context for an encoder (T5), else what the reply leaves."""
         return self.context_length if self.seq2seq else self.context_length - max_new_tokens
 
-    def prepare(self, messages: list[dict], config: GenerationConfig) -> PreparedReply:
+    def prepare(self, messages: list[dict], config: GenerationConfig, stop: Sequence[str] = ()) -> PreparedReply:
         """The prompt of `messages` within the budget `config` leaves: oldest turns go first and a system
         message stays while it fits (`render_prompt`). Raises `PromptTooLong` when the newest message does
-        not fit even alone, rather than cutting it."""
+        not fit even alone, rather than cutting it. The reply ends before the first of the `stop` strings."""
         budget = self.prompt_budget(config.max_new_tokens)
         prompt = render_prompt(self.tokenizer, messages, budget)
         if prompt.truncated_tokens:
             raise PromptTooLong(len(prompt.ids) + prompt.truncated_tokens, budget)
-        return PreparedReply(prompt.ids, config, prompt.trimmed, budget)
+        return PreparedReply(prompt.ids, config, prompt.trimmed, budget, tuple(stop))
+
+    def prepare_prompt(self, ids: list[int], config: GenerationConfig, stop: Sequence[str] = ()) -> PreparedReply:
+        """A raw prompt, without the chat template (a text completion). Raises `PromptTooLong` when it does
+        not fit in the budget `config` leaves."""
+        budget = self.prompt_budget(config.max_new_tokens)
+        if len(ids) > budget:
+            raise PromptTooLong(len(ids), budget)
+        return PreparedReply(list(ids), config, False, budget, tuple(stop))
 
     def reply_stream(self, prepared: PreparedReply) -> ReplyStream:
         """The reply's pieces for a synchronous caller (the terminal chat): no slot, not counted."""
-        return ReplyStream(self.model, self.tokenizer, prepared.ids, prepared.config)
+        return ReplyStream(self.model, self.tokenizer, prepared.ids, prepared.config, stop=prepared.stop)
+
+    def _stream_of(self, prepared: PreparedReply, cancel: threading.Event | None, began: float) -> ReplyStream:
+        return ReplyStream(self.model, self.tokenizer, prepared.ids, prepared.config, cancel, stop=prepared.stop,
+                           on_done=lambda reply: self._ended(reply, began), scheduler=self.scheduler)
 
     async def complete(self, prepared: PreparedReply,
                        disconnected: Callable[[], Awaitable[bool]] | None = None) -> Reply:
@@ -226,16 +252,22 @@ class ChatService:
                 await asyncio.sleep(0.1)
 
         async with self.slots:
-            began, reply = self._began(), None
+            began = self._began()
+            stream = self._stream_of(prepared, cancel, began)
             watcher = asyncio.create_task(watch()) if disconnected is not None else None
             try:
-                reply = await anyio.to_thread.run_sync(generate_reply, self.model, self.tokenizer, prepared.ids,
-                                                       prepared.config, cancel)
-                return reply
+                return await anyio.to_thread.run_sync(stream.wait)
             finally:
                 if watcher is not None:
                     watcher.cancel()
-                self._ended(reply, began)
+                if not stream.started:
+                    self._ended(None, began)
+
+    async def score(self, ids: list[int], top: int = 0) -> list[TokenScore]:
+        """The log-probability of each of `ids` after the first given those before it, and the `top` most
+        likely tokens at its place (a decoder-only model's prompt log-likelihood), once a slot is free."""
+        async with self.slots:
+            return await anyio.to_thread.run_sync(score_tokens, self.model, ids, top)
 
     @contextlib.asynccontextmanager
     async def stream(self, prepared: PreparedReply) -> AsyncIterator[AsyncReplyStream]:
@@ -244,8 +276,7 @@ class ChatService:
         generation; it is counted until its thread ends."""
         async with self.slots:
             began = self._began()
-            stream = ReplyStream(self.model, self.tokenizer, prepared.ids, prepared.config,
-                                 on_done=lambda reply: self._ended(reply, began))
+            stream = self._stream_of(prepared, None, began)
             try:
                 yield AsyncReplyStream(stream)
             finally:
@@ -260,7 +291,7 @@ class ChatService:
         return time.monotonic()
 
     def _ended(self, reply: Reply | None, began: float) -> None:
-        """Bookkeeping when a generation ends (called from its thread for streams)."""
+        """Bookkeeping when a generation ends (called from the generating thread)."""
         with self._counter_lock:
             self.active -= 1
         if reply is not None:

@@ -1,0 +1,114 @@
+"""Dynamic batching: concurrent replies generated together, each with its own stream, stop and cancel.
+
+    scheduler = BatchScheduler(model, tokenizer, max_batch=16)
+    stream = ReplyStream(model, tokenizer, prompt_ids, config, scheduler=scheduler)
+    for piece in stream: ...                    # generated in a batch with whatever else is waiting
+
+One worker thread owns the model. Streams that arrive while it is busy, or within `wait_s` of the first one
+when it is idle, form the next batch: replies with the same decoding options (all but max_new_tokens) go into
+one `model.generate` over the padded prompts (`run_batch`), where each row stops on its own. A batch runs
+until its longest reply ends; streams arriving meanwhile wait for the next one (static batches, no joining
+mid-flight). Beam search runs one reply at a time.
+
+Why not transformers' continuous batching (`generate_batch`, `init_continuous_batching`): its manager takes
+one generation config for every request (no per-request temperature, top_p or repetition_penalty, which the
+API lets each request choose), it supports decoder-only models only (not T5), and its paged attention
+computes a reply differently from `model.generate`, so a batched reply would not equal the same request
+generated alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from model.inference.streaming import ReplyStream, run_batch
+
+logger = logging.getLogger(__name__)
+
+
+def batch_key(stream: ReplyStream) -> str:
+    """Streams with equal keys can share one `model.generate`: equal decoding options but max_new_tokens.
+    Beam search never shares."""
+    if (stream.config.num_beams or 1) > 1:
+        return f"beams-{id(stream)}"
+    options = stream.config.to_dict()
+    options.pop("max_new_tokens", None)
+    return repr(sorted(options.items(), key=lambda item: item[0]))
+
+
+class BatchScheduler:
+    """Generates submitted `ReplyStream`s in batches of at most `max_batch` on one worker thread.
+
+    `context` (the model's positions; None for an encoder-decoder) keeps a decoder-only batch within it: a
+    left-padded batch is as wide as its longest prompt plus its longest reply. `batches` counts the
+    `model.generate` calls run and `largest` the most streams one of them took.
+    """
+
+    def __init__(self, model, tokenizer, max_batch: int, wait_s: float = 0.005, context: int | None = None):
+        assert max_batch >= 1
+        self.model, self.tokenizer, self.max_batch, self.wait_s, self.context = (
+            model, tokenizer, max_batch, wait_s, context)
+        self._queue: queue.Queue[ReplyStream] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.batches = 0
+        self.largest = 0
+
+    def submit(self, stream: ReplyStream) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="batches", daemon=True)
+                self._thread.start()
+        self._queue.put(stream)
+
+    def _gather(self) -> list[ReplyStream]:
+        """The next streams to generate: the first waits for the worker, the rest arrived with it."""
+        waiting = [self._queue.get()]
+        deadline = time.monotonic() + self.wait_s
+        while len(waiting) < self.max_batch:
+            try:
+                waiting.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        return waiting
+
+    def group(self, streams: list[ReplyStream]) -> list[list[ReplyStream]]:
+        """`streams` (in arrival order) as batches that can run together, the oldest stream's first."""
+        groups: dict[str, list[list[ReplyStream]]] = {}
+        order: list[list[ReplyStream]] = []
+        for stream in streams:
+            batches = groups.setdefault(batch_key(stream), [])
+            batch = batches[-1] if batches else None
+            if batch is None or not self._fits(batch + [stream]) or stream.config.num_beams not in (None, 1):
+                batch = []
+                batches.append(batch)
+                order.append(batch)
+            batch.append(stream)
+        return order
+
+    def _fits(self, batch: list[ReplyStream]) -> bool:
+        if self.context is None:
+            return True
+        return max(len(s.prompt_ids) for s in batch) + max(s.max_new_tokens for s in batch) <= self.context
+
+    def _work(self) -> None:
+        while True:
+            streams = self._gather()
+            try:
+                live = []
+                for stream in streams:
+                    if stream.cancel_event.is_set():  # its client left while it waited
+                        stream.finish("cancelled")
+                    else:
+                        live.append(stream)
+                for batch in self.group(live):
+                    self.batches += 1
+                    self.largest = max(self.largest, len(batch))
+                    run_batch(self.model, self.tokenizer, batch)
+            except BaseException as err:  # never leave a reader waiting, never let the worker die
+                logger.exception("batch failed")
+                for stream in streams:
+                    stream.finish(error=err)
