@@ -49,8 +49,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from model.inference.generation import InferenceArguments, load_for_inference
-from model.inference.service import ChatService, DecodingOptions, PreparedReply, PromptTooLong, ReplyTooLong
 from model.inference.scoring import TokenScore
+from model.inference.service import (
+    ChatService,
+    DecodingOptions,
+    PreparedReply,
+    PromptTooLong,
+    ReplyTooLong,
+)
 from model.inference.streaming import Reply
 from utils.cli import run_main
 from utils.config import REPO_ROOT, parse_config, recipe_path
@@ -467,31 +473,36 @@ def create_app(model, tokenizer, args: ServeArguments, decoding: DecodingOptions
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "zhlm",
                                             "context_length": service.context_length}]}
 
-    @app.post("/v1/chat/completions", dependencies=[require_key])
-    async def chat_completions(request: Request):
-        body = await read_json(request, ChatCompletionRequest, args.max_body_bytes)
+    async def read_request(request: Request, schema: type[DecodingRequest]):
+        """The body of a completion request, for the served model, or the APIError refusing it."""
+        body = await read_json(request, schema, args.max_body_bytes)
         if body.model not in accepted_ids:
             raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{model_id}'.",
                            param="model", code="model_not_found")
+        return body
+
+    def event_stream(body: DecodingRequest, prepared: PreparedReply, completion_id: str, chat: bool):
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(completion_events(service, prepared, completion_id, model_id, include_usage, chat),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions", dependencies=[require_key])
+    async def chat_completions(request: Request):
+        body = await read_request(request, ChatCompletionRequest)
         if not body.messages:
             raise APIError(400, "'messages' must contain at least one message.", param="messages",
                            code="empty_messages")
         prepared = prepare_reply(service, body.conversation(), body.decoding_overrides(), body.stop_strings())
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(completion_events(service, prepared, completion_id, model_id, include_usage),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return event_stream(body, prepared, completion_id, chat=True)
         reply = await service.complete(prepared, request.is_disconnected)
         return completion_body(reply, completion_id, model_id)
 
     @app.post("/v1/completions", dependencies=[require_key])
     async def completions(request: Request):
-        body = await read_json(request, CompletionRequest, args.max_body_bytes)
-        if body.model not in accepted_ids:
-            raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{model_id}'.",
-                           param="model", code="model_not_found")
+        body = await read_request(request, CompletionRequest)
         prompts = [prompt_ids(service, prompt) for prompt in body.prompts()]
         if not prompts:
             raise APIError(400, "'prompt' must hold at least one prompt.", param="prompt", code="invalid_value")
@@ -508,10 +519,7 @@ def create_app(model, tokenizer, args: ServeArguments, decoding: DecodingOptions
                 raise APIError(400, "Streaming takes one prompt, without echo or logprobs.", param="stream",
                                code="invalid_value")
             prepared = prepare_reply(service, prompts[0], body.decoding_overrides(), body.stop_strings())
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(completion_events(service, prepared, completion_id, model_id, include_usage,
-                                                       chat=False), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return event_stream(body, prepared, completion_id, chat=False)
         # Concurrent prompts share batches.
         answers = await asyncio.gather(*(text_completion(service, body, ids, request.is_disconnected)
                                          for ids in prompts))

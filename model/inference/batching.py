@@ -4,8 +4,10 @@
     stream = ReplyStream(model, tokenizer, prompt_ids, config, scheduler=scheduler)
     for piece in stream: ...                    # generated in a batch with whatever else is waiting
 
-One worker thread owns the model. Streams that arrive while it is busy, or within `wait_s` of the first one
-when it is idle, form the next batch: replies with the same decoding options (all but max_new_tokens) go into
+One worker thread owns the model. Streams that arrive while it is busy, or soon after the first one when it
+is idle (within `wait_s`, or up to `max_wait_s` while streams that were announced, i.e. admitted to a slot
+but not yet asked to generate, are still on their way: a burst of requests starts as one batch), form the
+next batch: replies with the same decoding options (all but max_new_tokens) go into
 one `model.generate` over the padded prompts (`run_batch`), where each row stops on its own. A batch runs
 until its longest reply ends; streams arriving meanwhile wait for the next one (static batches, no joining
 mid-flight). Beam search runs one reply at a time.
@@ -47,32 +49,53 @@ class BatchScheduler:
     `model.generate` calls run and `largest` the most streams one of them took.
     """
 
-    def __init__(self, model, tokenizer, max_batch: int, wait_s: float = 0.005, context: int | None = None):
+    def __init__(self, model, tokenizer, max_batch: int, wait_s: float = 0.005, max_wait_s: float = 0.05,
+                 context: int | None = None):
         assert max_batch >= 1
-        self.model, self.tokenizer, self.max_batch, self.wait_s, self.context = (
-            model, tokenizer, max_batch, wait_s, context)
+        self.model, self.tokenizer, self.max_batch, self.context = model, tokenizer, max_batch, context
+        self.wait_s, self.max_wait_s = wait_s, max_wait_s
+        self._announced = 0  # streams admitted that have not been submitted (nor withdrawn) yet
         self._queue: queue.Queue[ReplyStream] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.batches = 0
         self.largest = 0
 
+    def announce(self, stream: ReplyStream) -> None:
+        """A stream was admitted and will be submitted soon (or withdrawn): a batch may wait for it."""
+        with self._lock:
+            self._announced += 1
+        stream.announced = True
+
+    def withdraw(self, stream: ReplyStream) -> None:
+        """An announced stream will not be submitted (its client left first)."""
+        with self._lock:
+            if stream.announced:
+                stream.announced = False
+                self._announced -= 1
+
     def submit(self, stream: ReplyStream) -> None:
         with self._lock:
+            if stream.announced:
+                stream.announced = False
+                self._announced -= 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="batches", daemon=True)
                 self._thread.start()
         self._queue.put(stream)
 
     def _gather(self) -> list[ReplyStream]:
-        """The next streams to generate: the first waits for the worker, the rest arrived with it."""
+        """The next streams to generate: the first waits for the worker, the rest arrived with it or are
+        announced and on their way."""
         waiting = [self._queue.get()]
-        deadline = time.monotonic() + self.wait_s
+        began = time.monotonic()
         while len(waiting) < self.max_batch:
+            limit = self.max_wait_s if self._announced > 0 else self.wait_s
             try:
-                waiting.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                waiting.append(self._queue.get(timeout=max(0.0, began + limit - time.monotonic())))
             except queue.Empty:
-                break
+                if self._announced <= 0 or time.monotonic() - began >= self.max_wait_s:
+                    break
         return waiting
 
     def group(self, streams: list[ReplyStream]) -> list[list[ReplyStream]]:

@@ -236,8 +236,11 @@ class ChatService:
         return ReplyStream(self.model, self.tokenizer, prepared.ids, prepared.config, stop=prepared.stop)
 
     def _stream_of(self, prepared: PreparedReply, cancel: threading.Event | None, began: float) -> ReplyStream:
-        return ReplyStream(self.model, self.tokenizer, prepared.ids, prepared.config, cancel, stop=prepared.stop,
-                           on_done=lambda reply: self._ended(reply, began), scheduler=self.scheduler)
+        stream = ReplyStream(self.model, self.tokenizer, prepared.ids, prepared.config, cancel, stop=prepared.stop,
+                             on_done=lambda reply: self._ended(reply, began), scheduler=self.scheduler)
+        if self.scheduler is not None:
+            self.scheduler.announce(stream)  # a batch about to start may wait for it
+        return stream
 
     async def complete(self, prepared: PreparedReply,
                        disconnected: Callable[[], Awaitable[bool]] | None = None) -> Reply:
@@ -260,8 +263,7 @@ class ChatService:
             finally:
                 if watcher is not None:
                     watcher.cancel()
-                if not stream.started:
-                    self._ended(None, began)
+                self._never_started(stream, began)
 
     async def score(self, ids: list[int], top: int = 0) -> list[TokenScore]:
         """The log-probability of each of `ids` after the first given those before it, and the `top` most
@@ -281,8 +283,14 @@ class ChatService:
                 yield AsyncReplyStream(stream)
             finally:
                 stream.cancel()
-                if not stream.started:
-                    self._ended(None, began)
+                self._never_started(stream, began)
+
+    def _never_started(self, stream: ReplyStream, began: float) -> None:
+        """Bookkeeping of a stream left before it was asked to generate (its generation never ends)."""
+        if not stream.started:
+            if self.scheduler is not None:
+                self.scheduler.withdraw(stream)
+            self._ended(None, began)
 
     def _began(self) -> float:
         with self._counter_lock:

@@ -23,7 +23,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import (
+    GenerationConfig,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 
 class ChineseTextStreamer(TextIteratorStreamer):
@@ -123,6 +128,7 @@ class ReplyStream:
         self.token_ids: list[int] = []  # generated so far
         self.done = threading.Event()  # set once `reply` (or `error`) is final
         self.started = False  # True once iteration began (generation was asked for)
+        self.announced = False  # counted by its scheduler as on its way (BatchScheduler.announce)
 
     @property
     def max_new_tokens(self) -> int:
