@@ -522,3 +522,38 @@ def test_batched_t5_streams_equal_their_solo_replies_and_a_failed_batch_leaves_t
     with pytest.raises(IndexError):  # the embedding has no such row: the error reaches the caller
         asyncio.run(service.complete(broken))
     assert stream(requests[0]) == expected[0]
+
+
+def test_a_stream_that_leaves_its_batch_early_leaves_the_others_whole(llama_server):
+    import asyncio
+
+    from model.inference.service import ChatService
+
+    service = ChatService(llama_server.model, llama_server.tokenizer, DecodingOptions(repetition_penalty=1.0),
+                          max_concurrent=2, batched=True)
+    leaving = service.prepare([{"role": "user", "content": SENTENCES[0][:6]}], service.generation_config(
+        max_new_tokens=200))
+    staying = [{"role": "user", "content": SENTENCES[1][:6]}]
+    expected = direct_reply(llama_server, staying, 24, repetition_penalty=1.0)
+
+    async def leave_after_one_piece():
+        async with service.stream(leaving) as stream:
+            async for _ in stream:
+                break
+
+    async def read_whole():
+        async with service.stream(service.prepare(staying, service.generation_config(max_new_tokens=24))) as stream:
+            return "".join([piece async for piece in stream]), stream.reply
+
+    async def both():
+        return (await asyncio.gather(leave_after_one_piece(), read_whole()))[1]
+
+    text, reply = asyncio.run(both())
+    assert (text, reply) == (expected.text, expected)
+    assert service.scheduler.largest == 2, "the two streams shared a batch"
+    deadline = time.monotonic() + 30
+    while service.active:
+        assert time.monotonic() < deadline, "the cancelled row did not end"
+        time.sleep(0.01)
+    cancelled = [r for r in service.recent if r.finish_reason == "cancelled"]
+    assert len(cancelled) == 1 and cancelled[0].completion_tokens < 200
