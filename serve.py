@@ -45,18 +45,12 @@ from urllib.parse import urlsplit
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 
 from model.inference.generation import InferenceArguments, load_for_inference
 from model.inference.scoring import TokenScore
-from model.inference.service import (
-    ChatService,
-    DecodingOptions,
-    PreparedReply,
-    PromptTooLong,
-    ReplyTooLong,
-)
+from model.inference.service import ChatService, DecodingOptions, PreparedReply, PromptTooLong, ReplyTooLong
 from model.inference.streaming import Reply
 from utils.cli import run_main
 from utils.config import REPO_ROOT, parse_config, recipe_path
@@ -140,11 +134,15 @@ class DecodingRequest(BaseModel):
     num_beams: int | None = Field(default=None, ge=1, le=16)
     n: int = Field(default=1, ge=1, le=1)
     # The reply ends before the first of these (OpenAI allows 4; evaluation harnesses send more).
-    stop: str | list[str] | None = Field(default=None, max_length=16)
+    stop: list[str] | None = Field(default=None, max_length=16)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def one_stop_string_is_a_list(cls, value):
+        return [value] if isinstance(value, str) else value
 
     def stop_strings(self) -> list[str]:
-        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        return [s for s in stop if s]
+        return [s for s in self.stop or [] if s]
 
     def reply_length(self) -> int | None:
         return self.max_tokens

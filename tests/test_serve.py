@@ -416,6 +416,9 @@ def test_stop_strings_cut_whole_and_streamed_replies_alike(llama_server):
                                                  stream=True, extra_body={"repetition_penalty": 1.0}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == cut
     assert chunks[-1].choices[0].finish_reason == "stop"
+    absent = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=16, stop="不" * 40,
+                                            extra_body={"repetition_penalty": 1.0})
+    assert absent.choices[0].message.content == full  # a stop string that never appears (any length) cuts nothing
 
 
 def test_streamer_holds_back_what_may_begin_a_stop_string():

@@ -105,7 +105,7 @@ class BatchScheduler:
         for stream in streams:
             batches = groups.setdefault(batch_key(stream), [])
             batch = batches[-1] if batches else None
-            if batch is None or not self._fits(batch + [stream]) or stream.config.num_beams not in (None, 1):
+            if batch is None or not self._fits(batch + [stream]):
                 batch = []
                 batches.append(batch)
                 order.append(batch)

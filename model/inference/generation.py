@@ -7,6 +7,7 @@ the end-of-turn token `<|end|>` (`default_generation_config`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +57,18 @@ def context_length(model, tokenizer) -> int:
     return int(limit or tokenizer.model_max_length)
 
 
+def padded_batch(prompts: Sequence[list[int]], pad: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids, attention_mask)` of prompts of different lengths: a decoder-only model's are padded on
+    the left, so that every prompt ends where generation starts; an encoder's on the right."""
+    width = max(map(len, prompts))
+    rows, masks = [], []
+    for ids in prompts:
+        padding = [pad] * (width - len(ids))
+        rows.append(padding + ids if left else ids + padding)
+        masks.append([0] * len(padding) + [1] * len(ids) if left else [1] * len(ids) + [0] * len(padding))
+    return torch.tensor(rows, device=device), torch.tensor(masks, device=device)
+
+
 def generate_replies(model, tokenizer, conversations: list[list[dict]], generation_config: GenerationConfig | None = None,
                      batch_size: int = 8, max_prompt_tokens: int | None = None, progress: bool = True) -> list[str]:
     """The model's reply to each conversation (each ends with a user turn), generated in batches.
@@ -79,19 +92,14 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], generati
     batches = range(0, len(conversations), batch_size)
     for start in tqdm(batches, desc="generate", unit="batch", disable=not progress):
         prompts = [render_prompt(tokenizer, c, max_prompt_tokens).ids for c in conversations[start:start + batch_size]]
-        width = max(map(len, prompts))
-        pad = tokenizer.pad_token_id
-        padded = [(p + [pad] * (width - len(p))) if seq2seq else ([pad] * (width - len(p)) + p) for p in prompts]
-        mask = [([1] * len(p) + [0] * (width - len(p))) if seq2seq else ([0] * (width - len(p)) + [1] * len(p))
-                for p in prompts]
-        input_ids = torch.tensor(padded, device=model.device)
+        input_ids, attention_mask = padded_batch(prompts, tokenizer.pad_token_id, not seq2seq, model.device)
+        width = input_ids.shape[1]
         batch_config = config
         if not seq2seq and width + max_new > context:
             batch_config = copy.deepcopy(config)
             batch_config.max_new_tokens = max(context - width, 1)
         with torch.inference_mode():
-            output = model.generate(input_ids=input_ids, attention_mask=torch.tensor(mask, device=model.device),
-                                    generation_config=batch_config)
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=batch_config)
         new_tokens = output if seq2seq else output[:, width:]
         replies += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     return replies

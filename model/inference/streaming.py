@@ -23,12 +23,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import (
-    GenerationConfig,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    TextIteratorStreamer,
-)
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from model.inference.generation import padded_batch
 
 
 class ChineseTextStreamer(TextIteratorStreamer):
@@ -230,18 +227,6 @@ class CancelBeams(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         return torch.full((input_ids.shape[0],), self.stream.cancel_event.is_set(), dtype=torch.bool,
                           device=input_ids.device)
-
-
-def padded_batch(prompts: Sequence[list[int]], pad: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(input_ids, attention_mask)` of prompts of different lengths: a decoder-only model's are padded on
-    the left, so that every prompt ends where generation starts; an encoder's on the right."""
-    width = max(map(len, prompts))
-    rows, masks = [], []
-    for ids in prompts:
-        padding = [pad] * (width - len(ids))
-        rows.append(padding + ids if left else ids + padding)
-        masks.append([0] * len(padding) + [1] * len(ids) if left else [1] * len(ids) + [0] * len(padding))
-    return torch.tensor(rows, device=device), torch.tensor(masks, device=device)
 
 
 def run_batch(model, tokenizer, streams: Sequence[ReplyStream]) -> None:
