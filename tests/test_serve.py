@@ -560,3 +560,26 @@ def test_a_stream_that_leaves_its_batch_early_leaves_the_others_whole(llama_serv
         time.sleep(0.01)
     cancelled = [r for r in service.recent if r.finish_reason == "cancelled"]
     assert len(cancelled) == 1 and cancelled[0].completion_tokens < 200
+
+
+def test_a_stream_cancelled_while_waiting_for_a_batch_ends_at_once(llama_server):
+    """Its reader (an event loop closing a stream) must not wait for the batch before it to finish."""
+    from model.inference.batching import BatchScheduler
+    from model.inference.streaming import ReplyStream
+
+    model, tokenizer = llama_server.model, llama_server.tokenizer
+    scheduler = BatchScheduler(model, tokenizer, max_batch=4, context=context_length(model, tokenizer))
+    config = DecodingOptions(max_new_tokens=200, repetition_penalty=1.0).generation_config(model.generation_config)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True,
+                                        return_dict=False)
+    running = ReplyStream(model, tokenizer, ids, config, scheduler=scheduler)
+    pieces = iter(running)
+    next(pieces)  # its batch is generating now
+    waiting = ReplyStream(model, tokenizer, ids, config, scheduler=scheduler)
+    waiting.start()
+    assert not running.done.is_set(), "the check needs the first batch still running"
+    waiting.cancel()
+    assert waiting.done.is_set() and (waiting.reply.finish_reason, waiting.reply.completion_tokens) == ("cancelled", 0)
+    pieces.close()  # leaving the first stream early stops its batch after the current token
+    assert running.reply.finish_reason == "cancelled" and running.reply.completion_tokens < 200
+    assert scheduler.batches == 1

@@ -123,6 +123,8 @@ class BatchScheduler:
             try:
                 live = []
                 for stream in streams:
+                    if not stream.claim():  # cancelled (and finished) while it waited
+                        continue
                     if stream.cancel_event.is_set():  # its client left while it waited
                         stream.finish("cancelled")
                     else:

@@ -126,6 +126,8 @@ class ReplyStream:
         self.done = threading.Event()  # set once `reply` (or `error`) is final
         self.started = False  # True once iteration began (generation was asked for)
         self.announced = False  # counted by its scheduler as on its way (BatchScheduler.announce)
+        self._claimed = False  # taken into a batch, or finished as cancelled before one took it
+        self._claim_lock = threading.Lock()
 
     @property
     def max_new_tokens(self) -> int:
@@ -152,6 +154,7 @@ class ReplyStream:
             return True
         if error is not None:
             self.error = error
+            self.streamer.text_queue.put(self.streamer.stop_signal)
         else:
             if reason is None:  # generation ended without this row saying why (e.g. model's max_length)
                 reason = "cancelled" if self.cancel_event.is_set() else (
@@ -159,15 +162,23 @@ class ReplyStream:
             self.streamer.end()
             self.reply = Reply(self.streamer.text, len(self.prompt_ids), len(self.token_ids), reason,
                                list(self.token_ids))
-        if error is not None:
-            self.streamer.text_queue.put(self.streamer.stop_signal)
         self.done.set()
         if self.on_done is not None:
             self.on_done(self.reply)
         return True
 
     def cancel(self) -> None:
+        """Stop after the current token; a stream still waiting for a batch ends at once (its reader must
+        not wait for the batch before it)."""
         self.cancel_event.set()
+        if self.started and self.scheduler is not None and self.claim():
+            self.finish("cancelled")
+
+    def claim(self) -> bool:
+        """Take this stream for generation (the scheduler, once); False when it was cancelled first."""
+        with self._claim_lock:
+            claimed, self._claimed = self._claimed, True
+        return not claimed
 
     def start(self) -> None:
         """Ask for the generation (once): to the scheduler, or in a thread of its own."""
