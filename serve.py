@@ -401,13 +401,12 @@ async def completion_events(service: ChatService, prepared: PreparedReply, compl
 def prompt_ids(service: ChatService, prompt: str | list[int]) -> list[int]:
     """A completion prompt as token ids (text is tokenized as the tokenizer does by default), or the APIError
     refusing it."""
-    if isinstance(prompt, str):
-        return service.tokenizer(prompt)["input_ids"]
+    ids = service.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
     vocab = service.model.config.vocab_size
-    if not prompt or not all(0 <= token < vocab for token in prompt):
-        raise APIError(400, f"A prompt of token ids must be non-empty, each id in 0..{vocab - 1}.", param="prompt",
-                       code="invalid_value")
-    return list(prompt)
+    if not ids or not all(0 <= token < vocab for token in ids):
+        raise APIError(400, f"A prompt must be non-empty text or token ids, each id in 0..{vocab - 1}.",
+                       param="prompt", code="invalid_value")
+    return ids
 
 
 def logprobs_body(tokenizer, ids: list[int], generated: list[int], scores: list[TokenScore], echo: bool) -> dict:

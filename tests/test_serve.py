@@ -491,6 +491,7 @@ def test_text_completions_generate_from_the_raw_prompt(request, which):
     ("t5_server", {"prompt": "你好", "logprobs": 1}, "logprobs"),
     ("t5_server", {"prompt": "你好", "max_tokens": 0}, "max_tokens"),
     ("t5_server", {"prompt": []}, "prompt"),
+    ("t5_server", {"prompt": ""}, "prompt"),
     ("t5_server", {"prompt": [[5, 99999]]}, "prompt"),
     ("t5_server", {"prompt": "你好", "stop": ["a"] * 17}, "stop"),
     ("llama_server", {"prompt": "春" * 300, "max_tokens": 8}, "prompt"),  # beyond the 256-position context
