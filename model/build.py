@@ -10,6 +10,7 @@ rounded up to a multiple of 64, and the special token ids are taken from it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 import yaml
-from torch.nn.attention.flex_attention import BlockMask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from transformers import (
     AttentionInterface,
     AutoConfig,
@@ -30,6 +31,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.integrations.flex_attention import compile_friendly_flex_attention, flex_attention_forward
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    add_offsets_to_mask_function,
+    and_masks,
+    causal_mask_function,
+    padding_mask_function,
+    prepare_padding_mask,
+)
 
 from utils.errors import UserError
 from utils.tokenization.tokenizer import round_vocab
@@ -154,10 +163,33 @@ def t5_flex_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return output.transpose(1, 2).contiguous(), None
 
 
+def flex_block_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                    mask_function=causal_mask_function, attention_mask: torch.Tensor | None = None,
+                    device: torch.device | str = "cpu", **kwargs) -> BlockMask:
+    """HF's `flex_attention_mask` without the graph breaks it puts into a compiled model (transformers 5.24):
+    it asks whether the padding mask is all ones (a data-dependent branch and a device sync) and builds the mask
+    through `create_block_mask(_compile=True)`, whose deprecation warning dynamo cannot trace. Here padding
+    always enters the mask_mod (blocks without padding stay full, where the kernel never calls it), and
+    `create_block_mask` is compiled on its own only outside a compiled model (inside one it is traced with it)."""
+    if attention_mask is not None:
+        padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        mask_function = and_masks(mask_function, padding_mask_function(padding))
+    mask_function = add_offsets_to_mask_function(mask_function, q_offset, kv_offset)
+    create = create_block_mask if torch.compiler.is_compiling() else compiled_create_block_mask()
+    return create(mask_function, batch_size, None, q_length, kv_length, device=device)
+
+
+@functools.cache
+def compiled_create_block_mask():
+    return torch.compile(create_block_mask)
+
+
 def register_attention(attn_implementation: str) -> str:
-    """Route `flex_attention` through `t5_flex_attention` (transformers' AttentionInterface; idempotent)."""
+    """Route `flex_attention` through `t5_flex_attention` and `flex_block_mask` (transformers' AttentionInterface
+    and AttentionMaskInterface; idempotent)."""
     if attn_implementation == "flex_attention":
         AttentionInterface.register("flex_attention", t5_flex_attention)
+        AttentionMaskInterface.register("flex_attention", flex_block_mask)
     return attn_implementation
 
 

@@ -227,7 +227,7 @@ def compile_counts() -> dict:
     recompilations (frames compiled again because a guard failed, e.g. a new shape)."""
     breaks = counters["graph_break"]
     return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(breaks.values()),
-            "break_reasons": [reason for reason, _ in breaks.most_common(3)],
+            "break_reasons": [reason.splitlines()[0] for reason, _ in breaks.most_common(3)],
             "recompilations": max(counters["frames"]["total"] - len(convert_frame.input_codes.seen_ids), 0)}
 
 
