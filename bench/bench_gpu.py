@@ -20,8 +20,9 @@ tool with carry ["bench/_work/gpu_recipes/input"] (about 33 MiB) and timeout_s 6
     python3 -m pip install -q --no-index --no-deps --target /tmp/site bench/_work/gpu_recipes/input/wheels/*.whl
     && PYTHONPATH=/tmp/site python3 bench/bench_gpu.py run --out_dir $OUT
 
-then copy $OUT/<device>.json into bench/results/ and run `report` on it. `run` stops starting runs once
---budget_s (default 450 s) is spent, so the command ends inside the tool's limit with the runs done so far.
+then copy $OUT/<device>.json into bench/results/ and run `report` on it. `run` starts a run only while
+--min_run_s (60 s) of --budget_s (450 s) is left and stops one still going at the end of it, so the command ends
+inside the tool's limit with the runs done so far (the results file is rewritten after every run).
 
 CPU check of the logic (the first variant with a tiny preset and sizes; tests/test_bench.py runs it):
 
