@@ -26,7 +26,15 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import AutoTokenizer, set_seed
 
-from model.build import count_parameters, flops_per_token, is_seq2seq, load_model, require_model_dir
+from model.build import (
+    AttentionArguments,
+    check_attention_for_training,
+    count_parameters,
+    flops_per_token,
+    is_seq2seq,
+    load_model,
+    require_model_dir,
+)
 from model.inference.generation import context_length
 from model.training.dpo import ADAPTER_DIR, DPOArguments, LoraArguments, PreferenceTrainer, refuse_existing_model
 from model.training.runs import claim_output_dir, run_identity
@@ -41,7 +49,7 @@ logger = logging.getLogger("dpo_train")
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(AttentionArguments):
     model_name_or_path: str = field(default="model_save/sft", metadata={
         "help": "The model to align (sft_train.py output); its tokenizer and chat template are used."})
 
@@ -95,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> PreferenceTrainer:
     train_set, eval_set = load_pairs(data, args.seed)
     require_model_dir(model_args.model_name_or_path, fix="pass an sft_train.py output directory")
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-    model = load_model(model_args.model_name_or_path, tokenizer)
+    model = load_model(model_args.model_name_or_path, tokenizer, model_args.attn_implementation)
+    check_attention_for_training(model)
     seq2seq = is_seq2seq(model.config)
     seq_len = check_lengths(data, args, model, tokenizer, seq2seq)
     claim_output_dir(run_identity("dpo", model, tokenizer, [model_args, lora, data], args), args)

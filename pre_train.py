@@ -20,7 +20,16 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq, default_data_collator, set_seed
 
-from model.build import ATTENTION, build_model, count_parameters, flops_per_token, is_seq2seq, load_model, model_config
+from model.build import (
+    AttentionArguments,
+    build_model,
+    check_attention_for_training,
+    count_parameters,
+    flops_per_token,
+    is_seq2seq,
+    load_model,
+    model_config,
+)
 from model.training.runs import claim_output_dir, run_identity
 from model.training.trainer import (
     LanguageModelTrainer,
@@ -41,7 +50,7 @@ OBJECTIVES = ("auto", "causal_lm", "span_corruption", "text_to_text", "mix")
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(AttentionArguments):
     model_config: str = field(default="t5-0.2b", metadata={
         "help": "Preset (t5-tiny, t5-demo, t5-0.2b, llama-tiny, llama-demo, llama-0.2b), a preset YAML or an "
                 "HF config.json. Ignored with --model_name_or_path."})
@@ -51,13 +60,6 @@ class ModelArguments:
         "help": "Continue pretraining this HF checkpoint (embeddings grow to fit an extended tokenizer)."})
     tokenizer_name_or_path: str = field(default="data/tokenizer", metadata={
         "help": "Tokenizer directory (train_tokenizer.py output)."})
-    attn_implementation: str = field(default="sdpa", metadata={
-        "help": f"Attention kernel: {', '.join(ATTENTION)} (the same function; sdpa is faster on GPUs)."})
-
-    def __post_init__(self):
-        if self.attn_implementation not in ATTENTION:
-            raise ValueError(f"--attn_implementation must be one of {', '.join(ATTENTION)}, "
-                             f"not '{self.attn_implementation}'")
 
     def overrides(self) -> dict:
         if not self.model_overrides:
@@ -154,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
     else:
         model = build_model(model_config(model_args.model_config, tokenizer, model_args.overrides()), args.seed,
                             model_args.attn_implementation)
+    check_attention_for_training(model)
     seq2seq = is_seq2seq(model.config)
     claim_output_dir(run_identity("pretrain", model, tokenizer, [model_args, data], args), args)
     objective, train_set, eval_set, ratios = build_datasets(data, tokenizer, seq2seq,

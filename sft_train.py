@@ -29,7 +29,14 @@ from dataclasses import asdict, dataclass, field
 
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq, TrainerCallback, set_seed
 
-from model.build import count_parameters, flops_per_token, is_seq2seq, load_model
+from model.build import (
+    AttentionArguments,
+    check_attention_for_training,
+    count_parameters,
+    flops_per_token,
+    is_seq2seq,
+    load_model,
+)
 from model.inference.generation import generate_replies
 from model.training.runs import claim_output_dir, run_identity
 from model.training.trainer import (
@@ -52,7 +59,7 @@ FREEZABLE = ("embeddings", "encoder", "decoder")
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(AttentionArguments):
     model_name_or_path: str = field(default="model_save/pretrain", metadata={
         "help": "Pretrained model directory (pre_train.py output, or any HF T5 / Llama checkpoint)."})
     tokenizer_name_or_path: str | None = field(default=None, metadata={
@@ -146,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
                                           default_recipe=recipe_path("sft"), description=__doc__)
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
-    model = load_model(model_args.model_name_or_path, tokenizer)
+    model = load_model(model_args.model_name_or_path, tokenizer, model_args.attn_implementation)
+    check_attention_for_training(model)
     seq2seq = is_seq2seq(model.config)
     frozen = freeze_parameters(model, model_args.freeze)
     claim_output_dir(run_identity("sft", model, tokenizer, [model_args, data], args), args)

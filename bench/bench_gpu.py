@@ -1,200 +1,228 @@
-"""GPU pretraining throughput: bf16 tokens/s, MFU and peak memory of `t5-0.2b` and `llama-0.2b` under
-`pre_train.py` itself (HF Trainer, packed data), at a few micro-batch sizes, eager and `torch.compile`.
+"""GPU pretraining speed of the default recipe (issue 16): `pre_train.py --config config/pretrain.yaml` as a user
+runs it on one GPU (bf16, micro-batch 16 x accumulation 4, `--torch_compile auto` = compiled, persistent
+data-loader workers) for t5-0.2b (the recipe's model) and llama-0.2b, then the variants that may beat it:
+T5 with FlexAttention (the position bias added inside the kernel; FlexAttention has no attention dropout, so
+dropout_rate 0, beside its SDPA twin at dropout 0 for a like-with-like figure) and Llama with Liger kernels
+(requirements-gpu.txt: fused linear + cross-entropy, RMSNorm, RoPE, SwiGLU), compiled and not. Each run
+records tokens/s, MFU and peak memory (medians over the progress lines after the first third of the steps),
+the first loss (a model from scratch starts near ln(vocab)) and the last, and what torch.compile did
+(graphs, graph breaks, recompilations), into <out_dir>/<device>.json, with every run's log in <out_dir>/logs/.
 
-Three steps, because the GPU machine has no access to ../shared and no package registry:
+Three steps, because the GPU machine has no ../shared, no package registry and no project virtualenv:
 
-    .venv/bin/python bench/bench_gpu.py prepare     # here: corpus + 32k tokenizer into bench/_work/gpu/
-    python3 bench/bench_gpu.py run --out results.json [--only llama]   # on the GPU machine
-    .venv/bin/python bench/bench_gpu.py report --results results.json  # here: docs/BENCHMARKS.md section
+    .venv/bin/python bench/bench_gpu.py prepare      # here: corpus, 32k tokenizer, wheels incl. liger-kernel (~1 min)
+    <the device command below>                       # on the GPU machine: ~8 min
+    .venv/bin/python bench/bench_gpu.py report --results bench/results/<device>.json   # here: docs/BENCHMARKS.md
 
-`prepare` builds a parquet corpus of mixed real Chinese text (bench/common.build_mixed_corpus) and
-trains the toolkit's default tokenizer (vocab 32,000) on it. `run` starts one `pre_train.py` process per
-configuration and reads its progress lines (`... | 312.4k tok/s | mfu 44.1% | mem 21.3GiB | ...`); the
-figure of a run is the median over the log steps after the first third (warm-up and compilation excluded).
-MFU counts the model's training FLOPs per token (model/build.flops_per_token: 6 x matmul parameters touched
-plus attention) against the GPU's dense bf16 peak (utils/training.PEAK_FLOPS).
+`prepare` is bench/gpu_recipes.py's (the same carried folder serves both). The device command, for the `run`
+tool with carry ["bench/_work/gpu_recipes/input"] (about 33 MiB) and timeout_s 600:
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site bench/_work/gpu_recipes/input/wheels/*.whl
+    && PYTHONPATH=/tmp/site python3 bench/bench_gpu.py run --out_dir $OUT
+
+then copy $OUT/<device>.json into bench/results/ and run `report` on it. `run` starts a run only while
+--min_run_s (60 s) of --budget_s (450 s) is left and stops one still going at the end of it, so the command ends
+inside the tool's limit with the runs done so far (the results file is rewritten after every run).
+
+CPU check of the logic (the first variant with a tiny preset and sizes; tests/test_bench.py runs it):
+
+    .venv/bin/python bench/gpu_recipes.py prepare --quick
+    .venv/bin/python bench/bench_gpu.py run --smoke --out_dir /tmp/bench_gpu
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
-import os
 import re
-import statistics
-import subprocess
+import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-GPU_WORK = HERE / "_work" / "gpu"
-LINE = re.compile(r"step (\d+)/(\d+) \| loss ([\d.]+) \| lr \S+ \| ([\d.]+k?) tok/s(?: \| mfu ([\d.]+)%)?"
-                  r"(?: \| mem ([\d.]+)GiB)?")
+sys.path.insert(0, str(HERE))
 
-# (preset, micro-batch, torch.compile, Liger kernels, attention); sequence length 1024 for Llama, 512 encoder
-# tokens for T5. Liger (`--use_liger_kernel`, pip install liger-kernel) patches Llama's RMSNorm, RoPE, SwiGLU
-# and the LM head + cross-entropy (fused: the full logits are never materialised); it has no T5 kernels.
-# T5's relative position bias enters SDPA as an additive mask, so no flash kernel serves it.
-CONFIGS = [("llama-0.2b", 16, False, False, "sdpa"), ("llama-0.2b", 32, False, False, "sdpa"),
-           ("llama-0.2b", 32, True, False, "sdpa"), ("llama-0.2b", 64, True, False, "sdpa"),
-           ("llama-0.2b", 64, False, True, "sdpa"), ("llama-0.2b", 64, True, True, "sdpa"),
-           ("llama-0.2b", 128, True, True, "sdpa"),
-           ("t5-0.2b", 32, False, False, "sdpa"), ("t5-0.2b", 64, False, False, "sdpa"),
-           ("t5-0.2b", 64, True, False, "sdpa"), ("t5-0.2b", 128, True, False, "sdpa"),
-           ("t5-0.2b", 256, True, False, "sdpa")]
+from gpu_recipes import INPUT, INPUT_QUICK, SMOKE, Launch, environment, execute, measure  # noqa: E402
+
+COMPILE_LINE = re.compile(r"torch\.compile after (\d+) steps: (\d+) graphs \| (\d+) graph breaks(?: \((.*)\))? \| "
+                          r"(\d+) recompilations")
+NO_DROPOUT = ("--model_overrides", '{"dropout_rate": 0.0}')
 
 
-def run_name(preset: str, batch: int, compile_: bool, liger: bool, attention: str) -> str:
-    return (f"{preset}-b{batch}{'-compile' if compile_ else ''}{'-liger' if liger else ''}"
-            f"{'' if attention == 'sdpa' else '-' + attention}")
+@dataclass(frozen=True)
+class Variant:
+    """One `pre_train.py` run: the default recipe with `flags` on top."""
+
+    name: str
+    preset: str
+    flags: tuple[str, ...] = ()
+    smoke: bool = False  # also in the CPU check (one run checks the logic; some need CUDA: flex, Liger)
+
+
+# In order of importance: the budget may end the list early.
+VARIANTS = (
+    Variant("t5-0.2b default", "t5-0.2b", smoke=True),
+    Variant("llama-0.2b default", "llama-0.2b"),
+    Variant("t5-0.2b flex_attention, dropout 0", "t5-0.2b", ("--attn_implementation", "flex_attention", *NO_DROPOUT)),
+    Variant("llama-0.2b Liger", "llama-0.2b", ("--use_liger_kernel", "true")),
+    Variant("t5-0.2b dropout 0", "t5-0.2b", NO_DROPOUT),
+    Variant("llama-0.2b Liger, not compiled", "llama-0.2b", ("--use_liger_kernel", "true", "--torch_compile", "false")),
+)
+TINY = {"t5-0.2b": "t5-tiny", "llama-0.2b": "llama-tiny"}
 
 
 def prepare(args) -> None:
-    sys.path.insert(0, str(HERE))
-    from common import build_mixed_corpus, load_real_texts, log
+    import gpu_recipes
 
-    texts = [t.text for t in load_real_texts()]
-    corpus = build_mixed_corpus(args.corpus_mb, texts, name="gpu_train")
-    held_out = build_mixed_corpus(1, texts, name="gpu_validation")
-    GPU_WORK.mkdir(parents=True, exist_ok=True)
-    for info, name in ((corpus, "train.parquet"), (held_out, "validation.parquet")):
-        target = GPU_WORK / name
-        target.unlink(missing_ok=True)
-        os.link(info.path, target)
-    tokenizer = GPU_WORK / "tokenizer"
-    subprocess.run([sys.executable, "train_tokenizer.py", "--config", "none", "--input", str(GPU_WORK / "train.parquet"),
-                    "--eval_files", str(GPU_WORK / "validation.parquet"), "--vocab_size", "32000",
-                    "--output_dir", str(tokenizer), "--overwrite_output_dir"], cwd=REPO, check=True)
-    log(f"prepared {GPU_WORK}: carry 'bench/_work/gpu' to the GPU machine")
+    gpu_recipes.main(["prepare", *(["--quick"] if args.quick else [])])
 
 
-def tokens_per_second(text: str) -> float:
-    """`312.4k` or `840` (the progress line's two forms) as a number."""
-    return float(text[:-1]) * 1e3 if text.endswith("k") else float(text)
+def device_slug(name: str) -> str:
+    """`NVIDIA H100 80GB HBM3` -> `nvidia_h100_80gb_hbm3`: the results file of a device."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def run_one(preset: str, batch: int, compile_: bool, liger: bool, attention: str, steps: int, workdir: Path) -> dict:
-    name = run_name(preset, batch, compile_, liger, attention)
-    output = workdir / name
-    command = [sys.executable, "pre_train.py", "--config", "none", "--model_config", preset,
-               "--tokenizer_name_or_path", str(GPU_WORK / "tokenizer"),
-               "--train_files", str(GPU_WORK / "train.parquet"),
-               "--validation_files", str(GPU_WORK / "validation.parquet"),
-               "--output_dir", str(output), "--no_resume", "--max_steps", str(steps),
-               "--per_device_train_batch_size", str(batch), "--block_size", "1024", "--max_source_length", "512",
-               "--learning_rate", "3e-4", "--warmup_steps", "10", "--logging_steps", "10",
-               "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
-               "--dataloader_num_workers", "6", "--preprocessing_num_workers", "8", "--seed", "1",
-               "--attn_implementation", attention]
-    if compile_:
-        command += ["--torch_compile", "true"]
-    if liger:
-        command += ["--use_liger_kernel", "true"]
-    started = time.perf_counter()
-    process = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    log_text = process.stdout + process.stderr
-    (workdir / f"{name}.log").write_text(log_text)
-    rows = [m.groups() for m in LINE.finditer(log_text)]
-    after_warmup = [r for r in rows if int(r[0]) > steps // 3]
-    result = {"name": name, "preset": preset, "batch": batch, "compile": compile_, "liger": liger,
-              "attention": attention, "steps": steps,
-              "returncode": process.returncode, "wall_s": round(time.perf_counter() - started, 1)}
-    if after_warmup:
-        result.update(
-            tokens_per_s=statistics.median(tokens_per_second(r[3]) for r in after_warmup),
-            mfu=statistics.median(float(r[4]) for r in after_warmup) if after_warmup[0][4] else None,
-            peak_mem_gib=max(float(r[5]) for r in after_warmup) if after_warmup[0][5] else None,
-            first_loss=float(rows[0][2]), last_loss=float(rows[-1][2]))
-    params = re.search(r"model \S+: ([\d,]+) parameters", log_text)
-    flops = re.search(r"\| ([\d.]+) MFLOP/token", log_text)
-    result.update(parameters=params.group(1) if params else None, mflop_per_token=float(flops.group(1)) if flops else None)
-    if process.returncode != 0:
-        result["error"] = log_text[-2000:]
-    return result
+def command(variant: Variant, data: Path, output: Path, smoke: bool) -> list[str]:
+    """The user's command (the default recipe), with paths, the run length and the variant's flags."""
+    steps = "4" if smoke else "60"
+    return [sys.executable, "pre_train.py", "--config", "config/pretrain.yaml",
+            "--model_config", TINY[variant.preset] if smoke else variant.preset,
+            "--tokenizer_name_or_path", str(data / "tokenizer"), "--train_files", str(data / "train.parquet"),
+            "--validation_files", str(data / "validation.parquet"), "--output_dir", str(output),
+            "--max_steps", steps, "--logging_steps", "1" if smoke else "5", "--logging_first_step", "true",
+            "--report_to", "none", *(SMOKE.extra["pretrain"] if smoke else []), *variant.flags]
+
+
+def compile_report(log: str) -> dict | None:
+    """The trainer's one `torch.compile after N steps: ...` line, as numbers."""
+    match = COMPILE_LINE.search(log)
+    if not match:
+        return None
+    steps, graphs, breaks, reasons, recompilations = match.groups()
+    return {"after_steps": int(steps), "graphs": int(graphs), "graph_breaks": int(breaks),
+            "break_reasons": reasons, "recompilations": int(recompilations)}
 
 
 def run(args) -> None:
-    import torch
-
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    import platform
-
-    import transformers
-
-    device = {"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
-              "cuda": torch.version.cuda, "transformers": transformers.__version__, "cpu_cores": os.cpu_count(),
-              "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    results = {"device": device, "runs": []}
-    out = Path(args.out)
-    for config in CONFIGS:
-        if args.only and not re.search(args.only, run_name(*config)):
+    data = Path(args.input or (INPUT_QUICK if args.smoke else INPUT))
+    if not (data / "tokenizer").is_dir():
+        sys.exit(f"error: {data / 'tokenizer'} not found; run `bench/bench_gpu.py prepare"
+                 f"{' --quick' if args.smoke else ''}` first (and carry its folder to this machine)")
+    env = environment(args.smoke)
+    try:
+        env["versions"]["liger-kernel"] = importlib.metadata.version("liger-kernel")
+    except importlib.metadata.PackageNotFoundError:
+        env["versions"]["liger-kernel"] = None
+    out_dir = Path(args.out_dir)
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{device_slug(env['device'])}{'_smoke' if args.smoke else ''}.json"
+    runs_dir = Path(args.runs_dir)  # model outputs (GBs): never under out_dir, whose files travel back
+    shutil.rmtree(runs_dir, ignore_errors=True)
+    deadline = time.perf_counter() + args.budget_s
+    results = {"environment": env, "argv": sys.argv[1:], "budget_s": args.budget_s, "runs": []}
+    for variant in VARIANTS:
+        if args.smoke and not variant.smoke:
             continue
-        result = run_one(*config, args.steps, workdir)
+        left = deadline - time.perf_counter()
+        if left < args.min_run_s:
+            print(f"skipped {variant.name}: {left:.0f} s of the budget left", flush=True)
+            results["runs"].append({"variant": variant.name, "skipped": "time budget spent"})
+            continue
+        slug = device_slug(variant.name)
+        output = runs_dir / slug
+        cmd = command(variant, data, output, args.smoke)
+        print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd)}", flush=True)
+        env_vars = {"OMP_NUM_THREADS": "1"} if args.smoke else None  # tiny CPU runs share a small machine
+        process = execute(cmd, out_dir / "logs" / f"{slug}.log", left, env=env_vars)
+        launch = Launch(variant.name, "pretrain", cmd[cmd.index("--model_config") + 1], cmd[2:], output)
+        result = {"variant": variant.name, "preset": variant.preset, "flags": list(variant.flags),
+                  **measure(launch, [process]), "compile": compile_report(process.log)}
+        mflop = re.search(r"\| ([\d.]+) MFLOP/token", process.log)
+        result["mflop_per_token"] = float(mflop.group(1)) if mflop else None
+        del result["args"]
         results["runs"].append(result)
-        print(json.dumps({k: v for k, v in result.items() if k != "error"}), flush=True)
-        if "error" in result:
-            print(result["error"][-1500:], flush=True)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "log_tail")}), flush=True)
+        if "log_tail" in result:
+            print(result["log_tail"][-1500:], flush=True)
         out.write_text(json.dumps(results, indent=2))  # partial results survive a time-out
+        shutil.rmtree(output, ignore_errors=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"results: {out}", flush=True)
+
+
+def fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
 
 
 def report(args) -> None:
-    sys.path.insert(0, str(HERE))
-    from common import markdown_table, write_section
+    import common
 
-    merged = {"device": None, "runs": []}
-    for path in args.results:
-        data = json.loads(Path(path).read_text())
-        merged["device"] = merged["device"] or data["device"]
-        merged["runs"] += data["runs"]
+    results = json.loads(Path(args.results).read_text())
+    env = results["environment"]
     rows = []
-    for r in merged["runs"]:
-        ok = "tokens_per_s" in r and r["returncode"] == 0
-        rows.append([r["preset"], r["parameters"] or "", r["batch"], "yes" if r["compile"] else "no",
-                     "yes" if r.get("liger") else "no", r.get("attention", "sdpa"),
-                     f"{r['tokens_per_s'] / 1e3:,.1f}k" if ok else "failed",
-                     f"{r['mfu']:.1f}%" if ok and r.get("mfu") is not None else "",
-                     f"{r['peak_mem_gib']:.1f}" if ok and r.get("peak_mem_gib") else "",
-                     f"{r['first_loss']:.2f} → {r['last_loss']:.2f}" if ok else ""])
-    device = merged["device"]
+    for r in results["runs"]:
+        if "skipped" in r:
+            rows.append([r["variant"], "", f"skipped ({r['skipped']})", *[""] * 7])
+            continue
+        compiled = r["compile"]
+        rows.append([
+            r["variant"], " ".join(f"`{flag}`" for flag in r["flags"]) or "(recipe)",
+            "finished" if r["finished"] else f"failed (exit {r['returncodes'][0]})",
+            f"{r['tokens_per_s'] / 1e3:,.1f}k" if r["tokens_per_s"] else "",
+            f"{r['mfu']:.1f}%" if r["mfu"] is not None else "",
+            fmt(r["peak_mem_gib"], ".1f"),
+            f"{fmt(r['first_loss'], '.2f')} ({fmt(r['ln_vocab'], '.2f')})", fmt(r["last_loss"], ".2f"),
+            f"{compiled['graphs']} / {compiled['graph_breaks']} / {compiled['recompilations']}" if compiled else "off",
+            fmt(r["wall_s"], ".0f")])
+    device = f"**{env['device']}**" + (" (smoke run on CPU: tiny presets)" if env["smoke"] else "")
     body = "\n".join([
-        f"GPU: **{device['gpu']}** x{device['gpus']} (PyTorch {device['torch']}, CUDA {device['cuda']}), bf16 "
-        "mixed precision (`--precision auto`), AdamW (fused) + "
-        f"cosine, packed data, {merged['runs'][0]['steps']} steps per configuration; tokens/s and MFU are medians "
-        "over the log steps after the first third. MFU = training FLOPs per token (6 x parameters touched + "
-        "attention; `model/build.flops_per_token`) x tokens/s / dense bf16 peak (989 TFLOP/s for H100/H200, "
-        "`utils/training.PEAK_FLOPS`). Llama: 1024-token blocks; T5: span corruption, 512 encoder tokens "
-        "(114 decoder tokens), tokens/s counts encoder input tokens. Vocabulary: the toolkit's 32k BPE.", "",
-        markdown_table(["preset", "parameters", "micro-batch", "torch.compile", "Liger", "attention", "tokens/s", "MFU",
-                        "peak memory (GiB)", "loss"], rows), "",
-        "Goals (issue 3, on H100): MFU ≥ 45% for Llama, ≥ 35% for T5. Command on the GPU machine: "
-        "`python3 bench/bench_gpu.py run --out results.json` after `bench/bench_gpu.py prepare` here.",
+        f"Device: {device}. Each row is `pre_train.py --config config/pretrain.yaml` (the default recipe: bf16, "
+        "micro-batch 16 x accumulation 4, AdamW fused, `--torch_compile auto`, 2 persistent data-loader workers), "
+        "one process on one GPU, for 60 optimizer steps with a progress line every 5 (and at step 1), with "
+        "the flags shown on top. T5: span corruption, 512 encoder tokens (tokens/s counts encoder input tokens); "
+        "Llama: 1024-token packed blocks. tokens/s and MFU: medians over the progress lines after step 20; "
+        "MFU = training FLOPs per token (`model/build.flops_per_token`) x tokens/s / the GPU's dense bf16 peak "
+        "(`model/training/trainer.PEAK_FLOPS`). First loss at step 1, with ln(vocabulary) beside it (where a "
+        "model from scratch starts); torch.compile: graphs / graph breaks / recompilations after the first "
+        "progress line. Data (`bench/gpu_recipes.py prepare`): a mixed corpus of the real zhwiki and ChatLM text "
+        "in `../shared/data`, the toolkit's 32k tokenizer trained on it.", "",
+        common.markdown_table(["run", "flags", "status", "tokens/s", "MFU", "peak memory (GiB)",
+                               "first loss (ln V)", "last loss", "torch.compile", "wall s"], rows), "",
+        "Goals (issue 16, on an H100, default recipe): llama-0.2b >= 50% MFU, t5-0.2b >= 40% MFU. Raw results: "
+        f"`bench/results/{Path(args.results).name}`, logs in the run's `$OUT/logs/`.",
     ])
     if args.notes:
         body += "\n\n" + Path(args.notes).read_text(encoding="utf-8").strip()
     print(body)
-    machine = f"1x {device['gpu']} (lent GPU machine, {device['cpu_cores']} CPU cores), Python {device['python']}"
-    libraries = f"torch {device['torch']} (CUDA {device['cuda']}), transformers {device['transformers']}"
-    write_section("bench_gpu.py", "Pretraining throughput on a GPU (bf16 MFU, tokens/s, memory)", [], body,
-                  argv=["run", "--out", "results.json"], date=device["date"], machine=machine, libraries=libraries)
+    machine = (f"1x {env['device']} (lent GPU machine, {env['cpu_cores']} CPU cores), Python {env['python']}"
+               if not env["smoke"] else None)
+    libraries = ", ".join(f"{name} {version}" for name, version in env["versions"].items() if version)
+    common.write_section("bench_gpu.py", "Pretraining speed on one GPU: the default recipe and its variants", [], body,
+                         argv=results["argv"], date=env["date"], machine=machine, libraries=libraries,
+                         markdown=Path(args.markdown) if args.markdown else None)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="build the corpus and tokenizer (here, with ../shared)")
-    p.add_argument("--corpus_mb", type=float, default=12)
-    p = sub.add_parser("run", help="run the configurations (on the GPU machine)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--only", default=None, help="regular expression over the run names, e.g. llama")
-    p.add_argument("--workdir", default="/tmp/bench_gpu")
-    p = sub.add_parser("report", help="write the docs/BENCHMARKS.md section from result files (here)")
-    p.add_argument("--results", nargs="+", required=True)
+    p = sub.add_parser("prepare", help="data, tokenizer and wheels for the GPU machine (bench/gpu_recipes.py's)")
+    p.add_argument("--quick", action="store_true", help="tiny corpus and vocabulary, no wheels (for --smoke)")
+    p = sub.add_parser("run", help="measure the variants (on the GPU machine; --smoke: tiny, on CPU)")
+    p.add_argument("--out_dir", required=True, help="results JSON (named by device) and logs/ go here")
+    p.add_argument("--smoke", action="store_true", help="the first variant only, tiny preset and sizes, CPU")
+    p.add_argument("--input", default=None, help="what `prepare` wrote (default: its default folder)")
+    p.add_argument("--runs_dir", default="/tmp/bench_gpu_runs", help="scratch folder for the runs' outputs")
+    p.add_argument("--budget_s", type=float, default=450, help="start no run after this many seconds")
+    p.add_argument("--min_run_s", type=float, default=60, help="start a run only with this much budget left")
+    p = sub.add_parser("report", help="write the docs/BENCHMARKS.md section from a results file (here)")
+    p.add_argument("--results", required=True)
     p.add_argument("--notes", default=None, help="markdown file with interpretation appended to the section")
-    args = parser.parse_args()
+    p.add_argument("--markdown", default=None, help="write into this file instead of docs/BENCHMARKS.md")
+    args = parser.parse_args(argv)
     {"prepare": prepare, "run": run, "report": report}[args.command](args)
 
 

@@ -90,8 +90,10 @@ def library_versions(packages: Iterable[str]) -> str:
 
 
 def write_section(script: str, title: str, packages: Iterable[str], body: str, argv: list[str] | None = None,
-                  date: str | None = None, machine: str | None = None, libraries: str | None = None) -> Path:
-    """Replace (or append) this script's section of docs/BENCHMARKS.md, keeping the other sections.
+                  date: str | None = None, machine: str | None = None, libraries: str | None = None,
+                  markdown: Path | None = None) -> Path:
+    """Replace (or append) this script's section of docs/BENCHMARKS.md (or `markdown`: a smoke test's scratch
+    file), keeping the other sections.
 
     The section starts with the exact command, the machine, the date and the library versions, then
     `body` (tables and interpretation). Sections are delimited by HTML comments naming the script.
@@ -111,14 +113,15 @@ def write_section(script: str, title: str, packages: Iterable[str], body: str, a
         body.strip(), ""])
     begin, end = f"<!-- section: {script} -->", f"<!-- end: {script} -->"
     block = f"{begin}\n{section}{end}\n"
-    text = BENCHMARKS_MD.read_text(encoding="utf-8") if BENCHMARKS_MD.exists() else (
+    markdown = markdown or BENCHMARKS_MD
+    text = markdown.read_text(encoding="utf-8") if markdown.exists() else (
         "# Benchmarks\n\nResults of the scripts in `bench/` (`make bench`), one section per script; each "
         "script rewrites only its own section. Data: the real public text in `../shared/data` "
         "(`ZHLM_SHARED_DATA`), read at run time.\n\n")
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
-    write_text_atomic(BENCHMARKS_MD, text)
-    return BENCHMARKS_MD
+    write_text_atomic(markdown, text)
+    return markdown
 
 
 def utc_now() -> str:

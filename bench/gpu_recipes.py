@@ -50,9 +50,11 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from bench_gpu import LINE, tokens_per_second  # noqa: E402
-
 ROOT = HERE / "_work" / "gpu_recipes"
+# The progress line of model/training/trainer.ProgressLine: `step 40/60 | loss 8.12 | lr ... | 312.4k tok/s |
+# mfu 44.1% | mem 21.3GiB | eta ...` (mfu and mem on GPUs only).
+LINE = re.compile(r"step (\d+)/(\d+) \| loss ([\d.]+) \| lr \S+ \| ([\d.]+k?) tok/s(?: \| mfu ([\d.]+)%)?"
+                  r"(?: \| mem ([\d.]+)GiB)?")
 INPUT, INPUT_QUICK = ROOT / "input", ROOT / "input_quick"
 SFT_DATA = "sft/llamafactory_alpaca_zh_demo.json"
 DPO_DATA = "dpo/medicalgpt_dpo_zh_500.jsonl"
@@ -138,14 +140,15 @@ def prepare(args) -> None:
 
 
 def download_wheels(folder: Path) -> list[str]:
-    """Wheels of this .venv's versions of WHEELS (CPython 3.12, manylinux) and SOURCE_BUILT into `folder`."""
+    """Wheels of this .venv's versions of WHEELS (CPython 3.12, manylinux), SOURCE_BUILT, and the GPU-only
+    extras pinned in requirements-gpu.txt (never installed here) into `folder`."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     pins = [f"{name}=={importlib.metadata.version(name)}" for name in WHEELS]
     platforms = [flag for p in PLATFORMS for flag in ("--platform", p)]
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                    "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(folder), *pins],
-                   check=True)
+                    "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(folder), *pins,
+                    "-r", str(REPO / "requirements-gpu.txt")], check=True)
     built = [f"{name}=={importlib.metadata.version(name)}" for name in SOURCE_BUILT]
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "-w", str(folder), *built], check=True, env={**os.environ, "DS_BUILD_OPS": "0"})
@@ -226,10 +229,16 @@ def execute(command: list[str], log_path: Path, timeout_s: float, interrupt_at: 
         return Process(returncode, round(time.perf_counter() - started, 1), log.read())
 
 
+def tokens_per_second(text: str) -> float:
+    """`312.4k` or `840` (the progress line's two forms) as a number."""
+    return float(text[:-1]) * 1e3 if text.endswith("k") else float(text)
+
+
 def progress(text: str) -> list[dict]:
-    """The progress lines of a log: step, loss, tokens/s, peak GPU memory (GiB, GPU only)."""
+    """The progress lines of a log: step, loss, tokens/s, MFU (%) and peak GPU memory (GiB) (GPU only)."""
     return [{"step": int(m.group(1)), "max_steps": int(m.group(2)), "loss": float(m.group(3)),
-             "tokens_per_s": tokens_per_second(m.group(4)), "mem_gib": float(m.group(6)) if m.group(6) else None}
+             "tokens_per_s": tokens_per_second(m.group(4)), "mfu": float(m.group(5)) if m.group(5) else None,
+             "mem_gib": float(m.group(6)) if m.group(6) else None}
             for m in LINE.finditer(text)]
 
 
@@ -253,6 +262,7 @@ def measure(launch: Launch, processes: list[Process]) -> dict:
     # Warm-up (and the resumed command's restart) excluded: lines after the first third of the steps.
     steady = [line for line in lines if line["step"] > line["max_steps"] // 3] or lines
     mems = [line["mem_gib"] for line in lines if line["mem_gib"] is not None]
+    mfus = [line["mfu"] for line in steady if line["mfu"] is not None]
     result = {
         "name": launch.name, "stage": launch.stage, "model": launch.model, "script": launch.script,
         "args": launch.args, "returncodes": [p.returncode for p in processes],
@@ -261,6 +271,7 @@ def measure(launch: Launch, processes: list[Process]) -> dict:
         "first_step": min(losses) if losses else None, "first_loss": losses[min(losses)] if losses else None,
         "last_step": max(losses) if losses else None, "last_loss": losses[max(losses)] if losses else None,
         "tokens_per_s": statistics.median(line["tokens_per_s"] for line in steady) if steady else None,
+        "mfu": statistics.median(mfus) if mfus else None,
         "peak_mem_gib": max(mems) if mems else None, "losses": losses,
         "summary": {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and (
             k.startswith(("eval_", "train_")) or k in ("parameters", "epoch", "num_input_tokens_seen"))},
@@ -435,13 +446,9 @@ def report(args) -> None:
     machine = (f"1x {env['device']} (lent GPU machine, {env['cpu_cores']} CPU cores), Python {env['python']}"
                if not env["smoke"] else None)
     libraries = ", ".join(f"{name} {version}" for name, version in versions.items() if version)
-    # write_section edits common.BENCHMARKS_MD; --markdown (the smoke test) points it elsewhere for this call.
-    default, common.BENCHMARKS_MD = common.BENCHMARKS_MD, Path(args.markdown or common.BENCHMARKS_MD)
-    try:
-        common.write_section("gpu_recipes.py", "Default recipes on a GPU: losses, tokens/s, memory, ctrl+c resume",
-                             [], body, argv=results["argv"], date=env["date"], machine=machine, libraries=libraries)
-    finally:
-        common.BENCHMARKS_MD = default
+    common.write_section("gpu_recipes.py", "Default recipes on a GPU: losses, tokens/s, memory, ctrl+c resume",
+                         [], body, argv=results["argv"], date=env["date"], machine=machine, libraries=libraries,
+                         markdown=Path(args.markdown) if args.markdown else None)
 
 
 def main(argv: list[str] | None = None) -> None:

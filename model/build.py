@@ -10,14 +10,18 @@ rounded up to a multiple of 64, and the special token ids are taken from it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from transformers import (
+    AttentionInterface,
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
@@ -25,6 +29,15 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+)
+from transformers.integrations.flex_attention import compile_friendly_flex_attention, flex_attention_forward
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    add_offsets_to_mask_function,
+    and_masks,
+    causal_mask_function,
+    padding_mask_function,
+    prepare_padding_mask,
 )
 
 from utils.errors import UserError
@@ -77,7 +90,7 @@ def model_config(name_or_path: str, tokenizer: PreTrainedTokenizerBase,
                         fix="check the keys against the HF config class of this model type") from None
 
 
-ATTENTION = ("sdpa", "eager")
+ATTENTION = ("sdpa", "eager", "flex_attention")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # auto = bf16 on GPUs that support it, else fp32
 
 
@@ -87,13 +100,107 @@ def check_precision(value: str, flag: str) -> None:
         raise ValueError(f"--{flag} must be one of {', '.join(PRECISIONS)}, not '{value}'")
 
 
+@dataclass
+class AttentionArguments:
+    """The attention kernel flag of every training stage (mixed into its ModelArguments)."""
+
+    attn_implementation: str = field(default="sdpa", metadata={
+        "help": f"Attention kernel: {', '.join(ATTENTION)} (the same function). sdpa: PyTorch's fused kernels (T5's "
+                "position bias enters as an additive mask, so no flash kernel serves T5). flex_attention: the "
+                "bias as a FlexAttention score_mod in a compiled kernel; CUDA only for training (PyTorch has no "
+                "FlexAttention backward on CPU) and no attention dropout (needs dropout_rate 0)."})
+
+    def __post_init__(self):
+        if self.attn_implementation not in ATTENTION:
+            raise ValueError(f"--attn_implementation must be one of {', '.join(ATTENTION)}, "
+                             f"not '{self.attn_implementation}'")
+        if self.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+            raise ValueError("--attn_implementation flex_attention cannot train on CPU (PyTorch has no FlexAttention "
+                             "backward pass there); use --attn_implementation sdpa, or train on a CUDA GPU")
+
+
+def check_attention_for_training(model: PreTrainedModel) -> None:
+    """Refuse FlexAttention for a model with attention dropout: FlexAttention has none (HF's function raises
+    mid-step; T5 drops attention probabilities at its `dropout_rate`, Llama at `attention_dropout`)."""
+    if model.config._attn_implementation != "flex_attention":
+        return
+    name = "dropout_rate" if is_seq2seq(model.config) else "attention_dropout"
+    dropout = getattr(model.config, name, 0.0) or 0.0
+    if dropout > 0:
+        raise UserError(f"FlexAttention has no attention dropout, and this model's {name} is {dropout}",
+                        field="attn_implementation",
+                        fix=f"use --attn_implementation sdpa, or a model with {name} 0 (pre_train.py "
+                            f"--model_overrides '{{\"{name}\": 0.0}}'; T5 1.1 pretrains without dropout)")
+
+
+def t5_flex_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask, scaling: float | None = None, dropout: float = 0.0,
+                      position_bias: torch.Tensor | None = None, **kwargs):
+    """HF's `flex_attention` with T5's relative position bias added by a FlexAttention `score_mod`.
+
+    T5 computes the bias once per stack as one (1, heads, query, key) tensor that every layer and batch row
+    shares (zeros in cross-attention). HF's own flex function (transformers 5.24) reads it as
+    `position_bias[batch, head, q, kv]`, out of bounds from the second batch row on; here the score_mod reads
+    row 0. Padding and causality arrive as HF's `BlockMask`, so fully masked blocks are skipped. Attention
+    without a position bias (Llama) goes to HF's function unchanged. Compiled once by HF's wrapper (under a
+    compiled model, traced inline); `torch.compiler.set_stance("force_eager")` runs it eagerly (the CPU tests).
+    """
+    if position_bias is None:
+        return flex_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    if dropout > 0:
+        raise ValueError("flex_attention has no attention dropout (see model.build.check_attention_for_training)")
+    assert attention_mask is None or isinstance(attention_mask, BlockMask), type(attention_mask)
+    assert position_bias.shape[0] == 1, position_bias.shape
+    bias = position_bias[0]
+
+    def add_position_bias(score, batch, head, q_idx, kv_idx):
+        return score + bias[head, q_idx, kv_idx]
+
+    output = compile_friendly_flex_attention(query, key, value, score_mod=add_position_bias, block_mask=attention_mask,
+                                             scale=scaling, kernel_options=kwargs.get("kernel_options"),
+                                             training=module.training)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def flex_block_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                    mask_function=causal_mask_function, attention_mask: torch.Tensor | None = None,
+                    device: torch.device | str = "cpu", **kwargs) -> BlockMask:
+    """HF's `flex_attention_mask` without the graph breaks it puts into a compiled model (transformers 5.24):
+    it asks whether the padding mask is all ones (a data-dependent branch and a device sync) and builds the mask
+    through `create_block_mask(_compile=True)`, whose deprecation warning dynamo cannot trace. Here padding
+    always enters the mask_mod (blocks without padding stay full, where the kernel never calls it), and
+    `create_block_mask` is compiled on its own only outside a compiled model (inside one it is traced with it)."""
+    if attention_mask is not None:
+        padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        mask_function = and_masks(mask_function, padding_mask_function(padding))
+    mask_function = add_offsets_to_mask_function(mask_function, q_offset, kv_offset)
+    create = create_block_mask if torch.compiler.is_compiling() else compiled_create_block_mask()
+    return create(mask_function, batch_size, None, q_length, kv_length, device=device)
+
+
+@functools.cache
+def compiled_create_block_mask():
+    return torch.compile(create_block_mask)
+
+
+def register_attention(attn_implementation: str) -> str:
+    """Route `flex_attention` through `t5_flex_attention` and `flex_block_mask` (transformers' AttentionInterface
+    and AttentionMaskInterface; idempotent)."""
+    if attn_implementation == "flex_attention":
+        AttentionInterface.register("flex_attention", t5_flex_attention)
+        AttentionMaskInterface.register("flex_attention", flex_block_mask)
+    return attn_implementation
+
+
 def build_model(config: PreTrainedConfig, seed: int | None = None, attn_implementation: str = "sdpa") -> PreTrainedModel:
     """A freshly initialised model with `attn_implementation` (PyTorch SDPA by default; T5's relative
-    position bias then enters SDPA as an additive mask, which rules out the flash kernels)."""
+    position bias then enters SDPA as an additive mask, which rules out the flash kernels; `flex_attention`
+    adds it inside the kernel, see `t5_flex_attention`)."""
     if seed is not None:
         torch.manual_seed(seed)
     auto = AutoModelForSeq2SeqLM if is_seq2seq(config) else AutoModelForCausalLM
-    return auto.from_config(config, attn_implementation=attn_implementation)
+    return auto.from_config(config, attn_implementation=register_attention(attn_implementation))
 
 
 def require_model_dir(path: str, fix: str = "pass an output directory of pre_train.py / sft_train.py / "
@@ -138,7 +245,7 @@ def load_model(path: str, tokenizer: PreTrainedTokenizerBase, attn_implementatio
     check_tokenizer_keeps_ids(path, tokenizer)
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForSeq2SeqLM if is_seq2seq(config) else AutoModelForCausalLM
-    model = auto.from_pretrained(path, attn_implementation=attn_implementation)
+    model = auto.from_pretrained(path, attn_implementation=register_attention(attn_implementation))
     old = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > old:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=True)

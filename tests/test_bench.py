@@ -45,15 +45,26 @@ def test_bench_tokenizer_quick_measures_and_scores():
     assert results["scores"][0]["unk_rate"] == 0.0
 
 
-def test_gpu_recipes_smoke_interrupts_resumes_and_reports(tmp_path):
+@pytest.fixture(scope="module")
+def quick_input(tmp_path_factory):
+    """`bench/gpu_recipes.py prepare --quick` (tiny corpus and tokenizer): both GPU benches' smoke runs read it."""
+    import gpu_recipes
+
+    data = tmp_path_factory.mktemp("gpu_input") / "input"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ZHLM_SHARED_DATA", str(shared_path("")))
+        gpu_recipes.main(["prepare", "--quick", "--dir", str(data)])
+    return data
+
+
+def test_gpu_recipes_smoke_interrupts_resumes_and_reports(quick_input, tmp_path):
     """bench/gpu_recipes.py on CPU: `prepare --quick`, `run --smoke` (tiny presets, plain python, every stage
     of the GPU run, ctrl+c and resume included) and `report` into a scratch markdown file."""
     import math
 
     import gpu_recipes
 
-    data, results, markdown = tmp_path / "input", tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
-    gpu_recipes.main(["prepare", "--quick", "--dir", str(data)])
+    data, results, markdown = quick_input, tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
     gpu_recipes.main(["run", "--smoke", "--input", str(data), "--runs_dir", str(tmp_path / "runs"),
                       "--out", str(results)])
     gpu_recipes.main(["report", "--results", str(results), "--markdown", str(markdown)])
@@ -75,3 +86,24 @@ def test_gpu_recipes_smoke_interrupts_resumes_and_reports(tmp_path):
                 "t5-tiny SFT", "t5-tiny DPO (LoRA)"):
         assert f"| {row} |" in text
     assert "resuming from checkpoint-" in text
+
+
+def test_bench_gpu_smoke_measures_the_default_recipe_and_reports(quick_input, tmp_path):
+    """bench/bench_gpu.py on CPU: `run --smoke` (the default recipe's command with a tiny T5) and `report` into a
+    scratch markdown file."""
+    import bench_gpu
+
+    out, markdown = tmp_path / "out", tmp_path / "BENCHMARKS.md"
+    bench_gpu.main(["run", "--smoke", "--input", str(quick_input), "--out_dir", str(out),
+                    "--runs_dir", str(tmp_path / "runs")])
+    runs = json.loads((out / "cpu_smoke.json").read_text())["runs"]
+    assert [r["variant"] for r in runs] == ["t5-0.2b default"]
+    for r in runs:
+        assert r["finished"] and r["first_step"] == 1 and r["last_step"] == 4 and r["tokens_per_s"] > 0
+        assert r["first_loss"] == pytest.approx(r["ln_vocab"], rel=0.1)  # from scratch: about uniform
+        assert r["compile"] is None and r["mfu"] is None  # auto: not compiled on CPU; no MFU without a GPU
+        assert (out / "logs" / f"{bench_gpu.device_slug(r['variant'])}.log").is_file()
+    bench_gpu.main(["report", "--results", str(out / "cpu_smoke.json"), "--markdown", str(markdown)])
+    text = markdown.read_text(encoding="utf-8")
+    assert text.count("<!-- section: bench_gpu.py -->") == 1
+    assert "| t5-0.2b default | (recipe) | finished |" in text

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import torch
 import yaml
 from conftest import REPO, run_script
 
@@ -176,6 +177,25 @@ def test_recipe_values_for_hf_training_arguments(tmp_path):
     write(recipe, f"output_dir: {tmp_path}\neval_strategy: sometimes\n")
     with pytest.raises(UserError, match="line 2, field 'eval_strategy': expected one of no, steps, epoch"):
         parse_config([TrainArguments], ["--config", str(recipe)])
+
+
+def test_torch_compile_auto_true_false_and_a_saved_config(tmp_path):
+    """--torch_compile auto is on with CUDA, off here; true / false as before; a saved config.yaml (YAML
+    booleans) reloads. --use_liger_kernel on CPU is one clear error, before any work."""
+    from model.training.trainer import TrainArguments
+
+    base = ["--config", "none", "--output_dir", str(tmp_path), "--report_to", "none"]
+    values = {value: parse_config([TrainArguments], [*base, "--torch_compile", value])[0].torch_compile
+              for value in ("auto", "true", "false")}
+    assert values == {"auto": torch.cuda.is_available(), "true": True, "false": False}
+    path = save_config(tmp_path, parse_config([TrainArguments], [*base, "--torch_compile", "true"])[0])
+    assert yaml.safe_load(path.read_text())["torch_compile"] is True
+    assert parse_config([TrainArguments], ["--config", str(path)])[0].torch_compile is True
+    with pytest.raises(UserError, match="torch_compile"):
+        parse_config([TrainArguments], [*base, "--torch_compile", "sometimes"])
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--use_liger_kernel needs a CUDA GPU"):
+            parse_config([TrainArguments], [*base, "--use_liger_kernel", "true"])
 
 
 def test_cross_field_error_becomes_user_error():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -138,6 +139,18 @@ def test_llama_learns_and_reloads(tiny_corpus, tiny_tokenizer, tmp_path):
     trainer = pre_train.main(common(tiny_corpus, tiny_tokenizer, "llama-tiny", output, "--max_steps", "40"))
     assert_learns_and_reloads(trainer, output, AutoModelForCausalLM)
     assert AutoModelForCausalLM.from_pretrained(output).config._attn_implementation == "sdpa"
+
+
+def test_torch_compile_trains_and_reports_graph_breaks_once(tiny_corpus, tiny_tokenizer, tmp_path, capsys):
+    """--torch_compile true (dynamo with its eager backend here: the same graphs and breaks, no C++ build)
+    trains, and what dynamo did is logged once, at the first progress line."""
+    trainer = pre_train.main(common(tiny_corpus, tiny_tokenizer, "llama-tiny", tmp_path / "compiled",
+                                    "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no",
+                                    "--torch_compile", "true", "--torch_compile_backend", "eager"))
+    reports = re.findall(r"torch.compile after .*", capsys.readouterr().err)
+    assert len(reports) == 1 and re.fullmatch(r"torch.compile after 1 steps: [1-9]\d* graphs \| \d+ graph breaks.* \| "
+                                              r"\d+ recompilations", reports[0]), reports
+    assert trainer.args.torch_compile and all(np.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
 
 
 @pytest.mark.parametrize("model, steps, stop_at, extra", [
@@ -288,6 +301,38 @@ def test_eager_and_sdpa_attention_compute_the_same_loss(preset, tiny_tokenizer):
     losses = {impl: build_model(config, seed=0, attn_implementation=impl)(**batch).loss for impl in ("eager", "sdpa")}
     assert build_model(config, attn_implementation="sdpa").config._attn_implementation == "sdpa"
     torch.testing.assert_close(losses["eager"], losses["sdpa"], atol=1e-5, rtol=1e-5)
+
+
+def test_flex_attention_computes_what_sdpa_computes(tiny_tokenizer):
+    """--attn_implementation flex_attention: T5's position bias as a FlexAttention score_mod gives SDPA's
+    outputs in the encoder (padded inputs), the decoder's self- and cross-attention (padded labels) and
+    cached generation. FlexAttention is run eagerly here (compiling it on CPU takes minutes); it has no CPU
+    backward, so training with it on CPU is refused before anything runs."""
+    from model.build import AttentionArguments, build_model, check_attention_for_training, model_config
+
+    config = model_config("t5-tiny", AutoTokenizer.from_pretrained(tiny_tokenizer))
+    models = {impl: build_model(config, seed=0, attn_implementation=impl).eval() for impl in ("sdpa", "flex_attention")}
+    inputs = torch.randint(10, 500, (3, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(inputs)
+    mask[1, 17:], mask[2, 5:] = 0, 0
+    labels = inputs[:, :9].clone()
+    labels[2, 4:] = -100
+    batch = {"input_ids": inputs, "attention_mask": mask, "labels": labels}
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        out = {impl: model(**batch, output_hidden_states=True) for impl, model in models.items()}
+        generated = {impl: model.generate(input_ids=inputs, attention_mask=mask, max_new_tokens=6, do_sample=False)
+                     for impl, model in models.items()}
+    assert models["flex_attention"].config._attn_implementation == "flex_attention"
+    for name in ("encoder_last_hidden_state", "logits"):  # logits: decoder self- and cross-attention
+        torch.testing.assert_close(out["flex_attention"][name], out["sdpa"][name], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["flex_attention"].loss, out["sdpa"].loss)
+    assert torch.equal(generated["flex_attention"], generated["sdpa"])
+    with pytest.raises(ValueError, match="no FlexAttention backward pass"):
+        AttentionArguments(attn_implementation="flex_attention")
+    check_attention_for_training(models["flex_attention"])  # t5-tiny has no dropout
+    config.dropout_rate = 0.1
+    with pytest.raises(UserError, match="no attention dropout, and this model's dropout_rate is 0.1"):
+        check_attention_for_training(build_model(config, attn_implementation="flex_attention"))
 
 
 @pytest.mark.parametrize("scaled", [True, False])

@@ -13,6 +13,7 @@ step, so all ranks stop at the same step and write one checkpoint.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -23,9 +24,12 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo import convert_frame
+from torch._dynamo.utils import counters
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import ProgressCallback, Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
@@ -62,6 +66,11 @@ class RunArguments:
                 "model/training/runs.py)."})
     precision: str = field(default="auto", metadata={
         "help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32. Sets --bf16/--fp16."})
+    # HF's bool field, widened to take auto; true/false and True/False (a saved config.yaml) stay accepted.
+    torch_compile: Literal["auto", "true", "false", True, False] = field(default=False, metadata={
+        "help": "torch.compile the model: auto = on with a CUDA GPU, off on CPU (config/pretrain.yaml sets auto), "
+                "true or false. The first steps compile (about a minute for a 0.2B model); the compiled graphs, "
+                "graph breaks and recompilations are logged once, at the first progress line."})
 
     def __post_init__(self):
         check_precision(self.precision, "precision")
@@ -76,7 +85,24 @@ class RunArguments:
             adafactor_options(self.optim_args)  # refuse bad options before any data is tokenised
         if self.include_num_input_tokens_seen in ("no", False):
             self.include_num_input_tokens_seen = "non_padding"  # the progress line's tokens/s and MFU
+        if isinstance(self.torch_compile, str):
+            auto = self.torch_compile == "auto"
+            self.torch_compile = torch.cuda.is_available() if auto else self.torch_compile == "true"
+        if self.use_liger_kernel:
+            check_liger_kernel()
+        if self.dataloader_num_workers == 0:
+            self.dataloader_persistent_workers = False  # a recipe's setting that means nothing without workers
         super().__post_init__()
+
+
+def check_liger_kernel() -> None:
+    """Refuse --use_liger_kernel where HF would fail only once the data is tokenised: Liger's kernels are Triton
+    kernels for CUDA GPUs, installed apart (requirements-gpu.txt)."""
+    if not torch.cuda.is_available():
+        raise ValueError("--use_liger_kernel needs a CUDA GPU (Liger's kernels are Triton kernels; there is no CPU "
+                         "path); leave it off on CPU")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ValueError("--use_liger_kernel needs the liger-kernel package: pip install -r requirements-gpu.txt")
 
 
 @dataclass
@@ -194,6 +220,34 @@ class ProgressLine(TrainerCallback):
             parts.append(f"mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GiB")
         parts.append(f"eta {format_duration(step_s * (state.max_steps - step))}")
         logger.info(" | ".join(parts))
+
+
+def compile_counts() -> dict:
+    """What torch.compile (dynamo) did in this process so far: graphs compiled, graph breaks by reason, and
+    recompilations (frames compiled again because a guard failed, e.g. a new shape)."""
+    breaks = counters["graph_break"]
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(breaks.values()),
+            "break_reasons": [reason.splitlines()[0] for reason, _ in breaks.most_common(3)],
+            "recompilations": max(counters["frames"]["total"] - len(convert_frame.input_codes.seen_ids), 0)}
+
+
+class CompileReport(TrainerCallback):
+    """Log once, with the first progress line, what torch.compile did over the first steps: a graph break or
+    recompilation per step is where compiled training loses its speed."""
+
+    def __init__(self):
+        self.reported = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.reported or not logs or "loss" not in logs:
+            return
+        self.reported = True
+        if state.is_world_process_zero:
+            counts = compile_counts()
+            logger.info("torch.compile after %d steps: %d graphs | %d graph breaks%s | %d recompilations",
+                        state.global_step, counts["graphs"], counts["graph_breaks"],
+                        f" ({'; '.join(counts['break_reasons'])})" if counts["break_reasons"] else "",
+                        counts["recompilations"])
 
 
 class AtomicCheckpointMixin:
@@ -410,6 +464,8 @@ def train_until_done_or_stopped(trainer: Trainer, args: TrainArguments) -> Train
     trainer.add_callback(stopper)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgressBar())
+    if args.torch_compile:
+        trainer.add_callback(CompileReport())
     stopper.install()
     try:
         with logging_redirect_tqdm():
