@@ -6,8 +6,9 @@ Llama path (stock TRL; both tokenise through the chat template the same way).
     python dpo_train.py --model_name_or_path model_save/sft --train_files pairs.jsonl --output_dir model_save
     accelerate launch --config_file accelerate.yaml dpo_train.py   # 2 GPUs
 
-Data: `{prompt, chosen, rejected}` rows, or any conversation format of utils/data/conversations.py with
-`chosen` / `rejected` answers (jsonl / json / parquet / csv files, directories, hub datasets).
+Data: `{prompt, chosen, rejected}` rows, or any preference format of utils/data/conversations.py
+(LLaMA-Factory alpaca pairwise and ShareGPT ranking rows, TRL's explicit- and implicit-prompt rows; jsonl /
+json / parquet / csv files, directories, hub datasets).
 
 The merged model (weights + tokenizer + generation config + config.yaml + training_summary.json) is
 written into --output_dir and loads with plain AutoModelForSeq2SeqLM / AutoModelForCausalLM; the LoRA
