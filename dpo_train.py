@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasets import Dataset
 from transformers import AutoTokenizer, set_seed
 
 from model.build import count_parameters, flops_per_token, is_seq2seq, load_model, require_model_dir
@@ -34,7 +33,7 @@ from model.training.runs import claim_output_dir, run_identity
 from model.training.trainer import ProgressLine, plan_steps, save_final, train_until_done_or_stopped
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
-from utils.data.conversations import ConversationDataArguments, hold_out, load_preferences
+from utils.data.conversations import PreferenceDataArguments, load_preference_splits
 from utils.errors import UserError
 from utils.logging import setup_logging
 
@@ -48,28 +47,8 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments(ConversationDataArguments):
-    train_files: list[str] = field(default_factory=lambda: ["data/dpo"], metadata={
-        "help": "Preference data: files, directories or hub datasets with prompt + chosen + rejected."})
-    max_prompt_length: int = field(default=256, metadata={
-        "help": "Prompt tokens (T5: encoder input); longer conversations lose their oldest turns."})
-    max_completion_length: int = field(default=256, metadata={
-        "help": "Tokens of each answer including <|end|>; longer answers are cut (and counted)."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.max_prompt_length < 8 or self.max_completion_length < 1:
-            raise ValueError("--max_prompt_length must be at least 8 and --max_completion_length at least 1")
-
-
-def load_pairs(data: DataArguments, seed: int) -> tuple[Dataset, Dataset | None]:
-    """(train, validation) pairs: --validation_files, else a seeded --validation_ratio share (None if 0)."""
-    pairs = load_preferences(data.train_files, data.data_format, data.dataset_split)
-    if data.validation_files:
-        return Dataset.from_list(pairs), Dataset.from_list(load_preferences(data.validation_files, data.data_format,
-                                                                            "validation"))
-    train, held = hold_out(pairs, data.validation_ratio, seed)
-    return Dataset.from_list(train), Dataset.from_list(held) if held else None
+class DataArguments(PreferenceDataArguments):
+    """The preference pairs DPO trains on (fields shared with reward_train.py)."""
 
 
 def check_lengths(data: DataArguments, args: DPOArguments, model, tokenizer, seq2seq: bool) -> int:
@@ -93,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> PreferenceTrainer:
     refuse_existing_model(output_dir, args.overwrite_output_dir)
     args.output_dir = str(output_dir / ADAPTER_DIR)  # checkpoints and the adapter; the merged model goes above
     set_seed(args.seed)
-    train_set, eval_set = load_pairs(data, args.seed)
+    train_set, eval_set = load_preference_splits(data, args.seed)
     require_model_dir(model_args.model_name_or_path, fix="pass an sft_train.py output directory")
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     model = load_model(model_args.model_name_or_path, tokenizer)

@@ -371,6 +371,37 @@ class ConversationDataArguments:
             raise ValueError(f"--data_format must be one of {', '.join(FORMATS)}, not '{self.data_format}'")
 
 
+@dataclass
+class PreferenceDataArguments(ConversationDataArguments):
+    """Preference pairs and their token limits (DPO and reward models)."""
+
+    train_files: list[str] = field(default_factory=lambda: ["data/dpo"], metadata={
+        "help": "Preference data: files, directories or hub datasets with a prompt and a chosen and a rejected "
+                "answer (any format of utils/data/conversations.py)."})
+    max_prompt_length: int = field(default=256, metadata={
+        "help": "Prompt tokens (T5: encoder input); longer conversations lose their oldest turns."})
+    max_completion_length: int = field(default=256, metadata={
+        "help": "Tokens of each answer including <|end|>; longer answers are cut (and counted)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_prompt_length < 8 or self.max_completion_length < 1:
+            raise ValueError("--max_prompt_length must be at least 8 and --max_completion_length at least 1")
+
+
+def load_preference_splits(data: PreferenceDataArguments, seed: int):
+    """(train, validation) pairs as `datasets.Dataset`s: --validation_files, else a seeded --validation_ratio
+    share (None if 0)."""
+    from datasets import Dataset
+
+    pairs = load_preferences(data.train_files, data.data_format, data.dataset_split)
+    if data.validation_files:
+        held = load_preferences(data.validation_files, data.data_format, "validation")
+    else:
+        pairs, held = hold_out(pairs, data.validation_ratio, seed)
+    return Dataset.from_list(pairs), Dataset.from_list(held) if held else None
+
+
 def hold_out(rows: list, ratio: float, seed: int) -> tuple[list, list]:
     """(kept, held out): a seeded share `ratio` of `rows` held out (at least one row when ratio > 0), both
     in their original order. Refuses a ratio that would leave nothing to train on."""
