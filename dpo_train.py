@@ -30,7 +30,7 @@ from model.build import count_parameters, flops_per_token, is_seq2seq, load_mode
 from model.inference.generation import context_length
 from model.training.dpo import ADAPTER_DIR, DPOArguments, LoraArguments, PreferenceTrainer, refuse_existing_model
 from model.training.runs import claim_output_dir, run_identity
-from model.training.trainer import ProgressLine, plan_steps, save_final, train_until_done_or_stopped
+from model.training.trainer import ProgressLine, describe_plan, save_final, train_until_done_or_stopped
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
 from utils.data.conversations import PreferenceDataArguments, load_preference_splits
@@ -86,15 +86,12 @@ def main(argv: Sequence[str] | None = None) -> PreferenceTrainer:
                                 processing_class=tokenizer, peft_config=lora.config_for(model),
                                 max_prompt_length=data.max_prompt_length,
                                 max_completion_length=data.max_completion_length, callbacks=[ProgressLine(flops)])
-    pairs_per_step, steps = plan_steps(args, len(trainer.train_dataset))
     logger.info("model %s: %s parameters, LoRA r=%d on %s: %s trainable | loss %s, beta %g | %d training pairs%s | "
-                "%d pairs/step (batch %d x accum %d x %d processes) | %d steps", type(model).__name__,
-                f"{count_parameters(trainer.model):,}", lora.lora_r,
+                "%s", type(model).__name__, f"{count_parameters(trainer.model):,}", lora.lora_r,
                 ",".join(sorted(trainer.model.peft_config["default"].target_modules)),
                 f"{count_parameters(trainer.model, trainable_only=True):,}", ",".join(args.loss_type), args.beta,
                 len(trainer.train_dataset), f", {len(trainer.eval_dataset)} held out" if eval_set else "",
-                pairs_per_step, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size,
-                steps)
+                describe_plan(args, len(trainer.train_dataset), "pairs"))
 
     result = train_until_done_or_stopped(trainer, args)
     if result is None:

@@ -40,7 +40,7 @@ from model.training.grpo import (
 from model.training.reward import RewardModelScore
 from model.training.rewards import rule_rewards
 from model.training.runs import claim_output_dir, run_identity
-from model.training.trainer import ProgressLine, plan_steps, save_final, train_until_done_or_stopped
+from model.training.trainer import ProgressLine, describe_plan, save_final, train_until_done_or_stopped
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
 from utils.errors import UserError
@@ -92,13 +92,12 @@ def main(argv: Sequence[str] | None = None) -> PolicyTrainer:
     trainer = PolicyTrainer(model=model, reward_funcs=functions, args=args, train_dataset=train_set,
                             eval_dataset=eval_set, processing_class=tokenizer, peft_config=lora.config_for(model),
                             callbacks=[ProgressLine(flops_per_token(model.config, seq_len) * 4 / 3)])
-    prompts_per_step, steps = plan_steps(args, len(train_set))
-    logger.info("model %s: %s parameters, LoRA r=%d: %s trainable | rewards %s (weights %s) | %d prompts%s | %d "
-                "replies/step, %d per prompt | %d steps", type(model).__name__,
-                f"{count_parameters(trainer.model):,}", lora.lora_r,
+    logger.info("model %s: %s parameters, LoRA r=%d: %s trainable | rewards %s (weights %s) | %d prompts%s, %d "
+                "replies each | %s", type(model).__name__, f"{count_parameters(trainer.model):,}", lora.lora_r,
                 f"{count_parameters(trainer.model, trainable_only=True):,}", ", ".join(trainer.reward_func_names),
                 ", ".join(f"{w:g}" for w in trainer.reward_weights.tolist()), len(train_set),
-                f", {len(eval_set)} held out" if eval_set else "", prompts_per_step, args.num_generations, steps)
+                f", {len(eval_set)} held out" if eval_set else "", args.num_generations,
+                describe_plan(args, len(train_set) * args.num_generations, "replies"))
 
     result = train_until_done_or_stopped(trainer, args)
     if result is None:

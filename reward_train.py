@@ -27,7 +27,7 @@ from model.build import count_parameters, flops_per_token, require_model_dir
 from model.inference.generation import context_length
 from model.training.reward import RewardArguments, RewardModelTrainer, load_reward_model
 from model.training.runs import claim_output_dir, run_identity
-from model.training.trainer import ProgressLine, plan_steps, save_final, train_until_done_or_stopped
+from model.training.trainer import ProgressLine, describe_plan, save_final, train_until_done_or_stopped
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
 from utils.data.conversations import PreferenceDataArguments, load_preference_splits
@@ -70,12 +70,10 @@ def main(argv: Sequence[str] | None = None) -> RewardModelTrainer:
                                  processing_class=tokenizer, max_prompt_length=data.max_prompt_length,
                                  max_completion_length=data.max_completion_length,
                                  callbacks=[ProgressLine(flops_per_token(model.config, seq_len))])
-    pairs_per_step, steps = plan_steps(args, len(trainer.train_dataset))
-    logger.info("reward model %s: %s parameters, all trainable | %d training pairs%s | %d pairs/step (batch %d x "
-                "accum %d x %d processes) | %d steps", type(model).__name__, f"{count_parameters(model):,}",
-                len(trainer.train_dataset), f", {len(trainer.eval_dataset)} held out" if eval_set else "",
-                pairs_per_step, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size,
-                steps)
+    logger.info("reward model %s: %s parameters, all trainable | %d training pairs%s | %s", type(model).__name__,
+                f"{count_parameters(model):,}", len(trainer.train_dataset),
+                f", {len(trainer.eval_dataset)} held out" if eval_set else "",
+                describe_plan(args, len(trainer.train_dataset), "pairs"))
 
     result = train_until_done_or_stopped(trainer, args)
     if result is None:

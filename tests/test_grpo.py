@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from test_dpo import PAIRS, lora_deltas, write_jsonl
 from test_reward import reward_args
 from transformers import AutoModelForCausalLM, AutoTokenizer, T5Config
@@ -105,3 +106,21 @@ def test_t5_and_bad_reward_settings_are_refused(tiny_llama, prompts, tmp_path):
         grpo_train.main(grpo_args(tiny_llama, prompts, tmp_path / "out", "--reward_weights", "1", "1"))
     with pytest.raises(UserError, match="unknown length"):
         grpo_train.main(grpo_args(tiny_llama, prompts, tmp_path / "out", "--rewards", "length"))
+
+
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tiny_llama, prompts, tmp_path):
+    """4 steps at once, and 2 steps then 4 resumed from that run's checkpoint-2 (a finished run's directory holds
+    its merged model, so the resumed run writes elsewhere): the sampled replies (the RNG state is in the
+    checkpoint), rewards, losses and the merged weights are the same."""
+    args = lambda out, steps: grpo_args(tiny_llama, prompts, out, "--max_steps", steps,  # noqa: E731
+                                        "--max_completion_length", "16", "--rewards", "repetition",
+                                        "--repetition_ngram", "2",
+                                        "--save_strategy", "steps", "--save_steps", "2")
+    reference = grpo_train.main(args(tmp_path / "reference", 4))
+    grpo_train.main(args(tmp_path / "first", 2))
+    resumed = grpo_train.main([*args(tmp_path / "resumed", 4), "--resume_from_checkpoint",
+                               str(tmp_path / "first" / "adapter" / "checkpoint-2")])
+    logged = lambda trainer: [(h["reward"], h["loss"]) for h in trainer.state.log_history if "loss" in h]  # noqa: E731
+    assert logged(resumed) == logged(reference) and any(loss for _, loss in logged(reference))
+    before, after = (load_file(tmp_path / run / "model.safetensors") for run in ("reference", "resumed"))
+    assert all(torch.equal(before[k], after[k]) for k in before)

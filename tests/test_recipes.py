@@ -99,7 +99,8 @@ def test_reward_recipe(chain, tmp_path):
                "--per_device_train_batch_size", "2", "--max_prompt_length", "64", "--max_completion_length", "32",
                *STEPS)
     assert 0 <= trained(output)["eval_accuracy"] <= 1
-    AutoModelForSequenceClassification.from_pretrained(output)
+    model = AutoModelForSequenceClassification.from_pretrained(output)
+    assert type(model).__name__ == "T5ForSequenceClassification" and model.config.num_labels == 1
 
 
 def test_grpo_recipe(tiny_llama, tmp_path):
