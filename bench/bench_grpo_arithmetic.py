@@ -2,16 +2,16 @@
 on simple arithmetic?
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_grpo_arithmetic.py   # a few minutes; writes docs/BENCHMARKS.md
-    .venv/bin/python bench/bench_grpo_arithmetic.py --quick     # a smoke run (no docs update)
+    .venv/bin/python bench/bench_grpo_arithmetic.py --quick                # a smoke run (no docs update)
 
 The data is written here (our own text, seeded): questions `{a}加{b}等于多少？` with answer `{a+b}`, a and b in
 0..--max_operand, split into SFT sums, GRPO prompts (--rl_share; GRPO sees their answers only as the reward's
 references) and held-out sums never trained on. The chain is the toolkit's own stages, in-process:
 train_tokenizer.py and pre_train.py (llama-tiny preset) on the SFT sums as text, sft_train.py on them, then
 grpo_train.py with `--rewards exact_answer` (LoRA) on the GRPO prompts. (With threads left at their default,
-PyTorch's thread pool makes the tiny model's steps 100x slower on a busy machine.) Accuracy: greedy replies (`model.inference.generation.generate_replies`) to the held-out
-questions, scored by the reward's own `answer_matches`, for the SFT model and for GRPO's merged model. Working
-files go to bench/_work/grpo_arithmetic/.
+PyTorch's thread pool makes the tiny model's steps 100x slower on a busy machine.) Accuracy: greedy replies
+(`model.inference.generation.generate_replies`) to the held-out questions, scored by the reward's own
+`answer_matches`, for the SFT model and for GRPO's merged model. Working files go to bench/_work/grpo_arithmetic/.
 """
 
 from __future__ import annotations
@@ -142,8 +142,8 @@ The training reward is the exact-answer reward's mean over each step's sampled r
 
 Seen while setting this up (same tiny Llama, a and b in 0..24): GRPO on the *same* prompts SFT had learned the
 answers of (train greedy accuracy 78%) lowered greedy accuracy, held-out 61% -> 40-56% over 100-300 steps at
-learning rates 1e-4 to 1e-3, while the sampled training reward stayed flat or rose a little; on prompts SFT had not seen, it rose
-(held-out 21.0% -> 24.2-25.8%). Give GRPO prompts whose answers the model has not been shown.
+learning rates 1e-4 to 1e-3, while the sampled training reward stayed flat or rose a little; on prompts SFT had
+not seen, it rose (held-out 21.0% -> 24.2-25.8%). Give GRPO prompts whose answers the model has not been shown.
 """
     write_section("bench_grpo_arithmetic.py", "GRPO on arithmetic: held-out accuracy of a tiny Llama",
                   ["torch", "transformers", "trl", "peft"], body)
