@@ -6,8 +6,9 @@ Llama path (stock TRL; both tokenise through the chat template the same way).
     python dpo_train.py --model_name_or_path model_save/sft --train_files pairs.jsonl --output_dir model_save
     accelerate launch --config_file accelerate.yaml dpo_train.py   # 2 GPUs
 
-Data: `{prompt, chosen, rejected}` rows, or any conversation format of utils/data/conversations.py with
-`chosen` / `rejected` answers (jsonl / json / parquet / csv files, directories, hub datasets).
+Data: `{prompt, chosen, rejected}` rows, or any preference format of utils/data/conversations.py
+(LLaMA-Factory alpaca pairwise and ShareGPT ranking rows, TRL's explicit- and implicit-prompt rows; jsonl /
+json / parquet / csv files, directories, hub datasets).
 
 The merged model (weights + tokenizer + generation config + config.yaml + training_summary.json) is
 written into --output_dir and loads with plain AutoModelForSeq2SeqLM / AutoModelForCausalLM; the LoRA
@@ -23,7 +24,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasets import Dataset
 from transformers import AutoTokenizer, set_seed
 
 from model.build import (
@@ -38,10 +38,10 @@ from model.build import (
 from model.inference.generation import context_length
 from model.training.dpo import ADAPTER_DIR, DPOArguments, LoraArguments, PreferenceTrainer, refuse_existing_model
 from model.training.runs import claim_output_dir, run_identity
-from model.training.trainer import ProgressLine, plan_steps, save_final, train_until_done_or_stopped
+from model.training.trainer import ProgressLine, describe_plan, save_final, train_until_done_or_stopped
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
-from utils.data.conversations import ConversationDataArguments, hold_out, load_preferences
+from utils.data.conversations import PreferenceDataArguments, load_preference_splits
 from utils.errors import UserError
 from utils.logging import setup_logging
 
@@ -55,28 +55,8 @@ class ModelArguments(AttentionArguments):
 
 
 @dataclass
-class DataArguments(ConversationDataArguments):
-    train_files: list[str] = field(default_factory=lambda: ["data/dpo"], metadata={
-        "help": "Preference data: files, directories or hub datasets with prompt + chosen + rejected."})
-    max_prompt_length: int = field(default=256, metadata={
-        "help": "Prompt tokens (T5: encoder input); longer conversations lose their oldest turns."})
-    max_completion_length: int = field(default=256, metadata={
-        "help": "Tokens of each answer including <|end|>; longer answers are cut (and counted)."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.max_prompt_length < 8 or self.max_completion_length < 1:
-            raise ValueError("--max_prompt_length must be at least 8 and --max_completion_length at least 1")
-
-
-def load_pairs(data: DataArguments, seed: int) -> tuple[Dataset, Dataset | None]:
-    """(train, validation) pairs: --validation_files, else a seeded --validation_ratio share (None if 0)."""
-    pairs = load_preferences(data.train_files, data.data_format, data.dataset_split)
-    if data.validation_files:
-        return Dataset.from_list(pairs), Dataset.from_list(load_preferences(data.validation_files, data.data_format,
-                                                                            "validation"))
-    train, held = hold_out(pairs, data.validation_ratio, seed)
-    return Dataset.from_list(train), Dataset.from_list(held) if held else None
+class DataArguments(PreferenceDataArguments):
+    """The preference pairs DPO trains on (fields shared with reward_train.py)."""
 
 
 def check_lengths(data: DataArguments, args: DPOArguments, model, tokenizer, seq2seq: bool) -> int:
@@ -100,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> PreferenceTrainer:
     refuse_existing_model(output_dir, args.overwrite_output_dir)
     args.output_dir = str(output_dir / ADAPTER_DIR)  # checkpoints and the adapter; the merged model goes above
     set_seed(args.seed)
-    train_set, eval_set = load_pairs(data, args.seed)
+    train_set, eval_set = load_preference_splits(data, args.seed)
     require_model_dir(model_args.model_name_or_path, fix="pass an sft_train.py output directory")
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     model = load_model(model_args.model_name_or_path, tokenizer, model_args.attn_implementation)
@@ -115,15 +95,12 @@ def main(argv: Sequence[str] | None = None) -> PreferenceTrainer:
                                 processing_class=tokenizer, peft_config=lora.config_for(model),
                                 max_prompt_length=data.max_prompt_length,
                                 max_completion_length=data.max_completion_length, callbacks=[ProgressLine(flops)])
-    pairs_per_step, steps = plan_steps(args, len(trainer.train_dataset))
     logger.info("model %s: %s parameters, LoRA r=%d on %s: %s trainable | loss %s, beta %g | %d training pairs%s | "
-                "%d pairs/step (batch %d x accum %d x %d processes) | %d steps", type(model).__name__,
-                f"{count_parameters(trainer.model):,}", lora.lora_r,
+                "%s", type(model).__name__, f"{count_parameters(trainer.model):,}", lora.lora_r,
                 ",".join(sorted(trainer.model.peft_config["default"].target_modules)),
                 f"{count_parameters(trainer.model, trainable_only=True):,}", ",".join(args.loss_type), args.beta,
                 len(trainer.train_dataset), f", {len(trainer.eval_dataset)} held out" if eval_set else "",
-                pairs_per_step, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size,
-                steps)
+                describe_plan(args, len(trainer.train_dataset), "pairs"))
 
     result = train_until_done_or_stopped(trainer, args)
     if result is None:

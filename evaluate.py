@@ -1,5 +1,5 @@
-"""Evaluate a trained model: C-Eval / CMMLU accuracy, bits per character, generation BLEU / ROUGE-L,
-triple extraction F1; or plot a run's training curves.
+"""Evaluate a trained model: C-Eval / CMMLU accuracy, bits per character, generation BLEU / ROUGE-L and
+repetition (share of repeated 4-grams, distinct-1/2), triple extraction F1; or plot a run's training curves.
 
     python evaluate.py --task ceval cmmlu --ceval_data ../shared/data/ceval --cmmlu_data ../shared/data/cmmlu \
         --cmmlu_split dev --num_shots 5                     # model_save by default

@@ -93,13 +93,40 @@ def test_preference_formats_give_the_same_triples(tmp_path):
         "alpaca": {"instruction": QUESTION, "input": "", "chosen": ANSWER, "rejected": "随便泡。"},
         "messages": {"messages": prompt, "chosen": [{"role": "assistant", "content": ANSWER}],
                      "rejected": [{"role": "assistant", "content": "随便泡。"}]},
+        # TRL's explicit prompt with message lists on every side
+        "trl_explicit": {"prompt": prompt, "chosen": [{"role": "assistant", "content": ANSWER}],
+                         "rejected": [{"role": "assistant", "content": "随便泡。"}]},
+        # LLaMA-Factory's alpaca pairwise rows: output = [chosen, rejected]
+        "alpaca_pairwise": {"instruction": QUESTION, "input": "", "output": [ANSWER, "随便泡。"], "history": []},
+        # TRL's implicit prompt: two whole conversations, the same up to the answer
+        "trl_implicit": {"chosen": [*prompt, {"role": "assistant", "content": ANSWER}],
+                         "rejected": [*prompt, {"role": "assistant", "content": "随便泡。"}]},
     }
     paths = [write_jsonl(tmp_path / f"{name}.jsonl", [row]) for name, row in rows.items()]
     pairs = load_preferences(paths)
     assert pairs == [{"prompt": prompt, "chosen": ANSWER, "rejected": "随便泡。"}] * len(rows)
-    # rejected-answer generation reads prompts + chosen answers from either kind of file
+    # rejected-answer generation reads prompts + chosen answers from either kind of file, every format
     sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": QUESTION, "response": ANSWER}])
-    assert load_answered_prompts([paths[0], sft]) == [{"prompt": prompt, "chosen": ANSWER}] * 2
+    assert load_answered_prompts([*paths, sft]) == [{"prompt": prompt, "chosen": ANSWER}] * (len(rows) + 1)
+
+
+def test_multi_turn_preference_formats_keep_history_and_system(tmp_path):
+    """LLaMA-Factory's alpaca pairwise rows with history and system, its ShareGPT ranking rows with a
+    top-level system, and TRL's implicit-prompt conversations give the same multi-turn prompt."""
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": EARLIER[0]},
+               {"role": "assistant", "content": EARLIER[1]}, {"role": "user", "content": QUESTION}]
+    turns = [{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]} for m in history[1:]]
+    rows = [
+        {"instruction": QUESTION, "input": "", "output": [ANSWER, "不知道。"], "history": [list(EARLIER)],
+         "system": SYSTEM},
+        {"conversations": turns, "system": SYSTEM, "chosen": {"from": "gpt", "value": ANSWER},
+         "rejected": {"from": "gpt", "value": "不知道。"}},
+        {"chosen": [*history, {"role": "assistant", "content": ANSWER}],
+         "rejected": [*history, {"role": "assistant", "content": "不知道。"}]},
+    ]
+    paths = [write_jsonl(tmp_path / f"{i}.jsonl", [row]) for i, row in enumerate(rows)]
+    assert load_preferences(paths) == [{"prompt": history, "chosen": ANSWER, "rejected": "不知道。"}] * 3
+    assert load_preferences([paths[2]], fmt="implicit_prompt") == load_preferences([paths[2]])  # declared
 
 
 def test_real_public_samples_load():
@@ -135,6 +162,15 @@ def test_real_public_samples_load():
     ('{"instruction": "你好", "input": "", "output": ""}\n', load_conversations, "empty answer", 1, "output"),
     ('{"prompt": "你好", "chosen": "好", "rejected": " "}\n', load_preferences, "empty answer", 1, "rejected"),
     ('{"text": "你好"}\n', load_conversations, "unknown data format", 1, None),
+    ('{"instruction": "你好", "output": ["好", "不好"]}\n{"instruction": "你好", "output": ["好"]}\n',
+     load_preferences, "holds \\[chosen, rejected\\], not 1", 2, "output"),
+    ('{"instruction": "你好", "output": ["好", ""]}\n', load_preferences, "empty answer", 1, "output[1]"),
+    ('{"chosen": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "好"}], '
+     '"rejected": [{"role": "user", "content": "您好"}, {"role": "assistant", "content": "嗯"}]}\n',
+     load_preferences, "differ before their last turn", 1, "rejected"),
+    ('{"chosen": [{"role": "user", "content": "你好"}], "rejected": [{"role": "user", "content": "你好"}]}\n',
+     load_answered_prompts, "ending with the assistant's answer", 1, "chosen"),
+    ('{"chosen": "好", "rejected": "不好"}\n', load_preferences, "non-empty list of turns", 1, "chosen"),
 ])
 def test_bad_rows_are_refused_with_file_line_and_field(tmp_path, content, loader, match, line, field):
     path = tmp_path / "bad.jsonl"

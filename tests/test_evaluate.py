@@ -364,6 +364,16 @@ def test_generation_metrics_on_known_pairs():
     assert text_metrics(["今 天"], ["今天"])["rougeL"] == pytest.approx(100)  # characters, spaces ignored
 
 
+def test_repetition_metrics_on_known_replies():
+    """Repeated 4-grams within a reply, distinct-1/2 over all replies, by characters (spaces ignored)."""
+    parrot = text_metrics(["好的好的好的好的"], ["好的"])  # 5 4-grams, 2 distinct (好的好的, 的好的好)
+    assert parrot["repeated_4gram"] == pytest.approx(3 / 5)
+    assert parrot["distinct_1"] == pytest.approx(2 / 8) and parrot["distinct_2"] == pytest.approx(2 / 7)
+    varied = text_metrics(["今天 天气很好", "我们去公园"], ["", ""])
+    assert varied["repeated_4gram"] == 0 and varied["distinct_1"] == pytest.approx(10 / 11)  # 天 twice
+    assert varied["distinct_2"] == pytest.approx(1.0) and text_metrics(["短"], ["短"])["repeated_4gram"] == 0
+
+
 def test_triple_scores_on_hand_made_cases():
     gold = "[(李白,朝代,唐朝),(李白,作品,静夜思)]"
     assert parse_triples(gold) == [("李白", "朝代", "唐朝"), ("李白", "作品", "静夜思")]
@@ -392,6 +402,8 @@ def test_generation_and_triples_tasks_run_end_to_end(tiny_llama, tmp_path):
                              "--max_new_tokens", "8", "--batch_size", "2", "--output_dir", str(out)])
     assert results["generation"]["examples"] == results["triples"]["examples"] == 3
     assert 0 <= results["generation"]["rougeL"] <= 100 and results["triples"]["gold"] == 3
+    assert 0 <= results["generation"]["repeated_4gram"] <= 1 and 0 < results["generation"]["distinct_2"] <= 1
+    assert "repeated 4-grams" in (out / "eval_results.md").read_text()
     assert len(results["triples"]["samples"]) == 3
     # a second run with another task keeps the first run's results in the same file
     text = tmp_path / "text.txt"

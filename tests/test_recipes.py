@@ -10,7 +10,7 @@ import json
 
 import pytest
 from conftest import run_script, shared_path
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
 STEPS = ["--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1"]
 
@@ -89,3 +89,27 @@ def test_sft_rejected_dpo_evaluate_and_chat_recipes(chain, tmp_path):
     reply = run_script("chat.py", *recipe("chat"), "--model_name_or_path", str(final), "--message", "你好",
                        "--max_new_tokens", "8", "--do_sample", "true")  # a 4-step model's greedy reply is empty
     assert reply.stdout.strip()
+
+
+def test_reward_recipe(chain, tmp_path):
+    """config/reward.yaml on the chain's T5 SFT model (the EOS extension) and LLaMA-Factory's ranking rows."""
+    output = tmp_path / "reward"
+    run_script("reward_train.py", *recipe("reward"), "--model_name_or_path", str(chain / "sft"), "--train_files",
+               str(shared_path("dpo/llamafactory_dpo_zh_demo.json")), "--output_dir", str(output),
+               "--per_device_train_batch_size", "2", "--max_prompt_length", "64", "--max_completion_length", "32",
+               *STEPS)
+    assert 0 <= trained(output)["eval_accuracy"] <= 1
+    model = AutoModelForSequenceClassification.from_pretrained(output)
+    assert type(model).__name__ == "T5ForSequenceClassification" and model.config.num_labels == 1
+
+
+def test_grpo_recipe(tiny_llama, tmp_path):
+    """config/grpo.yaml on a tiny Llama (GRPO is decoder-only) with the shared alpaca data as prompts."""
+    output = tmp_path / "grpo"
+    run_script("grpo_train.py", *recipe("grpo"), "--model_name_or_path", str(tiny_llama), "--train_files",
+               str(shared_path("sft/llamafactory_alpaca_zh_demo.json")), "--output_dir", str(output),
+               "--per_device_train_batch_size", "4", "--num_generations", "4", "--max_prompt_length", "64",
+               "--max_completion_length", "8", "--validation_ratio", "0.01", "--eval_strategy", "steps", *STEPS)
+    summary = trained(output / "adapter")
+    assert {"eval_rewards/exact_answer/mean", "eval_rewards/format/mean"} <= set(summary)
+    assert not any("lora" in n for n, _ in AutoModelForCausalLM.from_pretrained(output).named_parameters())

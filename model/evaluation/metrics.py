@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from model.evaluation.benchmarks import max_prompt_length
 from model.inference.generation import generate_replies
-from utils.data.text import CJK_CHAR, to_simplified
+from utils.data.text import CJK_CHAR, distinct_n, repeated_ngram_share, to_simplified
 from utils.errors import UserError
 from utils.examples.pretrain_data import TokenStream, load_text_files
 
@@ -173,20 +173,29 @@ class _CharacterTokenizer:
         return [c for c in text if not c.isspace()]
 
 
+def repetition_metrics(replies: Sequence[str]) -> dict:
+    """How much replies repeat, over characters: the mean share of repeated 4-grams within a reply
+    (`utils.data.text.repeated_ngram_share`, 0-1, lower is better) and distinct-1 / distinct-2 over all
+    replies (0-1, higher is more varied)."""
+    return {"repeated_4gram": sum(map(repeated_ngram_share, replies)) / max(len(replies), 1),
+            "distinct_1": distinct_n(list(replies), 1), "distinct_2": distinct_n(list(replies), 2)}
+
+
 def text_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
     """Character-level corpus BLEU-4 (sacrebleu, tokenize='char') and mean ROUGE-L F1 (rouge-score over
-    characters), both in 0-100."""
+    characters), both in 0-100, and the hypotheses' repetition (`repetition_metrics`)."""
     import sacrebleu
     from rouge_score import rouge_scorer
 
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
     if not hypotheses:
-        return {"bleu4": 0.0, "rougeL": 0.0, "examples": 0}
+        return {"bleu4": 0.0, "rougeL": 0.0, "examples": 0, **repetition_metrics([])}
     bleu = sacrebleu.metrics.BLEU(tokenize="char").corpus_score(list(hypotheses), [list(references)])
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_CharacterTokenizer())
     rouge = [scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(hypotheses, references)]
-    return {"bleu4": float(bleu.score), "rougeL": 100.0 * sum(rouge) / len(rouge), "examples": len(hypotheses)}
+    return {"bleu4": float(bleu.score), "rougeL": 100.0 * sum(rouge) / len(rouge), "examples": len(hypotheses),
+            **repetition_metrics(hypotheses)}
 
 
 _TRIPLE = re.compile(r"[(（]([^()（）]*)[)）]")

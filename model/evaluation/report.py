@@ -35,8 +35,12 @@ def results_markdown(results: dict) -> str:
             if traditional_warning(result):
                 lines += ["", f"Warning: {traditional_warning(result)}."]
         elif task == "generation":
-            lines += ["### generation (character level)", "", "| examples | BLEU-4 | ROUGE-L |", "|---:|---:|---:|",
-                      f"| {result['examples']} | {result['bleu4']:.2f} | {result['rougeL']:.2f} |"]
+            lines += ["### generation (character level)", "",
+                      "| examples | BLEU-4 | ROUGE-L | repeated 4-grams | distinct-1 | distinct-2 |",
+                      "|---:|---:|---:|---:|---:|---:|",
+                      f"| {result['examples']} | {result['bleu4']:.2f} | {result['rougeL']:.2f} | "
+                      f"{100 * result['repeated_4gram']:.1f}% | {result['distinct_1']:.3f} | "
+                      f"{result['distinct_2']:.3f} |"]
         elif task == "triples":
             lines += ["### triple extraction", "", "| examples | precision | recall | F1 | exact match |",
                       "|---:|---:|---:|---:|---:|",

@@ -48,7 +48,7 @@ from model.build import is_seq2seq
 from model.training.runs import holds_model
 from model.training.trainer import AtomicCheckpointMixin, ExactEvalLossMixin, RunArguments
 from utils.errors import UserError
-from utils.tokenization.chat_format import END_OF_TURN, render_prompt
+from utils.tokenization.chat_format import answer_ids, render_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def tokenize_preference(example: dict, tokenizer, max_prompt_length: int, max_co
     prompt = render_prompt(tokenizer, messages, max_prompt_length)  # oldest turns dropped as inference does
     answers = {}
     for key in ("chosen", "rejected"):
-        ids = tokenizer(example[key] + END_OF_TURN, add_special_tokens=False)["input_ids"]
+        ids = answer_ids(tokenizer, example[key])
         answers[f"{key}_ids"], answers[f"{key}_cut"] = ids[:max_completion_length], len(ids) > max_completion_length
     return {"prompt_ids": prompt.ids, "prompt_cut": prompt.trimmed, **answers}
 
@@ -210,6 +210,15 @@ def add_seq2seq_fused_lm_head(model: PreTrainedModel) -> None:
     model.forward = types.MethodType(_seq2seq_fused_forward, model)
 
 
+def merge_lora(trainer) -> PreTrainedModel:
+    """A LoRA trainer's adapter merged into the base (`merge_and_unload`): a plain model again, without the
+    instance `forward` that TRL (causal LMs) or `add_seq2seq_fused_lm_head` (T5) put on it for the fused LM
+    head. DPO and GRPO save it as their final model."""
+    merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+    merged.__dict__.pop("forward", None)
+    return merged
+
+
 class PreferenceTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, DPOTrainer):
     """TRL's `DPOTrainer` with atomic checkpoints, the toolkit's chat-template tokenisation
     (`tokenize_preference`) for both architectures, the encoder-decoder extension for T5 (see the
@@ -229,11 +238,7 @@ class PreferenceTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, DPOTrainer):
         self._install_seq2seq_head()
 
     def merged_model(self) -> PreTrainedModel:
-        """The adapter merged into the base (`merge_and_unload`): a plain model again, without the instance
-        `forward` that TRL (causal LMs) or `add_seq2seq_fused_lm_head` (T5) put on it for the fused LM head."""
-        merged = self.accelerator.unwrap_model(self.model).merge_and_unload()
-        merged.__dict__.pop("forward", None)
-        return merged
+        return merge_lora(self)
 
     def _install_seq2seq_head(self) -> None:
         if self.seq2seq:

@@ -177,6 +177,14 @@ def plan_steps(args, examples: int) -> tuple[int, int]:
     return per_step, args.max_steps if args.max_steps > 0 else math.ceil(examples * args.num_train_epochs / per_step)
 
 
+def describe_plan(args, examples: int, unit: str) -> str:
+    """`32 pairs/step (batch 8 x accum 4 x 1 processes) | 120 steps`: the plan of a training set of `examples`
+    (`plan_steps`), for a stage's start-up log line."""
+    per_step, steps = plan_steps(args, examples)
+    return (f"{per_step} {unit}/step (batch {args.per_device_train_batch_size} x accum "
+            f"{args.gradient_accumulation_steps} x {args.world_size} processes) | {steps} steps")
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     hours, rest = divmod(seconds, 3600)

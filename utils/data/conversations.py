@@ -9,11 +9,17 @@ Formats, detected per file from the first row's keys (or declared with `fmt`):
 - `prompt_response`: `{prompt, response}`;
 - `alpaca`: `{instruction, input, output}`, optional `history` `[[question, answer], ...]` (earlier turns)
   and `system`;
-- `sharegpt`: `{conversations: [{from, value}, ...]}`, `from` = human/user, gpt/assistant, system;
+- `sharegpt`: `{conversations: [{from, value}, ...]}`, `from` = human/user, gpt/assistant, system; an
+  optional top-level `system` string (LLaMA-Factory's ShareGPT rows);
 - `messages`: `{messages: [{role, content}, ...]}`.
-Preference rows add `chosen` and `rejected` (a string, a `{from, value}` / `{role, content}` turn, or a
-list holding one assistant turn) to any of these prompt shapes; `{prompt, chosen, rejected}` takes a
-string or a message list as prompt.
+Preference rows, in the shapes the peers write them:
+- `chosen` and `rejected` (a string, a `{from, value}` / `{role, content}` turn, or a list holding one
+  assistant turn) added to any prompt shape above: LLaMA-Factory's ShareGPT ranking rows
+  `{conversations, chosen: {from, value}, rejected: {from, value}}`, TRL's explicit-prompt
+  `{prompt, chosen, rejected}` with a string or a message list as prompt;
+- LLaMA-Factory's alpaca pairwise rows: `{instruction, input, output: [chosen, rejected], history}`;
+- `implicit_prompt`, TRL's implicit-prompt rows `{chosen: [messages], rejected: [messages]}`: two whole
+  conversations, the same up to their last turn, which is the answer.
 
 Files: `.jsonl`, `.json` (an array or JSON lines), `.parquet`, `.csv`; a directory means every file in
 it. A name that is not a local path is a Hugging Face hub dataset (`datasets.load_dataset(name,
@@ -41,7 +47,7 @@ from utils.errors import UserError
 logger = logging.getLogger(__name__)
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
-FORMATS = ("auto", "prompt_response", "alpaca", "sharegpt", "messages")
+FORMATS = ("auto", "prompt_response", "alpaca", "sharegpt", "messages", "implicit_prompt")
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "bot": "assistant", "model": "assistant"}
 ANSWER_FIELDS = ("chosen", "rejected")
@@ -79,13 +85,14 @@ def row_format(row: dict, location: Location) -> str:
         raise location.error("a row is not a JSON object",
                              fix="write one object per row, e.g. {\"prompt\": \"...\", \"response\": \"...\"}")
     for fmt, key in (("messages", "messages"), ("sharegpt", "conversations"), ("alpaca", "instruction"),
-                     ("prompt_response", "prompt")):
+                     ("prompt_response", "prompt"), ("implicit_prompt", "chosen")):
         if key in row:
             return fmt
     keys = ", ".join(map(str, row)) or "none"
     raise location.error(f"unknown data format; the row has: {keys}", fix=(
         "use {prompt, response}, alpaca {instruction, input, output}, ShareGPT {conversations: [{from, value}]} "
-        "or {messages: [{role, content}]} (add chosen/rejected for preference data)"))
+        "or {messages: [{role, content}]} (add chosen/rejected for preference data, or give whole conversations "
+        "as {chosen: [messages], rejected: [messages]})"))
 
 
 def _text(row: dict, key: str, location: Location, required: bool = True, field: str | None = None) -> str:
@@ -154,6 +161,13 @@ def row_messages(row: dict, fmt: str, location: Location, with_answer: bool = Tr
         if key not in row:
             raise location.error(f"missing field '{key}'", field=key, fix=f"give every row a '{key}' list")
         messages = _turns(row[key], location, key)
+        system = _text(row, "system", location, required=False) if fmt == "sharegpt" else ""
+        if system.strip() and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system}, *messages]
+    elif fmt == "implicit_prompt":
+        messages = _turns(row.get("chosen"), location, "chosen")
+        if not with_answer:
+            messages = _implicit_prompt(row, messages, location)
     else:
         raise UserError(f"unknown format '{fmt}'", field="format", fix=f"use one of {', '.join(FORMATS)}")
     return messages
@@ -191,6 +205,40 @@ def _finish_conversation(messages: list[Message], fmt: str, location: Location) 
             raise location.error("empty answer", field=_answer_field(fmt, index, index == len(messages) - 1),
                                  fix="give every answer some text, or remove the row")
     return messages
+
+
+def _implicit_prompt(row: dict, chosen: list[Message], location: Location) -> list[Message]:
+    """The shared prompt of an implicit-prompt row: both conversations up to their last (assistant) turn."""
+    rejected = _turns(row.get("rejected"), location, "rejected")
+    for key, turns in (("chosen", chosen), ("rejected", rejected)):
+        if len(turns) < 2 or turns[-1]["role"] != "assistant":
+            raise location.error("must be a whole conversation ending with the assistant's answer", field=key,
+                                 fix="write [{\"role\": \"user\", ...}, {\"role\": \"assistant\", ...}]")
+    if chosen[:-1] != rejected[:-1]:
+        raise location.error("chosen and rejected differ before their last turn", field="rejected",
+                             fix="give both the same conversation up to the answer, or use {prompt, chosen, "
+                                 "rejected}")
+    return chosen[:-1]
+
+
+def preference_answers(row: dict, fmt: str, location: Location) -> tuple[str, str]:
+    """(chosen, rejected) of a preference row in format `fmt` (see the module docstring)."""
+    if fmt == "implicit_prompt":
+        return (_answer({"chosen": row["chosen"][-1]}, "chosen", location),
+                _answer({"rejected": row["rejected"][-1]}, "rejected", location))
+    if fmt == "alpaca" and "chosen" not in row and isinstance(row.get("output"), list):
+        output = row["output"]
+        if len(output) != 2:
+            raise location.error(f"a pairwise 'output' holds [chosen, rejected], not {len(output)} answers",
+                                 field="output", fix="write \"output\": [\"better answer\", \"worse answer\"]")
+        return (_answer({"output[0]": output[0]}, "output[0]", location),
+                _answer({"output[1]": output[1]}, "output[1]", location))
+    return _answer(row, "chosen", location), _answer(row, "rejected", location)
+
+
+def is_preference_row(row: dict, fmt: str) -> bool:
+    """Whether a row holds a preference pair rather than one answered conversation."""
+    return "chosen" in row or (fmt == "alpaca" and isinstance(row.get("output"), list))
 
 
 def _answer(row: dict, key: str, location: Location) -> str:
@@ -267,8 +315,8 @@ def load_preferences(paths: Sequence[str], fmt: str = "auto", split: str = "trai
             raise location.error("the prompt must end with a user turn", field=field,
                                  fix="put the answers in 'chosen' and 'rejected', not in the conversation")
         _check_prompt(prompt, location, field)
-        pairs.append({"prompt": prompt, "chosen": _answer(row, "chosen", location),
-                      "rejected": _answer(row, "rejected", location)})
+        chosen, rejected = preference_answers(row, row_fmt, location)
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     if not pairs:
         raise UserError("no preference pairs found", path=", ".join(paths), field="train_files",
                         fix="pass files with prompt, chosen and rejected")
@@ -279,13 +327,14 @@ def load_preferences(paths: Sequence[str], fmt: str = "auto", split: str = "trai
 def load_answered_prompts(paths: Sequence[str], fmt: str = "auto", split: str = "train",
                           system_prompt: str | None = None) -> list[dict]:
     """`{"prompt": [messages ending with a user turn], "chosen": answer}` from instruction data (the last
-    answer of each conversation) or preference data (its `chosen`), decided per row by a `chosen` field."""
+    answer of each conversation) or preference data (its chosen answer), decided per row
+    (`is_preference_row`)."""
     items = []
     for row, row_fmt, location in _rows(paths, fmt, split):
-        if "chosen" in row:
+        if is_preference_row(row, row_fmt):
             prompt = row_messages(row, row_fmt, location, with_answer=False)
             _check_prompt(prompt, location, _conversation_field(row_fmt))
-            chosen = _answer(row, "chosen", location)
+            chosen = preference_answers(row, row_fmt, location)[0]
         else:
             finished = _finish_conversation(row_messages(row, row_fmt, location), row_fmt, location)
             if finished is None:
@@ -299,7 +348,7 @@ def load_answered_prompts(paths: Sequence[str], fmt: str = "auto", split: str = 
 
 def _conversation_field(fmt: str) -> str:
     return {"prompt_response": "prompt", "alpaca": "instruction", "sharegpt": "conversations",
-            "messages": "messages"}[fmt]
+            "messages": "messages", "implicit_prompt": "chosen"}[fmt]
 
 
 @dataclass
@@ -320,6 +369,37 @@ class ConversationDataArguments:
             raise ValueError(f"--validation_ratio must be in [0, 1), not {self.validation_ratio}")
         if self.data_format not in FORMATS:
             raise ValueError(f"--data_format must be one of {', '.join(FORMATS)}, not '{self.data_format}'")
+
+
+@dataclass
+class PreferenceDataArguments(ConversationDataArguments):
+    """Preference pairs and their token limits (DPO and reward models)."""
+
+    train_files: list[str] = field(default_factory=lambda: ["data/dpo"], metadata={
+        "help": "Preference data: files, directories or hub datasets with a prompt and a chosen and a rejected "
+                "answer (any format of utils/data/conversations.py)."})
+    max_prompt_length: int = field(default=256, metadata={
+        "help": "Prompt tokens (T5: encoder input); longer conversations lose their oldest turns."})
+    max_completion_length: int = field(default=256, metadata={
+        "help": "Tokens of each answer including <|end|>; longer answers are cut (and counted)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_prompt_length < 8 or self.max_completion_length < 1:
+            raise ValueError("--max_prompt_length must be at least 8 and --max_completion_length at least 1")
+
+
+def load_preference_splits(data: PreferenceDataArguments, seed: int):
+    """(train, validation) pairs as `datasets.Dataset`s: --validation_files, else a seeded --validation_ratio
+    share (None if 0)."""
+    from datasets import Dataset
+
+    pairs = load_preferences(data.train_files, data.data_format, data.dataset_split)
+    if data.validation_files:
+        held = load_preferences(data.validation_files, data.data_format, "validation")
+    else:
+        pairs, held = hold_out(pairs, data.validation_ratio, seed)
+    return Dataset.from_list(pairs), Dataset.from_list(held) if held else None
 
 
 def hold_out(rows: list, ratio: float, seed: int) -> tuple[list, list]:

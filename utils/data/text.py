@@ -118,3 +118,24 @@ class QualityFilter:
         if self.min_cjk_ratio and cjk_ratio(text) < self.min_cjk_ratio:
             return "low_cjk_ratio"
         return None
+
+
+def character_ngrams(text: str, n: int) -> list[str]:
+    """The n-grams of a text's characters, spaces left out (Chinese has no word boundaries to count by, and
+    characters do not depend on a tokenizer)."""
+    chars = [c for c in text if not c.isspace()]
+    return ["".join(chars[i:i + n]) for i in range(len(chars) - n + 1)]
+
+
+def repeated_ngram_share(text: str, n: int = 4) -> float:
+    """Share of a text's character n-grams that repeat an earlier one: 0 = no repetition, towards 1 = one
+    phrase over and over (the "复读机" replies of small models). 0 for texts shorter than n."""
+    grams = character_ngrams(text, n)
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """distinct-n over a set of replies: distinct character n-grams / all character n-grams (Li et al., 2016);
+    low when replies repeat themselves or each other."""
+    grams = [gram for text in texts for gram in character_ngrams(text, n)]
+    return len(set(grams)) / len(grams) if grams else 0.0

@@ -49,6 +49,12 @@ def default_generation_config(tokenizer, config: PreTrainedConfig) -> Generation
                             max_new_tokens=256, repetition_penalty=1.1)
 
 
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    """Token ids of an assistant answer as the model writes it after a rendered prompt: the text, then
+    `<|end|>` (what DPO, reward models and GRPO's reward-model scores read)."""
+    return tokenizer(answer + END_OF_TURN, add_special_tokens=False)["input_ids"]
+
+
 @dataclass(frozen=True)
 class RenderedPrompt:
     """A generation prompt's token ids and what fitting it into its budget took out."""
