@@ -23,12 +23,12 @@ from dpo_train import DataArguments, ModelArguments
 from model.training.dpo import (
     DataCollatorForSeq2SeqPreference,
     DPOArguments,
-    LoraArguments,
     add_seq2seq_fused_lm_head,
-    holds_model,
     prepare_preferences,
     tokenize_preference,
 )
+from model.training.lora import LoraArguments
+from model.training.runs import holds_model
 from utils.config import parse_config
 from utils.data.conversations import load_preferences
 from utils.errors import UserError
