@@ -12,14 +12,16 @@ AutoModelForSeq2SeqLM; the adapter (`adapter_config.json`, `adapter_model.safete
 
 Embeddings. With a tokenizer extended by `train_tokenizer.py --extend`, `model.build.load_model` appends rows
 to the embeddings and the LM head, and those rows must learn (LoRA on the attention and feed-forward layers
-cannot teach the model a token it has no vector for). `--lora_embeddings new` (default) trains exactly the
+cannot teach the model a token it has no vector for). `--lora_embeddings rows` (default) trains exactly the
 rows of the new tokens, in the input embeddings and the LM head, through PEFT's `trainable_token_indices`:
 the base's own rows stay bit-equal, and on a 7B Llama extended by 18k tokens this trains 148M embedding
 parameters instead of the 410M of both whole matrices (`all`, PEFT's `modules_to_save`, Chinese-LLaMA's
 choice: 6.6 GB of fp32 weights, gradients and Adam moments instead of 2.4 GB, which is what decides whether
-LoRA fits a 24 GB card; README "The Chinese-LLaMA recipe"). `none` keeps them frozen. Without new tokens
-`new` trains nothing beyond LoRA. T5 ties one `shared` matrix into encoder, decoder and LM head, which PEFT's
-trainable rows and module copies do not keep tied through the merge, so T5 with new tokens is refused.
+LoRA fits a 24 GB card; README "The Chinese-LLaMA recipe"). `none` keeps them frozen. SFT adds the chat
+format's role and end-of-turn tokens to those rows: pretraining text never holds them, so their vectors are
+still the ones they started with, and they are the tokens SFT teaches. T5 ties one `shared` matrix into
+encoder, decoder and LM head, which PEFT's trainable rows and module copies do not keep tied through the
+merge (merged logits differ from the adapter's), so T5 training rows beside LoRA is refused.
 
 QLoRA. The base is loaded in 4-bit NF4 with double quantisation and bf16 compute (bitsandbytes, CUDA only;
 `--peft qlora` on a machine without CUDA is refused); the adapter and the trainable rows stay in higher
@@ -51,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
 PEFT_METHODS = ("none", "lora", "qlora")
-EMBEDDING_MODES = ("new", "all", "none")
+EMBEDDING_MODES = ("rows", "all", "none")
 # Attention and feed-forward projections; lm_head is left out (TRL reads its weight directly).
 LORA_TARGETS = {
     "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],  # wi_0/wi_1: gated-GELU feed-forward
@@ -102,9 +104,10 @@ class PeftArguments(LoraArguments):
     peft: str = field(default="none", metadata={
         "help": "none (train the weights themselves), lora (LoRA adapters on the frozen base) or qlora (the same "
                 "on a 4-bit NF4 base; CUDA and bitsandbytes only). The output is always a merged plain model."})
-    lora_embeddings: str = field(default="new", metadata={
-        "help": "With --peft lora/qlora, which embedding and LM-head weights train beside the adapters: new (the "
-                "rows of tokens an extended tokenizer added; none otherwise), all (both whole matrices), none."})
+    lora_embeddings: str = field(default="rows", metadata={
+        "help": "With --peft lora/qlora, which embedding and LM-head weights train beside the adapters: rows (those "
+                "of the tokens an extended tokenizer added, and in SFT of the chat tokens), all (both whole "
+                "matrices), none."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -126,10 +129,10 @@ class PeftArguments(LoraArguments):
         "embeddings" (sft_train.py --freeze) keeps them frozen."""
         config = super().config_for(model, frozen)
         mode = "none" if "embeddings" in frozen else self.lora_embeddings
-        if mode == "none" or (mode == "new" and not new_tokens):
+        if mode == "none" or (mode == "rows" and not new_tokens):
             return config
         if is_seq2seq(model.config):
-            raise UserError(f"T5 cannot train {'its new token rows' if mode == 'new' else 'its embeddings'} beside "
+            raise UserError(f"T5 cannot train {'token rows' if mode == 'rows' else 'its embeddings'} beside "
                             "LoRA: PEFT does not keep T5's shared embedding tied to encoder, decoder and LM head "
                             "through the merge", field="lora_embeddings",
                             fix="train every weight (--peft none), or keep the embeddings frozen "
@@ -138,8 +141,8 @@ class PeftArguments(LoraArguments):
         inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
         tied = outputs is not None and outputs.weight is inputs.weight
         modules = [names[inputs]] + ([] if tied or outputs is None else [names[outputs]])
-        if mode == "new":  # PEFT follows a tied LM head by itself
-            config.trainable_token_indices = {name: list(new_tokens) for name in modules}
+        if mode == "rows":  # PEFT follows a tied LM head by itself
+            config.trainable_token_indices = {name: sorted(new_tokens) for name in modules}
         else:
             config.modules_to_save, config.ensure_weight_tying = modules, tied
         return config
@@ -176,6 +179,20 @@ def add_adapter(model: PreTrainedModel, peft: PeftArguments, new_tokens: Sequenc
     elif gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input with grad
     return get_peft_model(model, peft.config_for(model, frozen, new_tokens))
+
+
+def describe_adapter(model: PeftModel) -> str:
+    """`lora r=16 alpha 32 on q_proj,v_proj | trained embedding rows: 384 (embed_tokens, lm_head)` for the log."""
+    config = model.peft_config["default"]
+    targets = config.target_modules if isinstance(config.target_modules, str) else \
+        ",".join(sorted({name.rsplit(".", 1)[-1] for name in config.target_modules}))
+    text = f"{'qlora' if is_quantized(model) else 'lora'} r={config.r} alpha {config.lora_alpha:g} on {targets}"
+    if config.trainable_token_indices:
+        rows = next(iter(config.trainable_token_indices.values()))
+        text += f" | trained embedding rows: {len(rows):,} tokens ({', '.join(config.trainable_token_indices)})"
+    elif config.modules_to_save:
+        text += f" | trained whole: {', '.join(config.modules_to_save)}"
+    return text
 
 
 def refuse_existing_model(output_dir: str | Path, overwrite: bool) -> None:
