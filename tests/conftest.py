@@ -100,8 +100,9 @@ def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
     return out
 
 
-def pretrain_tiny(preset: str, corpus: Path, tokenizer: Path, output: Path, steps: int = 30) -> Path:
-    """Pretrain a tiny model of `preset` (t5-tiny / llama-tiny) for `steps` steps; returns its directory."""
+def pretrain_tiny(preset: str, corpus: Path, tokenizer: Path, output: Path, steps: int = 30, *extra: str) -> Path:
+    """Pretrain a tiny model of `preset` (t5-tiny / llama-tiny) for `steps` steps (`extra`: more flags); returns
+    its directory."""
     import pre_train
 
     pre_train.main(["--config", "none", "--model_config", preset, "--tokenizer_name_or_path", str(tokenizer),
@@ -109,7 +110,7 @@ def pretrain_tiny(preset: str, corpus: Path, tokenizer: Path, output: Path, step
                     "--block_size", "64", "--max_source_length", "64", "--per_device_train_batch_size", "4",
                     "--max_steps", str(steps), "--learning_rate", "3e-3", "--logging_steps", "10",
                     "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--seed", "3",
-                    "--preprocessing_num_workers", "1"])
+                    "--preprocessing_num_workers", "1", *extra])
     return output
 
 

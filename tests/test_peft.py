@@ -78,8 +78,8 @@ def test_sft_lora_leaves_the_base_untouched_and_merges_into_a_plain_model(llama_
             assert torch.equal(state[name], weight), name
 
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), output / "adapter").eval()
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "请复述：天气很好。"}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "请复述：天气很好。"}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():
         assert torch.allclose(adapted(input_ids=ids).logits, merged.eval()(input_ids=ids).logits, atol=1e-5)
 
