@@ -66,8 +66,8 @@ ACCELERATE = ("-m", "accelerate.commands.launch", "--config_file", "accelerate.y
 WHEELS = ("transformers", "datasets", "dill", "multiprocess", "fsspec", "regex", "trl", "peft", "accelerate",
           "hjson", "pydantic", "pydantic_core", "annotated_types", "typing_inspection")
 SOURCE_BUILT = ("deepspeed",)
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-             "manylinux1_x86_64")
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
+             "manylinux2014_x86_64", "manylinux1_x86_64")
 
 
 @dataclass(frozen=True)
@@ -137,18 +137,20 @@ def prepare(args) -> None:
         "to the GPU machine")
 
 
-def download_wheels(folder: Path) -> list[str]:
-    """Wheels of this .venv's versions of WHEELS (CPython 3.12, manylinux) and SOURCE_BUILT into `folder`."""
+def download_wheels(folder: Path, names=WHEELS, source_built=SOURCE_BUILT, pinned=()) -> list[str]:
+    """Wheels of this .venv's versions of `names` (CPython 3.12, manylinux), of `pinned` requirements (packages
+    this .venv lacks, e.g. `bitsandbytes==0.50.2`) and `source_built` into `folder`."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    pins = [f"{name}=={importlib.metadata.version(name)}" for name in WHEELS]
+    pins = [f"{name}=={importlib.metadata.version(name)}" for name in names] + list(pinned)
     platforms = [flag for p in PLATFORMS for flag in ("--platform", p)]
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
                     "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(folder), *pins],
                    check=True)
-    built = [f"{name}=={importlib.metadata.version(name)}" for name in SOURCE_BUILT]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "-w", str(folder), *built], check=True, env={**os.environ, "DS_BUILD_OPS": "0"})
+    built = [f"{name}=={importlib.metadata.version(name)}" for name in source_built]
+    if built:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                        "-w", str(folder), *built], check=True, env={**os.environ, "DS_BUILD_OPS": "0"})
     return sorted(p.name for p in folder.glob("*.whl"))
 
 
@@ -283,13 +285,14 @@ def compare_resume(resumed: dict, reference: dict, stopped_at: int | None) -> di
             "identical": bool(after) and all(resumed["losses"][s] == reference["losses"][s] for s in common)}
 
 
-def environment(smoke: bool) -> dict:
-    """The device and library versions; imports what the runs need, so a missing wheel shows here, at once."""
+def environment(smoke: bool, extra: tuple[str, ...] = ("deepspeed",)) -> dict:
+    """The device and library versions; imports what the runs need (`extra`: on the GPU only), so a missing wheel
+    shows here, at once."""
     import torch
     import transformers
 
     versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__}
-    for name in ("accelerate", "datasets", "trl", "peft", *([] if smoke else ["deepspeed"])):
+    for name in ("accelerate", "datasets", "trl", "peft", *([] if smoke else extra)):
         if not smoke:  # on the GPU machine: fail here, at once, on a wheel that is missing or does not fit
             __import__(name)
         versions[name] = importlib.metadata.version(name)
