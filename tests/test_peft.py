@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 import pre_train
 import sft_train
-from model.training.lora import PeftArguments, add_adapter
+from model.training.lora import PeftArguments, add_adapter, merge_adapter
 from utils.cli import run_main
 from utils.errors import UserError
 from utils.tokenization.chat_format import CHAT_TOKENS
@@ -99,6 +99,26 @@ def test_t5_lora_respects_freeze(tiny_t5):
     model = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5)
     with pytest.raises(UserError, match="T5 cannot train token rows"):  # the shared matrix would come untied
         add_adapter(model, lora, [5, 6], sft_train.freeze_parameters(model, "encoder"))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_whole_embeddings_train_and_merge_tied_or_not(tiny_llama, tied):
+    """--lora_embeddings all: both whole matrices train (PEFT's modules_to_save), a tied LM head stays tied
+    through the merge, and the merged model gives the adapter's logits."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, tie_word_embeddings=tied)
+    adapted = add_adapter(model, PeftArguments(peft="lora", lora_r=4, lora_embeddings="all"))
+    trained = {name.split(".modules_to_save")[0].rsplit(".", 1)[-1] for name, p in adapted.named_parameters()
+               if p.requires_grad and "lora_" not in name}
+    assert trained == ({"embed_tokens"} if tied else {"embed_tokens", "lm_head"})
+    ids = torch.tensor([list(range(3, 40))])
+    optimizer = torch.optim.SGD([p for p in adapted.parameters() if p.requires_grad], lr=0.1)
+    adapted(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        expected = adapted.eval()(input_ids=ids).logits  # eval: no LoRA dropout
+        merged = merge_adapter(adapted)
+        assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-5)
+    assert (merged.lm_head.weight is merged.model.embed_tokens.weight) == tied
 
 
 def adapter_losses(output, step):
