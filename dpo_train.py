@@ -28,7 +28,7 @@ from transformers import AutoTokenizer, set_seed
 from model.build import count_parameters, flops_per_token, is_seq2seq, load_model, require_model_dir
 from model.inference.generation import context_length
 from model.training.dpo import DPOArguments, PreferenceTrainer
-from model.training.lora import LoraArguments, adapter_output_dir, save_adapter_and_merged
+from model.training.lora import LoraArguments, adapter_output_dir, save_trained
 from model.training.runs import claim_output_dir, run_identity
 from model.training.trainer import ProgressLine, plan_steps, train_until_done_or_stopped
 from utils.cli import run_main
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> PreferenceTrainer:
     summary = {"base_model": model_args.model_name_or_path, "pairs": len(trainer.train_dataset),
                "trainable_parameters": count_parameters(trainer.model, trainable_only=True), **result.metrics,
                **metrics}
-    save_adapter_and_merged(trainer, tokenizer, [model_args, lora, data, args], summary, output_dir,
+    save_trained(trainer, tokenizer, [model_args, lora, data, args], summary, output_dir,
                             model_args.model_name_or_path)
     return trainer
 

@@ -35,22 +35,14 @@ from model.build import (
     is_seq2seq,
     model_config,
 )
-from model.training.lora import (
-    PeftArguments,
-    adapter_output_dir,
-    add_adapter,
-    describe_adapter,
-    load_base,
-    save_adapter_and_merged,
-)
+from model.training import lora
 from model.training.runs import claim_output_dir, run_identity
 from model.training.trainer import (
     LanguageModelTrainer,
     ProgressLine,
     TrainArguments,
     plan_steps,
-    save_final,
-    train_until_done_or_stopped,
+        train_until_done_or_stopped,
 )
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
@@ -167,22 +159,22 @@ def build_datasets(data: DataArguments, tokenizer, seq2seq: bool, cache_dir: Pat
 
 def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
     setup_logging()
-    model_args, peft, data, args = parse_config([ModelArguments, PeftArguments, DataArguments, TrainArguments],
+    model_args, peft, data, args = parse_config([ModelArguments, lora.PeftArguments, DataArguments, TrainArguments],
                                                 argv, default_recipe=recipe_path("pretrain"), description=__doc__)
     if peft.enabled and not model_args.model_name_or_path:
         raise UserError(f"--peft {peft.peft} adapts an existing model, and none is given", field="peft",
                         fix="pass --model_name_or_path BASE to continue pretraining it, or --peft none to train "
                             "a new model from scratch")
-    output_dir = adapter_output_dir(args) if peft.enabled else None
+    output_dir = lora.adapter_output_dir(args) if peft.enabled else None
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path)
     if model_args.model_name_or_path:
-        model = load_base(model_args.model_name_or_path, tokenizer, peft, model_args.attn_implementation)
+        model = lora.load_base(model_args.model_name_or_path, tokenizer, peft, model_args.attn_implementation)
     else:
         model = build_model(model_config(model_args.model_config, tokenizer, model_args.overrides()), args.seed,
                             model_args.attn_implementation)
     if peft.enabled:
-        model = add_adapter(model, peft, added_token_ids(model_args.model_name_or_path, tokenizer),
+        model = lora.add_adapter(model, peft, added_token_ids(model_args.model_name_or_path, tokenizer),
                             gradient_checkpointing=args.gradient_checkpointing)
     seq2seq = is_seq2seq(model.config)
     settings = [model_args, data, peft] if peft.enabled else [model_args, data]  # runs before --peft stay resumable
@@ -198,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
     logger.info("model %s: %s parameters%s | objective %s | %d examples | %s tokens/step (batch %d x accum %d x "
                 "%d processes x %d) | %d steps, %s tokens | %.0f MFLOP/token", type(model).__name__,
                 f"{count_parameters(model):,}",
-                f", {count_parameters(model, trainable_only=True):,} trainable: {describe_adapter(model)}"
+                f", {count_parameters(model, trainable_only=True):,} trainable: {lora.describe_adapter(model)}"
                 if peft.enabled else "", objective, len(train_set), f"{tokens_per_step:,}",
                 args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size, seq_len,
                 steps, f"{tokens_per_step * steps:,}", flops / 1e6)
@@ -214,11 +206,8 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
     metrics = trainer.evaluate() if args.eval_strategy != "no" or eval_set else {}
     summary = {"objective": objective, "parameters": count_parameters(model), "peft": peft.peft,
                "trainable_parameters": count_parameters(model, trainable_only=True), **result.metrics, **metrics}
-    if peft.enabled:
-        save_adapter_and_merged(trainer, tokenizer, [model_args, peft, data, args], summary, output_dir,
-                                model_args.model_name_or_path)
-    else:
-        save_final(trainer, tokenizer, [model_args, peft, data, args], summary)
+    lora.save_trained(trainer, tokenizer, [model_args, peft, data, args], summary, output_dir,
+                      model_args.model_name_or_path)
     return trainer
 
 

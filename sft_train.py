@@ -35,21 +35,13 @@ from transformers import AutoTokenizer, DataCollatorForSeq2Seq, TrainerCallback,
 
 from model.build import added_token_ids, count_parameters, flops_per_token, is_seq2seq
 from model.inference.generation import generate_replies
-from model.training.lora import (
-    PeftArguments,
-    adapter_output_dir,
-    add_adapter,
-    describe_adapter,
-    load_base,
-    save_adapter_and_merged,
-)
+from model.training import lora
 from model.training.runs import claim_output_dir, run_identity
 from model.training.trainer import (
     LanguageModelTrainer,
     ProgressLine,
     TrainArguments,
-    save_final,
-    train_until_done_or_stopped,
+        train_until_done_or_stopped,
 )
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
@@ -154,19 +146,19 @@ class SampleReplies(TrainerCallback):
 
 def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
     setup_logging()
-    model_args, peft, data, args = parse_config([ModelArguments, PeftArguments, DataArguments, TrainArguments],
+    model_args, peft, data, args = parse_config([ModelArguments, lora.PeftArguments, DataArguments, TrainArguments],
                                                 argv, default_recipe=recipe_path("sft"), description=__doc__)
-    output_dir = adapter_output_dir(args) if peft.enabled else None
+    output_dir = lora.adapter_output_dir(args) if peft.enabled else None
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
-    model = load_base(model_args.model_name_or_path, tokenizer, peft)
+    model = lora.load_base(model_args.model_name_or_path, tokenizer, peft)
     seq2seq = is_seq2seq(model.config)
     frozen = freeze_parameters(model, model_args.freeze)
     if peft.enabled:
         vocab = tokenizer.get_vocab()  # rows beside LoRA: an extension's new tokens and the chat tokens
         rows = {*added_token_ids(model_args.model_name_or_path, tokenizer),
                 *(vocab[token] for token in CHAT_TOKENS if token in vocab)}
-        model = add_adapter(model, peft, sorted(rows), frozen, args.gradient_checkpointing)
+        model = lora.add_adapter(model, peft, sorted(rows), frozen, args.gradient_checkpointing)
     settings = [model_args, data, peft] if peft.enabled else [model_args, data]  # runs before --peft stay resumable
     claim_output_dir(run_identity("sft", model, tokenizer, settings, args), args)
 
@@ -191,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
     logger.info("model %s: %s trainable of %s parameters (%.1f%%) | frozen: %s%s | %d train examples | batch %d x "
                 "accum %d x %d processes", type(model).__name__, f"{trainable:,}", f"{total:,}",
                 100 * trainable / total, ", ".join(frozen) or "nothing",
-                f" | {describe_adapter(model)}" if peft.enabled else "", len(train_set),
+                f" | {lora.describe_adapter(model)}" if peft.enabled else "", len(train_set),
                 args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size)
 
     samples = SampleReplies(eval_conversations[:data.eval_samples], tokenizer, data.sample_max_new_tokens)
@@ -206,11 +198,8 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
     summary = {"model_type": model.config.model_type, "parameters": total, "trainable_parameters": trainable,
                "frozen": frozen, "peft": peft.peft, "data": asdict(stats), "samples": samples.latest,
                **result.metrics, **metrics}
-    if peft.enabled:
-        save_adapter_and_merged(trainer, tokenizer, [model_args, peft, data, args], summary, output_dir,
-                                model_args.model_name_or_path)
-    else:
-        save_final(trainer, tokenizer, [model_args, peft, data, args], summary)
+    lora.save_trained(trainer, tokenizer, [model_args, peft, data, args], summary, output_dir,
+                      model_args.model_name_or_path)
     return trainer
 
 

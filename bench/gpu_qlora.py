@@ -45,7 +45,16 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
-from gpu_recipes import Launch, download_wheels, environment, execute, fmt, measure  # noqa: E402
+from gpu_recipes import (  # noqa: E402
+    Launch,
+    download_wheels,
+    environment,
+    execute,
+    fmt,
+    input_and_runs,
+    measure,
+    write_gpu_section,
+)
 
 ROOT = HERE / "_work" / "gpu_qlora"
 INPUT, INPUT_QUICK = ROOT / "input", ROOT / "input_quick"
@@ -130,12 +139,7 @@ def check_merge(base: Path, output: Path, quantized: bool) -> dict:
 
 def run(args) -> None:
     sizes = SMOKE if args.smoke else FULL
-    data = Path(args.input or (INPUT_QUICK if args.smoke else INPUT))
-    if not (data / "tokenizer").is_dir():
-        sys.exit(f"error: {data / 'tokenizer'} not found; run `bench/gpu_qlora.py prepare"
-                 f"{' --quick' if args.smoke else ''}` first (and carry its folder to this machine)")
-    runs = Path(args.runs_dir or ROOT / "runs" / (time.strftime("%Y%m%d-%H%M%S") + ("-smoke" if args.smoke else "")))
-    runs.mkdir(parents=True, exist_ok=False)
+    data, runs = input_and_runs(args, "gpu_qlora.py", ROOT)
     deadline = time.perf_counter() + (args.budget_s or sizes.budget_s)
     out = Path(args.out)
     results = {"environment": environment(args.smoke, extra=() if args.smoke else ("bitsandbytes",)),
@@ -230,17 +234,8 @@ def report(args) -> None:
         "the steps; memory: peak allocated by PyTorch.", "",
         common.markdown_table(["run", "status", "trainable parameters", "peak memory (GiB)", "tokens/s",
                                "loss first -> last", "eval loss", "wall s"], rows), "", *lines])
-    print(body)
-    versions = env["versions"]
-    machine = (f"1x {env['device']} (lent GPU machine, {env['cpu_cores']} CPU cores), Python {env['python']}"
-               if not env["smoke"] else None)
-    libraries = ", ".join(f"{name} {version}" for name, version in versions.items() if version)
-    default, common.BENCHMARKS_MD = common.BENCHMARKS_MD, Path(args.markdown or common.BENCHMARKS_MD)
-    try:
-        common.write_section("gpu_qlora.py", "QLoRA SFT of llama-0.2b on a GPU: memory, tokens/s, the merged output",
-                             [], body, argv=results["argv"], date=env["date"], machine=machine, libraries=libraries)
-    finally:
-        common.BENCHMARKS_MD = default
+    write_gpu_section("gpu_qlora.py", "QLoRA SFT of llama-0.2b on a GPU: memory, tokens/s, the merged output", body,
+                      results, args.markdown)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -255,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="results JSON (rewritten after every run)")
     p.add_argument("--smoke", action="store_true", help="tiny preset and sizes, CPU, QLoRA expected to be refused")
     p.add_argument("--input", default=None, help="what `prepare` wrote (default: its default folder)")
-    p.add_argument("--runs_dir", default=None, help="fresh folder for the runs (default bench/_work/gpu_qlora/runs/<time>)")
+    p.add_argument("--runs_dir", default=None,
+                   help="fresh folder for the runs (default bench/_work/gpu_qlora/runs/<time>)")
     p.add_argument("--budget_s", type=int, default=None, help="stop starting runs after this many seconds")
     p.add_argument("--timeout_s", type=float, default=300, help="time limit of one command (seconds)")
     p = sub.add_parser("report", help="write the docs/BENCHMARKS.md section from a results file (here)")

@@ -304,14 +304,20 @@ def environment(smoke: bool, extra: tuple[str, ...] = ("deepspeed",)) -> dict:
             "smoke": smoke, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
+def input_and_runs(args, script: str, root: Path) -> tuple[Path, Path]:
+    """(what `prepare` wrote, a fresh folder for the runs' outputs) of a `run` command of `script`."""
+    data = Path(args.input or root / ("input_quick" if args.smoke else "input"))
+    if not (data / "tokenizer").is_dir():
+        sys.exit(f"error: {data / 'tokenizer'} not found; run `bench/{script} prepare"
+                 f"{' --quick' if args.smoke else ''}` first (and carry its folder to this machine)")
+    runs = Path(args.runs_dir or root / "runs" / (time.strftime("%Y%m%d-%H%M%S") + ("-smoke" if args.smoke else "")))
+    runs.mkdir(parents=True, exist_ok=False)  # fresh output directories: stages refuse another run's
+    return data, runs
+
+
 def run(args) -> None:
     sizes = SMOKE if args.smoke else FULL
-    data = Path(args.input or (INPUT_QUICK if args.smoke else INPUT))
-    if not (data / "tokenizer").is_dir():
-        sys.exit(f"error: {data / 'tokenizer'} not found; run `bench/gpu_recipes.py prepare"
-                 f"{' --quick' if args.smoke else ''}` first (and carry its folder to this machine)")
-    runs = Path(args.runs_dir or ROOT / "runs" / (time.strftime("%Y%m%d-%H%M%S") + ("-smoke" if args.smoke else "")))
-    runs.mkdir(parents=True, exist_ok=False)  # fresh output directories: stages refuse another run's
+    data, runs = input_and_runs(args, "gpu_recipes.py", ROOT)
     budget_s = args.budget_s or sizes.budget_s
     deadline = time.perf_counter() + budget_s
     results = {"environment": environment(args.smoke), "argv": sys.argv[1:], "runs_dir": str(runs),
@@ -433,16 +439,25 @@ def report(args) -> None:
     ])
     if args.notes:
         body += "\n\n" + Path(args.notes).read_text(encoding="utf-8").strip()
+    write_gpu_section("gpu_recipes.py", "Default recipes on a GPU: losses, tokens/s, memory, ctrl+c resume", body,
+                      results, args.markdown)
+
+
+def write_gpu_section(script: str, title: str, body: str, results: dict, markdown: str | None) -> None:
+    """Print `body` and write it as `script`'s section of docs/BENCHMARKS.md (or of `markdown`), naming the
+    GPU machine and the library versions the results were measured with."""
+    import common
+
     print(body)
-    versions = env["versions"]
+    env = results["environment"]
     machine = (f"1x {env['device']} (lent GPU machine, {env['cpu_cores']} CPU cores), Python {env['python']}"
                if not env["smoke"] else None)
-    libraries = ", ".join(f"{name} {version}" for name, version in versions.items() if version)
+    libraries = ", ".join(f"{name} {version}" for name, version in env["versions"].items() if version)
     # write_section edits common.BENCHMARKS_MD; --markdown (the smoke test) points it elsewhere for this call.
-    default, common.BENCHMARKS_MD = common.BENCHMARKS_MD, Path(args.markdown or common.BENCHMARKS_MD)
+    default, common.BENCHMARKS_MD = common.BENCHMARKS_MD, Path(markdown or common.BENCHMARKS_MD)
     try:
-        common.write_section("gpu_recipes.py", "Default recipes on a GPU: losses, tokens/s, memory, ctrl+c resume",
-                             [], body, argv=results["argv"], date=env["date"], machine=machine, libraries=libraries)
+        common.write_section(script, title, [], body, argv=results["argv"], date=env["date"], machine=machine,
+                             libraries=libraries)
     finally:
         common.BENCHMARKS_MD = default
 

@@ -230,11 +230,14 @@ def merge_into_unquantised(base_path: str, tokenizer, adapter_dir: str | Path) -
     return merge_adapter(PeftModel.from_pretrained(base, adapter_dir))
 
 
-def save_adapter_and_merged(trainer: Trainer, tokenizer, configs: list, summary: dict, output_dir: Path,
-                            base_path: str) -> Path:
-    """Write the adapter (with `save_final`'s records) into the trainer's --output_dir/adapter, then the merged
-    model into `output_dir` (`config.yaml` records the command's --output_dir in both). A 4-bit base is
-    merged through `merge_into_unquantised`; any other in memory."""
+def save_trained(trainer: Trainer, tokenizer, configs: list, summary: dict, output_dir: Path | None,
+                 base_path: str | None) -> Path:
+    """The final save of a training stage: `save_final` of the trained model when `output_dir` is None (no
+    adapter); else the adapter (with `save_final`'s records) into the trainer's --output_dir/adapter, then the
+    merged model into `output_dir` (the command's --output_dir, see `adapter_output_dir`, which `config.yaml`
+    records in both). A 4-bit base is merged through `merge_into_unquantised`; any other in memory."""
+    if output_dir is None:
+        return save_final(trainer, tokenizer, configs, summary)
     recorded = {"output_dir": str(output_dir)}
     adapter = save_final(trainer, tokenizer, configs, summary, config_overrides=recorded)
     model = trainer.accelerator.unwrap_model(trainer.model)
