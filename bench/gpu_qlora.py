@@ -11,8 +11,9 @@ bitsandbytes; its python3 holds a CUDA torch):
     python3 bench/gpu_qlora.py run --out results.json    # on the GPU machine, from the repository root (~5 min)
     .venv/bin/python bench/gpu_qlora.py report --results results.json   # here: docs/BENCHMARKS.md section
 
-On the GPU machine, carry bench/_work/gpu_qlora/input (about 60 MiB, 43 of them bitsandbytes) and install
-its wheels before `run`:
+On the GPU machine, carry bench/_work/gpu_qlora/input (about 61 MiB, 42 of them the bitsandbytes wheel, which
+holds its CUDA libraries: with the repository's 1 MiB just under the 64 MiB a device call carries; carry nothing
+else) and install its wheels before `run`:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site bench/_work/gpu_qlora/input/wheels/*.whl
     export PYTHONPATH=/tmp/site
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -95,6 +97,7 @@ def prepare(args) -> None:
 
     out = Path(args.dir or (INPUT_QUICK if args.quick else INPUT))
     gpu_recipes.prepare(argparse.Namespace(dir=str(out), quick=args.quick, corpus_mb=args.corpus_mb, no_wheels=True))
+    shutil.rmtree(out / "dpo")  # not used here; the carry limit (64 MiB with the repository) is close
     wheels = [] if args.quick or args.no_wheels else download_wheels(out / "wheels", WHEELS, (), [BITSANDBYTES])
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
     print(f"prepared {out}: {size:.1f} MiB, wheels: {', '.join(wheels) or 'none'}", flush=True)
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="data, tokenizer and wheels for the GPU machine (here, with ../shared)")
     p.add_argument("--quick", action="store_true", help="tiny corpus, vocabulary 2,048, no wheels (for --smoke)")
-    p.add_argument("--corpus_mb", type=float, default=2, help="training corpus of the base (decimal MB of text)")
+    p.add_argument("--corpus_mb", type=float, default=1, help="training corpus of the base (decimal MB of text)")
     p.add_argument("--no_wheels", action="store_true", help="skip the wheels")
     p.add_argument("--dir", default=None, help="output folder (default bench/_work/gpu_qlora/input[_quick])")
     p = sub.add_parser("run", help="the runs and the merge check (on the GPU machine; --smoke: tiny, on CPU)")
