@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from transformers import AutoTokenizer, set_seed
 
@@ -36,9 +35,10 @@ from model.build import (
     require_model_dir,
 )
 from model.inference.generation import context_length
-from model.training.dpo import ADAPTER_DIR, DPOArguments, LoraArguments, PreferenceTrainer, refuse_existing_model
+from model.training.dpo import DPOArguments, PreferenceTrainer
+from model.training.lora import LoraArguments, adapter_output_dir, save_trained
 from model.training.runs import claim_output_dir, run_identity
-from model.training.trainer import ProgressLine, describe_plan, save_final, train_until_done_or_stopped
+from model.training.trainer import ProgressLine, describe_plan, train_until_done_or_stopped
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
 from utils.data.conversations import PreferenceDataArguments, load_preference_splits
@@ -76,9 +76,7 @@ def main(argv: Sequence[str] | None = None) -> PreferenceTrainer:
     setup_logging()
     model_args, lora, data, args = parse_config([ModelArguments, LoraArguments, DataArguments, DPOArguments], argv,
                                                 default_recipe=recipe_path("dpo"), description=__doc__)
-    output_dir = Path(args.output_dir)
-    refuse_existing_model(output_dir, args.overwrite_output_dir)
-    args.output_dir = str(output_dir / ADAPTER_DIR)  # checkpoints and the adapter; the merged model goes above
+    output_dir = adapter_output_dir(args)  # checkpoints and the adapter in output_dir/adapter
     set_seed(args.seed)
     train_set, eval_set = load_preference_splits(data, args.seed)
     require_model_dir(model_args.model_name_or_path, fix="pass an sft_train.py output directory")
@@ -106,13 +104,11 @@ def main(argv: Sequence[str] | None = None) -> PreferenceTrainer:
     if result is None:
         return trainer
     metrics = trainer.evaluate() if eval_set is not None else {}
-    configs, recorded = [model_args, lora, data, args], {"output_dir": str(output_dir)}  # the command's, not adapter/
     summary = {"base_model": model_args.model_name_or_path, "pairs": len(trainer.train_dataset),
                "trainable_parameters": count_parameters(trainer.model, trainable_only=True), **result.metrics,
                **metrics}
-    save_final(trainer, tokenizer, configs, summary, config_overrides=recorded)  # the adapter
-    save_final(trainer, tokenizer, configs, summary, output_dir=output_dir, model=trainer.merged_model(),
-               config_overrides=recorded)
+    save_trained(trainer, tokenizer, [model_args, lora, data, args], summary, output_dir,
+                 model_args.model_name_or_path)
     return trainer
 
 

@@ -23,12 +23,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer, set_seed
 
 from model.build import count_parameters, flops_per_token, is_seq2seq, load_model, require_model_dir
-from model.training.dpo import ADAPTER_DIR, LoraArguments, merge_lora, refuse_existing_model
 from model.training.grpo import (
     T5_REFUSAL,
     GRPOArguments,
@@ -37,10 +35,11 @@ from model.training.grpo import (
     RewardFunctionArguments,
     load_prompts,
 )
+from model.training.lora import LoraArguments, adapter_output_dir, save_trained
 from model.training.reward import RewardModelScore
 from model.training.rewards import rule_rewards
 from model.training.runs import claim_output_dir, run_identity
-from model.training.trainer import ProgressLine, describe_plan, save_final, train_until_done_or_stopped
+from model.training.trainer import ProgressLine, describe_plan, train_until_done_or_stopped
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
 from utils.errors import UserError
@@ -73,9 +72,7 @@ def main(argv: Sequence[str] | None = None) -> PolicyTrainer:
     model_args, lora, rewards, data, args = parse_config(
         [ModelArguments, LoraArguments, RewardFunctionArguments, PromptDataArguments, GRPOArguments], argv,
         default_recipe=recipe_path("grpo"), description=__doc__)
-    output_dir = Path(args.output_dir)
-    refuse_existing_model(output_dir, args.overwrite_output_dir)
-    args.output_dir = str(output_dir / ADAPTER_DIR)  # checkpoints and the adapter; the merged model goes above
+    output_dir = adapter_output_dir(args)  # checkpoints and the adapter in output_dir/adapter
     set_seed(args.seed)
     require_model_dir(model_args.model_name_or_path, fix="pass an sft_train.py output directory")
     if is_seq2seq(AutoConfig.from_pretrained(model_args.model_name_or_path)):
@@ -103,14 +100,12 @@ def main(argv: Sequence[str] | None = None) -> PolicyTrainer:
     if result is None:
         return trainer
     metrics = trainer.evaluate() if eval_set is not None else {}
-    configs, recorded = [model_args, lora, rewards, data, args], {"output_dir": str(output_dir)}
     last = next((h for h in reversed(trainer.state.log_history) if "reward" in h), {})
     summary = {"base_model": model_args.model_name_or_path, "prompts": len(train_set),
                "trainable_parameters": count_parameters(trainer.model, trainable_only=True), **result.metrics,
                **{f"last_{k}": v for k, v in last.items() if k.startswith("reward")}, **metrics}
-    save_final(trainer, tokenizer, configs, summary, config_overrides=recorded)  # the adapter
-    save_final(trainer, tokenizer, configs, summary, output_dir=output_dir, model=merge_lora(trainer),
-               config_overrides=recorded)
+    save_trained(trainer, tokenizer, [model_args, lora, rewards, data, args], summary, output_dir,
+                 model_args.model_name_or_path)
     return trainer
 
 

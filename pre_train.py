@@ -4,6 +4,12 @@ or continue pretraining an HF checkpoint, with the HF Trainer.
     python pre_train.py                                          # config/pretrain.yaml (t5-0.2b)
     python pre_train.py --model_config llama-demo --max_steps 200 --output_dir model_save/llama_demo
     accelerate launch --config_file accelerate.yaml pre_train.py  # 2 GPUs, DeepSpeed ZeRO-2
+    python pre_train.py --config config/chinese_llama/pretrain.yaml   # continue a base with LoRA (README)
+
+Continued pretraining (--model_name_or_path) can train LoRA adapters instead of every weight (`--peft lora`,
+or `qlora` on a 4-bit base, CUDA): with an extended tokenizer the new tokens' embedding and LM-head rows
+train beside them (model/training/lora.py). The merged model goes into --output_dir as always, the adapter
+and the checkpoints into --output_dir/adapter.
 
 ctrl+c saves a checkpoint and exits; the same command resumes from it. The output directory loads with
 plain AutoModelForSeq2SeqLM / AutoModelForCausalLM and AutoTokenizer.
@@ -22,22 +28,22 @@ from transformers import AutoTokenizer, DataCollatorForSeq2Seq, default_data_col
 
 from model.build import (
     AttentionArguments,
+    added_token_ids,
     build_model,
     check_attention_for_training,
     count_parameters,
     flops_per_token,
     is_seq2seq,
-    load_model,
     model_config,
 )
+from model.training import lora
 from model.training.runs import claim_output_dir, run_identity
 from model.training.trainer import (
     LanguageModelTrainer,
     ProgressLine,
     TrainArguments,
     plan_steps,
-    save_final,
-    train_until_done_or_stopped,
+        train_until_done_or_stopped,
 )
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
@@ -147,18 +153,27 @@ def build_datasets(data: DataArguments, tokenizer, seq2seq: bool, cache_dir: Pat
 
 def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
     setup_logging()
-    model_args, data, args = parse_config([ModelArguments, DataArguments, TrainArguments], argv,
-                                          default_recipe=recipe_path("pretrain"), description=__doc__)
+    model_args, peft, data, args = parse_config([ModelArguments, lora.PeftArguments, DataArguments, TrainArguments],
+                                                argv, default_recipe=recipe_path("pretrain"), description=__doc__)
+    if peft.enabled and not model_args.model_name_or_path:
+        raise UserError(f"--peft {peft.peft} adapts an existing model, and none is given", field="peft",
+                        fix="pass --model_name_or_path BASE to continue pretraining it, or --peft none to train "
+                            "a new model from scratch")
+    output_dir = lora.adapter_output_dir(args) if peft.enabled else None
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path)
     if model_args.model_name_or_path:
-        model = load_model(model_args.model_name_or_path, tokenizer, model_args.attn_implementation)
+        model = lora.load_base(model_args.model_name_or_path, tokenizer, peft, model_args.attn_implementation)
     else:
         model = build_model(model_config(model_args.model_config, tokenizer, model_args.overrides()), args.seed,
                             model_args.attn_implementation)
     check_attention_for_training(model)
+    if peft.enabled:
+        model = lora.add_adapter(model, peft, added_token_ids(model_args.model_name_or_path, tokenizer),
+                                 gradient_checkpointing=args.gradient_checkpointing)
     seq2seq = is_seq2seq(model.config)
-    claim_output_dir(run_identity("pretrain", model, tokenizer, [model_args, data], args), args)
+    settings = [model_args, data, peft] if peft.enabled else [model_args, data]  # runs before --peft stay resumable
+    claim_output_dir(run_identity("pretrain", model, tokenizer, settings, args), args)
     objective, train_set, eval_set, ratios = build_datasets(data, tokenizer, seq2seq,
                                                             Path(args.output_dir) / "data_cache", args.seed, args)
 
@@ -167,9 +182,11 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
     flops = flops_per_token(model.config, seq_len, target_len if seq2seq else None)
     examples_per_step, steps = plan_steps(args, len(train_set))
     tokens_per_step = examples_per_step * seq_len
-    logger.info("model %s: %s parameters | objective %s | %d examples | %s tokens/step (batch %d x accum %d x "
+    logger.info("model %s: %s parameters%s | objective %s | %d examples | %s tokens/step (batch %d x accum %d x "
                 "%d processes x %d) | %d steps, %s tokens | %.0f MFLOP/token", type(model).__name__,
-                f"{count_parameters(model):,}", objective, len(train_set), f"{tokens_per_step:,}",
+                f"{count_parameters(model):,}",
+                f", {count_parameters(model, trainable_only=True):,} trainable: {lora.describe_adapter(model)}"
+                if peft.enabled else "", objective, len(train_set), f"{tokens_per_step:,}",
                 args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size, seq_len,
                 steps, f"{tokens_per_step * steps:,}", flops / 1e6)
 
@@ -182,8 +199,10 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
     if result is None:
         return trainer
     metrics = trainer.evaluate() if args.eval_strategy != "no" or eval_set else {}
-    save_final(trainer, tokenizer, [model_args, data, args],
-               {"objective": objective, "parameters": count_parameters(model), **result.metrics, **metrics})
+    summary = {"objective": objective, "parameters": count_parameters(model), "peft": peft.peft,
+               "trainable_parameters": count_parameters(model, trainable_only=True), **result.metrics, **metrics}
+    lora.save_trained(trainer, tokenizer, [model_args, peft, data, args], summary, output_dir,
+                      model_args.model_name_or_path)
     return trainer
 
 

@@ -17,6 +17,10 @@ TRL's `assistant_only_loss` reads too); nothing is frozen by default. One tokeni
 (`LanguageModelTrainer`) serve both model types: TRL's `SFTTrainer` builds causal LMs only and truncates at
 `max_length` without counting, while here the length limits are counted and truncate-or-drop is a choice.
 
+`--peft lora` / `--peft qlora` (4-bit base, CUDA) train LoRA adapters instead of the weights (see
+model/training/lora.py); T5's frozen parts get no adapters. The merged model goes into --output_dir as
+always, the adapter and the checkpoints into --output_dir/adapter.
+
 ctrl+c saves a checkpoint and exits; the same command resumes from it. The output directory loads with
 plain AutoModelForSeq2SeqLM / AutoModelForCausalLM and AutoTokenizer.
 """
@@ -31,20 +35,20 @@ from transformers import AutoTokenizer, DataCollatorForSeq2Seq, TrainerCallback,
 
 from model.build import (
     AttentionArguments,
+    added_token_ids,
     check_attention_for_training,
     count_parameters,
     flops_per_token,
     is_seq2seq,
-    load_model,
 )
 from model.inference.generation import generate_replies
+from model.training import lora
 from model.training.runs import claim_output_dir, run_identity
 from model.training.trainer import (
     LanguageModelTrainer,
     ProgressLine,
     TrainArguments,
-    save_final,
-    train_until_done_or_stopped,
+        train_until_done_or_stopped,
 )
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
@@ -52,7 +56,7 @@ from utils.data.conversations import ConversationDataArguments, hold_out, load_c
 from utils.errors import UserError
 from utils.examples.sft_data import OVERLONG, tokenize_conversations
 from utils.logging import setup_logging
-from utils.tokenization.chat_format import default_generation_config
+from utils.tokenization.chat_format import CHAT_TOKENS, default_generation_config
 
 logger = logging.getLogger("sft_train")
 FREEZABLE = ("embeddings", "encoder", "decoder")
@@ -149,15 +153,22 @@ class SampleReplies(TrainerCallback):
 
 def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
     setup_logging()
-    model_args, data, args = parse_config([ModelArguments, DataArguments, TrainArguments], argv,
-                                          default_recipe=recipe_path("sft"), description=__doc__)
+    model_args, peft, data, args = parse_config([ModelArguments, lora.PeftArguments, DataArguments, TrainArguments],
+                                                argv, default_recipe=recipe_path("sft"), description=__doc__)
+    output_dir = lora.adapter_output_dir(args) if peft.enabled else None
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
-    model = load_model(model_args.model_name_or_path, tokenizer, model_args.attn_implementation)
+    model = lora.load_base(model_args.model_name_or_path, tokenizer, peft, model_args.attn_implementation)
     check_attention_for_training(model)
     seq2seq = is_seq2seq(model.config)
     frozen = freeze_parameters(model, model_args.freeze)
-    claim_output_dir(run_identity("sft", model, tokenizer, [model_args, data], args), args)
+    if peft.enabled:
+        vocab = tokenizer.get_vocab()  # rows beside LoRA: an extension's new tokens and the chat tokens
+        rows = {*added_token_ids(model_args.model_name_or_path, tokenizer),
+                *(vocab[token] for token in CHAT_TOKENS if token in vocab)}
+        model = lora.add_adapter(model, peft, sorted(rows), frozen, args.gradient_checkpointing)
+    settings = [model_args, data, peft] if peft.enabled else [model_args, data]  # runs before --peft stay resumable
+    claim_output_dir(run_identity("sft", model, tokenizer, settings, args), args)
 
     conversations = load_conversations(data.train_files, data.data_format, data.dataset_split, data.system_prompt)
     train_conversations, eval_conversations = split_validation(conversations, data, args.seed)
@@ -177,9 +188,10 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
     seq_len = data.max_source_length if seq2seq else data.max_length
     flops = flops_per_token(model.config, seq_len, data.max_target_length if seq2seq else None)
     trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
-    logger.info("model %s: %s trainable of %s parameters (%.1f%%) | frozen: %s | %d train examples | batch %d x "
+    logger.info("model %s: %s trainable of %s parameters (%.1f%%) | frozen: %s%s | %d train examples | batch %d x "
                 "accum %d x %d processes", type(model).__name__, f"{trainable:,}", f"{total:,}",
-                100 * trainable / total, ", ".join(frozen) or "nothing", len(train_set),
+                100 * trainable / total, ", ".join(frozen) or "nothing",
+                f" | {lora.describe_adapter(model)}" if peft.enabled else "", len(train_set),
                 args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size)
 
     samples = SampleReplies(eval_conversations[:data.eval_samples], tokenizer, data.sample_max_new_tokens)
@@ -191,9 +203,11 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
     if result is None:
         return trainer
     metrics = trainer.evaluate() if eval_set is not None else {}
-    save_final(trainer, tokenizer, [model_args, data, args],
-               {"model_type": model.config.model_type, "parameters": total, "trainable_parameters": trainable,
-                "frozen": frozen, "data": asdict(stats), "samples": samples.latest, **result.metrics, **metrics})
+    summary = {"model_type": model.config.model_type, "parameters": total, "trainable_parameters": trainable,
+               "frozen": frozen, "peft": peft.peft, "data": asdict(stats), "samples": samples.latest,
+               **result.metrics, **metrics}
+    lora.save_trained(trainer, tokenizer, [model_args, peft, data, args], summary, output_dir,
+                      model_args.model_name_or_path)
     return trainer
 
 

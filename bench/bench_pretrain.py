@@ -51,7 +51,6 @@ import train_tokenizer  # noqa: E402  (bench/common puts the repo on sys.path)
 from model.build import build_model, count_parameters, model_config  # noqa: E402
 from model.training.trainer import LanguageModelTrainer, TrainArguments  # noqa: E402
 from pre_train import DataArguments, build_datasets  # noqa: E402
-from utils.examples.pretrain_data import TokenStream  # noqa: E402
 
 TRAIN_FILES = ("my_train_dataset_3k.parquet", "my_test_dataset_2k.parquet")
 HELD_OUT_FILE = "my_valid_dataset_1k.parquet"

@@ -68,8 +68,8 @@ ACCELERATE = ("-m", "accelerate.commands.launch", "--config_file", "accelerate.y
 WHEELS = ("transformers", "datasets", "dill", "multiprocess", "fsspec", "regex", "trl", "peft", "accelerate",
           "hjson", "pydantic", "pydantic_core", "annotated_types", "typing_inspection")
 SOURCE_BUILT = ("deepspeed",)
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-             "manylinux1_x86_64")
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
+             "manylinux2014_x86_64", "manylinux1_x86_64")
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def prepare(args) -> None:
     pairs = shared_path(DPO_DATA).read_text(encoding="utf-8").splitlines(keepends=True)[:rows]
     (out / "dpo" / Path(DPO_DATA).name).write_text("".join(pairs), encoding="utf-8")
 
-    wheels = [] if args.quick or args.no_wheels else download_wheels(out / "wheels")
+    wheels = [] if args.quick or args.no_wheels else download_wheels(out / "wheels", pinned=gpu_extras())
     info = {"quick": args.quick, "corpus_mb": corpus.mb, "validation_mb": held_out.mb,
             "sft_rows": len(sft), "dpo_pairs": len(pairs), "wheels": wheels}
     (out / "prepared.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -139,19 +139,27 @@ def prepare(args) -> None:
         "to the GPU machine")
 
 
-def download_wheels(folder: Path) -> list[str]:
-    """Wheels of this .venv's versions of WHEELS (CPython 3.12, manylinux), SOURCE_BUILT, and the GPU-only
-    extras pinned in requirements-gpu.txt (never installed here) into `folder`."""
+def gpu_extras() -> list[str]:
+    """The pinned GPU-only packages of requirements-gpu.txt (Liger kernels), which this CPU .venv never holds."""
+    lines = (REPO / "requirements-gpu.txt").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def download_wheels(folder: Path, names=WHEELS, source_built=SOURCE_BUILT, pinned=()) -> list[str]:
+    """Wheels of this .venv's versions of `names` (CPython 3.12, manylinux), of `pinned` requirements (packages
+    this .venv lacks: the GPU-only extras of requirements-gpu.txt, `gpu_extras()`) and `source_built` into
+    `folder`."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    pins = [f"{name}=={importlib.metadata.version(name)}" for name in WHEELS]
+    pins = [f"{name}=={importlib.metadata.version(name)}" for name in names] + list(pinned)
     platforms = [flag for p in PLATFORMS for flag in ("--platform", p)]
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                    "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(folder), *pins,
-                    "-r", str(REPO / "requirements-gpu.txt")], check=True)
-    built = [f"{name}=={importlib.metadata.version(name)}" for name in SOURCE_BUILT]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "-w", str(folder), *built], check=True, env={**os.environ, "DS_BUILD_OPS": "0"})
+                    "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(folder), *pins],
+                   check=True)
+    built = [f"{name}=={importlib.metadata.version(name)}" for name in source_built]
+    if built:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                        "-w", str(folder), *built], check=True, env={**os.environ, "DS_BUILD_OPS": "0"})
     return sorted(p.name for p in folder.glob("*.whl"))
 
 
@@ -294,13 +302,14 @@ def compare_resume(resumed: dict, reference: dict, stopped_at: int | None) -> di
             "identical": bool(after) and all(resumed["losses"][s] == reference["losses"][s] for s in common)}
 
 
-def environment(smoke: bool) -> dict:
-    """The device and library versions; imports what the runs need, so a missing wheel shows here, at once."""
+def environment(smoke: bool, extra: tuple[str, ...] = ("deepspeed",)) -> dict:
+    """The device and library versions; imports what the runs need (`extra`: on the GPU only), so a missing wheel
+    shows here, at once."""
     import torch
     import transformers
 
     versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__}
-    for name in ("accelerate", "datasets", "trl", "peft", *([] if smoke else ["deepspeed"])):
+    for name in ("accelerate", "datasets", "trl", "peft", *([] if smoke else extra)):
         if not smoke:  # on the GPU machine: fail here, at once, on a wheel that is missing or does not fit
             __import__(name)
         versions[name] = importlib.metadata.version(name)
@@ -312,14 +321,20 @@ def environment(smoke: bool) -> dict:
             "smoke": smoke, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
+def input_and_runs(args, script: str, root: Path) -> tuple[Path, Path]:
+    """(what `prepare` wrote, a fresh folder for the runs' outputs) of a `run` command of `script`."""
+    data = Path(args.input or root / ("input_quick" if args.smoke else "input"))
+    if not (data / "tokenizer").is_dir():
+        sys.exit(f"error: {data / 'tokenizer'} not found; run `bench/{script} prepare"
+                 f"{' --quick' if args.smoke else ''}` first (and carry its folder to this machine)")
+    runs = Path(args.runs_dir or root / "runs" / (time.strftime("%Y%m%d-%H%M%S") + ("-smoke" if args.smoke else "")))
+    runs.mkdir(parents=True, exist_ok=False)  # fresh output directories: stages refuse another run's
+    return data, runs
+
+
 def run(args) -> None:
     sizes = SMOKE if args.smoke else FULL
-    data = Path(args.input or (INPUT_QUICK if args.smoke else INPUT))
-    if not (data / "tokenizer").is_dir():
-        sys.exit(f"error: {data / 'tokenizer'} not found; run `bench/gpu_recipes.py prepare"
-                 f"{' --quick' if args.smoke else ''}` first (and carry its folder to this machine)")
-    runs = Path(args.runs_dir or ROOT / "runs" / (time.strftime("%Y%m%d-%H%M%S") + ("-smoke" if args.smoke else "")))
-    runs.mkdir(parents=True, exist_ok=False)  # fresh output directories: stages refuse another run's
+    data, runs = input_and_runs(args, "gpu_recipes.py", ROOT)
     budget_s = args.budget_s or sizes.budget_s
     deadline = time.perf_counter() + budget_s
     results = {"environment": environment(args.smoke), "argv": sys.argv[1:], "runs_dir": str(runs),
@@ -441,14 +456,22 @@ def report(args) -> None:
     ])
     if args.notes:
         body += "\n\n" + Path(args.notes).read_text(encoding="utf-8").strip()
+    write_gpu_section("gpu_recipes.py", "Default recipes on a GPU: losses, tokens/s, memory, ctrl+c resume", body,
+                      results, args.markdown)
+
+
+def write_gpu_section(script: str, title: str, body: str, results: dict, markdown: str | None) -> None:
+    """Print `body` and write it as `script`'s section of docs/BENCHMARKS.md (or of `markdown`), naming the
+    GPU machine and the library versions the results were measured with."""
+    import common
+
     print(body)
-    versions = env["versions"]
+    env = results["environment"]
     machine = (f"1x {env['device']} (lent GPU machine, {env['cpu_cores']} CPU cores), Python {env['python']}"
                if not env["smoke"] else None)
-    libraries = ", ".join(f"{name} {version}" for name, version in versions.items() if version)
-    common.write_section("gpu_recipes.py", "Default recipes on a GPU: losses, tokens/s, memory, ctrl+c resume",
-                         [], body, argv=results["argv"], date=env["date"], machine=machine, libraries=libraries,
-                         markdown=Path(args.markdown) if args.markdown else None)
+    libraries = ", ".join(f"{name} {version}" for name, version in env["versions"].items() if version)
+    common.write_section(script, title, [], body, argv=results["argv"], date=env["date"], machine=machine,
+                         libraries=libraries, markdown=Path(markdown) if markdown else None)
 
 
 def main(argv: list[str] | None = None) -> None:

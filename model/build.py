@@ -235,17 +235,28 @@ def check_tokenizer_keeps_ids(path: str, tokenizer: PreTrainedTokenizerBase) -> 
                             f"(train_tokenizer.py --extend {path})")
 
 
-def load_model(path: str, tokenizer: PreTrainedTokenizerBase, attn_implementation: str = "sdpa") -> PreTrainedModel:
+def added_token_ids(path: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids of the tokens `tokenizer` has and the model's own tokenizer (saved in `path`) lacks: the tokens an
+    extended tokenizer added, whose embedding rows `load_model` appends. Empty when `path` holds no tokenizer."""
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        return []
+    base = AutoTokenizer.from_pretrained(path).get_vocab()
+    return sorted(i for token, i in tokenizer.get_vocab().items() if token not in base)
+
+
+def load_model(path: str, tokenizer: PreTrainedTokenizerBase, attn_implementation: str = "sdpa",
+               **load_options) -> PreTrainedModel:
     """Load an HF checkpoint to continue training; grow its embeddings to fit an extended tokenizer.
 
     The tokenizer must keep the ids of the model's own tokenizer (`check_tokenizer_keeps_ids`). New
     embedding rows start at the mean of the existing rows (so new tokens begin as an "average" token
-    instead of noise); existing rows are untouched.
+    instead of noise); existing rows are untouched. `load_options` go to `from_pretrained` (QLoRA's 4-bit
+    quantisation, a dtype).
     """
     check_tokenizer_keeps_ids(path, tokenizer)
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForSeq2SeqLM if is_seq2seq(config) else AutoModelForCausalLM
-    model = auto.from_pretrained(path, attn_implementation=register_attention(attn_implementation))
+    model = auto.from_pretrained(path, attn_implementation=register_attention(attn_implementation), **load_options)
     old = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > old:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=True)

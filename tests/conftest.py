@@ -3,6 +3,7 @@ and a tiny tokenizer trained once per session."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -81,8 +83,6 @@ def make_documents(count: int, seed: int = 0, sentences_per_doc: int = 8) -> lis
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     """A jsonl corpus of original text, large enough for a few hundred BPE merges."""
-    import json
-
     path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
     with open(path, "w", encoding="utf-8") as handle:
         for text in make_documents(200):
@@ -100,8 +100,9 @@ def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
     return out
 
 
-def pretrain_tiny(preset: str, corpus: Path, tokenizer: Path, output: Path, steps: int = 30) -> Path:
-    """Pretrain a tiny model of `preset` (t5-tiny / llama-tiny) for `steps` steps; returns its directory."""
+def pretrain_tiny(preset: str, corpus: Path, tokenizer: Path, output: Path, steps: int = 30, *extra: str) -> Path:
+    """Pretrain a tiny model of `preset` (t5-tiny / llama-tiny) for `steps` steps (`extra`: more flags); returns
+    its directory."""
     import pre_train
 
     pre_train.main(["--config", "none", "--model_config", preset, "--tokenizer_name_or_path", str(tokenizer),
@@ -109,7 +110,7 @@ def pretrain_tiny(preset: str, corpus: Path, tokenizer: Path, output: Path, step
                     "--block_size", "64", "--max_source_length", "64", "--per_device_train_batch_size", "4",
                     "--max_steps", str(steps), "--learning_rate", "3e-3", "--logging_steps", "10",
                     "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--seed", "3",
-                    "--preprocessing_num_workers", "1"])
+                    "--preprocessing_num_workers", "1", *extra])
     return output
 
 
@@ -124,3 +125,16 @@ def tiny_t5(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
 def tiny_llama(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
     """A tiny pretrained Llama directory (model + tokenizer with the chat template), built once per session."""
     return pretrain_tiny("llama-tiny", tiny_corpus, tiny_tokenizer, tmp_path_factory.mktemp("llama") / "model")
+
+
+def lora_deltas(adapter_dir: Path) -> dict:
+    """{base weight name: scaling * B @ A} from a saved LoRA adapter."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    scaling = config["lora_alpha"] / config["r"]
+    deltas = {}
+    for key, a in weights.items():
+        if ".lora_A." in key:
+            module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+            deltas[f"{module}.weight"] = scaling * weights[key.replace(".lora_A.", ".lora_B.")] @ a
+    return deltas

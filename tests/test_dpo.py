@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, run_until_interrupted, shared_path
+from conftest import REPO, lora_deltas, run_until_interrupted, shared_path
 from datasets import Dataset
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -23,12 +23,12 @@ from dpo_train import DataArguments, ModelArguments
 from model.training.dpo import (
     DataCollatorForSeq2SeqPreference,
     DPOArguments,
-    LoraArguments,
     add_seq2seq_fused_lm_head,
-    holds_model,
     prepare_preferences,
     tokenize_preference,
 )
+from model.training.lora import LoraArguments
+from model.training.runs import holds_model
 from utils.config import parse_config
 from utils.data.conversations import load_preferences
 from utils.errors import UserError
@@ -100,19 +100,6 @@ def test_trl_reward_metrics_are_logged(trained):
             "logps/rejected", "entropy", "mean_token_accuracy"}
     assert keys <= set(trained["history"][-1])
     assert {f"eval_{k}" for k in keys} <= set(trained["summary"])
-
-
-def lora_deltas(adapter_dir):
-    """{base weight name: scaling * B @ A} from a saved LoRA adapter."""
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    weights = load_file(adapter_dir / "adapter_model.safetensors")
-    scaling = config["lora_alpha"] / config["r"]
-    deltas = {}
-    for key, a in weights.items():
-        if ".lora_A." in key:
-            module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
-            deltas[f"{module}.weight"] = scaling * weights[key.replace(".lora_A.", ".lora_B.")] @ a
-    return deltas
 
 
 def test_base_untouched_and_merged_model_equals_the_adapter(trained):

@@ -2,15 +2,26 @@
 outputs, with only sizes (tiny presets, a few steps, small evaluation / save intervals, small batches)
 and paths overridden. Whatever else a recipe sets — length grouping, accumulation, dataloader workers,
 cosine warmup as a share of steps, TensorBoard, checkpoint rotation — runs here as it does for a user.
-(The demo recipes in config/demo/ run in test_demo.py; serve.yaml in test_serve.py.)"""
+The Chinese-LLaMA recipe (config/chinese_llama/) runs end to end on a tiny Llama of our own standing in for
+the public base. (The demo recipes in config/demo/ run in test_demo.py; serve.yaml in test_serve.py.)"""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
-from conftest import run_script, shared_path
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+import torch
+from conftest import lora_deltas, make_documents, pretrain_tiny, run_script, shared_path
+from peft import PeftModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
+
+from model.build import added_token_ids, load_model
 
 STEPS = ["--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1"]
 
@@ -113,3 +124,128 @@ def test_grpo_recipe(tiny_llama, tmp_path):
     summary = trained(output / "adapter")
     assert {"eval_rewards/exact_answer/mean", "eval_rewards/format/mean"} <= set(summary)
     assert not any("lora" in n for n, _ in AutoModelForCausalLM.from_pretrained(output).named_parameters())
+
+
+# The Chinese-LLaMA recipe (config/chinese_llama/, README "The Chinese-LLaMA recipe") on a tiny Llama of our own
+# standing in for the public base: a small tokenizer that spells most Chinese characters as bytes, and an
+# untied LM head, as Llama-2 has.
+SYSTEM_PROMPT = "You are a helpful assistant. 你是一个乐于助人的助手。"
+
+
+def chinese_llama_recipe(stage: str) -> list[str]:
+    return ["--config", f"config/chinese_llama/{stage}.yaml"]
+
+
+def bits_per_character(model, tokenizer, texts: list[str]) -> float:
+    """Cross-entropy of `texts` in bits per character of the text the predicted tokens spell (comparable
+    across tokenizers)."""
+    bits = chars = 0.0
+    for text in texts:
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=ids).loss.item()
+        bits += loss * (ids.shape[1] - 1) / math.log(2)
+        chars += len(tokenizer.decode(ids[0, 1:]))
+    return bits / chars
+
+
+@pytest.fixture(scope="module")
+def chinese_llama(tiny_corpus, tmp_path_factory):
+    """The stand-in base, then the three recipes chained (sizes and paths overridden), each in-process."""
+    import pre_train
+    import sft_train
+    import train_tokenizer
+
+    root = tmp_path_factory.mktemp("chinese_llama")
+    train_tokenizer.main(["--config", "none", "--input", str(tiny_corpus), "--vocab_size", "384", "--num_sentinels",
+                          "0", "--min_frequency", "1", "--output_dir", str(root / "base_tokenizer")])
+    base = pretrain_tiny("llama-tiny", tiny_corpus, root / "base_tokenizer", root / "base", 30,
+                         "--model_overrides", '{"tie_word_embeddings": false}')
+    held_out = root / "held_out.jsonl"  # documents the training corpus does not hold
+    held_out.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                                for t in make_documents(8, seed=99, sentences_per_doc=3)), encoding="utf-8")
+
+    train_tokenizer.main([*chinese_llama_recipe("tokenizer"), "--extend", str(base), "--input", str(tiny_corpus),
+                          "--output_dir", str(root / "tokenizer_zh"), "--vocab_size", "1024"])
+    pretrain = pre_train.main([
+        *chinese_llama_recipe("pretrain"), "--model_name_or_path", str(base), "--tokenizer_name_or_path",
+        str(root / "tokenizer_zh"), "--train_files", str(tiny_corpus), "--validation_files", str(held_out),
+        "--output_dir", str(root / "pretrain"), "--block_size", "32", "--per_device_train_batch_size", "1",
+        "--lora_r", "8", "--preprocessing_num_workers", "1", "--max_steps", "12", "--eval_steps", "6",
+        "--save_steps", "6", "--logging_steps", "1"])
+    sft = sft_train.main([
+        *chinese_llama_recipe("sft"), "--model_name_or_path", str(root / "pretrain"), "--train_files",
+        str(shared_path("sft/llamafactory_alpaca_zh_demo.json")), "--output_dir", str(root / "sft"),
+        "--per_device_train_batch_size", "1", "--max_length", "128", "--lora_r", "8",
+        "--preprocessing_num_workers", "1", "--sample_max_new_tokens", "8", *STEPS])
+    return {"root": root, "base": base, "corpus": tiny_corpus, "held_out": held_out, "pretrain": pretrain, "sft": sft}
+
+
+def test_chinese_llama_extended_tokenizer_keeps_the_base_ids(chinese_llama):
+    root = chinese_llama["root"]
+    base = AutoTokenizer.from_pretrained(root / "base_tokenizer")
+    extended = AutoTokenizer.from_pretrained(root / "tokenizer_zh")
+    assert len(extended) > len(base) + 300
+    assert extended.convert_ids_to_tokens(list(range(len(base)))) == base.convert_ids_to_tokens(list(range(len(base))))
+    for line in chinese_llama["held_out"].read_text(encoding="utf-8").splitlines():
+        text = json.loads(line)["text"]
+        old = base(text, add_special_tokens=False)["input_ids"]
+        assert extended.decode(old) == base.decode(old) == text  # the base's ids still spell the same text
+        assert len(extended(text, add_special_tokens=False)["input_ids"]) < 0.6 * len(old)
+
+
+def test_chinese_llama_pretraining_trains_lora_and_the_new_rows(chinese_llama):
+    output = chinese_llama["root"] / "pretrain"
+    trained(output / "adapter", steps=12)  # the recipe's run: evaluated, checkpointed, TensorBoard, in adapter/
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    base = AutoModelForCausalLM.from_pretrained(chinese_llama["base"]).eval()
+    merged = AutoModelForCausalLM.from_pretrained(output).eval()
+    assert not any("lora" in name or "token_adapter" in name for name, _ in merged.named_parameters())
+    new = added_token_ids(str(chinese_llama["base"]), tokenizer)
+    assert new == list(range(len(AutoTokenizer.from_pretrained(chinese_llama["base"])), len(tokenizer)))
+
+    # LoRA leaves the base untouched until the merge: merged = base + B A on the adapted projections; the
+    # embeddings and the (untied) LM head changed only in the new tokens' rows; all else bit-equal
+    deltas, state = lora_deltas(output / "adapter"), merged.state_dict()
+    assert len(deltas) == 2 * 7
+    seen = set(new) & {i for line in chinese_llama["corpus"].read_text(encoding="utf-8").splitlines()
+                       for i in tokenizer(json.loads(line)["text"], add_special_tokens=False)["input_ids"]}
+    assert len(seen) > 20  # new tokens the training text holds (BPE's intermediate merges never appear)
+    for name, weight in base.state_dict().items():
+        if name in deltas:
+            assert torch.allclose(state[name] - weight, deltas[name], atol=1e-6), name
+        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+            old = [i for i in range(len(weight)) if i not in set(new)]
+            assert torch.equal(state[name][old], weight[old]), name
+            # load_model's mean resizing starts each new row at the old rows' mean (+ noise of ~1e-6); the input
+            # rows of tokens in the text and every output row (softmax) moved from there
+            moved = (state[name][new] - weight.float().mean(0)).abs().amax(1) > 1e-4
+            assert moved.all() if name == "lm_head.weight" else moved[[new.index(i) for i in seen]].all(), name
+        else:
+            assert torch.equal(state[name], weight), name
+    assert merged.lm_head.weight.data_ptr() != merged.model.embed_tokens.weight.data_ptr()  # still untied
+
+    # merged == the adapter on the resized base, and held-out Chinese got cheaper than at the start
+    texts = [json.loads(line)["text"] for line in chinese_llama["held_out"].read_text(encoding="utf-8").splitlines()]
+    resized = load_model(str(chinese_llama["base"]), tokenizer).eval()
+    start = bits_per_character(resized, tokenizer, texts)
+    adapted = PeftModel.from_pretrained(resized, output / "adapter").eval()
+    ids = torch.tensor([tokenizer(texts[0], add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(adapted(input_ids=ids).logits[..., :len(tokenizer)],
+                              merged(input_ids=ids).logits[..., :len(tokenizer)], atol=1e-5)
+    assert bits_per_character(merged, tokenizer, texts) < start - 0.05  # 2.44 -> 2.32 when written
+
+
+def test_chinese_llama_sft_opens_with_the_system_message(chinese_llama):
+    output = chinese_llama["root"] / "sft"
+    summary = trained(output / "adapter")
+    assert summary["peft"] == "lora"
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    first = tokenizer.decode(chinese_llama["sft"].train_dataset[0]["input_ids"])
+    assert first.startswith(f"<|system|>\n{SYSTEM_PROMPT}<|end|>")
+    model = AutoModelForCausalLM.from_pretrained(output)
+    ids = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
+                                         {"role": "user", "content": "你好"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    assert model.generate(input_ids=ids, max_new_tokens=4, do_sample=False).shape[-1] > ids.shape[-1]

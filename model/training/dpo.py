@@ -32,12 +32,10 @@ from __future__ import annotations
 
 import logging
 import types
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
-from peft import LoraConfig, TaskType
 from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel
 from trl import DPOConfig, DPOTrainer
@@ -45,62 +43,18 @@ from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.utils import FusedCausalLMOutput
 
 from model.build import is_seq2seq
-from model.training.runs import holds_model
 from model.training.trainer import AtomicCheckpointMixin, ExactEvalLossMixin, RunArguments
 from utils.errors import UserError
 from utils.tokenization.chat_format import answer_ids, render_prompt
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"
-# Attention and feed-forward projections; lm_head is left out (TRL reads its weight directly).
-LORA_TARGETS = {
-    "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],  # wi_0/wi_1: gated-GELU feed-forward
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
 _LOGPROB_CHUNK = 32768  # vocabulary columns per tile of the chunked LM head (TRL's default)
 
 
 @dataclass
 class DPOArguments(RunArguments, DPOConfig):
     """TRL's `DPOConfig` plus the toolkit's `--no_resume` / `--precision` / `--overwrite_output_dir`."""
-
-
-@dataclass
-class LoraArguments:
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank (columns of A, rows of B)."})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator: updates are scaled by "
-                                                              "lora_alpha / lora_r."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input (0 = none)."})
-    lora_target_modules: list[str] = field(default_factory=list, metadata={
-        "help": "Module names to adapt; empty = attention + feed-forward: T5 q k v o wi wo (wi_0 wi_1 when "
-                "gated), Llama q_proj k_proj v_proj o_proj gate_proj up_proj down_proj."})
-
-    def __post_init__(self):
-        if self.lora_r < 1:
-            raise ValueError(f"--lora_r must be at least 1, not {self.lora_r}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"--lora_dropout must be in [0, 1), not {self.lora_dropout}")
-
-    def config_for(self, model: PreTrainedModel) -> LoraConfig:
-        """The LoRA config for `model`: the given target modules, or the architecture's defaults that exist."""
-        present = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear)}
-        targets = self.lora_target_modules or [t for t in LORA_TARGETS.get(model.config.model_type, []) if t in present]
-        missing = [t for t in targets if t not in present]
-        if not targets or missing:
-            raise UserError(f"LoRA target modules not in the model: {', '.join(missing) or '(none given)'}",
-                            field="lora_target_modules",
-                            fix=f"choose among the model's linear layers: {', '.join(sorted(present))}")
-        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=targets, bias="none",
-                          task_type=TaskType.SEQ_2_SEQ_LM if is_seq2seq(model.config) else TaskType.CAUSAL_LM)
-
-
-def refuse_existing_model(output_dir: str | Path, overwrite: bool) -> None:
-    if holds_model(output_dir) and not overwrite:
-        raise UserError("the output directory already holds a model", path=str(output_dir), field="output_dir",
-                        fix="pass --overwrite_output_dir to replace it, or choose another --output_dir")
 
 
 def tokenize_preference(example: dict, tokenizer, max_prompt_length: int, max_completion_length: int) -> dict:
@@ -210,15 +164,6 @@ def add_seq2seq_fused_lm_head(model: PreTrainedModel) -> None:
     model.forward = types.MethodType(_seq2seq_fused_forward, model)
 
 
-def merge_lora(trainer) -> PreTrainedModel:
-    """A LoRA trainer's adapter merged into the base (`merge_and_unload`): a plain model again, without the
-    instance `forward` that TRL (causal LMs) or `add_seq2seq_fused_lm_head` (T5) put on it for the fused LM
-    head. DPO and GRPO save it as their final model."""
-    merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-    merged.__dict__.pop("forward", None)
-    return merged
-
-
 class PreferenceTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, DPOTrainer):
     """TRL's `DPOTrainer` with atomic checkpoints, the toolkit's chat-template tokenisation
     (`tokenize_preference`) for both architectures, the encoder-decoder extension for T5 (see the
@@ -236,9 +181,6 @@ class PreferenceTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, DPOTrainer):
                                                              tokenizer.pad_token_id if start is None else start)
         super().__init__(model=model, data_collator=data_collator, **kwargs)
         self._install_seq2seq_head()
-
-    def merged_model(self) -> PreTrainedModel:
-        return merge_lora(self)
 
     def _install_seq2seq_head(self) -> None:
         if self.seq2seq:

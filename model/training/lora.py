@@ -1,0 +1,249 @@
+"""LoRA and QLoRA for every training stage (DPO, SFT, continued pretraining): one definition of the adapter
+flags, the 4-bit base of QLoRA, which embedding rows train beside the adapter, and the merge back into a
+plain model.
+
+    python sft_train.py --peft lora                     # LoRA adapters on the frozen base
+    python sft_train.py --peft qlora                    # the same on a 4-bit NF4 base (CUDA + bitsandbytes)
+    python pre_train.py --model_name_or_path BASE --tokenizer_name_or_path EXTENDED --peft lora   # Chinese-LLaMA
+
+Output (as DPO always wrote it): the merged model in --output_dir, loading with plain AutoModelForCausalLM /
+AutoModelForSeq2SeqLM; the adapter (`adapter_config.json`, `adapter_model.safetensors`) and the checkpoints in
+--output_dir/adapter.
+
+Embeddings. With a tokenizer extended by `train_tokenizer.py --extend`, `model.build.load_model` appends rows
+to the embeddings and the LM head, and those rows must learn (LoRA on the attention and feed-forward layers
+cannot teach the model a token it has no vector for). `--lora_embeddings rows` (default) trains exactly the
+rows of the new tokens, in the input embeddings and the LM head, through PEFT's `trainable_token_indices`:
+the base's own rows stay bit-equal, and on a 7B Llama extended by 18k tokens this trains 148M embedding
+parameters instead of the 410M of both whole matrices (`all`, PEFT's `modules_to_save`, Chinese-LLaMA's
+choice: 6.6 GB of fp32 weights, gradients and Adam moments instead of 2.4 GB, which is what decides whether
+LoRA fits a 24 GB card; README "The Chinese-LLaMA recipe"). `none` keeps them frozen. SFT adds the chat
+format's role and end-of-turn tokens to those rows: pretraining text never holds them, so their vectors are
+still the ones they started with, and they are the tokens SFT teaches. T5 ties one `shared` matrix into
+encoder, decoder and LM head, which PEFT's trainable rows and module copies do not keep tied through the
+merge (merged logits differ from the adapter's), so T5 training rows beside LoRA is refused.
+
+QLoRA. The base is loaded in 4-bit NF4 with double quantisation and bf16 compute (bitsandbytes, CUDA only;
+`--peft qlora` on a machine without CUDA is refused); the adapter and the trainable rows stay in higher
+precision. For the output the adapter is *not* merged into the 4-bit weights (the sum would be rounded to
+NF4 again): the base is reloaded unquantised in its own dtype (`dtype="auto"`: bf16 for hub Llamas, fp32
+for the toolkit's models) on the CPU, the saved adapter is applied (`PeftModel.from_pretrained`) and merged
+(`merge_and_unload`), as the QLoRA paper and PEFT's documentation do.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
+from transformers import BitsAndBytesConfig, PreTrainedModel, Trainer
+
+from model.build import is_seq2seq, load_model
+from model.training.runs import holds_model
+from model.training.trainer import save_final
+from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+PEFT_METHODS = ("none", "lora", "qlora")
+EMBEDDING_MODES = ("rows", "all", "none")
+# Attention and feed-forward projections; lm_head is left out (TRL reads its weight directly).
+LORA_TARGETS = {
+    "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],  # wi_0/wi_1: gated-GELU feed-forward
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+BITSANDBYTES = "bitsandbytes>=0.45"  # GPU only: not in requirements.txt (README "Installing on a GPU machine")
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (columns of A, rows of B)."})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator: updates are scaled by "
+                                                              "lora_alpha / lora_r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input (0 = none)."})
+    lora_target_modules: list[str] = field(default_factory=list, metadata={
+        "help": "Module names to adapt; empty = attention + feed-forward: T5 q k v o wi wo (wi_0 wi_1 when "
+                "gated), Llama q_proj k_proj v_proj o_proj gate_proj up_proj down_proj."})
+
+    def __post_init__(self):
+        if self.lora_r < 1:
+            raise ValueError(f"--lora_r must be at least 1, not {self.lora_r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora_dropout must be in [0, 1), not {self.lora_dropout}")
+
+    def config_for(self, model: PreTrainedModel, frozen: Sequence[str] = ()) -> LoraConfig:
+        """The LoRA config for `model`: the given target modules, or the architecture's defaults that exist;
+        none inside the T5 parts named in `frozen` ("encoder", "decoder": see sft_train.py --freeze)."""
+        linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+        present = {name.rsplit(".", 1)[-1] for name in linear}
+        targets = self.lora_target_modules or [t for t in LORA_TARGETS.get(model.config.model_type, []) if t in present]
+        missing = [t for t in targets if t not in present]
+        if not targets or missing:
+            raise UserError(f"LoRA target modules not in the model: {', '.join(missing) or '(none given)'}",
+                            field="lora_target_modules",
+                            fix=f"choose among the model's linear layers: {', '.join(sorted(present))}")
+        skipped = tuple(f"{part}." for part in frozen if part in ("encoder", "decoder"))
+        if skipped:  # full module names: a frozen stack gets no adapters
+            targets = [name for name in linear if name.rsplit(".", 1)[-1] in targets and not name.startswith(skipped)]
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=targets, bias="none",
+                          task_type=TaskType.SEQ_2_SEQ_LM if is_seq2seq(model.config) else TaskType.CAUSAL_LM)
+
+
+@dataclass
+class PeftArguments(LoraArguments):
+    """`--peft` for the stages that can also train every weight (SFT, continued pretraining)."""
+
+    peft: str = field(default="none", metadata={
+        "help": "none (train the weights themselves), lora (LoRA adapters on the frozen base) or qlora (the same "
+                "on a 4-bit NF4 base; CUDA and bitsandbytes only). The output is always a merged plain model."})
+    lora_embeddings: str = field(default="rows", metadata={
+        "help": "With --peft lora/qlora, which embedding and LM-head weights train beside the adapters: rows (those "
+                "of the tokens an extended tokenizer added, and in SFT of the chat tokens), all (both whole "
+                "matrices), none."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.peft not in PEFT_METHODS:
+            raise ValueError(f"--peft must be one of {', '.join(PEFT_METHODS)}, not '{self.peft}'")
+        if self.lora_embeddings not in EMBEDDING_MODES:
+            raise ValueError(f"--lora_embeddings must be one of {', '.join(EMBEDDING_MODES)}, "
+                             f"not '{self.lora_embeddings}'")
+        if self.peft == "qlora":
+            check_qlora_available()
+
+    @property
+    def enabled(self) -> bool:
+        return self.peft != "none"
+
+    def config_for(self, model: PreTrainedModel, frozen: Sequence[str] = (),
+                   new_tokens: Sequence[int] = ()) -> LoraConfig:
+        """LoRA's config plus the embedding rows that train (see the module docstring); `frozen` naming
+        "embeddings" (sft_train.py --freeze) keeps them frozen."""
+        config = super().config_for(model, frozen)
+        mode = "none" if "embeddings" in frozen else self.lora_embeddings
+        if mode == "none" or (mode == "rows" and not new_tokens):
+            return config
+        if is_seq2seq(model.config):
+            raise UserError(f"T5 cannot train {'token rows' if mode == 'rows' else 'its embeddings'} beside "
+                            "LoRA: PEFT does not keep T5's shared embedding tied to encoder, decoder and LM head "
+                            "through the merge", field="lora_embeddings",
+                            fix="train every weight (--peft none), or keep the embeddings frozen "
+                                "(--lora_embeddings none)")
+        names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+        inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+        tied = outputs is not None and outputs.weight is inputs.weight
+        modules = [names[inputs]] + ([] if tied or outputs is None else [names[outputs]])
+        if mode == "rows":  # PEFT follows a tied LM head by itself
+            config.trainable_token_indices = {name: sorted(new_tokens) for name in modules}
+        else:
+            config.modules_to_save, config.ensure_weight_tying = modules, tied
+        return config
+
+
+def check_qlora_available() -> None:
+    """Refuse `--peft qlora` where it cannot run: bitsandbytes' 4-bit layers need CUDA."""
+    if not torch.cuda.is_available():
+        raise UserError("--peft qlora needs a CUDA GPU: bitsandbytes' 4-bit NF4 layers run on CUDA only",
+                        field="peft", fix="use --peft lora here (the same adapters on an unquantised base), or "
+                                          f"run on a CUDA machine with `pip install '{BITSANDBYTES}'`")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("--peft qlora needs the bitsandbytes package, which is not installed", field="peft",
+                        fix=f"pip install '{BITSANDBYTES}' (GPU machines only; README \"Installing on a GPU machine\")")
+
+
+def load_base(path: str, tokenizer, peft: PeftArguments, attn_implementation: str = "sdpa") -> PreTrainedModel:
+    """`model.build.load_model`, in 4-bit NF4 on this process's GPU for QLoRA (bf16 compute, double
+    quantisation: the QLoRA paper's settings). Embeddings and the LM head stay unquantised, so an extended
+    tokenizer's rows can be appended and trained."""
+    if peft.peft != "qlora":
+        return load_model(path, tokenizer, attn_implementation)
+    four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    return load_model(path, tokenizer, attn_implementation, quantization_config=four_bit, dtype=torch.bfloat16,
+                      device_map={"": PartialState().local_process_index})
+
+
+def add_adapter(model: PreTrainedModel, peft: PeftArguments, new_tokens: Sequence[int] = (),
+                frozen: Sequence[str] = (), gradient_checkpointing: bool = False) -> PeftModel:
+    """Wrap `model` in a LoRA adapter (`PeftArguments.config_for`); the base weights are frozen."""
+    if peft.peft == "qlora":  # norms in fp32, inputs requiring grad for checkpointing
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input with grad
+    return get_peft_model(model, peft.config_for(model, frozen, new_tokens))
+
+
+def describe_adapter(model: PeftModel) -> str:
+    """`lora r=16 alpha 32 on q_proj,v_proj | trained embedding rows: 384 (embed_tokens, lm_head)` for the log."""
+    config = model.peft_config["default"]
+    targets = config.target_modules if isinstance(config.target_modules, str) else \
+        ",".join(sorted({name.rsplit(".", 1)[-1] for name in config.target_modules}))
+    text = f"{'qlora' if is_quantized(model) else 'lora'} r={config.r} alpha {config.lora_alpha:g} on {targets}"
+    if config.trainable_token_indices:
+        rows = next(iter(config.trainable_token_indices.values()))
+        text += f" | trained embedding rows: {len(rows):,} tokens ({', '.join(config.trainable_token_indices)})"
+    elif config.modules_to_save:
+        text += f" | trained whole: {', '.join(config.modules_to_save)}"
+    return text
+
+
+def refuse_existing_model(output_dir: str | Path, overwrite: bool) -> None:
+    if holds_model(output_dir) and not overwrite:
+        raise UserError("the output directory already holds a model", path=str(output_dir), field="output_dir",
+                        fix="pass --overwrite_output_dir to replace it, or choose another --output_dir")
+
+
+def adapter_output_dir(args) -> Path:
+    """For a run that trains an adapter: refuse a model already in --output_dir, and point the trainer at
+    --output_dir/adapter (checkpoints and the adapter). Returns --output_dir, where the merged model goes."""
+    output_dir = Path(args.output_dir)
+    refuse_existing_model(output_dir, args.overwrite_output_dir)
+    args.output_dir = str(output_dir / ADAPTER_DIR)
+    return output_dir
+
+
+def merge_adapter(model: PeftModel) -> PreTrainedModel:
+    """The adapter merged into the base (`merge_and_unload`): a plain model again, without an instance
+    `forward` put on it for training (TRL's fused LM head, or `model.training.dpo`'s for T5)."""
+    merged = model.merge_and_unload()
+    merged.__dict__.pop("forward", None)
+    return merged
+
+
+def is_quantized(model) -> bool:
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return getattr(base, "hf_quantizer", None) is not None
+
+
+def merge_into_unquantised(base_path: str, tokenizer, adapter_dir: str | Path) -> PreTrainedModel:
+    """The saved adapter applied to the base reloaded in its own dtype (resized for `tokenizer` as in
+    training) and merged: the QLoRA output (see the module docstring)."""
+    base = load_model(base_path, tokenizer, dtype="auto")
+    return merge_adapter(PeftModel.from_pretrained(base, adapter_dir))
+
+
+def save_trained(trainer: Trainer, tokenizer, configs: list, summary: dict, output_dir: Path | None,
+                 base_path: str | None) -> Path:
+    """The final save of a training stage: `save_final` of the trained model when `output_dir` is None (no
+    adapter); else the adapter (with `save_final`'s records) into the trainer's --output_dir/adapter, then the
+    merged model into `output_dir` (the command's --output_dir, see `adapter_output_dir`, which `config.yaml`
+    records in both). A 4-bit base is merged through `merge_into_unquantised`; any other in memory."""
+    if output_dir is None:
+        return save_final(trainer, tokenizer, configs, summary)
+    recorded = {"output_dir": str(output_dir)}
+    adapter = save_final(trainer, tokenizer, configs, summary, config_overrides=recorded)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not is_quantized(model):
+        merged = merge_adapter(model)
+    else:  # only the main process saves, so only it reloads the base
+        merged = merge_into_unquantised(base_path, tokenizer, adapter) if trainer.is_world_process_zero() else model
+    return save_final(trainer, tokenizer, configs, summary, output_dir=output_dir, model=merged,
+                      config_overrides=recorded)
