@@ -123,6 +123,73 @@ def test_dedup_removes_near_duplicates_and_keeps_reordered_text(tmp_path):
     assert not any("㐀" in text for text in kept)
 
 
+POEMS = [{"title": "静夜思", "author": "李白", "paragraphs": ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。"]},
+         {"title": "春晓", "author": "孟浩然", "paragraphs": ["春眠不觉晓，处处闻啼鸟。", "夜来风雨声，花落知多少。"]}]
+
+
+def shaped(*args, output):
+    """prepare() keeping every document as it is (no t2s, filter, dedup or validation split)."""
+    prepare(*args, "--opencc_config", "none", "--min_chars", "1", "--min_cjk_ratio", "0", "--dedup", "false",
+            "--validation_ratio", "0", "--num_proc", "1", output=output)
+    return sorted(r["text"] for r in read_corpus(output))
+
+
+def test_json_array_list_column_several_columns_and_nested_fields(tmp_path):
+    """WuDao (one JSON array of objects), chinese-poetry (a list of lines, with its title), nested fields
+    in JSON and parquet, several columns from the command line or as a YAML list."""
+    import pyarrow as pa
+
+    wudao = _write(tmp_path / "part-2021.json", json.dumps(
+        [{"id": 1, "title": "标题一", "content": "第一篇正文。"}, {"id": 2, "title": "标题二", "content": "第二篇。"}],
+        ensure_ascii=False, indent=4))
+    assert shaped("--input", wudao, "--text_column", "content", output=tmp_path / "a") == [
+        "第一篇正文。", "第二篇。"]
+    assert shaped("--input", wudao, "--text_column", "title,content", output=tmp_path / "b") == [
+        "标题一\n第一篇正文。", "标题二\n第二篇。"]
+    poems = _write(tmp_path / "poet.tang.0.json", json.dumps(POEMS, ensure_ascii=False))
+    expected = ["\n".join([p["title"], *p["paragraphs"]]) for p in sorted(POEMS, key=lambda p: p["title"])]
+    assert shaped("--input", poems, "--text_column", "title", "paragraphs", output=tmp_path / "c") == expected
+    recipe = _write(tmp_path / "poems.yaml", f"input: [{poems}]\ntext_column:\n  - title\n  - paragraphs\n")
+    prepare_data.main(["--config", str(recipe), "--output_dir", str(tmp_path / "d"), "--opencc_config", "none",
+                       "--min_chars", "1", "--dedup", "false", "--validation_ratio", "0"])
+    assert sorted(r["text"] for r in read_corpus(tmp_path / "d")) == expected
+    assert sorted(r["title"] for r in read_corpus(tmp_path / "d")) == ["春晓", "静夜思"]
+    nested = _write(tmp_path / "nested.jsonl", "".join(
+        json.dumps({"meta": {"lang": "zh"}, "data": {"text": t}}, ensure_ascii=False) + "\n" for t in "甲乙"))
+    assert shaped("--input", nested, "--text_column", "data.text", output=tmp_path / "e") == ["乙", "甲"]
+    pq.write_table(pa.table({"paragraphs": [p["paragraphs"] for p in POEMS],  # a list and a struct column
+                             "data": [{"text": p["title"]} for p in POEMS]}), tmp_path / "poems.parquet")
+    assert shaped("--input", tmp_path / "poems.parquet", "--text_column", "data.text,paragraphs",
+                  output=tmp_path / "f") == expected
+
+
+BAD_SHAPES = {  # file content, --text_column, what the message says, the line, the field
+    "number": ('[{"text": "好"}, {"text": 3}]', "text", "row 1: the text column holds a number", 1, "text"),
+    "list_of_objects": ('{"paragraphs": [{"line": "好"}]}\n', "paragraphs", "a list containing an object",
+                        1, "paragraphs"),
+    "object": ('\n{"data": {"text": "好"}}\n', "data", "holds an object (with text; name a field inside",
+               2, "data"),
+    "missing_one_of_several": ('[\n{"title": "题", "paragraphs": ["好"]},\n{"paragraphs": ["好"]}\n]',
+                               "title,paragraphs", "row 1: missing text column; the row has: paragraphs",
+                               3, "title"),
+    "missing_nested": ('{"data": {"txt": "好"}}\n', "data.text", "missing text column", 1, "data.text"),
+    "not_an_object": ('[\n"好",\n"坏"]', "text", "row 0: a row is not a JSON object", 2, None),
+    "junk_between_rows": ('[{"text": "好"}\n {"text": "坏"}]', "text", "expecting ',' or ']'", 2, None),
+    "truncated_array": ('[{"text": "好"},\n{"text": "坏"', "text", "not valid JSON", 2, None),
+    "after_the_array": ('[{"text": "好"}]\n[{"text": "坏"}]', "text", "extra data after the array", 2, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SHAPES))
+def test_unusable_shapes_are_refused_with_file_line_and_field(case, tmp_path):
+    content, column, message, line, field = BAD_SHAPES[case]
+    path = _write(tmp_path / "rows.json", content)
+    with pytest.raises(UserError, match=re.escape(message)) as err:
+        shaped("--input", path, "--text_column", column, output=tmp_path / "out")
+    assert (err.value.path, err.value.line, err.value.field) == (str(path), line, field)
+    assert err.value.fix
+
+
 BAD_INPUTS = {
     "missing": (lambda d: d / "nope.xml.bz2", "no such file"),
     "not_a_dump": (lambda d: _write(d / "page.xml", "<html><body>hello</body></html>\n"), "not a MediaWiki"),

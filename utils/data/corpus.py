@@ -25,7 +25,14 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from utils.data.dedup import NearDuplicateIndex, minhash_signature
-from utils.data.sources import TXT_SPLITS, Document, discover_inputs, file_format, read_records
+from utils.data.sources import (
+    TXT_SPLITS,
+    Document,
+    discover_inputs,
+    file_format,
+    read_records,
+    text_columns,
+)
 from utils.data.text import QualityFilter, normalize_text, to_simplified
 from utils.data.wiki import WikiPage, extract_text
 from utils.errors import UserError
@@ -44,7 +51,10 @@ class InputArguments:
         "help": "Input files or directories: zhwiki pages-articles dumps (.xml/.xml.bz2), wikiextractor "
                 "output (<doc> or --json), .jsonl/.json/.parquet with a text column, or .txt. "
                 "Several inputs are merged into one corpus."})
-    text_column: str = field(default="text", metadata={"help": "Column holding the text in .jsonl/.json/.parquet."})
+    text_column: list[str] = field(default_factory=lambda: ["text"], metadata={
+        "help": "Column holding the text in .jsonl/.json/.parquet: a string, or a list of strings (joined by "
+                "newlines). Several columns (`--text_column title paragraphs`, or `title,paragraphs`) are "
+                "joined by newlines; `a.b` is the field b inside an object column a."})
     txt_split: str = field(default="blank_line", metadata={
         "help": "How .txt files are cut into documents: 'blank_line' (blocks separated by an empty line) or "
                 "'line' (one document per line)."})
@@ -52,6 +62,7 @@ class InputArguments:
         "help": "Stop after this many input documents (for quick trials); -1 = all."})
 
     def __post_init__(self):
+        self.text_column = list(text_columns(self.text_column))
         if self.txt_split not in TXT_SPLITS:
             raise ValueError(f"--txt_split must be one of {', '.join(TXT_SPLITS)}, not '{self.txt_split}'")
 
