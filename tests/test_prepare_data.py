@@ -190,6 +190,42 @@ def test_unusable_shapes_are_refused_with_file_line_and_field(case, tmp_path):
     assert err.value.fix
 
 
+def test_decontamination_removes_real_ceval_and_cmmlu_questions_and_keeps_common_words(tmp_path):
+    """Planted documents quoting a real C-Eval question (in a paragraph of a real article) and a real CMMLU
+    question (in traditional characters, spaced out) are removed and counted per evaluation set; a document
+    made of the same questions' words in pieces shorter than the n-gram is kept, as are real articles."""
+    import csv
+
+    ceval, cmmlu = shared_path("ceval"), shared_path("cmmlu")
+    with open(ceval / "val" / "modern_chinese_history_val.csv", encoding="utf-8") as handle:
+        ceval_question = next(row["question"] for row in csv.DictReader(handle) if len(row["question"]) > 30)
+    with open(cmmlu / "dev" / "chinese_history.csv", encoding="utf-8") as handle:
+        cmmlu_question = next(row["Question"] for row in csv.DictReader(handle) if len(row["Question"]) > 30)
+    articles = [json.loads(line)["text"][:800] for line in
+                shared_path("zhwiki_text/jastfkjg_wiki_00.jsonl").read_text(encoding="utf-8").splitlines()[10:14]]
+    pieces = [q[i:i + 6] for q in (ceval_question, cmmlu_question) for i in range(0, len(q) - 6, 6)]
+    docs = [articles[0] + ceval_question + articles[1][:200],
+            to_traditional(" ".join(cmmlu_question)) + "\n" + articles[2][:300],
+            "，据说".join(pieces) + "。" + articles[3][:100], *articles]
+    path = _write(tmp_path / "docs.jsonl", "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in docs))
+    report = prepare("--input", path, "--decontaminate", ceval, cmmlu, "--validation_ratio", "0",
+                     output=tmp_path / "out")
+    kept = [r["text"] for r in read_corpus(tmp_path / "out")]
+    assert report["decontaminated"] == {"ceval": 1, "cmmlu": 1} and report["dropped"]["contaminated"] == 2
+    assert len(kept) == 1 + len(articles) and report["steps"]["decontam"]["docs_out"] == len(kept)
+    assert not any(ceval_question[:20] in text or to_simplified(cmmlu_question[:20]) in text for text in kept)
+    not_questions = _write(tmp_path / "eval.csv", "id,text\n1,一个问题\n")
+    with pytest.raises(UserError, match="no question column; the row has: id, text") as err:
+        prepare("--input", path, "--decontaminate", not_questions, output=tmp_path / "out2")
+    assert (err.value.path, err.value.line, err.value.field) == (str(not_questions), 2, "decontaminate")
+
+
+def to_traditional(text):
+    import opencc
+
+    return opencc.OpenCC("s2t").convert(text)
+
+
 BAD_INPUTS = {
     "missing": (lambda d: d / "nope.xml.bz2", "no such file"),
     "not_a_dump": (lambda d: _write(d / "page.xml", "<html><body>hello</body></html>\n"), "not a MediaWiki"),

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from utils.data.decontaminate import Decontaminator
 from utils.data.dedup import NearDuplicateIndex, minhash_signature
 from utils.data.sources import (
     TXT_SPLITS,
@@ -40,7 +41,7 @@ from utils.io import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-STEPS = ("read", "extract", "t2s", "normalize", "filter", "dedup", "write")
+STEPS = ("read", "extract", "t2s", "normalize", "filter", "decontam", "dedup", "write")
 SCHEMA = pa.schema([("text", pa.string()), ("title", pa.string()), ("id", pa.string()),
                     ("source", pa.string())])
 
@@ -76,12 +77,21 @@ class CleaningArguments:
     min_cjk_ratio: float = field(default=0.3, metadata={
         "help": "Drop documents whose share of Chinese characters among non-space characters is below this "
                 "(0-1); 0 = keep all."})
+    decontaminate: list[str] = field(default_factory=list, metadata={
+        "help": "Evaluation sets to keep out of the corpus: folders of C-Eval / CMMLU CSVs, or csv / jsonl / json / "
+                "parquet files with a 'question' column (and options A-D or a 'choices' list). A document sharing "
+                "a --decontaminate_ngram-character n-gram with a question or option is dropped; empty = off."})
+    decontaminate_ngram: int = field(default=13, metadata={
+        "help": "Characters of the n-grams --decontaminate compares (after normalisation, whitespace removed)."})
 
     def __post_init__(self):
         if not 0 <= self.min_cjk_ratio <= 1:
             raise ValueError(f"--min_cjk_ratio must be between 0 and 1, not {self.min_cjk_ratio}")
         if self.max_chars and self.max_chars < self.min_chars:
             raise ValueError(f"--max_chars ({self.max_chars}) is below --min_chars ({self.min_chars})")
+        if self.decontaminate_ngram < 8:
+            raise ValueError(f"--decontaminate_ngram must be at least 8 characters (shorter n-grams match common "
+                             f"phrases), not {self.decontaminate_ngram}")
 
 
 @dataclass
@@ -126,6 +136,7 @@ class StepStats:
     def __init__(self):
         self.table = {step: dict.fromkeys(self.FIELDS, 0) for step in STEPS}
         self.dropped: collections.Counter[str] = collections.Counter()
+        self.contaminated: collections.Counter[str] = collections.Counter()  # documents per evaluation set
 
     def record(self, step: str, chars_in: int, chars_out: int | None, seconds: float) -> None:
         row = self.table[step]
@@ -141,11 +152,12 @@ class StepStats:
             for key, value in row.items():
                 self.table[step][key] += value
         self.dropped.update(other.dropped)
+        self.contaminated.update(other.contaminated)
 
     def as_dict(self) -> dict:
         steps = {step: {k: (round(v, 3) if k == "seconds" else v) for k, v in row.items()}
                  for step, row in self.table.items()}
-        return {"steps": steps, "dropped": dict(self.dropped)}
+        return {"steps": steps, "dropped": dict(self.dropped), "decontaminated": dict(self.contaminated)}
 
     def format_table(self) -> str:
         header = f"{'step':<10}{'docs in':>12}{'docs out':>12}{'chars in':>16}{'chars out':>16}{'seconds':>10}"
@@ -155,6 +167,9 @@ class StepStats:
                          f"{row['chars_out']:>16,}{row['seconds']:>10.1f}")
         if self.dropped:
             lines.append("dropped: " + ", ".join(f"{k} {v:,}" for k, v in sorted(self.dropped.items())))
+        if self.contaminated:
+            lines.append("decontaminated (documents sharing an n-gram with each evaluation set): "
+                         + ", ".join(f"{k} {v:,}" for k, v in sorted(self.contaminated.items())))
         return "\n".join(lines)
 
 
@@ -162,6 +177,7 @@ class StepStats:
 class _WorkerSettings:
     opencc_config: str
     quality: QualityFilter
+    decontaminator: Decontaminator | None
     dedup: bool
     shingle_size: int
     num_perm: int
@@ -204,6 +220,14 @@ def clean_document(record: WikiPage | Document, settings: _WorkerSettings, stats
     if reason:
         stats.dropped[reason] += 1
         return None
+    if settings.decontaminator is not None:
+        start = time.perf_counter()
+        hits = settings.decontaminator.matches(text)
+        stats.record("decontam", len(text), None if hits else len(text), time.perf_counter() - start)
+        if hits:
+            stats.dropped["contaminated"] += 1
+            stats.contaminated.update(hits)
+            return None
     return text
 
 
@@ -282,9 +306,14 @@ def prepare_corpus(inputs: InputArguments, cleaning: CleaningArguments, dedup: D
                    outputs: OutputArguments, workdir: Path) -> dict:
     """Run the pipeline, writing shards, `stats.json` into `workdir` (the caller renames it into place)."""
     files = discover_inputs(inputs.input)
+    decontaminator = None
+    if cleaning.decontaminate:
+        decontaminator = Decontaminator.from_paths(cleaning.decontaminate, cleaning.decontaminate_ngram,
+                                                   cleaning.opencc_config)
+        logger.info("decontamination against %s", decontaminator.describe())
     settings = _WorkerSettings(cleaning.opencc_config,
                                QualityFilter(cleaning.min_chars, cleaning.max_chars, cleaning.min_cjk_ratio),
-                               dedup.dedup, dedup.shingle_size, dedup.num_perm, outputs.seed)
+                               decontaminator, dedup.dedup, dedup.shingle_size, dedup.num_perm, outputs.seed)
     stats = StepStats()
     index = NearDuplicateIndex(dedup.dedup_threshold, dedup.num_perm, outputs.seed) if dedup.dedup else None
     staging = workdir / "_staging.parquet"
