@@ -108,19 +108,25 @@ def test_dedup_removes_near_duplicates_and_keeps_reordered_text(tmp_path):
     near = list(base)
     for i in rng.sample(range(len(near)), 6):
         near[i] = "㐀"
+    heavy = list(base)  # 3% of the characters edited: missed by the 5-gram / 0.8 defaults before issue 13
+    for i in sorted(rng.sample(range(len(heavy)), 45), reverse=True):
+        if i % 3:
+            heavy[i] = "㐁"
+        else:
+            del heavy[i]
     chars = list(base)
     rng.shuffle(chars)  # the same multiset of characters, in another order: a different document
     distinct = [json.loads(line)["text"][:1500] for line in
                 shared_path("zhwiki_text/jastfkjg_wiki_00.jsonl").read_text(encoding="utf-8").splitlines()[10:14]]
-    docs = [base, "".join(near), "".join(chars), *distinct, base.replace("。", "。 ")]
+    docs = [base, "".join(near), "".join(chars), *distinct, base.replace("。", "。 "), "".join(heavy)]
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in docs), encoding="utf-8")
     out = tmp_path / "corpus"
     report = prepare("--input", path, "--min_cjk_ratio", "0", "--validation_ratio", "0", output=out)
     kept = [r["text"] for r in read_corpus(out)]
-    assert report["dropped"]["near_duplicate"] == 2  # the edited copy and the re-spaced copy
+    assert report["dropped"]["near_duplicate"] == 3  # the two edited copies and the re-spaced copy
     assert len(kept) == 2 + len(distinct)  # base, its character shuffle, the distinct documents
-    assert not any("㐀" in text for text in kept)
+    assert not any("㐀" in text or "㐁" in text for text in kept)
 
 
 POEMS = [{"title": "静夜思", "author": "李白", "paragraphs": ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。"]},

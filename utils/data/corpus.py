@@ -97,9 +97,9 @@ class CleaningArguments:
 @dataclass
 class DedupArguments:
     dedup: bool = field(default=True, metadata={"help": "Remove near-duplicate documents with MinHash LSH."})
-    dedup_threshold: float = field(default=0.8, metadata={
+    dedup_threshold: float = field(default=0.7, metadata={
         "help": "Estimated Jaccard similarity of shingle sets above which a document is a duplicate (0-1)."})
-    shingle_size: int = field(default=5, metadata={"help": "Characters per shingle (n-gram) for MinHash."})
+    shingle_size: int = field(default=3, metadata={"help": "Characters per shingle (n-gram) for MinHash."})
     num_perm: int = field(default=128, metadata={"help": "MinHash permutations (signature length)."})
 
     def __post_init__(self):

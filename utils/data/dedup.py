@@ -32,7 +32,7 @@ def minhash_signature(text: str, shingle_size: int, num_perm: int, seed: int) ->
 class NearDuplicateIndex:
     """Streaming index: `add` keeps the first of each group of documents above the Jaccard threshold."""
 
-    def __init__(self, threshold: float = 0.8, num_perm: int = 128, seed: int = 42):
+    def __init__(self, threshold: float = 0.7, num_perm: int = 128, seed: int = 42):
         self._index = rensa.RMinHashDeduplicator(threshold=threshold, num_perm=num_perm, use_lsh=True,
                                                  seed=seed)
 
