@@ -81,6 +81,10 @@ class Method:
                 else rensa.RMinHashDeduplicator(threshold=self.threshold, num_perm=self.num_perm, use_lsh=True,
                                                 seed=SEED))
 
+    def add(self, index, key: int, signature) -> bool:
+        """Index a signature; False when it is a near-duplicate of a document already in."""
+        return index.add(signature) if self.shingle_size else index.add(str(key), signature)
+
 
 def ours(shingle_size: int, threshold: float, num_perm: int = NUM_PERM, label: str = "") -> Method:
     name = f"{shingle_size}-gram shingles, LSH {threshold}, {num_perm} perm{label}"
@@ -136,7 +140,7 @@ def build_documents(planted_per_rate: int, shuffled: int, max_originals: int | N
 def flags(method: Method, docs: Sequence[Doc]) -> list[bool]:
     """True for each document the index rejects as a near-duplicate of an earlier one."""
     index = method.index()
-    return [not index.add(str(i), method.signature(d.text)) for i, d in enumerate(docs)]
+    return [not method.add(index, i, method.signature(d.text)) for i, d in enumerate(docs)]
 
 
 def quality_row(method: Method, docs: list[Doc], flagged: list[bool]) -> tuple[list[str], dict]:
@@ -178,13 +182,13 @@ def throughput(texts: list[str], processes: int, method: Method = DEFAULT) -> tu
     if processes == 1:
         for batch in batches:
             for text in batch:
-                index.add(str(len(index)), method.signature(text))
+                method.add(index, len(index), method.signature(text))
     else:
         with multiprocessing.get_context("fork").Pool(processes) as pool:
             key = 0
             for signatures in pool.imap(_signatures, batches, chunksize=1):
                 for signature in signatures:
-                    index.add(str(key), signature)
+                    method.add(index, key, signature)
                     key += 1
     wall = time.perf_counter() - start
     return len(texts) / wall, len(texts) / (cpu_seconds() - cpu_start)
@@ -196,7 +200,7 @@ def _index_growth(method: Method, count: int, queue) -> None:
     index = method.index()
     before = rss_bytes()
     for key, signature in enumerate(signatures):
-        index.add(str(key), signature)
+        method.add(index, key, signature)
     queue.put((rss_bytes() - before) / len(index))
 
 
