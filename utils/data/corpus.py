@@ -45,7 +45,8 @@ logger = logging.getLogger(__name__)
 
 STEPS = ("read", "extract", "t2s", "normalize", "filter", "decontam", "dedup", "write")
 _STAGING_CHARS = 4_000_000  # kept text buffered before it is staged (the documents can be books)
-_BUCKET_BYTES = 64_000_000  # text per shuffle bucket: what write_shards holds in memory at once
+_BUCKET_BYTES = 16_000_000  # text per shuffle bucket: write_shards holds about 5x this in memory at once
+_MAX_BUCKETS = 512  # open bucket files at once (under the usual 1,024 file limit); past 8 GB buckets grow
 SCHEMA = pa.schema([("text", pa.string()), ("title", pa.string()), ("id", pa.string()),
                     ("source", pa.string())])
 
@@ -369,7 +370,8 @@ def write_shards(staging: Path, workdir: Path, outputs: OutputArguments) -> list
     A seeded permutation gives every document its place in the shuffled order (4 bytes per document).
     One pass spreads the documents over buckets of about `_BUCKET_BYTES` of text, bucket b holding a
     contiguous range of places; then each bucket in turn is read, put in order and cut into the shards.
-    Memory: one bucket and one batch, whatever the corpus size; disk: the corpus once more, for a while.
+    Memory: one bucket and one batch, whatever the corpus size up to `_MAX_BUCKETS` buckets (8 GB of text;
+    beyond, buckets grow with the corpus); disk: the corpus once more, for a while.
     The first `validation_ratio` of the places are the validation split.
     """
     staged = pq.ParquetFile(staging)
@@ -380,7 +382,7 @@ def write_shards(staging: Path, workdir: Path, outputs: OutputArguments) -> list
     if outputs.validation_ratio > 0 and num_docs > 1:
         num_val = max(1, round(num_docs * outputs.validation_ratio))
     places = np.random.default_rng(outputs.seed).permutation(num_docs).astype(np.uint32)
-    num_buckets = max(1, min(num_docs, math.ceil(text_bytes / _BUCKET_BYTES)))
+    num_buckets = max(1, min(num_docs, _MAX_BUCKETS, math.ceil(text_bytes / _BUCKET_BYTES)))
     bucket_dir = workdir / "_buckets"
     bucket_dir.mkdir()
     bucket_schema = SCHEMA.append(pa.field("place", pa.uint32()))
