@@ -357,7 +357,7 @@ def render(results: dict) -> str:
     largest = max(dump_runs, key=lambda r: (r["input_mb"], r["num_proc"]))
     smallest = min((r for r in dump_runs if r["num_proc"] == largest["num_proc"]), key=lambda r: r["input_mb"])
     slope = ((largest["peak_pss_mb"] - smallest["peak_pss_mb"])
-             / max(largest["stats"]["documents"] - smallest["stats"]["documents"], 1) * 1e3)
+             / max(largest["stats"]["documents"] - smallest["stats"]["documents"], 1) * 1e3)  # KB per page
     per_core = (sum(r["input_mb"] for r in one) / sum(r["wall_s"] for r in one)) if one else 0.0
     scaling = ""
     if one and two:
@@ -374,7 +374,9 @@ def render(results: dict) -> str:
                          f"{share:.1%} of the run's step seconds"
                          + (f"; wall {d['wall_s']:.0f} s against {base['wall_s']:.0f} s without (the machine's load "
                             f"moves wall times by more than that)" if base else "")
-                         + f"; it removed {d['stats'].get('decontaminated', {}) or 'nothing'}.")
+                         + f"; it removed {d['stats'].get('decontaminated', {}) or 'nothing'} (the pages' characters"
+                         " are permuted, so no question can match: this run measures the cost; the tests check"
+                         " what it removes).")
     dump = dumps[-1]
     ratio = dump["xml_bytes"] / dump["bz2_bytes"]
     page_kb = sum(d["xml_bytes"] for d in dumps) / sum(d["pages"] for d in dumps) / 1e3
@@ -401,7 +403,7 @@ extrapolation uses them.
 {table}
 
 Per step (from stats.json; a step's seconds are summed over the worker processes, so docs/s and chars/s are
-per process; "extract" is wikiextractor, the largest cost; "dedup" is the index in the main process):
+per process; "extract" is wikiextractor; "normalize" is the largest cost; "dedup" is the index in the main process):
 
 {steps}
 
@@ -411,24 +413,35 @@ an 8,000-token BPE trained on the corpus once), run twice in fresh processes: th
 {tokens}
 
 Reading:
-- Memory: peak PSS grows by about {slope:,.2f} KB per kept page between the smallest and the largest dump
-  ({smallest['peak_pss_mb']:,.0f} -> {largest['peak_pss_mb']:,.0f} MB for {smallest['stats']['documents']:,} ->
-  {largest['stats']['documents']:,} pages), i.e. flat up to the near-duplicate index, which keeps ~0.45 KB per
-  kept document (bench_dedup.py measures it alone). Before this issue: ~85 KB per kept page (the staging
-  buffer held 4,096 documents whatever their size, the shuffle went through a `datasets` Arrow copy mapped
-  into memory, and rensa's index took ~2-3 KB per document). Full zhwiki (~{full_docs / 1e6:.1f} M kept
-  articles): index ~{full_docs * 450 / 1e9:.1f} GB + the flat part ~{smallest['peak_pss_mb'] / 1e3:.1f} GB at 2
-  processes: under 2 GB with default settings. Each extra worker process adds its own unshared memory
-  (tens of MB; the RSS columns count the shared imports again for each).
+- Memory: peak PSS grows by about {slope:,.0f} KB per kept page between the smallest and the largest dump at
+  {largest['num_proc']} processes ({smallest['peak_pss_mb']:,.0f} -> {largest['peak_pss_mb']:,.0f} MB for
+  {smallest['stats']['documents']:,} -> {largest['stats']['documents']:,} pages): less than the ~85 KB per page
+  the issue measured before these changes, but NOT flat yet at these sizes. What this issue bounded: the
+  staging buffer (4,096 documents whatever their size before; now also at most 4 M characters), the shuffle
+  (a `datasets` Arrow copy of the whole corpus before; now ~16 MB buckets) and the near-duplicate index
+  (~0.45 KB per kept document instead of rensa's ~2-3 KB: ~{full_docs * 450 / 1e9:.1f} GB for the
+  ~{full_docs / 1e6:.1f} M kept articles of a full zhwiki dump). The remaining growth is in the main process
+  (its RSS column) and was not pinned down in the time available: Python's heap in the main process stays
+  under ~60 MB (tracemalloc at the end of the main loop, 30 MB dump), so it is native memory (Arrow's
+  allocator, glibc arenas holding freed page-sized strings); releasing Arrow's unused memory after each bucket
+  (added after this run) cut the write phase's peak from +106 to +66 MB on the 30 MB dump. A run on a dump of
+  1 GB or more, on an idle machine, is needed to show whether it levels off: from these three sizes the
+  2 GB goal for the full dump is not demonstrated.
 - Throughput: {per_core:.3f} MB of dump XML per second with one process under this load
   ({"speed-up with 2 processes: " + scaling if scaling else "no 1-process run"}); for the full dump (~2.7 GB
   bz2; ours compresses {ratio:.1f}x because permuted characters compress worse than real text, the real dump
   ~4-5x, so ~12 GB of XML) that is about {12e3 / per_core / 3600 if per_core else 0:,.0f}
-  hours per core here; what dominates is wikiextractor's extraction, then normalisation (table above).
-  Workers scale with `--num_proc` while the main process (reading, bz2, dedup, staging) keeps up.
+  hours per core here (a few times less on an idle core). What dominates is the workers' per-document work:
+  normalisation and wikiextractor's extraction, then the quality filter and t2s (step table); the main
+  process (reading, bz2, dedup, staging) is a small share, so throughput should follow `--num_proc`, but on
+  this machine, whose 2 cores were already busy with other jobs, 2 processes gained only the factor above.
 - {decontam_note}
-- Disk: the staged corpus plus its shuffle buckets exist together at the peak (about twice the output) until
-  the buckets are turned into shards.
+- Disk: the staged corpus plus its shuffle buckets and the shards exist together at the peak (about three
+  times the output) until the buckets are turned into shards.
+- Tokenisation: the restart found the cache and skipped the work (TokenStream.build seconds above); the first
+  run's memory is `datasets.map` with 2 worker processes, each importing torch (PSS, not the corpus, is what
+  to read; one size only, so its growth is not measured), plus the `datasets` Arrow cache of the map in the
+  Hugging Face cache folder (not counted in the cache MB column, which is the token file).
 """
 
 

@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import rensa
 from common import (
     POETRY_PACKAGE,
@@ -157,7 +158,7 @@ def quality_row(method: Method, docs: list[Doc], flagged: list[bool]) -> tuple[l
     return row, {"precision": precision, "recall": recall, "shuffled_flagged": share("shuffled")}
 
 
-def _signatures(texts: list[str]) -> list[rensa.RMinHash]:
+def _signatures(texts: list[str]) -> list[np.ndarray]:
     return [DEFAULT.signature(t) for t in texts]
 
 
@@ -174,22 +175,18 @@ def rss_bytes() -> int:
 
 def throughput(texts: list[str], processes: int, method: Method = DEFAULT) -> tuple[float, float]:
     """Documents per wall second and per CPU second of prepare_data's dedup work: signatures (in
-    `processes` workers when > 1, batches of 64 as prepare_data.py sends them) and the LSH index in
-    this process."""
+    `processes` workers when > 1) and the LSH index in this process, in batches of 64 as prepare_data.py
+    sends them."""
     index = method.index()
     batches = [texts[i:i + 64] for i in range(0, len(texts), 64)]
     start, cpu_start = time.perf_counter(), cpu_seconds()
     if processes == 1:
         for batch in batches:
-            for text in batch:
-                method.add(index, len(index), method.signature(text))
+            index.add_batch(np.stack([method.signature(text) for text in batch]))
     else:
         with multiprocessing.get_context("fork").Pool(processes) as pool:
-            key = 0
             for signatures in pool.imap(_signatures, batches, chunksize=1):
-                for signature in signatures:
-                    method.add(index, key, signature)
-                    key += 1
+                index.add_batch(np.stack(signatures))
     wall = time.perf_counter() - start
     return len(texts) / wall, len(texts) / (cpu_seconds() - cpu_start)
 
@@ -199,8 +196,8 @@ def _index_growth(method: Method, count: int, queue) -> None:
     signatures = [method.signature(" ".join(str(rng.random()) for _ in range(20))) for _ in range(count)]
     index = method.index()
     before = rss_bytes()
-    for key, signature in enumerate(signatures):
-        method.add(index, key, signature)
+    for start in range(0, count, 64):
+        index.add_batch(np.stack(signatures[start:start + 64]))
     queue.put((rss_bytes() - before) / len(index))
 
 
@@ -378,8 +375,10 @@ flagged, ours {new['shuffled_flagged']:.0%}), and {per_cpu:,.0f} documents per C
 (goal 5,000; {'met' if per_cpu >= 5000 else 'NOT met as measured: see the load average'}). Lower thresholds
 (0.6) or 4-gram shingles recover heavier edits too but flag more of the real data's own near-duplicates and
 need 32 LSH bands (more index memory); 3-gram at 0.8 misses 5% edits. Index memory grows with the documents
-kept (table above): about 1.5-2 KB each, i.e. ~2-3 GB for the 1.4 M articles of a full zhwiki dump; see
-the dump-scale section (bench_corpus.py) for the whole pipeline.
+kept (table above; `utils/data/dedup.py`'s compact NumPy index: 16-bit signatures and sorted band hashes,
+about {speed_rows[0][5]} bytes each by RSS growth over 100,000 documents, where rensa's own deduplicator
+took ~2-3 KB), i.e. ~{float(speed_rows[0][5].replace(",", "")) * 1.3e6 / 1e9:.1f} GB for the ~1.3 M kept
+articles of a full zhwiki dump; see the dump-scale section (bench_corpus.py) for the whole pipeline.
 """
     write_section("bench_dedup.py", "Near-duplicate removal (MinHash): quality and speed", ["rensa"], body)
     log("wrote the bench_dedup.py section of docs/BENCHMARKS.md")

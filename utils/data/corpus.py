@@ -402,6 +402,7 @@ def write_shards(staging: Path, workdir: Path, outputs: OutputArguments) -> list
             writers[b].write_table(table.take(np.flatnonzero(buckets == b)))
     for writer in writers:
         writer.close()
+    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed memory for reuse otherwise
     counts = {"validation": num_val, "train": num_docs - num_val}
     num_shards = {split: max(1, math.ceil(split_bytes[split] / (outputs.shard_size_mb * 1e6))) if counts[split]
                   else 0 for split in counts}
@@ -427,6 +428,7 @@ def write_shards(staging: Path, workdir: Path, outputs: OutputArguments) -> list
             current["chars"] += int(pc.sum(pc.utf8_length(part.column("text"))).as_py() or 0)
             start = stop
         del table, place
+        pa.default_memory_pool().release_unused()
         (bucket_dir / f"{b:05d}.arrow").unlink()
     _close_shard(current, shards)
     shutil.rmtree(bucket_dir, ignore_errors=True)
