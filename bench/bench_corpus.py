@@ -419,12 +419,16 @@ Reading:
   the issue measured before these changes, but NOT flat yet at these sizes. What this issue bounded: the
   staging buffer (4,096 documents whatever their size before; now also at most 4 M characters), the shuffle
   (a `datasets` Arrow copy of the whole corpus before; now ~16 MB buckets) and the near-duplicate index
-  (~0.45 KB per kept document instead of rensa's ~2-3 KB: ~{full_docs * 450 / 1e9:.1f} GB for the
+  (~0.7 KB per kept document by RSS instead of rensa's ~2-3 KB: ~{full_docs * 726 / 1e9:.1f} GB for the
   ~{full_docs / 1e6:.1f} M kept articles of a full zhwiki dump). The remaining growth is in the main process
   (its RSS column) and was not pinned down in the time available: Python's heap in the main process stays
   under ~60 MB (tracemalloc at the end of the main loop, 30 MB dump), so it is native memory (Arrow's
   allocator, glibc arenas holding freed page-sized strings); releasing Arrow's unused memory after each bucket
-  (added after this run) cut the write phase's peak from +106 to +66 MB on the 30 MB dump. A run on a dump of
+  (added after this run) cut the write phase's peak from +106 to +66 MB on the 30 MB dump. Measured in the
+  main process alone (ru_maxrss, 2 processes, release added): 10 MB dump 243 MB in the main loop, 30 MB 265-278,
+  90 MB 289, so the main loop is nearly flat; the shuffle-and-write phase then reaches 279 / 344 / 445 MB:
+  it is what still grows with the corpus (one bucket read and sorted at a time should not; a version copying
+  rows out 1,024 at a time from the memory-mapped bucket peaked higher, 487 MB). A run on a dump of
   1 GB or more, on an idle machine, is needed to show whether it levels off: from these three sizes the
   2 GB goal for the full dump is not demonstrated.
 - Throughput: {per_core:.3f} MB of dump XML per second with one process under this load

@@ -9,8 +9,8 @@ The index is compact because it grows with every document kept (a full zhwiki du
 document, its signature's low 16 bits (2 bytes per permutation: 256 bytes at 128; a chance collision of
 1/65,536 per permutation barely moves the Jaccard estimate) and one 12-byte entry (64-bit band hash, 32-bit
 document number) per LSH band not already taken, in sorted NumPy arrays; recent entries wait in a small
-dict and are merged in batches. About 450 bytes per kept document at the defaults (16 bands of 8 rows),
-against ~2-3 KB in rensa's own deduplicator, which keeps full signatures and a bucket vector per band.
+dict and are merged in batches. About 450 bytes of arrays per kept document at the defaults (16 bands of 8
+rows; ~730 bytes of RSS with the merge's transient copies), against ~2-3 KB in rensa's own deduplicator, which keeps full signatures and a bucket vector per band.
 A band hash seen before keeps its first document only: a later document sharing that band with a second
 kept one is still found through its other bands.
 """
