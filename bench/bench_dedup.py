@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
                               (ours(3, 0.7, 256), 1)):
         load = os.getloadavg()[0]
         docs_s, docs_cpu_s = throughput(synthetic, processes, method)
-        per_doc = index_bytes_per_doc(method, 2000 if args.quick else 100_000)
+        per_doc = float("nan") if args.quick else index_bytes_per_doc(method)  # spawns: too slow for --quick
         log(f"{method.name}, {processes} process(es): {docs_s:,.0f} docs/s, {docs_cpu_s:,.0f} docs per CPU-s, "
             f"{per_doc:,.0f} B/doc")
         speed_rows.append([method.name, processes, f"{docs_s:,.0f}", f"{docs_s * mean_chars / 1e6:.2f}",
