@@ -48,6 +48,7 @@ bench: install
 	$(PY) bench/bench_tokenizer.py
 	$(PY) bench/bench_pretrain.py
 	$(PY) bench/bench_sft_tokenize.py
+	$(PY) bench/bench_corpus.py
 
 clean-demo:
 	rm -rf data/demo_run model_save/demo

@@ -311,3 +311,22 @@ def run_measured(command: list[str], log_path: Path, check: bool = True) -> Meas
         tail = "\n".join(measured.log_text.splitlines()[-20:])
         raise RuntimeError(f"{shlex.join(command)} exited {measured.returncode} (log {log_path}):\n{tail}")
     return measured
+
+
+# --------------------------------------------------------------------------------------- chinese-poetry
+
+POETRY_PACKAGE = "chinese-poetry@2.0.1"  # MIT licence, ~85 MB packed: Tang and Song poems, ci, in traditional
+
+
+def poetry_package() -> Path:
+    """The unpacked npm package `chinese-poetry` (bench/_work/chinese-poetry/package), fetched with
+    `npm pack` on first use and kept out of the repository."""
+    folder = WORK / "chinese-poetry"
+    package = folder / "package"
+    if not (package / "dist").is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        log(f"npm pack {POETRY_PACKAGE} into {folder}")
+        packed = subprocess.run(["npm", "pack", POETRY_PACKAGE], cwd=folder, check=True, capture_output=True,
+                                text=True).stdout.split()[-1]
+        subprocess.run(["tar", "xzf", packed], cwd=folder, check=True)
+    return package

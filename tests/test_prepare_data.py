@@ -108,19 +108,128 @@ def test_dedup_removes_near_duplicates_and_keeps_reordered_text(tmp_path):
     near = list(base)
     for i in rng.sample(range(len(near)), 6):
         near[i] = "㐀"
+    heavy = list(base)  # 3% of the characters edited: missed by the 5-gram / 0.8 defaults before issue 13
+    for i in sorted(rng.sample(range(len(heavy)), 45), reverse=True):
+        if i % 3:
+            heavy[i] = "㐁"
+        else:
+            del heavy[i]
     chars = list(base)
     rng.shuffle(chars)  # the same multiset of characters, in another order: a different document
     distinct = [json.loads(line)["text"][:1500] for line in
                 shared_path("zhwiki_text/jastfkjg_wiki_00.jsonl").read_text(encoding="utf-8").splitlines()[10:14]]
-    docs = [base, "".join(near), "".join(chars), *distinct, base.replace("。", "。 ")]
+    docs = [base, "".join(near), "".join(chars), *distinct, base.replace("。", "。 "), "".join(heavy)]
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in docs), encoding="utf-8")
     out = tmp_path / "corpus"
     report = prepare("--input", path, "--min_cjk_ratio", "0", "--validation_ratio", "0", output=out)
     kept = [r["text"] for r in read_corpus(out)]
-    assert report["dropped"]["near_duplicate"] == 2  # the edited copy and the re-spaced copy
+    assert report["dropped"]["near_duplicate"] == 3  # the two edited copies and the re-spaced copy
     assert len(kept) == 2 + len(distinct)  # base, its character shuffle, the distinct documents
-    assert not any("㐀" in text for text in kept)
+    assert not any("㐀" in text or "㐁" in text for text in kept)
+
+
+POEMS = [{"title": "静夜思", "author": "李白", "paragraphs": ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。"]},
+         {"title": "春晓", "author": "孟浩然", "paragraphs": ["春眠不觉晓，处处闻啼鸟。", "夜来风雨声，花落知多少。"]}]
+
+
+def shaped(*args, output):
+    """prepare() keeping every document as it is (no t2s, filter, dedup or validation split)."""
+    prepare(*args, "--opencc_config", "none", "--min_chars", "1", "--min_cjk_ratio", "0", "--dedup", "false",
+            "--validation_ratio", "0", "--num_proc", "1", output=output)
+    return sorted(r["text"] for r in read_corpus(output))
+
+
+def test_json_array_list_column_several_columns_and_nested_fields(tmp_path):
+    """WuDao (one JSON array of objects), chinese-poetry (a list of lines, with its title), nested fields
+    in JSON and parquet, several columns from the command line or as a YAML list."""
+    import pyarrow as pa
+
+    wudao = _write(tmp_path / "part-2021.json", json.dumps(
+        [{"id": 1, "title": "标题一", "content": "第一篇正文。"}, {"id": 2, "title": "标题二", "content": "第二篇。"}],
+        ensure_ascii=False, indent=4))
+    assert shaped("--input", wudao, "--text_column", "content", output=tmp_path / "a") == [
+        "第一篇正文。", "第二篇。"]
+    assert shaped("--input", wudao, "--text_column", "title,content", output=tmp_path / "b") == [
+        "标题一\n第一篇正文。", "标题二\n第二篇。"]
+    poems = _write(tmp_path / "poet.tang.0.json", json.dumps(POEMS, ensure_ascii=False))
+    expected = ["\n".join([p["title"], *p["paragraphs"]]) for p in sorted(POEMS, key=lambda p: p["title"])]
+    assert shaped("--input", poems, "--text_column", "title", "paragraphs", output=tmp_path / "c") == expected
+    recipe = _write(tmp_path / "poems.yaml", f"input: [{poems}]\ntext_column:\n  - title\n  - paragraphs\n")
+    prepare_data.main(["--config", str(recipe), "--output_dir", str(tmp_path / "d"), "--opencc_config", "none",
+                       "--min_chars", "1", "--dedup", "false", "--validation_ratio", "0"])
+    assert sorted(r["text"] for r in read_corpus(tmp_path / "d")) == expected
+    assert sorted(r["title"] for r in read_corpus(tmp_path / "d")) == ["春晓", "静夜思"]
+    nested = _write(tmp_path / "nested.jsonl", "".join(
+        json.dumps({"meta": {"lang": "zh"}, "data": {"text": t}}, ensure_ascii=False) + "\n" for t in "甲乙"))
+    assert shaped("--input", nested, "--text_column", "data.text", output=tmp_path / "e") == ["乙", "甲"]
+    pq.write_table(pa.table({"paragraphs": [p["paragraphs"] for p in POEMS],  # a list and a struct column
+                             "data": [{"text": p["title"]} for p in POEMS]}), tmp_path / "poems.parquet")
+    assert shaped("--input", tmp_path / "poems.parquet", "--text_column", "data.text,paragraphs",
+                  output=tmp_path / "f") == expected
+
+
+BAD_SHAPES = {  # file content, --text_column, what the message says, the line, the field
+    "number": ('[{"text": "好"}, {"text": 3}]', "text", "row 1: the text column holds a number", 1, "text"),
+    "list_of_objects": ('{"paragraphs": [{"line": "好"}]}\n', "paragraphs", "a list containing an object",
+                        1, "paragraphs"),
+    "object": ('\n{"data": {"text": "好"}}\n', "data", "holds an object (with text; name a field inside",
+               2, "data"),
+    "missing_one_of_several": ('[\n{"title": "题", "paragraphs": ["好"]},\n{"paragraphs": ["好"]}\n]',
+                               "title,paragraphs", "row 1: missing text column; the row has: paragraphs",
+                               3, "title"),
+    "missing_nested": ('{"data": {"txt": "好"}}\n', "data.text", "missing text column", 1, "data.text"),
+    "not_an_object": ('[\n"好",\n"坏"]', "text", "row 0: a row is not a JSON object", 2, None),
+    "junk_between_rows": ('[{"text": "好"}\n {"text": "坏"}]', "text", "expecting ',' or ']'", 2, None),
+    "truncated_array": ('[{"text": "好"},\n{"text": "坏"', "text", "not valid JSON", 2, None),
+    "after_the_array": ('[{"text": "好"}]\n[{"text": "坏"}]', "text", "extra data after the array", 2, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SHAPES))
+def test_unusable_shapes_are_refused_with_file_line_and_field(case, tmp_path):
+    content, column, message, line, field = BAD_SHAPES[case]
+    path = _write(tmp_path / "rows.json", content)
+    with pytest.raises(UserError, match=re.escape(message)) as err:
+        shaped("--input", path, "--text_column", column, output=tmp_path / "out")
+    assert (err.value.path, err.value.line, err.value.field) == (str(path), line, field)
+    assert err.value.fix
+
+
+def test_decontamination_removes_real_ceval_and_cmmlu_questions_and_keeps_common_words(tmp_path):
+    """Planted documents quoting a real C-Eval question (in a paragraph of a real article) and a real CMMLU
+    question (in traditional characters, spaced out) are removed and counted per evaluation set; a document
+    made of the same questions' words in pieces shorter than the n-gram is kept, as are real articles."""
+    import csv
+
+    ceval, cmmlu = shared_path("ceval"), shared_path("cmmlu")
+    with open(ceval / "val" / "modern_chinese_history_val.csv", encoding="utf-8") as handle:
+        ceval_question = next(row["question"] for row in csv.DictReader(handle) if len(row["question"]) > 30)
+    with open(cmmlu / "dev" / "chinese_history.csv", encoding="utf-8") as handle:
+        cmmlu_question = next(row["Question"] for row in csv.DictReader(handle) if len(row["Question"]) > 30)
+    articles = [json.loads(line)["text"][:800] for line in
+                shared_path("zhwiki_text/jastfkjg_wiki_00.jsonl").read_text(encoding="utf-8").splitlines()[10:14]]
+    pieces = [q[i:i + 6] for q in (ceval_question, cmmlu_question) for i in range(0, len(q) - 6, 6)]
+    docs = [articles[0] + ceval_question + articles[1][:200],
+            to_traditional(" ".join(cmmlu_question)) + "\n" + articles[2][:300],
+            "，据说".join(pieces) + "。" + articles[3][:100], *articles]
+    path = _write(tmp_path / "docs.jsonl", "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in docs))
+    report = prepare("--input", path, "--decontaminate", ceval, cmmlu, "--validation_ratio", "0",
+                     output=tmp_path / "out")
+    kept = [r["text"] for r in read_corpus(tmp_path / "out")]
+    assert report["decontaminated"] == {"ceval": 1, "cmmlu": 1} and report["dropped"]["contaminated"] == 2
+    assert len(kept) == 1 + len(articles) and report["steps"]["decontam"]["docs_out"] == len(kept)
+    assert not any(ceval_question[:20] in text or to_simplified(cmmlu_question[:20]) in text for text in kept)
+    not_questions = _write(tmp_path / "eval.csv", "id,text\n1,一个问题\n")
+    with pytest.raises(UserError, match="no question column; the row has: id, text") as err:
+        prepare("--input", path, "--decontaminate", not_questions, output=tmp_path / "out2")
+    assert (err.value.path, err.value.line, err.value.field) == (str(not_questions), 2, "decontaminate")
+
+
+def to_traditional(text):
+    import opencc
+
+    return opencc.OpenCC("s2t").convert(text)
 
 
 BAD_INPUTS = {

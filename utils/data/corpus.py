@@ -20,12 +20,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from utils.data.decontaminate import Decontaminator
 from utils.data.dedup import NearDuplicateIndex, minhash_signature
-from utils.data.sources import TXT_SPLITS, Document, discover_inputs, file_format, read_records
+from utils.data.sources import (
+    TXT_SPLITS,
+    Document,
+    discover_inputs,
+    file_format,
+    read_records,
+    text_columns,
+)
 from utils.data.text import QualityFilter, normalize_text, to_simplified
 from utils.data.wiki import WikiPage, extract_text
 from utils.errors import UserError
@@ -33,7 +43,10 @@ from utils.io import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-STEPS = ("read", "extract", "t2s", "normalize", "filter", "dedup", "write")
+STEPS = ("read", "extract", "t2s", "normalize", "filter", "decontam", "dedup", "write")
+_STAGING_CHARS = 4_000_000  # kept text buffered before it is staged (the documents can be books)
+_BUCKET_BYTES = 16_000_000  # text per shuffle bucket: write_shards holds about 5x this in memory at once
+_MAX_BUCKETS = 512  # open bucket files at once (under the usual 1,024 file limit); past 8 GB buckets grow
 SCHEMA = pa.schema([("text", pa.string()), ("title", pa.string()), ("id", pa.string()),
                     ("source", pa.string())])
 
@@ -44,7 +57,10 @@ class InputArguments:
         "help": "Input files or directories: zhwiki pages-articles dumps (.xml/.xml.bz2), wikiextractor "
                 "output (<doc> or --json), .jsonl/.json/.parquet with a text column, or .txt. "
                 "Several inputs are merged into one corpus."})
-    text_column: str = field(default="text", metadata={"help": "Column holding the text in .jsonl/.json/.parquet."})
+    text_column: list[str] = field(default_factory=lambda: ["text"], metadata={
+        "help": "Column holding the text in .jsonl/.json/.parquet: a string, or a list of strings (joined by "
+                "newlines). Several columns (`--text_column title paragraphs`, or `title,paragraphs`) are "
+                "joined by newlines; `a.b` is the field b inside an object column a."})
     txt_split: str = field(default="blank_line", metadata={
         "help": "How .txt files are cut into documents: 'blank_line' (blocks separated by an empty line) or "
                 "'line' (one document per line)."})
@@ -52,6 +68,7 @@ class InputArguments:
         "help": "Stop after this many input documents (for quick trials); -1 = all."})
 
     def __post_init__(self):
+        self.text_column = list(text_columns(self.text_column))
         if self.txt_split not in TXT_SPLITS:
             raise ValueError(f"--txt_split must be one of {', '.join(TXT_SPLITS)}, not '{self.txt_split}'")
 
@@ -65,20 +82,29 @@ class CleaningArguments:
     min_cjk_ratio: float = field(default=0.3, metadata={
         "help": "Drop documents whose share of Chinese characters among non-space characters is below this "
                 "(0-1); 0 = keep all."})
+    decontaminate: list[str] = field(default_factory=list, metadata={
+        "help": "Evaluation sets to keep out of the corpus: folders of C-Eval / CMMLU CSVs, or csv / jsonl / json / "
+                "parquet files with a 'question' column (and options A-D or a 'choices' list). A document sharing "
+                "a --decontaminate_ngram-character n-gram with a question or option is dropped; empty = off."})
+    decontaminate_ngram: int = field(default=13, metadata={
+        "help": "Characters of the n-grams --decontaminate compares (after normalisation, whitespace removed)."})
 
     def __post_init__(self):
         if not 0 <= self.min_cjk_ratio <= 1:
             raise ValueError(f"--min_cjk_ratio must be between 0 and 1, not {self.min_cjk_ratio}")
         if self.max_chars and self.max_chars < self.min_chars:
             raise ValueError(f"--max_chars ({self.max_chars}) is below --min_chars ({self.min_chars})")
+        if self.decontaminate_ngram < 8:
+            raise ValueError(f"--decontaminate_ngram must be at least 8 characters (shorter n-grams match common "
+                             f"phrases), not {self.decontaminate_ngram}")
 
 
 @dataclass
 class DedupArguments:
     dedup: bool = field(default=True, metadata={"help": "Remove near-duplicate documents with MinHash LSH."})
-    dedup_threshold: float = field(default=0.8, metadata={
+    dedup_threshold: float = field(default=0.7, metadata={
         "help": "Estimated Jaccard similarity of shingle sets above which a document is a duplicate (0-1)."})
-    shingle_size: int = field(default=5, metadata={"help": "Characters per shingle (n-gram) for MinHash."})
+    shingle_size: int = field(default=3, metadata={"help": "Characters per shingle (n-gram) for MinHash."})
     num_perm: int = field(default=128, metadata={"help": "MinHash permutations (signature length)."})
 
     def __post_init__(self):
@@ -115,6 +141,7 @@ class StepStats:
     def __init__(self):
         self.table = {step: dict.fromkeys(self.FIELDS, 0) for step in STEPS}
         self.dropped: collections.Counter[str] = collections.Counter()
+        self.contaminated: collections.Counter[str] = collections.Counter()  # documents per evaluation set
 
     def record(self, step: str, chars_in: int, chars_out: int | None, seconds: float) -> None:
         row = self.table[step]
@@ -130,11 +157,12 @@ class StepStats:
             for key, value in row.items():
                 self.table[step][key] += value
         self.dropped.update(other.dropped)
+        self.contaminated.update(other.contaminated)
 
     def as_dict(self) -> dict:
         steps = {step: {k: (round(v, 3) if k == "seconds" else v) for k, v in row.items()}
                  for step, row in self.table.items()}
-        return {"steps": steps, "dropped": dict(self.dropped)}
+        return {"steps": steps, "dropped": dict(self.dropped), "decontaminated": dict(self.contaminated)}
 
     def format_table(self) -> str:
         header = f"{'step':<10}{'docs in':>12}{'docs out':>12}{'chars in':>16}{'chars out':>16}{'seconds':>10}"
@@ -144,6 +172,9 @@ class StepStats:
                          f"{row['chars_out']:>16,}{row['seconds']:>10.1f}")
         if self.dropped:
             lines.append("dropped: " + ", ".join(f"{k} {v:,}" for k, v in sorted(self.dropped.items())))
+        if self.contaminated:
+            lines.append("decontaminated (documents sharing an n-gram with each evaluation set): "
+                         + ", ".join(f"{k} {v:,}" for k, v in sorted(self.contaminated.items())))
         return "\n".join(lines)
 
 
@@ -151,6 +182,7 @@ class StepStats:
 class _WorkerSettings:
     opencc_config: str
     quality: QualityFilter
+    decontaminator: Decontaminator | None
     dedup: bool
     shingle_size: int
     num_perm: int
@@ -193,6 +225,14 @@ def clean_document(record: WikiPage | Document, settings: _WorkerSettings, stats
     if reason:
         stats.dropped[reason] += 1
         return None
+    if settings.decontaminator is not None:
+        start = time.perf_counter()
+        hits = settings.decontaminator.matches(text)
+        stats.record("decontam", len(text), None if hits else len(text), time.perf_counter() - start)
+        if hits:
+            stats.dropped["contaminated"] += 1
+            stats.contaminated.update(hits)
+            return None
     return text
 
 
@@ -238,8 +278,9 @@ def _batches(files: list[Path], inputs: InputArguments, stats: StepStats,
         yield batch
 
 
-def _run_workers(files, inputs, outputs, settings, stats) -> Iterator[tuple]:
-    """Yield kept documents in input order, processed by `num_proc` workers with bounded in-flight work."""
+def _run_workers(files, inputs, outputs, settings, stats) -> Iterator[list[tuple]]:
+    """Yield the kept documents of each batch in input order, processed by `num_proc` workers with bounded
+    in-flight work."""
     total = sum(p.stat().st_size for p in files)
     with tqdm(total=total, unit="B", unit_scale=True, desc="prepare", dynamic_ncols=True) as progress:
         batches = _batches(files, inputs, stats, progress)
@@ -248,7 +289,7 @@ def _run_workers(files, inputs, outputs, settings, stats) -> Iterator[tuple]:
             for batch in batches:
                 kept, batch_stats = _process_batch(batch)
                 stats.merge(batch_stats)
-                yield from (item for item in kept if item is not None)
+                yield [item for item in kept if item is not None]
             return
         context = multiprocessing.get_context("fork")
         with context.Pool(outputs.num_proc, initializer=_init_worker, initargs=(settings,)) as pool:
@@ -261,40 +302,48 @@ def _run_workers(files, inputs, outputs, settings, stats) -> Iterator[tuple]:
                 yield from _collect(pending.popleft(), stats)
 
 
-def _collect(result, stats: StepStats) -> Iterator[tuple]:
+def _collect(result, stats: StepStats) -> Iterator[list[tuple]]:
     kept, batch_stats = result.get()
     stats.merge(batch_stats)
-    yield from (item for item in kept if item is not None)
+    yield [item for item in kept if item is not None]
 
 
 def prepare_corpus(inputs: InputArguments, cleaning: CleaningArguments, dedup: DedupArguments,
                    outputs: OutputArguments, workdir: Path) -> dict:
     """Run the pipeline, writing shards, `stats.json` into `workdir` (the caller renames it into place)."""
     files = discover_inputs(inputs.input)
+    decontaminator = None
+    if cleaning.decontaminate:
+        decontaminator = Decontaminator.from_paths(cleaning.decontaminate, cleaning.decontaminate_ngram,
+                                                   cleaning.opencc_config)
+        logger.info("decontamination against %s", decontaminator.describe())
     settings = _WorkerSettings(cleaning.opencc_config,
                                QualityFilter(cleaning.min_chars, cleaning.max_chars, cleaning.min_cjk_ratio),
-                               dedup.dedup, dedup.shingle_size, dedup.num_perm, outputs.seed)
+                               decontaminator, dedup.dedup, dedup.shingle_size, dedup.num_perm, outputs.seed)
     stats = StepStats()
     index = NearDuplicateIndex(dedup.dedup_threshold, dedup.num_perm, outputs.seed) if dedup.dedup else None
     staging = workdir / "_staging.parquet"
     rows: dict[str, list] = {name: [] for name in SCHEMA.names}
-    kept_docs = 0
+    kept_docs = buffered = 0
     with pq.ParquetWriter(staging, SCHEMA) as writer:
-        for key, (text, title, doc_id, source, signature) in enumerate(
-                _run_workers(files, inputs, outputs, settings, stats)):
-            if index is not None:
+        for batch in _run_workers(files, inputs, outputs, settings, stats):
+            if index is not None and batch:
                 start = time.perf_counter()
-                unique = index.add(str(key), signature)
-                stats.record("dedup", len(text), len(text) if unique else None, time.perf_counter() - start)
-                if not unique:
-                    stats.dropped["near_duplicate"] += 1
-                    continue
-            for name, value in zip(SCHEMA.names, (text, title, doc_id, source)):
-                rows[name].append(value)
-            kept_docs += 1
-            if len(rows["text"]) >= 4096:
-                writer.write_table(pa.table(rows, schema=SCHEMA))
-                rows = {name: [] for name in SCHEMA.names}
+                unique = index.add_batch(np.stack([item[4] for item in batch]))
+                seconds = (time.perf_counter() - start) / len(batch)
+                for (text, *_), keep in zip(batch, unique):
+                    stats.record("dedup", len(text), len(text) if keep else None, seconds)
+                if False in unique:
+                    stats.dropped["near_duplicate"] += unique.count(False)
+                batch = [item for item, keep in zip(batch, unique) if keep]
+            for text, title, doc_id, source, _ in batch:
+                for name, value in zip(SCHEMA.names, (text, title, doc_id, source)):
+                    rows[name].append(value)
+                kept_docs += 1
+                buffered += len(text)
+                if len(rows["text"]) >= 4096 or buffered >= _STAGING_CHARS:  # bounded in documents and text
+                    writer.write_table(pa.table(rows, schema=SCHEMA))
+                    rows, buffered = {name: [] for name in SCHEMA.names}, 0
         if rows["text"]:
             writer.write_table(pa.table(rows, schema=SCHEMA))
     if kept_docs == 0:
@@ -316,33 +365,90 @@ def prepare_corpus(inputs: InputArguments, cleaning: CleaningArguments, dedup: D
 
 
 def write_shards(staging: Path, workdir: Path, outputs: OutputArguments) -> list[dict]:
-    """Shuffle the staged documents and write `train-*` / `validation-*` parquet shards.
+    """Shuffle the staged documents and write `train-*` / `validation-*` parquet shards, in bounded memory.
 
-    The shuffle goes through a memory-mapped Arrow table (`datasets`), so it never holds the corpus
-    in memory.
+    A seeded permutation gives every document its place in the shuffled order (4 bytes per document).
+    One pass spreads the documents over buckets of about `_BUCKET_BYTES` of text, bucket b holding a
+    contiguous range of places; then each bucket in turn is read, put in order and cut into the shards.
+    Memory: one bucket and one batch, whatever the corpus size up to `_MAX_BUCKETS` buckets (8 GB of text;
+    beyond, buckets grow with the corpus); disk: the corpus once more, for a while.
+    The first `validation_ratio` of the places are the validation split.
     """
-    import datasets
-
-    table = datasets.Dataset.from_parquet(str(staging), cache_dir=str(workdir / "_cache"))
-    table = table.shuffle(seed=outputs.seed)
-    num_docs = len(table)
+    staged = pq.ParquetFile(staging)
+    num_docs = staged.metadata.num_rows
+    text_bytes = sum(staged.metadata.row_group(i).column(0).total_uncompressed_size
+                     for i in range(staged.metadata.num_row_groups))
     num_val = 0
     if outputs.validation_ratio > 0 and num_docs > 1:
         num_val = max(1, round(num_docs * outputs.validation_ratio))
-    splits = {"validation": table.select(range(num_val)), "train": table.select(range(num_val, num_docs))}
-    shards = []
-    for split, data in splits.items():
-        if len(data) == 0:
-            continue
-        text_bytes = sum(len(t.encode("utf-8")) for batch in data.iter(batch_size=4096) for t in batch["text"])
-        num_shards = max(1, math.ceil(text_bytes / (outputs.shard_size_mb * 1e6)))
-        for i in range(num_shards):
-            shard = data.shard(num_shards, i, contiguous=True)
-            path = workdir / f"{split}-{i:05d}-of-{num_shards:05d}.parquet"
-            shard.to_parquet(str(path))
-            chars = sum(len(t) for batch in shard.iter(batch_size=4096) for t in batch["text"])
-            shards.append({"file": path.name, "split": split, "documents": len(shard), "chars": chars})
-    table.cleanup_cache_files()
-    del table, splits
-    shutil.rmtree(workdir / "_cache", ignore_errors=True)
-    return shards
+    places = np.random.default_rng(outputs.seed).permutation(num_docs).astype(np.uint32)
+    num_buckets = max(1, min(num_docs, _MAX_BUCKETS, math.ceil(text_bytes / _BUCKET_BYTES)))
+    bucket_dir = workdir / "_buckets"
+    bucket_dir.mkdir()
+    bucket_schema = SCHEMA.append(pa.field("place", pa.uint32()))
+    writers = [pa.ipc.new_file(bucket_dir / f"{b:05d}.arrow", bucket_schema) for b in range(num_buckets)]
+    split_bytes = {"validation": 0, "train": 0}
+    offset = 0
+    for batch in staged.iter_batches(batch_size=4096):
+        batch_places = places[offset:offset + batch.num_rows]
+        offset += batch.num_rows
+        lengths = pc.binary_length(batch.column("text")).to_numpy(zero_copy_only=False)
+        is_val = batch_places < num_val
+        split_bytes["validation"] += int(lengths[is_val].sum())
+        split_bytes["train"] += int(lengths[~is_val].sum())
+        buckets = batch_places.astype(np.int64) * num_buckets // num_docs
+        table = pa.Table.from_batches([batch]).append_column("place", pa.array(batch_places))
+        for b in np.unique(buckets):
+            writers[b].write_table(table.take(np.flatnonzero(buckets == b)))
+    for writer in writers:
+        writer.close()
+    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed memory for reuse otherwise
+    counts = {"validation": num_val, "train": num_docs - num_val}
+    num_shards = {split: max(1, math.ceil(split_bytes[split] / (outputs.shard_size_mb * 1e6))) if counts[split]
+                  else 0 for split in counts}
+    shards: list[dict] = []
+    current: dict = {}  # the shard being written: split, index, writer, documents, characters
+    for b in range(num_buckets):
+        with pa.memory_map(str(bucket_dir / f"{b:05d}.arrow")) as source:
+            table = pa.ipc.open_file(source).read_all()
+        table = table.take(pc.sort_indices(table.column("place")))
+        place = table.column("place").to_numpy()
+        start = 0
+        while start < len(place):
+            split, index, last = _shard_of(int(place[start]), num_val, counts, num_shards)
+            stop = start + int(np.searchsorted(place[start:], last, side="right"))
+            if current.get("key") != (split, index):
+                _close_shard(current, shards)
+                name = f"{split}-{index:05d}-of-{num_shards[split]:05d}.parquet"
+                current = {"key": (split, index), "file": name, "split": split, "documents": 0, "chars": 0,
+                           "writer": pq.ParquetWriter(workdir / name, SCHEMA)}
+            part = table.slice(start, stop - start).drop_columns(["place"])
+            current["writer"].write_table(part)
+            current["documents"] += part.num_rows
+            current["chars"] += int(pc.sum(pc.utf8_length(part.column("text"))).as_py() or 0)
+            start = stop
+        del table, place
+        pa.default_memory_pool().release_unused()
+        (bucket_dir / f"{b:05d}.arrow").unlink()
+    _close_shard(current, shards)
+    shutil.rmtree(bucket_dir, ignore_errors=True)
+    return sorted(shards, key=lambda shard: (shard["split"] != "validation", shard["file"]))
+
+
+def _shard_of(place: int, num_val: int, counts: dict, num_shards: dict) -> tuple[str, int, int]:
+    """The split and shard a place in the shuffled order falls into, and that shard's last place (shards of
+    a split hold equal numbers of documents, the first ones one more)."""
+    split, offset = ("validation", 0) if place < num_val else ("train", num_val)
+    count, shards = counts[split], num_shards[split]
+    size, extra = divmod(count, shards)
+    local = place - offset
+    index = next(i for i in range(shards) if local < (i + 1) * size + min(i + 1, extra))
+    first = index * size + min(index, extra)
+    return split, index, offset + first + size + (index < extra) - 1
+
+
+def _close_shard(current: dict, shards: list[dict]) -> None:
+    if current:
+        current.pop("writer").close()
+        current.pop("key")
+        shards.append(current)

@@ -3,7 +3,9 @@
 Accepted inputs (several may be mixed; directories are searched recursively):
 - MediaWiki `pages-articles` dumps, `.xml` or `.xml.bz2` -> articles still to be extracted (`WikiPage`);
 - wikiextractor output, `<doc id=... title=...>` text or `--json` lines, in files such as `AA/wiki_00`;
-- `.jsonl` / `.json` (JSON lines or one JSON array) and `.parquet` with a text column;
+- `.jsonl` / `.json` (JSON lines or one JSON array of objects, streamed: WuDao) and `.parquet` with a text
+  column: a string, or a list of strings (chinese-poetry's `paragraphs`), several columns joined, or a field
+  inside an object column (`a.b`), see `read_records`;
 - plain `.txt`, one document per block of lines separated by a blank line (or one per line);
 - `.csv` with a header line (conversation data only, through `read_rows`).
 
@@ -19,7 +21,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +57,7 @@ class Location:
     consumed: int = 0
 
     def error(self, problem: str, field: str | None = None, fix: str | None = None) -> UserError:
-        if self.line is None and self.row is not None:
+        if self.row is not None:
             problem = f"row {self.row}: {problem}"
         return UserError(problem, path=self.path, line=self.line, field=field, fix=fix)
 
@@ -106,9 +108,25 @@ def _head_text(path: Path) -> str:
         return handle.read(4096).decode("utf-8", errors="replace")
 
 
-def read_records(path: Path, text_column: str = "text",
+def text_columns(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """The column names of a `--text_column` value: one name, several separated by commas, or a list;
+    `a.b` names the field `b` inside the object in column `a`."""
+    names = [spec] if isinstance(spec, str) else list(spec)
+    columns = tuple(part.strip() for name in names for part in str(name).split(",") if part.strip())
+    if not columns:
+        raise UserError("no text column named", field="text_column",
+                        fix="pass --text_column with the name of the column that holds the text")
+    return columns
+
+
+def read_records(path: Path, text_column: str | Sequence[str] = "text",
                  txt_split: str = "blank_line") -> Iterator[tuple[WikiPage | Document, Location]]:
-    """Stream one corpus input file as `(article or document, location)` pairs, by its `file_format`."""
+    """Stream one corpus input file as `(article or document, location)` pairs, by its `file_format`.
+
+    In JSON and parquet rows the text is the `text_column` value (see `text_columns`): a string, or a list
+    of strings joined by newlines; several columns are joined by newlines in the order given. A row whose
+    text columns are all null (or empty lists) holds no document and is skipped; any other value is refused.
+    """
     kind = file_format(path)
     if kind == "dump":
         yield from read_dump_pages(path)
@@ -116,14 +134,13 @@ def read_records(path: Path, text_column: str = "text",
         yield from read_wikiextractor_docs(path)
     elif kind == "txt":
         yield from read_txt_documents(path, txt_split)
-    elif kind == "parquet":
-        for row, location in read_parquet_rows(path, text_column):
-            if row[text_column] is not None:  # a null cell holds no document
-                row[text_column] = str(row[text_column])
-                yield _row_document(row, location, text_column), location
     else:
-        for row, location in read_json_rows(path):
-            yield _row_document(row, location, text_column), location
+        columns = text_columns(text_column)
+        rows = read_parquet_rows(path, columns) if kind == "parquet" else read_json_rows(path)
+        for row, location in rows:
+            document = _row_document(row, location, columns)
+            if document is not None:
+                yield document, location
 
 
 def read_rows(path: Path) -> Iterator[tuple[object, Location]]:
@@ -150,20 +167,17 @@ def _utf8_text(path: Path, newline: str | None = None) -> Iterator[tuple[io.Text
 
 
 def read_json_rows(path: Path) -> Iterator[tuple[object, Location]]:
-    """JSON lines (`line` = line number, blank lines skipped), or one JSON array (`row` = index)."""
+    """JSON lines (`line` = line number, blank lines skipped), or one JSON array (`row` = index, `line` = the
+    line its element starts on), streamed element by element so that a multi-GB array (WuDao) is never held
+    whole in memory."""
     with _utf8_text(path) as (stream, raw):
         first, lines_before = stream.read(1), 0
         while first and first in _LEADING_SPACE:  # counted, so that line numbers stay the file's
             lines_before += first == "\n"
             first = stream.read(1)
         if first == "[":
-            try:
-                rows = json.loads(first + stream.read())
-            except json.JSONDecodeError as err:
-                raise UserError(f"not valid JSON: {err.msg}", path=str(path), line=lines_before + err.lineno,
-                                fix="fix the JSON, or write one JSON object per line (.jsonl)") from None
-            for index, row in enumerate(rows):
-                yield row, Location(str(path), row=index, consumed=raw.tell())
+            for index, (row, line) in enumerate(_json_array(path, stream, lines_before + 1)):
+                yield row, Location(str(path), line=line, row=index, consumed=raw.tell())
             return
         for line_no, line in enumerate(_prepend(first, stream), start=lines_before + 1):
             if not line.strip():
@@ -177,26 +191,103 @@ def read_json_rows(path: Path) -> Iterator[tuple[object, Location]]:
             yield row, Location(str(path), line=line_no, consumed=raw.tell())
 
 
+_JSON_SPACE = " \t\r\n"
+_JSON_CHUNK = 1 << 20
+_JSON_NUMBER = "0123456789.eE+-"
+
+
+def _json_array(path: Path, stream: io.TextIOWrapper, line: int) -> Iterator[tuple[object, int]]:
+    """The elements of the JSON array whose '[' was just read from `stream` (on line `line`), each with the
+    line it starts on. Reads about 1 MB at a time; an element longer than the buffer is decoded once the
+    buffer holds it whole (the buffer grows geometrically, so re-tries cost about twice the element)."""
+    decoder, buffer, pos, scanned, eof = json.JSONDecoder(), "", 0, 0, False
+    expect_value, first = True, True  # after '[' or ',' a value comes (or, right after '[', the ']')
+
+    def line_at(at: int) -> int:  # positions only move forward within one buffer
+        nonlocal line, scanned
+        line += buffer.count("\n", scanned, at)
+        scanned = at
+        return line
+
+    def refill() -> None:  # drop what was consumed and append the next chunk
+        nonlocal buffer, pos, scanned, eof
+        line_at(pos)
+        more = stream.read(max(_JSON_CHUNK, len(buffer) - pos))
+        buffer, pos, scanned, eof = buffer[pos:] + more, 0, 0, not more
+
+    def fail(problem: str, at: int) -> UserError:
+        return UserError(f"not valid JSON: {problem}", path=str(path), line=line_at(at),
+                         fix="fix the JSON, or write one JSON object per line (.jsonl)")
+
+    while True:
+        while True:  # skip whitespace, reading more when the buffer runs out
+            while pos < len(buffer) and buffer[pos] in _JSON_SPACE:
+                pos += 1
+            if pos < len(buffer) or eof:
+                break
+            refill()
+        if pos == len(buffer):
+            raise fail("the file ends inside the array (no closing ']')", pos)
+        char = buffer[pos]
+        if char == "]" and (first or not expect_value):
+            pos += 1
+            while True:
+                rest = buffer[pos:].lstrip(_JSON_SPACE)
+                if rest:
+                    raise fail("extra data after the array's closing ']'", len(buffer) - len(rest))
+                if eof:
+                    return
+                refill()
+        if not expect_value:
+            if char != ",":
+                raise fail("expecting ',' or ']' between the array's elements", pos)
+            pos, expect_value = pos + 1, True
+            continue
+        try:
+            value, end = decoder.raw_decode(buffer, pos)
+            if (not eof and type(value) in (int, float)  # a number may go on in the next chunk
+                    and not buffer[end:end + 64].lstrip(_JSON_NUMBER)):
+                refill()
+                continue
+        except json.JSONDecodeError as err:
+            # An element cut by the end of the buffer fails near that end (or inside an unterminated string):
+            # read on. Anything else is a real error, reported without reading the rest of the file.
+            truncated = err.pos >= len(buffer) - 64 or err.msg.startswith("Unterminated string")
+            if truncated and not eof:
+                refill()
+                continue
+            raise fail(err.msg, err.pos) from None
+        yield value, line_at(pos)
+        pos, expect_value, first = end, False, False
+        if pos > _JSON_CHUNK:  # keep the buffer about one chunk long
+            line_at(pos)
+            buffer, pos, scanned = buffer[pos:], 0, 0
+
+
 def _prepend(first: str, stream: io.TextIOWrapper) -> Iterator[str]:
     yield first + stream.readline()
     yield from stream
 
 
-def read_parquet_rows(path: Path, text_column: str | None = None) -> Iterator[tuple[dict, Location]]:
-    """Every row of a parquet file as a dict (`row` = index). With `text_column`, only the document columns
-    (that one, `title`, `id`) are read, and a file without the text column is refused."""
+def read_parquet_rows(path: Path, text_columns: Sequence[str] | None = None) -> Iterator[tuple[dict, Location]]:
+    """Every row of a parquet file as a dict (`row` = index). With `text_columns`, only the document columns
+    (those, `title`, `id`) are read, and a file without one of the text columns is refused."""
     try:
         parquet = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for a damaged file
         raise UserError(f"not a readable parquet file ({err})", path=str(path),
                         fix="re-create the file, or pass it as .jsonl") from None
     columns = None
-    if text_column is not None:
+    if text_columns is not None:
         names = parquet.schema_arrow.names
-        if text_column not in names:
-            raise UserError(f"missing text column; the file has: {', '.join(names)}", path=str(path),
-                            field=text_column, fix="pass --text_column with the name of the text column")
-        columns = [c for c in (text_column, "title", "id") if c in names]
+        wanted = []
+        for column in text_columns:
+            top = column if column in names else column.split(".", 1)[0]
+            if top not in names:
+                raise UserError(f"missing text column; the file has: {', '.join(names)}", path=str(path),
+                                field=column, fix="pass --text_column with the name of the text column")
+            wanted.append(top)
+        columns = list(dict.fromkeys([*wanted, *(c for c in ("title", "id") if c in names)]))
     size, total_rows, index = os.path.getsize(path), max(parquet.metadata.num_rows, 1), 0
     for batch in parquet.iter_batches(columns=columns, batch_size=1024):
         for row in batch.to_pylist():
@@ -268,20 +359,63 @@ def read_txt_documents(path: Path, split: str = "blank_line") -> Iterator[tuple[
             yield Document("".join(block).strip()), Location(str(path), line=start, consumed=raw.tell())
 
 
-def _row_document(row: object, location: Location, text_column: str) -> Document:
+_MISSING = object()
+_COLUMN_FIX = ("pass --text_column with the column that holds the text: one name, several joined by commas "
+               "(title,paragraphs), or a nested field (data.text)")
+
+
+def _row_document(row: object, location: Location, columns: Sequence[str]) -> Document | None:
+    """The document of one JSON / parquet row: its text columns joined by newlines (None when all are
+    null); a row that is not an object, a missing column or a value that is not text is refused."""
     if not isinstance(row, dict):
-        raise UserError("a row is not a JSON object", path=location.path, line=location.line,
-                        fix=f"write objects such as {{\"{text_column}\": \"...\"}}")
-    text = row.get(text_column)
-    if not isinstance(text, str):
-        problem = "missing text column" if text_column not in row else "the text column is not a string"
-        keys = ", ".join(map(str, row)) or "none"
-        where = f"row {location.row}" if location.line is None else None
-        raise UserError(f"{problem}{f' ({where})' if where else ''}; the row has: {keys}", path=location.path,
-                        line=location.line, field=text_column,
-                        fix="pass --text_column with the name of the column that holds the text")
+        raise location.error("a row is not a JSON object",
+                             fix=f"write objects such as {{\"{columns[0]}\": \"...\"}}")
+    parts = []
+    for column in columns:
+        value = _field(row, column)
+        if value is _MISSING:
+            keys = ", ".join(map(str, row)) or "none"
+            raise location.error(f"missing text column; the row has: {keys}", field=column, fix=_COLUMN_FIX)
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            value = "\n".join(value) if value else None
+        elif value is not None and not isinstance(value, str):
+            raise location.error(f"the text column holds {_describe(value)}, not a string or a list of strings",
+                                 field=column, fix=_COLUMN_FIX)
+        if value is not None:
+            parts.append(value)
+    if not parts:
+        return None  # a null cell holds no document
     title, doc_id = row.get("title"), row.get("id")
-    return Document(text, None if title is None else str(title), None if doc_id is None else str(doc_id))
+    if isinstance(title, list):  # a title kept as a list of lines
+        title = " ".join(map(str, title))
+    return Document("\n".join(parts), None if title is None else str(title), None if doc_id is None else str(doc_id))
+
+
+def _field(row: dict, column: str) -> object:
+    """`row[column]`, or for `a.b` (when no column has that literal name) `row["a"]["b"]`; `_MISSING` if absent."""
+    if column in row:
+        return row[column]
+    value: object = row
+    for part in column.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, list):
+        kinds = sorted({_describe(item) for item in value if not isinstance(item, str)})
+        return f"a list containing {', '.join(kinds)}"
+    if isinstance(value, dict):
+        return f"an object (with {', '.join(map(str, value)) or 'no keys'}; name a field inside it as a.b)"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    return f"a {type(value).__name__}"
 
 
 def split_files(paths: list[str], split: str) -> list[Path]:

@@ -1,0 +1,150 @@
+"""Evaluation-set decontamination: training documents that share a long character n-gram with a question or an
+answer option of an evaluation set (C-Eval, CMMLU, or any csv / jsonl / json / parquet of questions) are dropped.
+
+    python prepare_data.py --input ... --decontaminate path/to/ceval path/to/cmmlu
+
+Question and option texts go through the corpus's own clean-up (OpenCC profile, `normalize_text`) and lose their
+whitespace, as documents have before they are checked, so a question copied into a web page in traditional
+characters or with other spacing still matches. Every n-gram (13 characters by default: longer than the
+stock phrases of exam questions such as "下列说法中，不正确的是", short enough to catch a question quoted in part)
+is hashed to 64 bits; one evaluation set is a sorted array of those hashes (8 bytes per n-gram, about 10 MB for
+C-Eval + CMMLU with their test splits), shared by the worker processes, behind a 16 MB filter. A
+document is checked with one vectorised rolling hash, the filter, and a binary search per set for the few
+windows that pass it. Texts shorter than the n-gram (most options, such as
+"胸" or "稳定战略") cannot match anything and are skipped, so common words never remove a document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from utils.data.sources import Location, discover_inputs, read_rows
+from utils.data.text import normalize_text, to_simplified
+from utils.errors import UserError
+
+_QUESTION_FIELDS = ("question", "query", "problem", "prompt")  # case-insensitive
+_OPTION_FIELDS = tuple("abcdefgh")  # C-Eval / CMMLU answer options: columns A, B, C, D
+_OPTION_LISTS = ("choices", "options")  # MMLU-style lists of options (strings)
+_FORMATS = (".csv", ".jsonl", ".json", ".parquet")
+_FILTER_BITS = 24  # a 2^24-entry (16 MB) filter in front of the sorted arrays: most windows stop there
+_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd, so the rolling hash keeps every character's bits
+
+
+def ngram_hashes(text: str, size: int) -> np.ndarray:
+    """64-bit polynomial hashes of every `size`-character window of `text` without whitespace and control
+    characters (empty when the text is shorter): sum of code point * BASE^(size - 1 - k), modulo 2^64.
+    Windows are built by doubling (1, 2, 4, 8 ... characters), about log2(size) vector passes, not size."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    codes = codes[codes > 32].astype(np.uint64)  # normalised text has no other whitespace
+    if len(codes) < size:
+        return np.empty(0, dtype=np.uint64)
+    result, result_len, block, block_len = None, 0, codes, 1
+
+    def join(left: np.ndarray, left_len: int, right: np.ndarray, right_len: int) -> np.ndarray:
+        count = len(codes) - left_len - right_len + 1  # windows of left_len + right_len characters
+        return left[:count] * np.uint64(pow(int(_BASE), right_len, 1 << 64)) + right[left_len:left_len + count]
+
+    while size:
+        if size & 1:
+            result, result_len = ((block, block_len) if result is None
+                                  else (join(result, result_len, block, block_len), result_len + block_len))
+        size >>= 1
+        if size:
+            block, block_len = join(block, block_len, block, block_len), 2 * block_len
+    return result
+
+
+class Decontaminator:
+    """The n-grams of some evaluation sets; `matches` names the sets a document shares an n-gram with."""
+
+    def __init__(self, sets: dict[str, np.ndarray], ngram: int):
+        self.sets = {name: np.unique(hashes) for name, hashes in sets.items()}
+        self.ngram = ngram
+        self._filter = np.zeros(1 << _FILTER_BITS, dtype=bool)
+        for hashes in self.sets.values():
+            self._filter[hashes >> np.uint64(64 - _FILTER_BITS)] = True
+
+    @classmethod
+    def from_paths(cls, paths: list[str], ngram: int, opencc_config: str) -> Decontaminator:
+        """One evaluation set per path (a folder such as C-Eval's, or one file), named after it."""
+        sets: dict[str, np.ndarray] = {}
+        for name in paths:
+            path = Path(name)
+            label = path.name if path.is_dir() else path.stem
+            while label in sets:
+                label += "'"
+            texts = [text for file in _eval_files(path) for text in question_texts(file)]
+            hashes = [ngram_hashes(_clean(text, opencc_config), ngram) for text in texts]
+            sets[label] = np.concatenate(hashes) if hashes else np.empty(0, dtype=np.uint64)
+        return cls(sets, ngram)
+
+    def matches(self, text: str) -> list[str]:
+        """The evaluation sets sharing at least one n-gram with `text` (normalised already)."""
+        hashes = ngram_hashes(text, self.ngram)
+        hashes = hashes[self._filter[hashes >> np.uint64(64 - _FILTER_BITS)]]
+        found = []
+        for name, known in self.sets.items():
+            if len(hashes) and len(known):
+                where = np.searchsorted(known, hashes)
+                if np.any(known[np.minimum(where, len(known) - 1)] == hashes):
+                    found.append(name)
+        return found
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {len(hashes):,} {self.ngram}-grams" for name, hashes in self.sets.items())
+
+
+def _clean(text: str, opencc_config: str) -> str:
+    return normalize_text(text if opencc_config == "none" else to_simplified(text, opencc_config))
+
+
+def _eval_files(path: Path) -> list[Path]:
+    """The question files of an evaluation set: a file as given, or a folder's csv / jsonl / parquet files and
+    its .json files that hold an array (C-Eval's subject_mapping.json, an object, is not a question file)."""
+    if not path.exists():
+        raise UserError("no such file or directory", path=str(path), field="decontaminate",
+                        fix="pass the folder of an evaluation set (C-Eval's or CMMLU's CSVs) or a file of questions")
+    if not path.is_dir():
+        return [path]
+    files = [file for file in discover_inputs([str(path)]) if file.suffix.lower() in _FORMATS
+             and (file.suffix.lower() != ".json" or _starts_array(file))]
+    if not files:
+        raise UserError("the evaluation-set folder holds no .csv, .jsonl, .json or .parquet file",
+                        path=str(path), field="decontaminate",
+                        fix="pass the folder of C-Eval's / CMMLU's CSV files, or files of questions")
+    return files
+
+
+def _starts_array(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \r\n\t").startswith("[")
+
+
+def question_texts(path: Path) -> Iterator[str]:
+    """The question and option texts of every row of one file; a file whose rows have neither is refused."""
+    for row, location in read_rows(path):
+        texts = _row_texts(row, location)
+        if texts is None:
+            keys = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
+            raise location.error(f"no question column; the row has: {keys}", field="decontaminate",
+                                 fix="give each row a 'question' column (and option columns A, B, C, D, or a "
+                                     "'choices' list), as C-Eval and CMMLU do")
+        yield from texts
+
+
+def _row_texts(row: object, location: Location) -> list[str] | None:
+    if not isinstance(row, dict):
+        return None
+    texts, found = [], False
+    for key, value in row.items():
+        name = str(key).strip().lower()
+        if name in _QUESTION_FIELDS:
+            found = True
+        elif name not in _OPTION_FIELDS and name not in _OPTION_LISTS:
+            continue
+        values = value if isinstance(value, list) else [value]
+        texts += [str(item) for item in values if isinstance(item, (str, int, float)) and str(item).strip()]
+    return texts if found else None
