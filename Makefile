@@ -40,8 +40,10 @@ demo: $(STAMP)
 	$(PY) evaluate.py report --run_dir model_save/demo
 	$(PY) chat.py --config config/demo/chat.yaml --message "你好！"
 
+# Two workers (pytest-xdist), each taking whole test modules, so a module's fixtures are built once.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope tests
 
 bench: install
 	$(PY) bench/bench_dedup.py

@@ -16,6 +16,9 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+# One intra-op thread per process, the scripts the tests start included (they inherit it): the tiny models gain
+# nothing from more, and `make test` runs two pytest workers (pytest-xdist) that share the machine's cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Original sentences written for the tests (no third-party text), mixing scripts, digits and punctuation.
 SENTENCES = [

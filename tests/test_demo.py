@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
-from conftest import REPO, run_script
+from conftest import run_script
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from utils.data.conversations import load_preferences
