@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from model.build import require_model_dir
+from model.inference.generation import load_for_inference
 from utils.errors import UserError
 from utils.io import atomic_output_file
 from utils.tokenization.chat_format import END_OF_TURN, gguf_chat_template, ollama_template
@@ -101,8 +103,6 @@ def export_gguf(model_dir: str | Path, output: str | Path, outtype: str = "f16",
                         fix="export a T5 or Llama model of the toolkit") from None
     model_class = type(f"Toolkit{base.__name__}", (ToolkitVocab, base), {"llama_cpp_pre": pre, "gguf": gguf, "model_arch": base.model_arch})
     ftype = getattr(gguf.LlamaFileType, {"f32": "ALL_F32"}.get(outtype, f"MOSTLY_{outtype.upper()}"))
-    import torch  # the converter's tensors are torch tensors; imported here so --help stays fast
-
     with atomic_output_file(output, field="output") as tmp, torch.inference_mode():
         model = model_class(model_dir, ftype, tmp, model_name=model_dir.resolve().name)
         model.write()
@@ -167,3 +167,89 @@ class ToolkitVocab:
             scale = self.hparams["d_model"] ** -0.5
             tensors["lm_head.weight"] = lambda: embeddings() * scale
         return tensors
+
+
+def llama_cpp_greedy(gguf_file: str | Path, prompt: str, max_new_tokens: int) -> tuple[list[int], list[int]]:
+    """(prompt ids as llama.cpp tokenises `prompt`, its greedy continuation) of `gguf_file`, run in llama.cpp
+    through `llama-cpp-python`'s bindings: the check that an export behaves as the model it came from.
+    Greedy is the argmax of the logits (no repetition penalty); it stops after an end-of-generation token
+    (eos, `<|end|>`) or `max_new_tokens`. T5 encodes the prompt and decodes from its decoder start token."""
+    import llama_cpp as lib
+    import numpy as np
+
+    lib.llama_backend_init()
+    model = lib.llama_model_load_from_file(str(gguf_file).encode(), lib.llama_model_default_params())
+    params = lib.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = 512
+    context = lib.llama_init_from_model(model, params)
+    vocab = lib.llama_model_get_vocab(model)
+    try:
+        text = prompt.encode()
+        buffer = (lib.llama_token * (len(text) + 8))()
+        count = lib.llama_tokenize(vocab, text, len(text), buffer, len(buffer), False, True)  # no bos/eos; specials
+        prompt_ids = list(buffer[:count])
+        n_vocab = lib.llama_vocab_n_tokens(vocab)
+
+        def step(ids: list[int]) -> int:
+            batch_ids = (lib.llama_token * len(ids))(*ids)
+            assert lib.llama_decode(context, lib.llama_batch_get_one(batch_ids, len(ids))) == 0
+            logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(context, -1), shape=(n_vocab,))
+            return int(logits.argmax())
+
+        if lib.llama_model_has_encoder(model):
+            batch_ids = (lib.llama_token * count)(*prompt_ids)
+            assert lib.llama_encode(context, lib.llama_batch_get_one(batch_ids, count)) == 0
+            feed = [lib.llama_model_decoder_start_token(model)]
+        else:
+            feed = prompt_ids
+        generated: list[int] = []
+        while len(generated) < max_new_tokens:
+            token = step(feed)
+            generated.append(token)
+            if lib.llama_vocab_is_eog(vocab, token):
+                break
+            feed = [token]
+        return prompt_ids, generated
+    finally:
+        lib.llama_free(context)
+        lib.llama_model_free(model)
+
+
+@dataclass(frozen=True)
+class RoundTrip:
+    """One prompt through transformers and through llama.cpp: the prompt ids and greedy continuations."""
+
+    transformers_prompt: list[int]
+    llama_cpp_prompt: list[int]
+    transformers_ids: list[int]
+    llama_cpp_ids: list[int]
+
+    @property
+    def same_prompt(self) -> bool:
+        return self.transformers_prompt == self.llama_cpp_prompt
+
+    @property
+    def matching_tokens(self) -> int:
+        """Leading generated tokens the two agree on."""
+        pairs = zip(self.transformers_ids, self.llama_cpp_ids)
+        return next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(self.transformers_ids),
+                                                                         len(self.llama_cpp_ids)))
+
+    @property
+    def identical(self) -> bool:
+        return self.same_prompt and self.transformers_ids == self.llama_cpp_ids
+
+
+def round_trip(model_dir: str | Path, gguf_file: str | Path, messages: list[dict], max_new_tokens: int) -> RoundTrip:
+    """The chat prompt of `messages` tokenised and greedily continued by the model in transformers (fp32,
+    no repetition penalty) and by its export in llama.cpp (`llama_cpp_greedy`)."""
+    model, tokenizer = load_for_inference(str(model_dir), device="cpu", dtype="fp32")
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    config = GenerationConfig.from_dict({**model.generation_config.to_dict(), "do_sample": False, "num_beams": 1,
+                                         "repetition_penalty": 1.0, "max_new_tokens": max_new_tokens})
+    with torch.inference_mode():
+        output = model.generate(torch.tensor([prompt_ids]), generation_config=config)[0].tolist()
+    generated = output[1:] if model.config.is_encoder_decoder else output[len(prompt_ids):]  # T5: start token
+    llama_prompt, llama_ids = llama_cpp_greedy(gguf_file, prompt, max_new_tokens)
+    return RoundTrip(prompt_ids, llama_prompt, generated, llama_ids)
