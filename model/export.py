@@ -177,6 +177,7 @@ def llama_cpp_greedy(gguf_file: str | Path, prompt: str, max_new_tokens: int) ->
     import llama_cpp as lib
     import numpy as np
 
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load report goes there
     lib.llama_backend_init()
     model = lib.llama_model_load_from_file(str(gguf_file).encode(), lib.llama_model_default_params())
     params = lib.llama_context_default_params()

@@ -89,3 +89,11 @@ def test_sft_rejected_dpo_evaluate_and_chat_recipes(chain, tmp_path):
     reply = run_script("chat.py", *recipe("chat"), "--model_name_or_path", str(final), "--message", "你好",
                        "--max_new_tokens", "8", "--do_sample", "true")  # a 4-step model's greedy reply is empty
     assert reply.stdout.strip()
+
+
+def test_export_recipe(chain, tmp_path):
+    """export.py on its recipe: the default tokenizer's model converts with llama.cpp's converter."""
+    output = tmp_path / "gguf" / "model-f16.gguf"
+    run_script("export.py", *recipe("export"), "--model_name_or_path", str(chain / "pretrain"), "--output",
+               str(output))
+    assert output.stat().st_size > 0 and output.with_suffix(".Modelfile").is_file()
