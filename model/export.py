@@ -101,7 +101,8 @@ def export_gguf(model_dir: str | Path, output: str | Path, outtype: str = "f16",
         raise UserError(f"llama.cpp's converter does not know the architecture {architecture}",
                         path=str(model_dir / "config.json"), field="architectures",
                         fix="export a T5 or Llama model of the toolkit") from None
-    model_class = type(f"Toolkit{base.__name__}", (ToolkitVocab, base), {"llama_cpp_pre": pre, "gguf": gguf, "model_arch": base.model_arch})
+    model_class = type(f"Toolkit{base.__name__}", (ToolkitVocab, base),
+                       {"llama_cpp_pre": pre, "gguf": gguf, "model_arch": base.model_arch})
     ftype = getattr(gguf.LlamaFileType, {"f32": "ALL_F32"}.get(outtype, f"MOSTLY_{outtype.upper()}"))
     with atomic_output_file(output, field="output") as tmp, torch.inference_mode():
         model = model_class(model_dir, ftype, tmp, model_name=model_dir.resolve().name)
