@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
@@ -170,61 +171,72 @@ class ToolkitVocab:
         return tensors
 
 
-def llama_cpp_greedy(gguf_file: str | Path, prompt: str, max_new_tokens: int) -> tuple[list[int], list[int]]:
-    """(prompt ids as llama.cpp tokenises `prompt`, its greedy continuation) of `gguf_file`, run in llama.cpp
-    through `llama-cpp-python`'s bindings: the check that an export behaves as the model it came from.
-    Greedy is the argmax of the logits (no repetition penalty); it stops after an end-of-generation token
-    (eos, `<|end|>`) or `max_new_tokens`. T5 encodes the prompt and decodes from its decoder start token."""
-    import llama_cpp as lib
-    import numpy as np
+class LlamaCppModel:
+    """A GGUF file loaded in llama.cpp through `llama-cpp-python`'s low-level bindings, one sequence at a
+    time: the check that an export behaves as the model it came from. T5 encodes the prompt, then decodes
+    from its decoder start token; a decoder-only model decodes the prompt."""
 
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load report goes there
-    lib.llama_backend_init()
-    model = lib.llama_model_load_from_file(str(gguf_file).encode(), lib.llama_model_default_params())
-    params = lib.llama_context_default_params()
-    params.n_ctx = params.n_batch = params.n_ubatch = 512
-    context = lib.llama_init_from_model(model, params)
-    vocab = lib.llama_model_get_vocab(model)
-    try:
-        text = prompt.encode()
-        buffer = (lib.llama_token * (len(text) + 8))()
-        count = lib.llama_tokenize(vocab, text, len(text), buffer, len(buffer), False, True)  # no bos/eos; specials
-        prompt_ids = list(buffer[:count])
-        n_vocab = lib.llama_vocab_n_tokens(vocab)
+    def __init__(self, gguf_file: str | Path):
+        import llama_cpp
 
-        def step(ids: list[int]) -> int:
-            batch_ids = (lib.llama_token * len(ids))(*ids)
-            assert lib.llama_decode(context, lib.llama_batch_get_one(batch_ids, len(ids))) == 0
-            logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(context, -1), shape=(n_vocab,))
-            return int(logits.argmax())
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load report goes there
+        self.lib = lib = llama_cpp
+        lib.llama_backend_init()
+        self.model = lib.llama_model_load_from_file(str(gguf_file).encode(), lib.llama_model_default_params())
+        params = lib.llama_context_default_params()
+        params.n_ctx = params.n_batch = params.n_ubatch = 512
+        self.context = lib.llama_init_from_model(self.model, params)
+        self.vocab = lib.llama_model_get_vocab(self.model)
+        self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
 
-        if lib.llama_model_has_encoder(model):
-            batch_ids = (lib.llama_token * count)(*prompt_ids)
-            assert lib.llama_encode(context, lib.llama_batch_get_one(batch_ids, count)) == 0
-            feed = [lib.llama_model_decoder_start_token(model)]
-        else:
-            feed = prompt_ids
-        generated: list[int] = []
-        while len(generated) < max_new_tokens:
-            token = step(feed)
-            generated.append(token)
-            if lib.llama_vocab_is_eog(vocab, token):
-                break
-            feed = [token]
-        return prompt_ids, generated
-    finally:
-        lib.llama_free(context)
-        lib.llama_model_free(model)
+    def close(self) -> None:
+        self.lib.llama_free(self.context)
+        self.lib.llama_model_free(self.model)
+
+    def tokenize(self, text: str) -> list[int]:
+        """llama.cpp's ids of `text`: no bos / eos added, special tokens (chat tokens) recognised."""
+        data = text.encode()
+        buffer = (self.lib.llama_token * (len(data) + 8))()
+        return list(buffer[:self.lib.llama_tokenize(self.vocab, data, len(data), buffer, len(buffer), False, True)])
+
+    def begin(self, prompt_ids: list[int]) -> np.ndarray:
+        """Logits of the first token after `prompt_ids` (a new sequence)."""
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.context), True)
+        if self.lib.llama_model_has_encoder(self.model):
+            self._batch(self.lib.llama_encode, prompt_ids)
+            return self.feed(self.lib.llama_model_decoder_start_token(self.model))
+        self._batch(self.lib.llama_decode, prompt_ids)
+        return self._last_logits()
+
+    def feed(self, token: int) -> np.ndarray:
+        """Logits of the token after `token`, appended to the sequence."""
+        self._batch(self.lib.llama_decode, [token])
+        return self._last_logits()
+
+    def ends_generation(self, token: int) -> bool:
+        """Whether llama.cpp stops at `token` (eos, end of turn: the GGUF's metadata)."""
+        return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
+
+    def _batch(self, function, ids: list[int]) -> None:
+        batch_ids = (self.lib.llama_token * len(ids))(*ids)
+        assert function(self.context, self.lib.llama_batch_get_one(batch_ids, len(ids))) == 0
+
+    def _last_logits(self) -> np.ndarray:
+        return np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.context, -1), shape=(self.n_vocab,)).copy()
 
 
 @dataclass(frozen=True)
 class RoundTrip:
-    """One prompt through transformers and through llama.cpp: the prompt ids and greedy continuations."""
+    """One prompt through transformers and through llama.cpp: the prompt ids, the greedy continuations, and
+    the reference reply read teacher-forced (the argmax after each of its tokens, the largest logit gap)."""
 
     transformers_prompt: list[int]
     llama_cpp_prompt: list[int]
     transformers_ids: list[int]
     llama_cpp_ids: list[int]
+    forced_tokens: int
+    forced_same_argmax: int
+    max_logit_difference: float
 
     @property
     def same_prompt(self) -> bool:
@@ -233,25 +245,49 @@ class RoundTrip:
     @property
     def matching_tokens(self) -> int:
         """Leading generated tokens the two agree on."""
-        pairs = zip(self.transformers_ids, self.llama_cpp_ids)
-        return next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(self.transformers_ids),
-                                                                         len(self.llama_cpp_ids)))
+        pairs = list(zip(self.transformers_ids, self.llama_cpp_ids))
+        return next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
 
     @property
     def identical(self) -> bool:
         return self.same_prompt and self.transformers_ids == self.llama_cpp_ids
 
 
-def round_trip(model_dir: str | Path, gguf_file: str | Path, messages: list[dict], max_new_tokens: int) -> RoundTrip:
-    """The chat prompt of `messages` tokenised and greedily continued by the model in transformers (fp32,
-    no repetition penalty) and by its export in llama.cpp (`llama_cpp_greedy`)."""
+def round_trip(model_dir: str | Path, gguf_file: str | Path, messages: list[dict], reply: str,
+               max_new_tokens: int) -> RoundTrip:
+    """The chat prompt of `messages`, tokenised and greedily continued (argmax, no repetition penalty, up
+    to an end-of-generation token or `max_new_tokens`) by the model in transformers (fp32) and by its
+    export in llama.cpp; and `reply` after the prompt, teacher-forced through both."""
     model, tokenizer = load_for_inference(str(model_dir), device="cpu", dtype="fp32")
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+    seq2seq = model.config.is_encoder_decoder
     config = GenerationConfig.from_dict({**model.generation_config.to_dict(), "do_sample": False, "num_beams": 1,
                                          "repetition_penalty": 1.0, "max_new_tokens": max_new_tokens})
     with torch.inference_mode():
         output = model.generate(torch.tensor([prompt_ids]), generation_config=config)[0].tolist()
-    generated = output[1:] if model.config.is_encoder_decoder else output[len(prompt_ids):]  # T5: start token
-    llama_prompt, llama_ids = llama_cpp_greedy(gguf_file, prompt, max_new_tokens)
-    return RoundTrip(prompt_ids, llama_prompt, generated, llama_ids)
+        if seq2seq:
+            start = [model.config.decoder_start_token_id]
+            forced = model(input_ids=torch.tensor([prompt_ids]),
+                           decoder_input_ids=torch.tensor([start + reply_ids[:-1]])).logits[0]
+        else:
+            forced = model(torch.tensor([prompt_ids + reply_ids])).logits[0, len(prompt_ids) - 1:-1]
+    generated = output[1:] if seq2seq else output[len(prompt_ids):]  # T5's output starts with the start token
+
+    llama = LlamaCppModel(gguf_file)
+    try:
+        llama_prompt = llama.tokenize(prompt)
+        logits, llama_generated = llama.begin(llama_prompt), []
+        while len(llama_generated) < max_new_tokens and not (llama_generated and
+                                                              llama.ends_generation(llama_generated[-1])):
+            llama_generated.append(int(logits.argmax()))
+            logits = llama.feed(llama_generated[-1])
+        llama_forced = [llama.begin(llama_prompt)] + [llama.feed(token) for token in reply_ids[:-1]]
+    finally:
+        llama.close()
+    forced = forced.float().numpy()
+    llama_forced = np.stack(llama_forced)
+    return RoundTrip(prompt_ids, llama_prompt, generated, llama_generated, len(reply_ids),
+                     int((forced.argmax(-1) == llama_forced.argmax(-1)).sum()),
+                     float(np.abs(forced - llama_forced).max()))

@@ -22,6 +22,7 @@ from utils.errors import UserError
 from utils.tokenization.chat_format import END_OF_TURN
 
 PROMPT = [{"role": "user", "content": "图书馆里很安静，学生们在做什么？"}]
+REPLY = "学生们在认真地阅读和做笔记。<|end|>"
 
 
 @pytest.fixture(scope="module")
@@ -110,5 +111,6 @@ def test_tokenizers_llama_cpp_cannot_reproduce_are_refused(tiny_llama, tmp_path,
 def test_llama_cpp_continues_as_transformers_does(exported, name):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make llama-cpp-python)")
     model_dir, path = exported[name]
-    result = round_trip(model_dir, path, PROMPT, max_new_tokens=24)
+    result = round_trip(model_dir, path, PROMPT, REPLY, max_new_tokens=24)
     assert result.same_prompt and result.identical, result
+    assert result.forced_same_argmax == result.forced_tokens and result.max_logit_difference < 0.05, result
