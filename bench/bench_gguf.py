@@ -4,11 +4,11 @@ making the tokenizer llama.cpp's cost?
     .venv/bin/python bench/bench_gguf.py                 # demo-size T5 and Llama, ~15-30 min on 2 cores
     .venv/bin/python bench/bench_gguf.py --steps 60      # shorter pretraining (the command is recorded)
 
-1. Pre-tokeniser: the default BPE tokenizer as it was (text split into Han / letter / digit / punctuation runs
-   by a regex llama.cpp does not implement) and as it is (llama.cpp's `sarvam-moe`: spaces as ▁, split at
+1. Pre-tokeniser: the default BPE tokenizer (text split into Han / letter / digit / punctuation runs by a
+   regex llama.cpp does not implement) and `gguf_bpe` (llama.cpp's `sarvam-moe`: spaces as ▁, split at
    newlines only), trained on the same real text at two vocabulary sizes; characters per token on the
    held-out wiki articles of bench_tokenizer.py.
-2. Export: the demo pipeline's corpus and tokenizer (config/demo/), t5-demo and llama-demo pretrained on it
+2. Export: the demo pipeline's corpus and tokenizer (config/demo/, as gguf_bpe), t5-demo and llama-demo pretrained on it
    with config/demo/pretrain.yaml (cached in bench/_work/gguf/), exported with export.py as f16 and q8_0.
 3. Round trip (needs `make llama-cpp-python`): a fixed Chinese chat prompt tokenised by llama.cpp and by
    transformers, and its greedy continuation (48 tokens, no repetition penalty) in both.
@@ -32,32 +32,16 @@ NEW_TOKENS = 48
 VOCAB_SIZES = (8000, 32000)
 
 
-def regex_pipeline(tokenizer):
-    """The default tokenizer's pipeline before issue 15 (for the comparison only)."""
-    from tokenizers import Regex, decoders, pre_tokenizers
-
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(tokenization.PRETOKENIZE_PATTERN), behavior="isolated")
-    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
-    return tokenizer
-
-
 def compare_pre_tokenizers() -> str:
     train, held_out = split_real_texts()
     held = [record["text"] for record in held_out]
     chars = sum(map(len, held))
     rows = []
     for vocab_size in VOCAB_SIZES:
-        for name, pipeline, space in (("regex (before)", regex_pipeline, " "),
-                                      ("llama.cpp sarvam-moe (now)", tokenization.llama_cpp_pipeline, "▁")):
-            # train_bpe builds the default pipeline and counts characters as it normalises them
-            saved = tokenization.llama_cpp_pipeline, tokenization.SPACE
-            tokenization.llama_cpp_pipeline, tokenization.SPACE = pipeline, space
-            try:
-                start = time.perf_counter()
-                tokenizer = tokenization.train_bpe(train, "bpe", vocab_size, 100, 2, 0.9995, 16)
-                seconds = time.perf_counter() - start
-            finally:
-                tokenization.llama_cpp_pipeline, tokenization.SPACE = saved
+        for name, model_type in (("bpe: regex (default)", "bpe"), ("gguf_bpe: llama.cpp sarvam-moe", "gguf_bpe")):
+            start = time.perf_counter()
+            tokenizer = tokenization.train_bpe(train, model_type, vocab_size, 100, 2, 0.9995, 16)
+            seconds = time.perf_counter() - start
             tokens = sum(len(tokenizer.encode(text).ids) for text in held)
             lossless = all(tokenizer.decode(tokenizer.encode(text).ids) == text for text in held)
             rows.append([f"{vocab_size:,}", name, f"{chars / tokens:.3f}", f"{tokens:,}", f"{seconds:.0f}",
@@ -65,8 +49,8 @@ def compare_pre_tokenizers() -> str:
             log(f"vocab {vocab_size}: {name}: {chars / tokens:.3f} chars/token")
     return (f"Trained on {sum(map(len, train)):,} characters of real text, scored on {len(held)} held-out wiki "
             f"articles ({chars:,} characters). llama.cpp's pre-tokeniser lets merges cross from Han characters "
-            "into punctuation and across words, which the regex forbade; on Chinese it takes fewer tokens for "
-            "the same text, so it costs nothing in compression:\n\n"
+            "into punctuation and across words, which the regex forbids; on Chinese it takes fewer tokens for "
+            "the same text, so making it the default would cost nothing in compression:\n\n"
             + markdown_table(["vocab", "pre-tokeniser", "chars/token", "tokens", "train s", "lossless"], rows))
 
 
@@ -79,7 +63,7 @@ def demo_models(steps: int) -> dict[str, object]:
         run_measured([python, "prepare_data.py", "--config", "config/demo/prepare_data.yaml",
                       "--output_dir", str(corpus)], root / "prepare_data.log")
         run_measured([python, "train_tokenizer.py", "--config", "config/demo/tokenizer.yaml", "--input", str(corpus),
-                      "--output_dir", str(tokenizer)], root / "tokenizer.log")
+                      "--output_dir", str(tokenizer), "--model_type", "gguf_bpe"], root / "tokenizer.log")
     models = {}
     for preset in ("t5-demo", "llama-demo"):
         output = root / f"{preset}-{steps}"
@@ -120,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
                               f"{result.forced_same_argmax} / {result.forced_tokens}",
                               f"{result.max_logit_difference:.3g}"])
                 log(f"{preset} {outtype}: {result}")
-    body = [f"Demo models: config/demo/ corpus and tokenizer, each preset pretrained {args.steps} steps.", "",
+    body = [f"Demo models: config/demo/ corpus and tokenizer (`--model_type gguf_bpe`), each preset pretrained "
+            f"{args.steps} steps.", "",
             markdown_table(["model", "outtype", "GGUF MB", "export s"], exports), ""]
     if trips:
         body += [f"Round trip in llama.cpp (llama-cpp-python {llama_cpp.__version__}, CPU build) against "
@@ -134,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                  "columns are the stronger check: every position's prediction and every logit agree to f16 / "
                  "q8_0 rounding. The tokenizer mapping is checked by the prompt ids (chat tokens included).", ""]
     if not args.skip_tokenizers:
-        body += ["### The default tokenizer's pre-tokeniser, before and after", "", compare_pre_tokenizers()]
+        body += ["### Pre-tokeniser: the default bpe and gguf_bpe", "", compare_pre_tokenizers()]
         write_section("bench_gguf.py", "GGUF export: llama.cpp round trip, and the tokenizer it needed",
                       ["transformers", "tokenizers", "llama_cpp_python"], "\n".join(body))
     print("\n".join(body))

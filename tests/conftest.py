@@ -124,3 +124,24 @@ def tiny_t5(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
 def tiny_llama(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
     """A tiny pretrained Llama directory (model + tokenizer with the chat template), built once per session."""
     return pretrain_tiny("llama-tiny", tiny_corpus, tiny_tokenizer, tmp_path_factory.mktemp("llama") / "model")
+
+
+@pytest.fixture(scope="session")
+def gguf_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
+    """The tiny tokenizer as `--model_type gguf_bpe` (pre-tokenised as llama.cpp does: exportable to GGUF)."""
+    out = tmp_path_factory.mktemp("gguf_tok") / "tokenizer"
+    import train_tokenizer
+
+    train_tokenizer.main(["--config", "none", "--input", str(tiny_corpus), "--vocab_size", "1024", "--model_type",
+                          "gguf_bpe", "--output_dir", str(out), "--num_sentinels", "8", "--min_frequency", "1"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def gguf_t5(tiny_corpus, gguf_tokenizer, tmp_path_factory) -> Path:
+    return pretrain_tiny("t5-tiny", tiny_corpus, gguf_tokenizer, tmp_path_factory.mktemp("gguf_t5") / "model")
+
+
+@pytest.fixture(scope="session")
+def gguf_llama(tiny_corpus, gguf_tokenizer, tmp_path_factory) -> Path:
+    return pretrain_tiny("llama-tiny", tiny_corpus, gguf_tokenizer, tmp_path_factory.mktemp("gguf_llama") / "model")

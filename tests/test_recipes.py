@@ -91,9 +91,8 @@ def test_sft_rejected_dpo_evaluate_and_chat_recipes(chain, tmp_path):
     assert reply.stdout.strip()
 
 
-def test_export_recipe(chain, tmp_path):
-    """export.py on its recipe: the default tokenizer's model converts with llama.cpp's converter."""
+def test_export_recipe(gguf_llama, tmp_path):
+    """export.py on its recipe (a model whose tokenizer is gguf_bpe) with llama.cpp's converter."""
     output = tmp_path / "gguf" / "model-f16.gguf"
-    run_script("export.py", *recipe("export"), "--model_name_or_path", str(chain / "pretrain"), "--output",
-               str(output))
+    run_script("export.py", *recipe("export"), "--model_name_or_path", str(gguf_llama), "--output", str(output))
     assert output.stat().st_size > 0 and output.with_suffix(".Modelfile").is_file()

@@ -44,11 +44,18 @@ def test_default_bpe_round_trips_any_text_without_unknowns(tiny_tokenizer):
     # merges learnt from the corpus: a sentence of it takes far fewer tokens than characters
     sentence = "图书馆里很安静，学生们在认真地阅读和做笔记。"
     assert len(tokenizer(sentence, add_special_tokens=False)["input_ids"]) < len(sentence) / 2
+    # its regex pre-tokeniser is none of llama.cpp's (gguf_bpe is)
+    assert llama_cpp_pre_tokenizer(json.loads((tiny_tokenizer / "tokenizer.json").read_text())) is None
+
+
+def test_gguf_bpe_splits_text_as_llama_cpp_does(gguf_tokenizer):
+    tokenizer = AutoTokenizer.from_pretrained(gguf_tokenizer)
+    assert_lossless(tokenizer)
     # spaces are stored as ▁ and only newlines cut the text, as in llama.cpp's sarvam-moe tokenizer
     backend = tokenizer.backend_tokenizer
     assert backend.normalizer.normalize_str("你 好") == "你▁好"
     assert [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str("你▁好。\n\n再见")] == ["你▁好。", "\n\n", "再见"]
-    assert llama_cpp_pre_tokenizer(json.loads((tiny_tokenizer / "tokenizer.json").read_text())) == LLAMA_CPP_PRE
+    assert llama_cpp_pre_tokenizer(json.loads((gguf_tokenizer / "tokenizer.json").read_text())) == LLAMA_CPP_PRE
 
 
 def test_special_tokens_and_ids(tiny_tokenizer):

@@ -3,10 +3,11 @@
 The default tokenizer is a character-level BPE with byte fallback (the Llama / sentencepiece recipe,
 built with HF `tokenizers`): merges start from Unicode characters, so Chinese words become tokens,
 and any character outside the vocabulary is spelled as its UTF-8 bytes `<0x..>`, so every input
-encodes with zero unknown tokens and `decode(encode(x)) == x`. Options: byte-level BPE (GPT-2 style)
-and sentencepiece BPE (converted to the same HF format).
+encodes with zero unknown tokens and `decode(encode(x)) == x`. Options: the same BPE pre-tokenised as
+llama.cpp does it (`gguf_bpe`), byte-level BPE (GPT-2 style) and sentencepiece BPE (converted to the same
+HF format).
 
-The default and the sentencepiece option pre-tokenise exactly as one of llama.cpp's tokenizers does
+`gguf_bpe` and the sentencepiece option pre-tokenise exactly as one of llama.cpp's tokenizers does
 (`LLAMA_CPP_PRE`), so a model exports to GGUF with the same token ids in llama.cpp / ollama as here.
 
 The output directory loads with `AutoTokenizer.from_pretrained` (no remote code) and carries the special
@@ -36,17 +37,17 @@ from utils.tokenization.chat_format import CHAT_TEMPLATE, CHAT_TOKENS
 logger = logging.getLogger(__name__)
 
 PAD, EOS, UNK, BOS = "<pad>", "</s>", "<unk>", "<s>"
-MODEL_TYPES = ("bpe", "byte_bpe", "sentencepiece")
+MODEL_TYPES = ("bpe", "gguf_bpe", "byte_bpe", "sentencepiece")
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 
-# Pre-tokenisation of the byte-level option: runs of Han characters, runs of other letters (with one
-# leading space, as in GPT-2), single digits, punctuation runs, and whitespace. Merges never cross these
-# boundaries, which keeps the trainer's word table small on Chinese text.
+# Pre-tokenisation of the default and byte-level options: runs of Han characters, runs of other letters
+# (with one leading space, as in GPT-2), single digits, punctuation runs, and whitespace. Merges never
+# cross these boundaries, which keeps the trainer's word table small on Chinese text.
 PRETOKENIZE_PATTERN = (r" ?\p{Han}+| ?[^\s\p{Han}\p{N}\p{P}\p{S}]+| ?\p{N}| ?[\p{P}\p{S}]+[\r\n]*"
                        r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-# Pre-tokenisation of the default and sentencepiece options, as llama.cpp's "sarvam-moe" BPE tokenizer
+# Pre-tokenisation of the gguf_bpe and sentencepiece options, as llama.cpp's "sarvam-moe" BPE tokenizer
 # does it (src/llama-vocab.cpp): spaces become "▁", the text is cut only at newlines, BPE merges (by rank)
 # run over raw UTF-8 characters, and a character outside the vocabulary becomes its <0x..> bytes. llama.cpp
 # implements a fixed set of pre-tokenisers; of those that keep characters (not GPT-2 bytes) only this one
@@ -152,19 +153,24 @@ def alphabet_for_coverage(texts: Iterable[str], coverage: float) -> list[str]:
 
 def build_tokenizer(model_type: str) -> Tokenizer:
     """An untrained tokenizer with the pre-tokeniser and decoder of `model_type`."""
+    split = pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated")
     if model_type == "byte_bpe":
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
-             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         tokenizer.decoder = decoders.ByteLevel()
         return tokenizer
-    return llama_cpp_pipeline(Tokenizer(models.BPE(unk_token=UNK, byte_fallback=True)))
+    tokenizer = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=True))
+    if model_type == "gguf_bpe":
+        return llama_cpp_pipeline(tokenizer)
+    tokenizer.pre_tokenizer = split
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    return tokenizer
 
 
 def train_bpe(texts: list[str], model_type: str, vocab_size: int, num_sentinels: int, min_frequency: int,
               character_coverage: float, max_token_length: int) -> Tokenizer:
-    """Train a `bpe` (character level + byte fallback) or `byte_bpe` tokenizer of exactly `vocab_size`
+    """Train a `bpe` / `gguf_bpe` (character level + byte fallback) or `byte_bpe` tokenizer of exactly `vocab_size`
     entries when the corpus allows it (fewer when it runs out of merges)."""
     tokenizer = build_tokenizer(model_type)
     specials = special_tokens(num_sentinels)
@@ -181,8 +187,9 @@ def train_bpe(texts: list[str], model_type: str, vocab_size: int, num_sentinels:
     # Single characters may take at most half of what is left, so merges (words) always get room. The
     # alphabet is chosen here and handed over whole: `limit_alphabet` alone cuts among characters of equal
     # count in hash-map order, so the same corpus would give a different tokenizer on every run.
-    normalized = (text.replace(" ", SPACE) for text in texts)  # the characters the trainer sees
-    alphabet = alphabet_for_coverage(normalized, character_coverage)[:(budget - len(specials)) // 2]
+    # the characters the trainer sees (gguf_bpe normalises spaces to ▁)
+    texts_seen = (text.replace(" ", SPACE) for text in texts) if model_type == "gguf_bpe" else texts
+    alphabet = alphabet_for_coverage(texts_seen, character_coverage)[:(budget - len(specials)) // 2]
     trainer = trainers.BpeTrainer(vocab_size=budget, min_frequency=min_frequency, special_tokens=specials,
                                   initial_alphabet=alphabet, limit_alphabet=len(alphabet),
                                   max_token_length=max_token_length, show_progress=True)
