@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # its screenshots legible. Installed with apt-get when missing (sudo when not root).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install browser demo test bench clean-demo
+.PHONY: install browser demo test bench clean-demo llama-cpp llama-cpp-python
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,15 +42,47 @@ demo: $(STAMP)
 
 # Two workers (pytest-xdist), each taking whole test modules, so a module's fixtures are built once.
 TEST_WORKERS ?= 2
-test: install
+test: install llama-cpp
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope tests
 
-bench: install
+# llama.cpp for export.py (GGUF): its converter (convert_hf_to_gguf.py's conversion/ and gguf-py/) from the
+# llama-cpp-python source distribution, which vendors llama.cpp; fetched once per machine into a cache.
+# `make llama-cpp-python` also builds that distribution (CPU only; long on few cores, once) for
+# bench/bench_gguf.py and the round-trip test, which run the exported files in llama.cpp.
+LLAMA_CPP_PYTHON ?= 0.3.36
+WHEELS ?= $(HOME)/.cache/zhlm-wheels
+LLAMA_CPP_DIR ?= $(HOME)/.cache/zhlm/llama.cpp-$(LLAMA_CPP_PYTHON)
+LLAMA_SDIST := $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+LLAMA_VENDOR := llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF \
+	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF
+
+$(LLAMA_SDIST):
+	mkdir -p $(WHEELS)
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: -d $(WHEELS) llama-cpp-python==$(LLAMA_CPP_PYTHON)
+
+$(LLAMA_CPP_DIR)/conversion/__init__.py: | $(LLAMA_SDIST)
+	rm -rf $(LLAMA_CPP_DIR).tmp && mkdir -p $(LLAMA_CPP_DIR).tmp
+	tar -xzf $(LLAMA_SDIST) -C $(LLAMA_CPP_DIR).tmp --strip-components=3 \
+		$(addprefix $(LLAMA_VENDOR)/,convert_hf_to_gguf.py conversion gguf-py LICENSE)
+	rm -rf $(LLAMA_CPP_DIR) && mv $(LLAMA_CPP_DIR).tmp $(LLAMA_CPP_DIR)
+
+llama-cpp: $(STAMP) $(LLAMA_CPP_DIR)/conversion/__init__.py
+
+llama-cpp-python: llama-cpp
+	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		nice -n 10 $(PY) -m pip wheel --no-deps -w $(WHEELS) $(LLAMA_SDIST)
+	$(PY) -m pip install --quiet $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
+
+bench: install llama-cpp-python
 	$(PY) bench/bench_dedup.py
 	$(PY) bench/bench_tokenizer.py
 	$(PY) bench/bench_pretrain.py
 	$(PY) bench/bench_sft_tokenize.py
 	$(PY) bench/bench_corpus.py
+	$(PY) bench/bench_gguf.py
 
 clean-demo:
 	rm -rf data/demo_run model_save/demo

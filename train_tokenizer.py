@@ -61,7 +61,8 @@ class TokenizerArguments:
     output_dir: str = field(default="data/tokenizer", metadata={"help": "Where the tokenizer is written."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing output directory."})
     model_type: str = field(default="bpe", metadata={
-        "help": "bpe (character-level BPE with byte fallback), byte_bpe (byte-level BPE) or sentencepiece."})
+        "help": "bpe (character-level BPE with byte fallback), gguf_bpe (the same, pre-tokenised as llama.cpp "
+                "does: exports to GGUF, see export.py), byte_bpe (byte-level BPE) or sentencepiece."})
     vocab_size: int = field(default=32000, metadata={
         "help": "Vocabulary size including special and byte tokens, rounded up to a multiple of 64. With "
                 "--extend: size of the tokenizer learnt on the corpus, whose new tokens are added."})

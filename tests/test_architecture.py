@@ -9,7 +9,7 @@ from conftest import REPO
 
 # Lowest first. A module may import its own layer and the layers before it.
 LAYERS = ["utils", "utils.data", "utils.tokenization", "utils.examples", "model", "model.training",
-          "model.inference", "model.evaluation"]
+          "model.inference", "model.export", "model.evaluation"]
 STAGES = {path.stem for path in REPO.glob("*.py")}
 
 

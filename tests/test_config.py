@@ -227,6 +227,7 @@ STAGES = {  # recipe name -> (entry script, its argument dataclasses, writes an 
     "chat": ("chat.py", lambda m: [m.ChatArguments, m.DecodingOptions], False),
     "serve": ("serve.py", lambda m: [m.ServeArguments, m.DecodingOptions], False),
     "evaluate": ("evaluate.py", lambda m: [m.EvalArguments], True),
+    "export": ("export.py", lambda m: [m.ExportArguments], False),
 }
 RECIPES = sorted(p.relative_to(REPO) for p in (REPO / "config").rglob("*.yaml") if p.parent.name != "models")
 

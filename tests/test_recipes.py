@@ -249,3 +249,10 @@ def test_chinese_llama_sft_opens_with_the_system_message(chinese_llama):
                                          {"role": "user", "content": "你好"}], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)["input_ids"]
     assert model.generate(input_ids=ids, max_new_tokens=4, do_sample=False).shape[-1] > ids.shape[-1]
+
+
+def test_export_recipe(gguf_llama, tmp_path):
+    """export.py on its recipe (a model whose tokenizer is gguf_bpe) with llama.cpp's converter."""
+    output = tmp_path / "gguf" / "model-f16.gguf"
+    run_script("export.py", *recipe("export"), "--model_name_or_path", str(gguf_llama), "--output", str(output))
+    assert output.stat().st_size > 0 and output.with_suffix(".Modelfile").is_file()

@@ -127,7 +127,8 @@ def test_llama_batches_carry_labels_only_on_assistant_tokens(tiny_llama, sft_fil
 
 def test_overlong_examples_are_truncated_or_dropped_and_counted(tiny_tokenizer):
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
-    long_text = "".join(SENTENCES)  # far over the limits below
+    # far over the limits below (x4: the tiny tokenizer, trained on these sentences, has most of them as tokens)
+    long_text = "".join(SENTENCES) * 4
     conversations = [conversation(1), conversation(2),
                      [{"role": "user", "content": long_text}, {"role": "assistant", "content": "好的。"}],
                      [{"role": "user", "content": "请写长一点。"}, {"role": "assistant", "content": long_text}]]

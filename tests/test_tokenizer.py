@@ -12,7 +12,13 @@ from transformers import AutoTokenizer
 import train_tokenizer
 from utils.errors import UserError
 from utils.tokenization.chat_format import CHAT_TOKENS, END_OF_TURN
-from utils.tokenization.tokenizer import round_vocab, sample_corpus, score_tokenizer
+from utils.tokenization.tokenizer import (
+    LLAMA_CPP_PRE,
+    llama_cpp_pre_tokenizer,
+    round_vocab,
+    sample_corpus,
+    score_tokenizer,
+)
 
 MIXED = ("数学是研究數量的学科 English words, digits 3.14159 and 2026年，emoji 😀🚀👍🏽，全角标点：“引号”！？"
          "ＡＢＣ\n\n  two spaces\tand a tab\r\nend 𠀀𪚥 ĉu ñ Привет こんにちは 안녕 \u200b<0x41> <s> ")
@@ -38,6 +44,18 @@ def test_default_bpe_round_trips_any_text_without_unknowns(tiny_tokenizer):
     # merges learnt from the corpus: a sentence of it takes far fewer tokens than characters
     sentence = "图书馆里很安静，学生们在认真地阅读和做笔记。"
     assert len(tokenizer(sentence, add_special_tokens=False)["input_ids"]) < len(sentence) / 2
+    # its regex pre-tokeniser is none of llama.cpp's (gguf_bpe is)
+    assert llama_cpp_pre_tokenizer(json.loads((tiny_tokenizer / "tokenizer.json").read_text())) is None
+
+
+def test_gguf_bpe_splits_text_as_llama_cpp_does(gguf_tokenizer):
+    tokenizer = AutoTokenizer.from_pretrained(gguf_tokenizer)
+    assert_lossless(tokenizer)
+    # spaces are stored as ▁ and only newlines cut the text, as in llama.cpp's sarvam-moe tokenizer
+    backend = tokenizer.backend_tokenizer
+    assert backend.normalizer.normalize_str("你 好") == "你▁好"
+    assert [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str("你▁好。\n\n再见")] == ["你▁好。", "\n\n", "再见"]
+    assert llama_cpp_pre_tokenizer(json.loads((gguf_tokenizer / "tokenizer.json").read_text())) == LLAMA_CPP_PRE
 
 
 def test_special_tokens_and_ids(tiny_tokenizer):
@@ -82,6 +100,9 @@ def test_other_model_types_round_trip(model_type, tiny_corpus, tmp_path):
     assert_lossless(tokenizer, MIXED if model_type == "byte_bpe" else MIXED.replace("\r", ""))
     assert report["vocab_size"] <= 640 and tokenizer.apply_chat_template(
         [{"role": "user", "content": "你好"}], tokenize=False) == "<|user|>\n你好<|end|>\n"
+    # sentencepiece splits text as llama.cpp's sarvam-moe tokenizer does (GGUF export); byte_bpe as none
+    expected = None if model_type == "byte_bpe" else LLAMA_CPP_PRE
+    assert llama_cpp_pre_tokenizer(json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))) == expected
 
 
 def test_sampling_within_budget_reports_what_it_took(tiny_corpus):

@@ -22,18 +22,33 @@ from utils.errors import UserError, environment_error
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same directory, then rename."""
+    with atomic_output_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+@contextlib.contextmanager
+def atomic_output_file(path: str | os.PathLike, field: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path` for a writer that wants a file name (a GGUF writer); on
+    success it becomes `path` in one rename, on any error it is removed and `path` is left as it was.
+    With `field`, failing to write (permission denied, disk full) is a `UserError` naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
+        fd, name = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise (field and environment_error(err, path=str(path), field=field)) or err
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if field and isinstance(err, OSError):
+            raise environment_error(err, path=str(path), field=field) or err
         raise
 
 

@@ -11,6 +11,7 @@ exactly the format it was trained on, trimmed the same way when a conversation i
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_left
 from dataclasses import dataclass
 
@@ -37,6 +38,23 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- endif -%}"
 )
+
+# `{% generation %}` is transformers' own Jinja extension; other renderers (llama.cpp, ollama) reject it.
+GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
+
+
+def gguf_chat_template(template: str) -> str:
+    """`template` as plain Jinja for llama.cpp's GGUF metadata: the `{% generation %}` markers go (they only
+    mark the assistant tokens SFT trains on), so it renders the same text everywhere."""
+    return GENERATION_TAG.sub("", template)
+
+
+def ollama_template() -> str:
+    """The toolkit's chat template in ollama's Go template syntax (a Modelfile's TEMPLATE): each message
+    `<|role|>\n{content}<|end|>\n`, then the assistant generation prompt, as CHAT_TEMPLATE renders it."""
+    return ("{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}" + END_OF_TURN + "\n{{ end }}"
+            + ROLE_TOKENS["assistant"] + "\n")
+
 
 def default_generation_config(tokenizer, config: PreTrainedConfig) -> GenerationConfig:
     """The toolkit's generation defaults for a model of `config` with `tokenizer`."""

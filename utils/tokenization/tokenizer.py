@@ -3,8 +3,12 @@
 The default tokenizer is a character-level BPE with byte fallback (the Llama / sentencepiece recipe,
 built with HF `tokenizers`): merges start from Unicode characters, so Chinese words become tokens,
 and any character outside the vocabulary is spelled as its UTF-8 bytes `<0x..>`, so every input
-encodes with zero unknown tokens and `decode(encode(x)) == x`. Options: byte-level BPE (GPT-2 style)
-and sentencepiece BPE (converted to the same HF format).
+encodes with zero unknown tokens and `decode(encode(x)) == x`. Options: the same BPE pre-tokenised as
+llama.cpp does it (`gguf_bpe`), byte-level BPE (GPT-2 style) and sentencepiece BPE (converted to the same
+HF format).
+
+`gguf_bpe` and the sentencepiece option pre-tokenise exactly as one of llama.cpp's tokenizers does
+(`LLAMA_CPP_PRE`), so a model exports to GGUF with the same token ids in llama.cpp / ollama as here.
 
 The output directory loads with `AutoTokenizer.from_pretrained` (no remote code) and carries the special
 tokens (pad/eos/bos/unk, chat roles, T5 sentinels) and the chat template used by every later stage.
@@ -22,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -33,14 +37,45 @@ from utils.tokenization.chat_format import CHAT_TEMPLATE, CHAT_TOKENS
 logger = logging.getLogger(__name__)
 
 PAD, EOS, UNK, BOS = "<pad>", "</s>", "<unk>", "<s>"
-MODEL_TYPES = ("bpe", "byte_bpe", "sentencepiece")
+MODEL_TYPES = ("bpe", "gguf_bpe", "byte_bpe", "sentencepiece")
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 
-# Pre-tokenisation for text with and without spaces: runs of Han characters, runs of other letters
+# Pre-tokenisation of the default and byte-level options: runs of Han characters, runs of other letters
 # (with one leading space, as in GPT-2), single digits, punctuation runs, and whitespace. Merges never
 # cross these boundaries, which keeps the trainer's word table small on Chinese text.
 PRETOKENIZE_PATTERN = (r" ?\p{Han}+| ?[^\s\p{Han}\p{N}\p{P}\p{S}]+| ?\p{N}| ?[\p{P}\p{S}]+[\r\n]*"
                        r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+# Pre-tokenisation of the gguf_bpe and sentencepiece options, as llama.cpp's "sarvam-moe" BPE tokenizer
+# does it (src/llama-vocab.cpp): spaces become "▁", the text is cut only at newlines, BPE merges (by rank)
+# run over raw UTF-8 characters, and a character outside the vocabulary becomes its <0x..> bytes. llama.cpp
+# implements a fixed set of pre-tokenisers; of those that keep characters (not GPT-2 bytes) only this one
+# keeps every character, so a tokenizer built this way tokenises identically there. Merging across
+# character classes also compresses better on Chinese than splitting Han / letters / punctuation apart
+# (docs/BENCHMARKS.md, bench/bench_gguf.py).
+LLAMA_CPP_PRE = "sarvam-moe"
+SPACE = "▁"
+LINE_SPLIT = r"[^\n]+|[\n]+"
+
+
+def llama_cpp_pipeline(tokenizer: Tokenizer) -> Tokenizer:
+    """Give `tokenizer` the normaliser, pre-tokeniser and decoder of `LLAMA_CPP_PRE`."""
+    tokenizer.normalizer = normalizers.Replace(" ", SPACE)
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(LINE_SPLIT), behavior="isolated")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    return tokenizer
+
+
+def llama_cpp_pre_tokenizer(tokenizer_json: dict) -> str | None:
+    """The llama.cpp pre-tokenizer (`tokenizer.ggml.pre`) that tokenises as this `tokenizer.json` does, or
+    None when llama.cpp has none (a byte-level BPE here, or a tokenizer from elsewhere)."""
+    model = tokenizer_json.get("model", {})
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or model.get("ignore_merges"):
+        return None
+    reference = json.loads(llama_cpp_pipeline(Tokenizer(models.BPE())).to_str())
+    same = all(tokenizer_json.get(part) == reference[part] for part in ("normalizer", "pre_tokenizer", "decoder"))
+    return LLAMA_CPP_PRE if same else None
 
 
 def special_tokens(num_sentinels: int) -> list[str]:
@@ -124,16 +159,18 @@ def build_tokenizer(model_type: str) -> Tokenizer:
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
             [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         tokenizer.decoder = decoders.ByteLevel()
-    else:
-        tokenizer = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=True))
-        tokenizer.pre_tokenizer = split
-        tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+        return tokenizer
+    tokenizer = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=True))
+    if model_type == "gguf_bpe":
+        return llama_cpp_pipeline(tokenizer)
+    tokenizer.pre_tokenizer = split
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     return tokenizer
 
 
 def train_bpe(texts: list[str], model_type: str, vocab_size: int, num_sentinels: int, min_frequency: int,
               character_coverage: float, max_token_length: int) -> Tokenizer:
-    """Train a `bpe` (character level + byte fallback) or `byte_bpe` tokenizer of exactly `vocab_size`
+    """Train a `bpe` / `gguf_bpe` (character level + byte fallback) or `byte_bpe` tokenizer of exactly `vocab_size`
     entries when the corpus allows it (fewer when it runs out of merges)."""
     tokenizer = build_tokenizer(model_type)
     specials = special_tokens(num_sentinels)
@@ -150,7 +187,9 @@ def train_bpe(texts: list[str], model_type: str, vocab_size: int, num_sentinels:
     # Single characters may take at most half of what is left, so merges (words) always get room. The
     # alphabet is chosen here and handed over whole: `limit_alphabet` alone cuts among characters of equal
     # count in hash-map order, so the same corpus would give a different tokenizer on every run.
-    alphabet = alphabet_for_coverage(texts, character_coverage)[:(budget - len(specials)) // 2]
+    # the characters the trainer sees (gguf_bpe normalises spaces to ▁)
+    texts_seen = (text.replace(" ", SPACE) for text in texts) if model_type == "gguf_bpe" else texts
+    alphabet = alphabet_for_coverage(texts_seen, character_coverage)[:(budget - len(specials)) // 2]
     trainer = trainers.BpeTrainer(vocab_size=budget, min_frequency=min_frequency, special_tokens=specials,
                                   initial_alphabet=alphabet, limit_alphabet=len(alphabet),
                                   max_token_length=max_token_length, show_progress=True)
@@ -191,12 +230,8 @@ def train_sentencepiece(texts: list[str], vocab_size: int, num_sentinels: int, c
             minloglevel=2)
         extracted = SentencePieceExtractor(prefix + ".model").extract(models.BPE)
         vocab, merges = extracted["vocab"], extracted["merges"]
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK, byte_fallback=True,
-                                     fuse_unk=True))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)])
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer = llama_cpp_pipeline(Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK,
+                                                         byte_fallback=True, fuse_unk=True)))
     tokenizer.add_special_tokens(specials)
     return tokenizer
 

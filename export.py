@@ -1,0 +1,58 @@
+"""Export a trained model for llama.cpp / ollama: one GGUF file and an ollama Modelfile beside it.
+
+    python export.py                                             # config/export.yaml: model_save -> gguf/
+    python export.py --model_name_or_path model_save --format gguf --outtype q8_0 --output gguf/model-q8_0.gguf
+    ollama create zhlm -f gguf/model-f16.Modelfile && ollama run zhlm   # or: llama-cli -m gguf/model-f16.gguf -cnv
+
+Works with any toolkit output directory (T5 or Llama) whose tokenizer was trained with `--model_type
+gguf_bpe` or `sentencepiece` (pre-tokenised as llama.cpp does; the default `bpe` is refused with that fix). The conversion is llama.cpp's own converter, fetched once by `make
+llama-cpp` (see README "Running the model in llama.cpp and ollama").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model.export import DEFAULT_LLAMA_CPP_DIR, OUTTYPES, export_gguf, ollama_modelfile
+from utils.cli import run_main
+from utils.config import parse_config, recipe_path
+from utils.io import check_writable, write_text_atomic
+from utils.logging import setup_logging
+
+logger = logging.getLogger("export")
+
+
+@dataclass
+class ExportArguments:
+    model_name_or_path: str = field(default="model_save", metadata={
+        "help": "Model directory: any toolkit output (T5 or Llama)."})
+    format: str = field(default="gguf", metadata={"help": "Output format: gguf (llama.cpp, ollama).",
+                                                  "choices": ["gguf"]})
+    outtype: str = field(default="f16", metadata={
+        "help": "Tensor type: f16, bf16, f32 or q8_0 (8-bit, half the size of f16).", "choices": list(OUTTYPES)})
+    output: str = field(default="gguf/model-f16.gguf", metadata={
+        "help": "The GGUF file to write (replaced if it exists); the Modelfile goes beside it as <name>.Modelfile."})
+    llama_cpp_dir: str = field(default=DEFAULT_LLAMA_CPP_DIR, metadata={
+        "help": "Where llama.cpp's converter is: convert_hf_to_gguf.py's conversion/ and gguf-py/ "
+                "(`make llama-cpp` puts them at the default), or a llama.cpp checkout."})
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    setup_logging()
+    (args,) = parse_config([ExportArguments], argv, default_recipe=recipe_path("export"), description=__doc__)
+    output = Path(args.output)
+    check_writable(output, "output")
+    logger.info(f"converting {args.model_name_or_path} to {output} ({args.outtype}) with llama.cpp's converter")
+    export_gguf(args.model_name_or_path, output, args.outtype, args.llama_cpp_dir)
+    modelfile = output.with_suffix(".Modelfile")
+    write_text_atomic(modelfile, ollama_modelfile(output, args.model_name_or_path))
+    logger.info(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB) and {modelfile}: "
+                f"`ollama create NAME -f {modelfile}`, or `llama-cli -m {output} -cnv`")
+    return output
+
+
+if __name__ == "__main__":
+    run_main(main)
