@@ -40,10 +40,11 @@ demo: $(STAMP)
 	$(PY) evaluate.py report --run_dir model_save/demo
 	$(PY) chat.py --config config/demo/chat.yaml --message "你好！"
 
-# Two workers (pytest-xdist), each taking whole test modules, so a module's fixtures are built once.
+# Two workers (pytest-xdist), each taking whole test modules, so a module's fixtures are built once; the 25
+# slowest tests are listed at the end (the CI run has a ~20 minute budget).
 TEST_WORKERS ?= 2
 test: install llama-cpp
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=25 tests
 
 # llama.cpp for export.py (GGUF): its converter (convert_hf_to_gguf.py's conversion/ and gguf-py/) from the
 # llama-cpp-python source distribution, which vendors llama.cpp; fetched once per machine into a cache.
