@@ -37,6 +37,17 @@ SENTENCES = [
 ]
 
 
+# The modules that take minutes, slowest first. They are collected first, so that the two workers of `make test`
+# (which take whole modules, in collection order) start on them and finish together, rather than one worker
+# waiting out another's long last module.
+SLOW_MODULES = ("test_invariance.py", "test_demo.py", "test_pretrain.py", "test_recipes.py", "test_bench.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module stays in one piece
+
+
 def shared_path(name: str, env: str = "ZHLM_SHARED_DATA") -> Path:
     """A path under ../shared (data or anchors). CI sets the variables; locally ../shared is used."""
     root = os.environ.get(env)
