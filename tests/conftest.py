@@ -146,24 +146,3 @@ def lora_deltas(adapter_dir: Path) -> dict:
             module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
             deltas[f"{module}.weight"] = scaling * weights[key.replace(".lora_A.", ".lora_B.")] @ a
     return deltas
-
-
-@pytest.fixture(scope="session")
-def gguf_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
-    """The tiny tokenizer as `--model_type gguf_bpe` (pre-tokenised as llama.cpp does: exportable to GGUF)."""
-    out = tmp_path_factory.mktemp("gguf_tok") / "tokenizer"
-    import train_tokenizer
-
-    train_tokenizer.main(["--config", "none", "--input", str(tiny_corpus), "--vocab_size", "1024", "--model_type",
-                          "gguf_bpe", "--output_dir", str(out), "--num_sentinels", "8", "--min_frequency", "1"])
-    return out
-
-
-@pytest.fixture(scope="session")
-def gguf_t5(tiny_corpus, gguf_tokenizer, tmp_path_factory) -> Path:
-    return pretrain_tiny("t5-tiny", tiny_corpus, gguf_tokenizer, tmp_path_factory.mktemp("gguf_t5") / "model")
-
-
-@pytest.fixture(scope="session")
-def gguf_llama(tiny_corpus, gguf_tokenizer, tmp_path_factory) -> Path:
-    return pretrain_tiny("llama-tiny", tiny_corpus, gguf_tokenizer, tmp_path_factory.mktemp("gguf_llama") / "model")
