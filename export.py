@@ -4,9 +4,10 @@
     python export.py --model_name_or_path model_save --format gguf --outtype q8_0 --output gguf/model-q8_0.gguf
     ollama create zhlm -f gguf/model-f16.Modelfile && ollama run zhlm   # or: llama-cli -m gguf/model-f16.gguf -cnv
 
-Works with any toolkit output directory (T5 or Llama) whose tokenizer was trained with `--model_type
-gguf_bpe` or `sentencepiece` (pre-tokenised as llama.cpp does; the default `bpe` is refused with that fix). The conversion is llama.cpp's own converter, fetched once by `make
-llama-cpp` (see README "Running the model in llama.cpp and ollama").
+Works with any toolkit output directory (T5 or Llama) whose tokenizer was trained with the default
+`--model_type gguf_bpe` or with `sentencepiece` (pre-tokenised as llama.cpp does; the `bpe` option's regex
+is refused with that fix). The conversion is llama.cpp's own converter, fetched once by `make llama-cpp`
+(see README "Running the model in llama.cpp and ollama").
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Train the toolkit's tokenizer (or extend an existing one) on the prepared corpus.
 
     python train_tokenizer.py --input data/corpus --vocab_size 32000 --output_dir data/tokenizer
-    python train_tokenizer.py --model_type sentencepiece ...        # sentencepiece BPE instead
+    python train_tokenizer.py --model_type sentencepiece ...        # sentencepiece BPE instead (or bpe, byte_bpe)
     python train_tokenizer.py --extend path/to/base_tokenizer ...   # add Chinese tokens, keep base ids
 
 The corpus is sampled to fit `--memory_budget_gb` (say what was sampled), the vocabulary is rounded up
@@ -60,9 +60,10 @@ class TokenizerArguments:
                 ".parquet/.jsonl/.json/.txt files."})
     output_dir: str = field(default="data/tokenizer", metadata={"help": "Where the tokenizer is written."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing output directory."})
-    model_type: str = field(default="bpe", metadata={
-        "help": "bpe (character-level BPE with byte fallback), gguf_bpe (the same, pre-tokenised as llama.cpp "
-                "does: exports to GGUF, see export.py), byte_bpe (byte-level BPE) or sentencepiece."})
+    model_type: str = field(default="gguf_bpe", metadata={
+        "help": "gguf_bpe (character-level BPE with byte fallback, pre-tokenised as llama.cpp does: exports to "
+                "GGUF, see export.py), bpe (the same BPE split into Han / letter / digit / punctuation runs by a "
+                "regex llama.cpp lacks: not exportable), byte_bpe (byte-level BPE) or sentencepiece."})
     vocab_size: int = field(default=32000, metadata={
         "help": "Vocabulary size including special and byte tokens, rounded up to a multiple of 64. With "
                 "--extend: size of the tokenizer learnt on the corpus, whose new tokens are added."})

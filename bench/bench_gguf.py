@@ -4,7 +4,7 @@ making the tokenizer llama.cpp's cost?
     .venv/bin/python bench/bench_gguf.py                 # demo-size T5 and Llama, ~15-30 min on 2 cores
     .venv/bin/python bench/bench_gguf.py --steps 60      # shorter pretraining (the command is recorded)
 
-1. Pre-tokeniser: the default BPE tokenizer (text split into Han / letter / digit / punctuation runs by a
+1. Pre-tokeniser: the `bpe` option (text split into Han / letter / digit / punctuation runs by a
    regex llama.cpp does not implement) and `gguf_bpe` (llama.cpp's `sarvam-moe`: spaces as ▁, split at
    newlines only), trained on the same real text at two vocabulary sizes; characters per token on the
    held-out wiki articles of bench_tokenizer.py.
@@ -38,7 +38,7 @@ def compare_pre_tokenizers() -> str:
     chars = sum(map(len, held))
     rows = []
     for vocab_size in VOCAB_SIZES:
-        for name, model_type in (("bpe: regex (default)", "bpe"), ("gguf_bpe: llama.cpp sarvam-moe", "gguf_bpe")):
+        for name, model_type in (("bpe: regex", "bpe"), ("gguf_bpe (default): llama.cpp sarvam-moe", "gguf_bpe")):
             start = time.perf_counter()
             tokenizer = tokenization.train_bpe(train, model_type, vocab_size, 100, 2, 0.9995, 16)
             seconds = time.perf_counter() - start
@@ -50,7 +50,7 @@ def compare_pre_tokenizers() -> str:
     return (f"Trained on {sum(map(len, train)):,} characters of real text, scored on {len(held)} held-out wiki "
             f"articles ({chars:,} characters). llama.cpp's pre-tokeniser lets merges cross from Han characters "
             "into punctuation and across words, which the regex forbids; on Chinese it takes fewer tokens for "
-            "the same text, so making it the default would cost nothing in compression:\n\n"
+            "the same text, so making it the default costs nothing in compression:\n\n"
             + markdown_table(["vocab", "pre-tokeniser", "chars/token", "tokens", "train s", "lossless"], rows))
 
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                  "columns are the stronger check: every position's prediction and every logit agree to f16 / "
                  "q8_0 rounding. The tokenizer mapping is checked by the prompt ids (chat tokens included).", ""]
     if not args.skip_tokenizers:
-        body += ["### Pre-tokeniser: the default bpe and gguf_bpe", "", compare_pre_tokenizers()]
+        body += ["### Pre-tokeniser: bpe and the default gguf_bpe", "", compare_pre_tokenizers()]
         write_section("bench_gguf.py", "GGUF export: llama.cpp round trip, and the tokenizer it needed",
                       ["transformers", "tokenizers", "llama_cpp_python"], "\n".join(body))
     print("\n".join(body))

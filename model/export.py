@@ -79,10 +79,10 @@ def check_exportable(model_dir: Path) -> str:
                         fix="pass an output directory of pre_train.py / sft_train.py / dpo_train.py") from None
     pre = llama_cpp_pre_tokenizer(tokenizer_json)
     if pre is None:
-        raise UserError("llama.cpp has no tokenizer that splits text as this one does (the default bpe, a "
-                        "byte-level BPE, or a tokenizer from elsewhere), so its ids would differ there", path=str(path),
-                        field="pre_tokenizer", fix="train the tokenizer with train_tokenizer.py --model_type gguf_bpe "
-                        "or sentencepiece, then the model on it")
+        raise UserError("llama.cpp has no tokenizer that splits text as this one does (the bpe option's regex, "
+                        "a byte-level BPE, or a tokenizer from elsewhere), so its ids would differ there",
+                        path=str(path), field="pre_tokenizer", fix="train the tokenizer with train_tokenizer.py "
+                        "--model_type gguf_bpe (the default) or sentencepiece, then the model on it")
     return pre
 
 

@@ -11,6 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+# Bit-exact comparisons between processes (a resumed run against an uninterrupted one) need MKL's results
+# independent of how each process happened to align its buffers; set before torch loads MKL, and inherited
+# by the scripts the tests start. Without it the SFT resume test differed by 1 ulp at one step.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 import pytest
 from safetensors.torch import load_file
 
@@ -152,24 +157,3 @@ def lora_deltas(adapter_dir: Path) -> dict:
             module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
             deltas[f"{module}.weight"] = scaling * weights[key.replace(".lora_A.", ".lora_B.")] @ a
     return deltas
-
-
-@pytest.fixture(scope="session")
-def gguf_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
-    """The tiny tokenizer as `--model_type gguf_bpe` (pre-tokenised as llama.cpp does: exportable to GGUF)."""
-    out = tmp_path_factory.mktemp("gguf_tok") / "tokenizer"
-    import train_tokenizer
-
-    train_tokenizer.main(["--config", "none", "--input", str(tiny_corpus), "--vocab_size", "1024", "--model_type",
-                          "gguf_bpe", "--output_dir", str(out), "--num_sentinels", "8", "--min_frequency", "1"])
-    return out
-
-
-@pytest.fixture(scope="session")
-def gguf_t5(tiny_corpus, gguf_tokenizer, tmp_path_factory) -> Path:
-    return pretrain_tiny("t5-tiny", tiny_corpus, gguf_tokenizer, tmp_path_factory.mktemp("gguf_t5") / "model")
-
-
-@pytest.fixture(scope="session")
-def gguf_llama(tiny_corpus, gguf_tokenizer, tmp_path_factory) -> Path:
-    return pretrain_tiny("llama-tiny", tiny_corpus, gguf_tokenizer, tmp_path_factory.mktemp("gguf_llama") / "model")

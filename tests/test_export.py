@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import jinja2
 import pytest
@@ -19,17 +20,18 @@ import export
 from model.export import DEFAULT_LLAMA_CPP_DIR, load_converter, round_trip
 from utils.errors import UserError
 from utils.tokenization.chat_format import END_OF_TURN
+from utils.tokenization.tokenizer import build_tokenizer
 
 PROMPT = [{"role": "user", "content": "图书馆里很安静，学生们在做什么？"}]
 REPLY = "学生们在认真地阅读和做笔记。<|end|>"
 
 
 @pytest.fixture(scope="module")
-def exported(gguf_t5, gguf_llama, tmp_path_factory):
-    """{name: (model directory, its f16 GGUF)} for the tiny T5 and Llama (gguf_bpe tokenizer), exported once."""
+def exported(tiny_t5, tiny_llama, tmp_path_factory):
+    """{name: (model directory, its f16 GGUF)} for the tiny T5 and Llama (default tokenizer), exported once."""
     out = tmp_path_factory.mktemp("gguf")
     return {name: (model, export.main(["--model_name_or_path", str(model), "--output", str(out / f"{name}.gguf")]))
-            for name, model in (("t5", gguf_t5), ("llama", gguf_llama))}
+            for name, model in (("t5", tiny_t5), ("llama", tiny_llama))}
 
 
 def read(path):
@@ -79,22 +81,29 @@ def test_modelfile_beside_the_gguf(exported):
     assert "{{ .Content }}<|end|>" in modelfile and "PARAMETER temperature 0" in modelfile  # greedy model
 
 
-def test_q8_0_export(gguf_llama, tmp_path):
-    path = export.main(["--model_name_or_path", str(gguf_llama), "--outtype", "q8_0", "--output",
+def test_q8_0_export(tiny_llama, tmp_path):
+    path = export.main(["--model_name_or_path", str(tiny_llama), "--outtype", "q8_0", "--output",
                         str(tmp_path / "q8.gguf")])
     gguf, reader, meta = read(path)
     assert meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
     assert any(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in reader.tensors)
 
 
-def test_tokenizers_llama_cpp_cannot_reproduce_are_refused(tiny_llama, gguf_llama, tmp_path):
-    """A tokenizer whose pre-tokeniser llama.cpp does not implement (the default bpe's regex) would give
-    other ids there: one clear error, nothing written."""
+def test_tokenizers_llama_cpp_cannot_reproduce_are_refused(tiny_llama, tmp_path):
+    """A tokenizer whose pre-tokeniser llama.cpp does not implement (here the `--model_type bpe` option's
+    regex) would give other ids there: one clear error, nothing written."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    tokenizer_json = json.loads((model / "tokenizer.json").read_text(encoding="utf-8"))
+    regex_bpe = json.loads(build_tokenizer("bpe").to_str())
+    for part in ("normalizer", "pre_tokenizer", "decoder"):
+        tokenizer_json[part] = regex_bpe[part]
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer_json), encoding="utf-8")
     with pytest.raises(UserError, match="llama.cpp has no tokenizer") as err:
-        export.main(["--model_name_or_path", str(tiny_llama), "--output", str(tmp_path / "out" / "m.gguf")])
+        export.main(["--model_name_or_path", str(model), "--output", str(tmp_path / "out" / "m.gguf")])
     assert err.value.field == "pre_tokenizer" and "--model_type gguf_bpe" in err.value.fix
     with pytest.raises(UserError, match="converter") as err:
-        export.main(["--model_name_or_path", str(gguf_llama), "--output", str(tmp_path / "out" / "m.gguf"),
+        export.main(["--model_name_or_path", str(tiny_llama), "--output", str(tmp_path / "out" / "m.gguf"),
                      "--llama_cpp_dir", str(tmp_path / "nowhere")])
     assert "make llama-cpp" in err.value.fix
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

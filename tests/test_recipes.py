@@ -234,7 +234,9 @@ def test_chinese_llama_pretraining_trains_lora_and_the_new_rows(chinese_llama):
     with torch.no_grad():
         assert torch.allclose(adapted(input_ids=ids).logits[..., :len(tokenizer)],
                               merged(input_ids=ids).logits[..., :len(tokenizer)], atol=1e-5)
-    assert bits_per_character(merged, tokenizer, texts) < start - 0.05  # 2.44 -> 2.32 when written
+    # at least 2% cheaper: 2.44 -> 2.32 with the bpe tokenizer when written, 1.124 -> 1.075 with the default
+    # gguf_bpe, whose tokens span whole sentences of the tiny corpus (so fewer bits per character to cut)
+    assert bits_per_character(merged, tokenizer, texts) < 0.98 * start
 
 
 def test_chinese_llama_sft_opens_with_the_system_message(chinese_llama):
@@ -251,8 +253,8 @@ def test_chinese_llama_sft_opens_with_the_system_message(chinese_llama):
     assert model.generate(input_ids=ids, max_new_tokens=4, do_sample=False).shape[-1] > ids.shape[-1]
 
 
-def test_export_recipe(gguf_llama, tmp_path):
-    """export.py on its recipe (a model whose tokenizer is gguf_bpe) with llama.cpp's converter."""
+def test_export_recipe(tiny_llama, tmp_path):
+    """export.py on its recipe (a model on the default tokenizer) with llama.cpp's converter."""
     output = tmp_path / "gguf" / "model-f16.gguf"
-    run_script("export.py", *recipe("export"), "--model_name_or_path", str(gguf_llama), "--output", str(output))
+    run_script("export.py", *recipe("export"), "--model_name_or_path", str(tiny_llama), "--output", str(output))
     assert output.stat().st_size > 0 and output.with_suffix(".Modelfile").is_file()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import shutil
 import socket
 import time
 import urllib.error
@@ -21,6 +22,7 @@ import openai
 import pytest
 import torch
 from conftest import SENTENCES
+from transformers import AutoTokenizer, GenerationConfig
 
 from model.inference.generation import context_length, load_for_inference
 from model.inference.service import DecodingOptions
@@ -56,9 +58,21 @@ def llama_server(tiny_llama):
 
 
 @pytest.fixture(scope="module")
-def t5_server(tiny_t5):
-    """T5 without an API key (the default), named after its directory."""
-    model, tokenizer, app = start(tiny_t5)
+def t5_server(tiny_t5, tmp_path_factory):
+    """T5 without an API key (the default), named after its directory.
+
+    The tiny T5 is pretrained on span corruption only, and the tokenizer merges each sentence of the tiny
+    corpus into a token or two, so it answers every prompt as a span-corruption target ends, `<extra_id_0></s>`:
+    an empty reply. The served copy never emits the sentinels or `</s>`, so its replies run to `max_tokens`
+    (or `<|end|>`), which streaming and cancellation need."""
+    served = tmp_path_factory.mktemp("t5_served") / "model"
+    shutil.copytree(tiny_t5, served)
+    tokenizer = AutoTokenizer.from_pretrained(served)
+    config = GenerationConfig.from_pretrained(served)
+    config.suppress_tokens = sorted([i for t, i in tokenizer.get_vocab().items() if t.startswith("<extra_id_")]
+                                    + [tokenizer.eos_token_id])
+    config.save_pretrained(served)
+    model, tokenizer, app = start(served)
     with running_in_thread(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         yield SimpleNamespace(url=url, app=app, model=model, tokenizer=tokenizer, client=client)

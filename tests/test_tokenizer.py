@@ -38,24 +38,18 @@ def assert_lossless(tokenizer, text=MIXED):
 
 
 def test_default_bpe_round_trips_any_text_without_unknowns(tiny_tokenizer):
+    """The default (gguf_bpe): lossless, and split as llama.cpp's sarvam-moe tokenizer does (GGUF export)."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
     assert_lossless(tokenizer)
     assert len(tokenizer) <= 1024  # the tiny corpus runs out of merges before 1024
     # merges learnt from the corpus: a sentence of it takes far fewer tokens than characters
     sentence = "图书馆里很安静，学生们在认真地阅读和做笔记。"
     assert len(tokenizer(sentence, add_special_tokens=False)["input_ids"]) < len(sentence) / 2
-    # its regex pre-tokeniser is none of llama.cpp's (gguf_bpe is)
-    assert llama_cpp_pre_tokenizer(json.loads((tiny_tokenizer / "tokenizer.json").read_text())) is None
-
-
-def test_gguf_bpe_splits_text_as_llama_cpp_does(gguf_tokenizer):
-    tokenizer = AutoTokenizer.from_pretrained(gguf_tokenizer)
-    assert_lossless(tokenizer)
     # spaces are stored as ▁ and only newlines cut the text, as in llama.cpp's sarvam-moe tokenizer
     backend = tokenizer.backend_tokenizer
     assert backend.normalizer.normalize_str("你 好") == "你▁好"
     assert [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str("你▁好。\n\n再见")] == ["你▁好。", "\n\n", "再见"]
-    assert llama_cpp_pre_tokenizer(json.loads((gguf_tokenizer / "tokenizer.json").read_text())) == LLAMA_CPP_PRE
+    assert llama_cpp_pre_tokenizer(json.loads((tiny_tokenizer / "tokenizer.json").read_text())) == LLAMA_CPP_PRE
 
 
 def test_special_tokens_and_ids(tiny_tokenizer):
@@ -93,15 +87,16 @@ def test_chat_template_renders_roles_and_marks_assistant_tokens(tiny_tokenizer):
         tokenizer.apply_chat_template([{"role": "robot", "content": "x"}], tokenize=False)
 
 
-@pytest.mark.parametrize("model_type", ["byte_bpe", "sentencepiece"])
+@pytest.mark.parametrize("model_type", ["bpe", "byte_bpe", "sentencepiece"])
 def test_other_model_types_round_trip(model_type, tiny_corpus, tmp_path):
     out, report = train(tmp_path, tiny_corpus, "--model_type", model_type, "--vocab_size", "600")
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert_lossless(tokenizer, MIXED if model_type == "byte_bpe" else MIXED.replace("\r", ""))
     assert report["vocab_size"] <= 640 and tokenizer.apply_chat_template(
         [{"role": "user", "content": "你好"}], tokenize=False) == "<|user|>\n你好<|end|>\n"
-    # sentencepiece splits text as llama.cpp's sarvam-moe tokenizer does (GGUF export); byte_bpe as none
-    expected = None if model_type == "byte_bpe" else LLAMA_CPP_PRE
+    # sentencepiece splits text as llama.cpp's sarvam-moe tokenizer does (GGUF export); bpe's regex and
+    # byte_bpe as none of llama.cpp's
+    expected = LLAMA_CPP_PRE if model_type == "sentencepiece" else None
     assert llama_cpp_pre_tokenizer(json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))) == expected
 
 

@@ -3,12 +3,11 @@
 The default tokenizer is a character-level BPE with byte fallback (the Llama / sentencepiece recipe,
 built with HF `tokenizers`): merges start from Unicode characters, so Chinese words become tokens,
 and any character outside the vocabulary is spelled as its UTF-8 bytes `<0x..>`, so every input
-encodes with zero unknown tokens and `decode(encode(x)) == x`. Options: the same BPE pre-tokenised as
-llama.cpp does it (`gguf_bpe`), byte-level BPE (GPT-2 style) and sentencepiece BPE (converted to the same
-HF format).
-
-`gguf_bpe` and the sentencepiece option pre-tokenise exactly as one of llama.cpp's tokenizers does
-(`LLAMA_CPP_PRE`), so a model exports to GGUF with the same token ids in llama.cpp / ollama as here.
+encodes with zero unknown tokens and `decode(encode(x)) == x`. It is pre-tokenised exactly as one of
+llama.cpp's tokenizers does (`gguf_bpe`, `LLAMA_CPP_PRE`), so a model exports to GGUF with the same token
+ids in llama.cpp / ollama as here; the sentencepiece option (converted to the same HF format) too.
+Options that llama.cpp cannot reproduce: the same BPE split by a regex into Han / letter / digit /
+punctuation runs (`bpe`) and byte-level BPE (GPT-2 style).
 
 The output directory loads with `AutoTokenizer.from_pretrained` (no remote code) and carries the special
 tokens (pad/eos/bos/unk, chat roles, T5 sentinels) and the chat template used by every later stage.
@@ -40,18 +39,18 @@ PAD, EOS, UNK, BOS = "<pad>", "</s>", "<unk>", "<s>"
 MODEL_TYPES = ("bpe", "gguf_bpe", "byte_bpe", "sentencepiece")
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 
-# Pre-tokenisation of the default and byte-level options: runs of Han characters, runs of other letters
+# Pre-tokenisation of the bpe and byte_bpe options: runs of Han characters, runs of other letters
 # (with one leading space, as in GPT-2), single digits, punctuation runs, and whitespace. Merges never
 # cross these boundaries, which keeps the trainer's word table small on Chinese text.
 PRETOKENIZE_PATTERN = (r" ?\p{Han}+| ?[^\s\p{Han}\p{N}\p{P}\p{S}]+| ?\p{N}| ?[\p{P}\p{S}]+[\r\n]*"
                        r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-# Pre-tokenisation of the gguf_bpe and sentencepiece options, as llama.cpp's "sarvam-moe" BPE tokenizer
-# does it (src/llama-vocab.cpp): spaces become "▁", the text is cut only at newlines, BPE merges (by rank)
-# run over raw UTF-8 characters, and a character outside the vocabulary becomes its <0x..> bytes. llama.cpp
-# implements a fixed set of pre-tokenisers; of those that keep characters (not GPT-2 bytes) only this one
-# keeps every character, so a tokenizer built this way tokenises identically there. Merging across
+# Pre-tokenisation of the default (gguf_bpe) and sentencepiece options, as llama.cpp's "sarvam-moe" BPE
+# tokenizer does it (src/llama-vocab.cpp): spaces become "▁", the text is cut only at newlines, BPE merges (by
+# rank) run over raw UTF-8 characters, and a character outside the vocabulary becomes its <0x..> bytes.
+# llama.cpp implements a fixed set of pre-tokenisers; of those that keep characters (not GPT-2 bytes) only
+# this one keeps every character, so a tokenizer built this way tokenises identically there. Merging across
 # character classes also compresses better on Chinese than splitting Han / letters / punctuation apart
 # (docs/BENCHMARKS.md, bench/bench_gguf.py).
 LLAMA_CPP_PRE = "sarvam-moe"
