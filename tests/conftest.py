@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import pytest
 from safetensors.torch import load_file
+from transformers import GenerationConfig
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -63,6 +65,17 @@ def shared_path(name: str, env: str = "ZHLM_SHARED_DATA") -> Path:
             raise FileNotFoundError(f"{env}={root} does not exist")
         pytest.skip(f"shared data not found ({env} unset and {default} missing)")
     return base / name
+
+
+def served_copy(model: Path, target: Path, never: list[int]) -> Path:
+    """A copy of `model` whose generation config never emits the token ids `never`. The tiny test models often
+    end a reply at once (an empty reply); tests of streaming, cancelling and the web page need replies that
+    run on to max_new_tokens."""
+    shutil.copytree(model, target)
+    config = GenerationConfig.from_pretrained(target)
+    config.suppress_tokens = sorted(set(never))
+    config.save_pretrained(target)
+    return target
 
 
 def run_script(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import shutil
 import socket
 import time
 import urllib.error
@@ -21,8 +20,8 @@ from types import SimpleNamespace
 import openai
 import pytest
 import torch
-from conftest import SENTENCES
-from transformers import AutoTokenizer, GenerationConfig
+from conftest import SENTENCES, served_copy
+from transformers import AutoTokenizer
 
 from model.inference.generation import context_length, load_for_inference
 from model.inference.service import DecodingOptions
@@ -65,14 +64,10 @@ def t5_server(tiny_t5, tmp_path_factory):
     corpus into a token or two, so it answers every prompt as a span-corruption target ends, `<extra_id_0></s>`:
     an empty reply. The served copy never emits the sentinels or `</s>`, so its replies run to `max_tokens`
     (or `<|end|>`), which streaming and cancellation need."""
-    served = tmp_path_factory.mktemp("t5_served") / "model"
-    shutil.copytree(tiny_t5, served)
-    tokenizer = AutoTokenizer.from_pretrained(served)
-    config = GenerationConfig.from_pretrained(served)
-    config.suppress_tokens = sorted([i for t, i in tokenizer.get_vocab().items() if t.startswith("<extra_id_")]
-                                    + [tokenizer.eos_token_id])
-    config.save_pretrained(served)
-    model, tokenizer, app = start(served)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_t5)
+    sentinels = [i for t, i in tokenizer.get_vocab().items() if t.startswith("<extra_id_")]
+    model, tokenizer, app = start(served_copy(tiny_t5, tmp_path_factory.mktemp("t5_served") / "model",
+                                              sentinels + [tokenizer.eos_token_id]))
     with running_in_thread(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         yield SimpleNamespace(url=url, app=app, model=model, tokenizer=tokenizer, client=client)

@@ -12,6 +12,8 @@ import shutil
 import openai
 import pytest
 import torch
+from conftest import served_copy
+from transformers import GenerationConfig
 
 from model.inference.generation import load_for_inference
 from model.inference.service import DecodingOptions
@@ -25,11 +27,15 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama):
+def server(tiny_llama, tmp_path_factory):
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: intra-op threads only add waiting on a busy machine
-    model, tokenizer = load_for_inference(str(tiny_llama))
-    app = create_app(model, tokenizer, ServeArguments(model_name_or_path=str(tiny_llama), served_model_name="tiny",
+    # The tiny Llama may end its reply at once; the page must show a reply filling in piece by piece.
+    ends = GenerationConfig.from_pretrained(tiny_llama).eos_token_id
+    served = served_copy(tiny_llama, tmp_path_factory.mktemp("web_served") / "model",
+                         ends if isinstance(ends, list) else [ends])
+    model, tokenizer = load_for_inference(str(served))
+    app = create_app(model, tokenizer, ServeArguments(model_name_or_path=str(served), served_model_name="tiny",
                                                       api_key=KEY), DecodingOptions(max_new_tokens=24))
     with running_in_thread(app) as url:
         yield url, openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
