@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from utils.data.decontaminate import Decontaminator
-from utils.data.dedup import NearDuplicateIndex, minhash_signature
+from utils.data.dedup import NearDuplicateIndex, minhash_signatures
 from utils.data.sources import (
     TXT_SPLITS,
     Document,
@@ -241,14 +241,15 @@ def _process_batch(batch: list[tuple[WikiPage | Document, str]]) -> tuple[list, 
     for record, source in batch:
         text = clean_document(record, settings, stats)
         if text is None:
-            kept.append(None)
             continue
-        signature = (minhash_signature(text, settings.shingle_size, settings.num_perm, settings.seed)
-                     if settings.dedup else None)
         title = record.title
         if title and settings.opencc_config != "none":
             title = to_simplified(title, settings.opencc_config)
-        kept.append((text, title, record.id, source, signature))
+        kept.append((text, title, record.id, source, None))
+    if settings.dedup and kept:
+        signatures = minhash_signatures([item[0] for item in kept], settings.shingle_size, settings.num_perm,
+                                        settings.seed)
+        kept = [(*item[:4], signature) for item, signature in zip(kept, signatures)]
     return kept, stats
 
 
@@ -289,7 +290,7 @@ def _run_workers(files, inputs, outputs, settings, stats) -> Iterator[list[tuple
             for batch in batches:
                 kept, batch_stats = _process_batch(batch)
                 stats.merge(batch_stats)
-                yield [item for item in kept if item is not None]
+                yield kept
             return
         context = multiprocessing.get_context("fork")
         with context.Pool(outputs.num_proc, initializer=_init_worker, initargs=(settings,)) as pool:
@@ -305,7 +306,7 @@ def _run_workers(files, inputs, outputs, settings, stats) -> Iterator[list[tuple
 def _collect(result, stats: StepStats) -> Iterator[list[tuple]]:
     kept, batch_stats = result.get()
     stats.merge(batch_stats)
-    yield [item for item in kept if item is not None]
+    yield kept
 
 
 def prepare_corpus(inputs: InputArguments, cleaning: CleaningArguments, dedup: DedupArguments,
@@ -389,20 +390,24 @@ def write_shards(staging: Path, workdir: Path, outputs: OutputArguments) -> list
     writers = [pa.ipc.new_file(bucket_dir / f"{b:05d}.arrow", bucket_schema) for b in range(num_buckets)]
     split_bytes = {"validation": 0, "train": 0}
     offset = 0
-    for batch in staged.iter_batches(batch_size=4096):
-        batch_places = places[offset:offset + batch.num_rows]
-        offset += batch.num_rows
-        lengths = pc.binary_length(batch.column("text")).to_numpy(zero_copy_only=False)
-        is_val = batch_places < num_val
+    # One staged row group at a time (at most 4,096 documents / 4 M characters): `iter_batches` would read
+    # ahead over the whole file, so its memory grew with the corpus (500 MB for a 144 MB staging file).
+    for group in range(staged.num_row_groups):
+        table = staged.read_row_group(group)
+        group_places = places[offset:offset + table.num_rows]
+        offset += table.num_rows
+        lengths = pc.binary_length(table.column("text")).to_numpy(zero_copy_only=False)
+        is_val = group_places < num_val
         split_bytes["validation"] += int(lengths[is_val].sum())
         split_bytes["train"] += int(lengths[~is_val].sum())
-        buckets = batch_places.astype(np.int64) * num_buckets // num_docs
-        table = pa.Table.from_batches([batch]).append_column("place", pa.array(batch_places))
+        buckets = group_places.astype(np.int64) * num_buckets // num_docs
+        table = table.append_column("place", pa.array(group_places))
         for b in np.unique(buckets):
             writers[b].write_table(table.take(np.flatnonzero(buckets == b)))
+        del table
+        pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed memory for reuse otherwise
     for writer in writers:
         writer.close()
-    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed memory for reuse otherwise
     counts = {"validation": num_val, "train": num_docs - num_val}
     num_shards = {split: max(1, math.ceil(split_bytes[split] / (outputs.shard_size_mb * 1e6))) if counts[split]
                   else 0 for split in counts}
