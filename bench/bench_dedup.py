@@ -42,7 +42,7 @@ from common import (
     write_section,
 )
 
-from utils.data.dedup import NearDuplicateIndex, minhash_signature
+from utils.data.dedup import NearDuplicateIndex, minhash_signature, minhash_signatures
 from utils.data.sources import read_records
 from utils.data.text import normalize_text, to_simplified
 
@@ -76,6 +76,10 @@ class Method:
         if not self.shingle_size:
             return chatlm_signature(text)
         return minhash_signature(text, self.shingle_size, self.num_perm, SEED)
+
+    def signatures(self, texts: list[str]) -> np.ndarray:
+        """Signatures of a batch, as prepare_data.py's workers compute them (one rensa call per batch)."""
+        return minhash_signatures(texts, self.shingle_size, self.num_perm, SEED)
 
     def index(self):
         return (NearDuplicateIndex(self.threshold, self.num_perm, SEED) if self.shingle_size
@@ -158,10 +162,6 @@ def quality_row(method: Method, docs: list[Doc], flagged: list[bool]) -> tuple[l
     return row, {"precision": precision, "recall": recall, "shuffled_flagged": share("shuffled")}
 
 
-def _signatures(texts: list[str]) -> list[np.ndarray]:
-    return [DEFAULT.signature(t) for t in texts]
-
-
 def cpu_seconds() -> float:
     """CPU time of this process and its reaped children (the pool's workers)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -182,11 +182,11 @@ def throughput(texts: list[str], processes: int, method: Method = DEFAULT) -> tu
     start, cpu_start = time.perf_counter(), cpu_seconds()
     if processes == 1:
         for batch in batches:
-            index.add_batch(np.stack([method.signature(text) for text in batch]))
+            index.add_batch(method.signatures(batch))
     else:
         with multiprocessing.get_context("fork").Pool(processes) as pool:
-            for signatures in pool.imap(_signatures, batches, chunksize=1):
-                index.add_batch(np.stack(signatures))
+            for signatures in pool.imap(method.signatures, batches, chunksize=1):
+                index.add_batch(signatures)
     wall = time.perf_counter() - start
     return len(texts) / wall, len(texts) / (cpu_seconds() - cpu_start)
 

@@ -129,6 +129,25 @@ def test_dedup_removes_near_duplicates_and_keeps_reordered_text(tmp_path):
     assert not any("㐀" in text or "㐁" in text for text in kept)
 
 
+def test_batched_signatures_equal_single_ones_and_estimate_jaccard():
+    from utils.data.dedup import minhash_signature, minhash_signatures
+    from utils.data.text import character_ngrams
+
+    text = json.loads(shared_path("zhwiki_text/jastfkjg_wiki_00.jsonl").read_text(encoding="utf-8")
+                      .splitlines()[5])["text"][:800]
+    edited = text[:400] + "㐀" * 8 + text[408:]
+    texts = [text, edited, "短", "", text]
+    batch = minhash_signatures(texts, 3, 128, 42)
+    assert batch.shape == (5, 128) and batch.dtype == "uint32"
+    for row, one in zip(batch, texts):
+        assert (row == minhash_signature(one, 3, 128, 42)).all()
+    assert (batch[0] == batch[4]).all() and not (batch[2] == batch[3]).all()
+    shingles = [set(character_ngrams(t, 3)) for t in (text, edited)]
+    jaccard = len(shingles[0] & shingles[1]) / len(shingles[0] | shingles[1])
+    assert abs((batch[0] == batch[1]).mean() - jaccard) < 0.1
+    assert minhash_signatures([], 3, 128, 42).shape == (0, 128)
+
+
 POEMS = [{"title": "静夜思", "author": "李白", "paragraphs": ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。"]},
          {"title": "春晓", "author": "孟浩然", "paragraphs": ["春眠不觉晓，处处闻啼鸟。", "夜来风雨声，花落知多少。"]}]
 

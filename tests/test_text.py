@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from utils.data.text import QualityFilter, cjk_ratio, normalize_text, resolve_conversion_markup, to_simplified
+from utils.data.text import (
+    QualityFilter,
+    cjk_ratio,
+    ngram_hashes,
+    normalize_text,
+    resolve_conversion_markup,
+    to_simplified,
+)
 
 
 def test_conversion_markup_prefers_simplified_variant():
@@ -34,3 +41,13 @@ def test_quality_filter_rules():
     assert rule.check("english text 中文") == "low_cjk_ratio"
     assert rule.check("这是一段正常的中文") is None
     assert cjk_ratio("ab 中文") == 0.5 and cjk_ratio("") == 0.0
+    assert cjk_ratio("𠀀㐀\t豈x\n") == 0.75  # Extension B (astral), Extension A, compatibility ideographs
+    assert cjk_ratio(" \n\t") == 0.0
+
+
+def test_ngram_hashes_are_the_windows_of_the_text_without_whitespace():
+    hashes = ngram_hashes("天文 学\n天文学", 3)
+    assert len(hashes) == 4 and hashes[0] == hashes[3] and len(set(hashes.tolist())) == 3
+    assert ngram_hashes("天文", 3).size == 0
+    assert ngram_hashes("天 文", 3, whole_if_shorter=True).tolist() == ngram_hashes("天文", 2).tolist()
+    assert ngram_hashes(" ", 3, whole_if_shorter=True).tolist() == [0]

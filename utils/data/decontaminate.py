@@ -8,7 +8,7 @@ whitespace, as documents have before they are checked, so a question copied into
 characters or with other spacing still matches. Every n-gram (13 characters by default: longer than the
 stock phrases of exam questions such as "下列说法中，不正确的是", short enough to catch a question quoted in part)
 is hashed to 64 bits; one evaluation set is a sorted array of those hashes (8 bytes per n-gram, about 10 MB for
-C-Eval + CMMLU with their test splits), shared by the worker processes, behind a 16 MB filter. A
+C-Eval + CMMLU with their test splits), shared by the worker processes, behind a bit filter of ~32 bits per n-gram (~5 MB for those). A
 document is checked with one vectorised rolling hash, the filter, and a binary search per set for the few
 windows that pass it. Texts shorter than the n-gram (most options, such as
 "胸" or "稳定战略") cannot match anything and are skipped, so common words never remove a document.
@@ -22,39 +22,16 @@ from pathlib import Path
 import numpy as np
 
 from utils.data.sources import Location, discover_inputs, read_rows
-from utils.data.text import normalize_text, to_simplified
+from utils.data.text import ngram_hashes, normalize_text, to_simplified
 from utils.errors import UserError
 
 _QUESTION_FIELDS = ("question", "query", "problem", "prompt")  # case-insensitive
 _OPTION_FIELDS = tuple("abcdefgh")  # C-Eval / CMMLU answer options: columns A, B, C, D
 _OPTION_LISTS = ("choices", "options")  # MMLU-style lists of options (strings)
 _FORMATS = (".csv", ".jsonl", ".json", ".parquet")
-_FILTER_BITS = 24  # a 2^24-entry (16 MB) filter in front of the sorted arrays: most windows stop there
-_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd, so the rolling hash keeps every character's bits
-
-
-def ngram_hashes(text: str, size: int) -> np.ndarray:
-    """64-bit polynomial hashes of every `size`-character window of `text` without whitespace and control
-    characters (empty when the text is shorter): sum of code point * BASE^(size - 1 - k), modulo 2^64.
-    Windows are built by doubling (1, 2, 4, 8 ... characters), about log2(size) vector passes, not size."""
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    codes = codes[codes > 32].astype(np.uint64)  # normalised text has no other whitespace
-    if len(codes) < size:
-        return np.empty(0, dtype=np.uint64)
-    result, result_len, block, block_len = None, 0, codes, 1
-
-    def join(left: np.ndarray, left_len: int, right: np.ndarray, right_len: int) -> np.ndarray:
-        count = len(codes) - left_len - right_len + 1  # windows of left_len + right_len characters
-        return left[:count] * np.uint64(pow(int(_BASE), right_len, 1 << 64)) + right[left_len:left_len + count]
-
-    while size:
-        if size & 1:
-            result, result_len = ((block, block_len) if result is None
-                                  else (join(result, result_len, block, block_len), result_len + block_len))
-        size >>= 1
-        if size:
-            block, block_len = join(block, block_len, block, block_len), 2 * block_len
-    return result
+# A bit filter in front of the sorted arrays, ~32 bits per n-gram (2^20 to 2^30 bits: 128 KB to 128 MB), so most
+# windows stop there after one look-up in memory small enough to stay in the CPU's caches.
+_MIN_FILTER_BITS, _MAX_FILTER_BITS = 20, 30
 
 
 class Decontaminator:
@@ -63,9 +40,13 @@ class Decontaminator:
     def __init__(self, sets: dict[str, np.ndarray], ngram: int):
         self.sets = {name: np.unique(hashes) for name, hashes in sets.items()}
         self.ngram = ngram
-        self._filter = np.zeros(1 << _FILTER_BITS, dtype=bool)
+        total = sum(len(hashes) for hashes in self.sets.values())
+        bits = min(_MAX_FILTER_BITS, max(_MIN_FILTER_BITS, (32 * total - 1).bit_length()))
+        self._shift = np.uint64(64 - bits)
+        taken = np.zeros(1 << bits, dtype=bool)
         for hashes in self.sets.values():
-            self._filter[hashes >> np.uint64(64 - _FILTER_BITS)] = True
+            taken[hashes >> self._shift] = True
+        self._filter = np.packbits(taken, bitorder="little")
 
     @classmethod
     def from_paths(cls, paths: list[str], ngram: int, opencc_config: str) -> Decontaminator:
@@ -84,7 +65,8 @@ class Decontaminator:
     def matches(self, text: str) -> list[str]:
         """The evaluation sets sharing at least one n-gram with `text` (normalised already)."""
         hashes = ngram_hashes(text, self.ngram)
-        hashes = hashes[self._filter[hashes >> np.uint64(64 - _FILTER_BITS)]]
+        slots = hashes >> self._shift
+        hashes = hashes[(self._filter[slots >> np.uint64(3)] >> (slots & np.uint64(7)).astype(np.uint8)) & 1 == 1]
         found = []
         for name, known in self.sets.items():
             if len(hashes) and len(known):

@@ -17,28 +17,36 @@ kept one is still found through its other bands.
 
 from __future__ import annotations
 
-import re
+from collections.abc import Sequence
 
 import numpy as np
 import rensa
 
-_WHITESPACE = re.compile(r"\s+")
+from utils.data.text import ngram_hashes
+
 _SIGNATURE_CHUNK = 65536  # signatures are stored in blocks of this many documents (no copy on growth)
 
 
-def shingles(text: str, size: int) -> list[str]:
-    """Overlapping character n-grams of `text` without whitespace (the whole text if shorter)."""
-    compact = _WHITESPACE.sub("", text)
-    if len(compact) <= size:
-        return [compact]
-    return [compact[i:i + size] for i in range(len(compact) - size + 1)]
+def shingle_hashes(text: str, size: int) -> np.ndarray:
+    """64-bit hashes of the overlapping character n-grams of `text` without whitespace (of the whole text if
+    shorter): one vectorised rolling hash, no Python string per shingle."""
+    return ngram_hashes(text, size, whole_if_shorter=True)
+
+
+def minhash_signatures(texts: Sequence[str], shingle_size: int, num_perm: int, seed: int) -> np.ndarray:
+    """The MinHash signatures of the texts' shingle sets, one row of `num_perm` 32-bit values per text, in one
+    call to rensa over the flat buffer of every text's shingle hashes."""
+    hashes = [shingle_hashes(text, shingle_size) for text in texts]
+    offsets = np.zeros(len(hashes) + 1, dtype=np.uint64)
+    np.cumsum([len(h) for h in hashes], out=offsets[1:])
+    flat = np.concatenate(hashes) if hashes else np.empty(0, dtype=np.uint64)
+    matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(flat, offsets, num_perm, seed)
+    return np.asarray(matrix.to_rows(), dtype=np.uint32).reshape(len(texts), num_perm)
 
 
 def minhash_signature(text: str, shingle_size: int, num_perm: int, seed: int) -> np.ndarray:
-    """The MinHash signature (`num_perm` 32-bit values) of the text's shingles."""
-    signature = rensa.RMinHash(num_perm=num_perm, seed=seed)
-    signature.update(shingles(text, shingle_size))
-    return np.asarray(signature.digest(), dtype=np.uint32)
+    """The MinHash signature (`num_perm` 32-bit values) of one text's shingles."""
+    return minhash_signatures([text], shingle_size, num_perm, seed)[0]
 
 
 def lsh_bands(threshold: float, num_perm: int) -> int:

@@ -10,11 +10,13 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import opencc
 
 # CJK Unified Ideographs, Extension A, Compatibility Ideographs, and Extensions B-F (astral plane).
 CJK_RANGES = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef"
 CJK_CHAR = re.compile(f"[{CJK_RANGES}]")
+_CJK_CODE_RANGES = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2EBEF))  # as CJK_RANGES
 _CJK = f"[{CJK_RANGES}]"
 
 # MediaWiki language-conversion markup: -{zh-cn:软件;zh-tw:軟體}-, -{H|...}-, -{plain}-.
@@ -33,13 +35,17 @@ _HALF_PUNCT_NEAR_CJK = re.compile(
 _FULLWIDTH_ALNUM = {c: c - 0xFEE0 for r in ((0xFF10, 0xFF19), (0xFF21, 0xFF3A), (0xFF41, 0xFF5A))
                     for c in range(r[0], r[1] + 1)}
 _FULLWIDTH_ALNUM[0x3000] = 0x20  # ideographic space
+_FULLWIDTH_RUN = re.compile("[\uff10-\uff19\uff21-\uff3a\uff41-\uff5a\u3000]+")
 # Brackets left empty (or holding only separators) once templates such as {{lang|en|...}} are stripped.
 _EMPTY_BRACKETS = re.compile(r"[（(][\s,，;；:：、.。]*[）)]|「\s*」|《\s*》|“\s*”")
 _LEADING_SEPARATORS = re.compile(r"(?<=[（(])[\s,，;；:：、]+")
 _TRAILING_SEPARATORS = re.compile(r"[\s,，;；:：、]+(?=[）)])")
 _SPACE_RUN = re.compile(r"[ \t\u00a0\u2000-\u200b\u202f\u205f]+")
-_SPACE_BETWEEN_CJK = re.compile(f"(?<={_CJK}) (?={_CJK}|[,;:?!])|(?<={_CJK}[,;:?!]) (?={_CJK})")
-_SPACE_AROUND_FULL_PUNCT = re.compile(r" ?([，。；：！？、（）「」『』《》“”]) ?")
+# These patterns start with the space they remove, and look behind it afterwards, so that the regex engine
+# jumps from space to space instead of trying a look-behind at every character (several times faster).
+_SPACE_BETWEEN_CJK = re.compile(f" (?:(?<={_CJK} )(?={_CJK}|[,;:?!])|(?<={_CJK}[,;:?!] )(?={_CJK}))")
+_FULL_PUNCT = "[，。；：！？、（）「」『』《》“”]"
+_SPACE_AROUND_FULL_PUNCT = re.compile(f" (?={_FULL_PUNCT})| (?<={_FULL_PUNCT} )")
 # wikiextractor ends section headings with '.'; after a Chinese heading that dot is noise.
 _HEADING_DOT = re.compile(f"(?<={_CJK})\\.$", re.MULTILINE)
 
@@ -81,7 +87,7 @@ def to_simplified(text: str, config: str = "t2s") -> str:
 
 def normalize_text(text: str) -> str:
     """Make punctuation, brackets and whitespace consistent; keep line breaks between paragraphs."""
-    text = text.translate(_FULLWIDTH_ALNUM)
+    text = _FULLWIDTH_RUN.sub(lambda run: run.group(0).translate(_FULLWIDTH_ALNUM), text)
     text = _SPACE_RUN.sub(" ", text)
     text = _SPACE_BETWEEN_CJK.sub("", text)
     text = _HALF_PUNCT_NEAR_CJK.sub(lambda m: "".join(_HALF_TO_FULL.get(c, c) for c in m.group(0)), text)
@@ -90,7 +96,7 @@ def normalize_text(text: str) -> str:
     previous = None
     while previous != text:  # "（（））" needs two passes
         previous, text = text, _EMPTY_BRACKETS.sub("", text)
-    text = _SPACE_AROUND_FULL_PUNCT.sub(r"\1", text)
+    text = _SPACE_AROUND_FULL_PUNCT.sub("", text)
     text = _HEADING_DOT.sub("", text)
     lines = (line.strip() for line in text.split("\n"))
     return "\n".join(line for line in lines if line)
@@ -98,8 +104,12 @@ def normalize_text(text: str) -> str:
 
 def cjk_ratio(text: str) -> float:
     """Share of Chinese characters among the non-whitespace characters of `text` (0 for empty text)."""
-    visible = len(text) - sum(text.count(c) for c in " \n\t")
-    return len(CJK_CHAR.findall(text)) / visible if visible else 0.0
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    visible = len(codes) - int(np.count_nonzero((codes == 0x20) | (codes == 0x0A) | (codes == 0x09)))
+    if not visible:
+        return 0.0
+    chinese = sum(int(np.count_nonzero((codes >= first) & (codes <= last))) for first, last in _CJK_CODE_RANGES)
+    return chinese / visible
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,38 @@ class QualityFilter:
         if self.min_cjk_ratio and cjk_ratio(text) < self.min_cjk_ratio:
             return "low_cjk_ratio"
         return None
+
+
+_WHITESPACE = re.compile(r"\s+")
+_HASH_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd, so the rolling hash keeps every character's bits
+
+
+def ngram_hashes(text: str, size: int, whole_if_shorter: bool = False) -> np.ndarray:
+    """64-bit hashes of every `size`-character window of `text` with its whitespace removed: the sum of code
+    point * BASE^(size - 1 - k) over the window, modulo 2^64. Windows are built by doubling (1, 2, 4, 8 ...
+    characters), about log2(size) vector passes over the text, not `size`. A text shorter than `size` has no
+    window: empty, or with `whole_if_shorter` one hash of the whole text (an empty text hashes to 0)."""
+    codes = np.frombuffer(_WHITESPACE.sub("", text).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    if len(codes) < size:
+        if not whole_if_shorter:
+            return np.empty(0, dtype=np.uint64)
+        size = max(1, len(codes))
+        if not len(codes):
+            return np.zeros(1, dtype=np.uint64)
+    result, result_len, block, block_len = None, 0, codes, 1
+
+    def join(left: np.ndarray, left_len: int, right: np.ndarray, right_len: int) -> np.ndarray:
+        count = len(codes) - left_len - right_len + 1  # windows of left_len + right_len characters
+        return left[:count] * np.uint64(pow(int(_HASH_BASE), right_len, 1 << 64)) + right[left_len:left_len + count]
+
+    while size:
+        if size & 1:
+            result, result_len = ((block, block_len) if result is None
+                                  else (join(result, result_len, block, block_len), result_len + block_len))
+        size >>= 1
+        if size:
+            block, block_len = join(block, block_len, block, block_len), 2 * block_len
+    return result
 
 
 def character_ngrams(text: str, n: int) -> list[str]:
