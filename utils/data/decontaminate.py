@@ -8,9 +8,11 @@ whitespace, as documents have before they are checked, so a question copied into
 characters or with other spacing still matches. Every n-gram (13 characters by default: longer than the
 stock phrases of exam questions such as "下列说法中，不正确的是", short enough to catch a question quoted in part)
 is hashed to 64 bits; one evaluation set is a sorted array of those hashes (8 bytes per n-gram, about 10 MB for
-C-Eval + CMMLU with their test splits), shared by the worker processes, behind a bit filter of ~32 bits per n-gram (~5 MB for those). A
-document is checked with one vectorised rolling hash, the filter, and a binary search per set for the few
-windows that pass it. Texts shorter than the n-gram (most options, such as
+C-Eval + CMMLU with their test splits), shared by the worker processes. A document is probed cheaply first:
+the hashes of its (n - 3)-character windows at every 4th position (a shared n-gram always contains one of them)
+go through a bit filter (~32 bits per anchor window, small enough for the CPU's caches) and a binary search in
+the sorted anchor windows; only the rare document with a hit is checked on every n-gram. The result is exactly
+that of checking every n-gram, at a third of the cost. Texts shorter than the n-gram (most options, such as
 "胸" or "稳定战略") cannot match anything and are skipped, so common words never remove a document.
 """
 
@@ -22,7 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from utils.data.sources import Location, discover_inputs, read_rows
-from utils.data.text import ngram_hashes, normalize_text, to_simplified
+from utils.data.text import (
+    ngram_hashes,
+    normalize_text,
+    strided_ngram_hashes,
+    to_simplified,
+    visible_codes,
+    window_hashes,
+)
 from utils.errors import UserError
 
 _QUESTION_FIELDS = ("question", "query", "problem", "prompt")  # case-insensitive
@@ -32,51 +41,70 @@ _FORMATS = (".csv", ".jsonl", ".json", ".parquet")
 # A bit filter in front of the sorted arrays, ~32 bits per n-gram (2^20 to 2^30 bits: 128 KB to 128 MB), so most
 # windows stop there after one look-up in memory small enough to stay in the CPU's caches.
 _MIN_FILTER_BITS, _MAX_FILTER_BITS = 20, 30
+_STRIDE = 4  # a document is probed with the (ngram - 3)-character windows at every 4th position
+_NONE = np.empty(0, dtype=np.uint64)
 
 
 class Decontaminator:
     """The n-grams of some evaluation sets; `matches` names the sets a document shares an n-gram with."""
 
-    def __init__(self, sets: dict[str, np.ndarray], ngram: int):
+    def __init__(self, sets: dict[str, np.ndarray], ngram: int, anchors: np.ndarray | None = None):
+        """`sets`: each evaluation set's `ngram`-character hashes; `anchors`: the hashes of every shorter
+        window (`ngram - _STRIDE + 1` characters) of all their texts, which a document is probed with."""
         self.sets = {name: np.unique(hashes) for name, hashes in sets.items()}
         self.ngram = ngram
-        total = sum(len(hashes) for hashes in self.sets.values())
-        bits = min(_MAX_FILTER_BITS, max(_MIN_FILTER_BITS, (32 * total - 1).bit_length()))
+        self.anchor = ngram - _STRIDE + 1
+        self.anchors = np.unique(anchors) if anchors is not None else np.empty(0, dtype=np.uint64)
+        bits = min(_MAX_FILTER_BITS, max(_MIN_FILTER_BITS, (32 * len(self.anchors) - 1).bit_length()))
         self._shift = np.uint64(64 - bits)
         taken = np.zeros(1 << bits, dtype=bool)
-        for hashes in self.sets.values():
-            taken[hashes >> self._shift] = True
+        taken[self.anchors >> self._shift] = True
         self._filter = np.packbits(taken, bitorder="little")
 
     @classmethod
     def from_paths(cls, paths: list[str], ngram: int, opencc_config: str) -> Decontaminator:
         """One evaluation set per path (a folder such as C-Eval's, or one file), named after it."""
         sets: dict[str, np.ndarray] = {}
+        anchors = []
         for name in paths:
             path = Path(name)
             label = path.name if path.is_dir() else path.stem
             while label in sets:
                 label += "'"
-            texts = [text for file in _eval_files(path) for text in question_texts(file)]
-            hashes = [ngram_hashes(_clean(text, opencc_config), ngram) for text in texts]
-            sets[label] = np.concatenate(hashes) if hashes else np.empty(0, dtype=np.uint64)
-        return cls(sets, ngram)
+            texts = [_clean(text, opencc_config) for file in _eval_files(path) for text in question_texts(file)]
+            texts = [text for text in texts if len(visible_codes(text)) >= ngram]  # shorter ones cannot match
+            sets[label] = np.concatenate([ngram_hashes(text, ngram) for text in texts] or [_NONE])
+            anchors.append(np.concatenate([ngram_hashes(text, ngram - _STRIDE + 1) for text in texts] or [_NONE]))
+        return cls(sets, ngram, np.concatenate(anchors))
 
     def matches(self, text: str) -> list[str]:
-        """The evaluation sets sharing at least one n-gram with `text` (normalised already)."""
-        hashes = ngram_hashes(text, self.ngram)
-        slots = hashes >> self._shift
-        hashes = hashes[(self._filter[slots >> np.uint64(3)] >> (slots & np.uint64(7)).astype(np.uint8)) & 1 == 1]
-        found = []
-        for name, known in self.sets.items():
-            if len(hashes) and len(known):
-                where = np.searchsorted(known, hashes)
-                if np.any(known[np.minimum(where, len(known) - 1)] == hashes):
-                    found.append(name)
-        return found
+        """The evaluation sets sharing at least one n-gram with `text` (normalised already).
+
+        A shared n-gram at position p holds the shorter anchor window that starts at the multiple of _STRIDE
+        among p ... p + _STRIDE - 1, so probing those windows alone (a bit filter, then the sorted anchors)
+        misses none; the few documents with a probe hit are then checked on every n-gram, exactly."""
+        codes = visible_codes(text)
+        probes = strided_ngram_hashes(codes, self.anchor, _STRIDE)
+        slots = probes >> self._shift
+        passed = np.flatnonzero((self._filter[slots >> np.uint64(3)] >> (slots & np.uint64(7)).astype(np.uint8)) & 1)
+        if not len(passed):
+            return []
+        hits = passed[_found(probes[passed], self.anchors)] * _STRIDE  # where the anchors start
+        if not len(hits) or len(codes) < self.ngram:
+            return []
+        hashes = window_hashes(codes, self.ngram)  # the n-grams holding a hit anchor start 0-3 characters before it
+        starts = np.unique(np.clip(hits[:, None] - np.arange(_STRIDE), 0, len(hashes) - 1))
+        return [name for name, known in self.sets.items() if _found(hashes[starts], known).any()]
 
     def describe(self) -> str:
         return ", ".join(f"{name} {len(hashes):,} {self.ngram}-grams" for name, hashes in self.sets.items())
+
+
+def _found(values: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """For each of `values`, whether it is in the sorted array `known`."""
+    if not len(known):
+        return np.zeros(len(values), dtype=bool)
+    return known[np.minimum(np.searchsorted(known, values), len(known) - 1)] == values
 
 
 def _clean(text: str, opencc_config: str) -> str:

@@ -119,9 +119,10 @@ def text_columns(spec: str | Sequence[str]) -> tuple[str, ...]:
     return columns
 
 
-def read_records(path: Path, text_column: str | Sequence[str] = "text",
-                 txt_split: str = "blank_line") -> Iterator[tuple[WikiPage | Document, Location]]:
-    """Stream one corpus input file as `(article or document, location)` pairs, by its `file_format`.
+def read_records(path: Path, text_column: str | Sequence[str] = "text", txt_split: str = "blank_line",
+                 decompress_threads: int = 1) -> Iterator[tuple[WikiPage | Document, Location]]:
+    """Stream one corpus input file as `(article or document, location)` pairs, by its `file_format`
+    (`decompress_threads`: threads decompressing a `.xml.bz2` dump).
 
     In JSON and parquet rows the text is the `text_column` value (see `text_columns`): a string, or a list
     of strings joined by newlines; several columns are joined by newlines in the order given. A row whose
@@ -129,7 +130,7 @@ def read_records(path: Path, text_column: str | Sequence[str] = "text",
     """
     kind = file_format(path)
     if kind == "dump":
-        yield from read_dump_pages(path)
+        yield from read_dump_pages(path, decompress_threads)
     elif kind == "doc":
         yield from read_wikiextractor_docs(path)
     elif kind == "txt":
@@ -303,14 +304,14 @@ def read_csv_rows(path: Path) -> Iterator[tuple[dict, Location]]:
             yield row, Location(str(path), line=reader.line_num, consumed=raw.tell())
 
 
-def read_dump_pages(path: Path) -> Iterator[tuple[WikiPage, Location]]:
+def read_dump_pages(path: Path, decompress_threads: int = 1) -> Iterator[tuple[WikiPage, Location]]:
     """The articles of a MediaWiki `pages-articles` dump (`.xml` or `.xml.bz2`)."""
     if not is_mediawiki_dump(path):
         raise UserError("not a MediaWiki XML dump (no <mediawiki> root element)", path=str(path),
                         line=1, fix="pass a 'pages-articles' dump as downloaded from "
                                     "https://dumps.wikimedia.org/zhwiki/latest/")
     with open(path, "rb") as raw:
-        for page in read_dump(path, raw):
+        for page in read_dump(path, raw, decompress_threads):
             yield page, Location(str(path), consumed=raw.tell())
 
 

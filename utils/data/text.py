@@ -130,8 +130,16 @@ class QualityFilter:
         return None
 
 
-_WHITESPACE = re.compile(r"\s+")
+# Whitespace by code point (str.isspace, as regex \s; U+3000 is the last one): a look-up table, so that texts lose
+# their whitespace in one vector pass.
+_IS_SPACE = np.array([chr(code).isspace() for code in range(0x3002)], dtype=bool)
 _HASH_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd, so the rolling hash keeps every character's bits
+
+
+def visible_codes(text: str) -> np.ndarray:
+    """The code points of `text` without its whitespace, as uint64 (the input of the n-gram hashes)."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    return codes[~_IS_SPACE[np.minimum(codes, len(_IS_SPACE) - 1)]].astype(np.uint64)
 
 
 def ngram_hashes(text: str, size: int, whole_if_shorter: bool = False) -> np.ndarray:
@@ -139,13 +147,20 @@ def ngram_hashes(text: str, size: int, whole_if_shorter: bool = False) -> np.nda
     point * BASE^(size - 1 - k) over the window, modulo 2^64. Windows are built by doubling (1, 2, 4, 8 ...
     characters), about log2(size) vector passes over the text, not `size`. A text shorter than `size` has no
     window: empty, or with `whole_if_shorter` one hash of the whole text (an empty text hashes to 0)."""
-    codes = np.frombuffer(_WHITESPACE.sub("", text).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    codes = visible_codes(text)
     if len(codes) < size:
         if not whole_if_shorter:
             return np.empty(0, dtype=np.uint64)
-        size = max(1, len(codes))
         if not len(codes):
             return np.zeros(1, dtype=np.uint64)
+        size = len(codes)
+    return window_hashes(codes, size)
+
+
+def window_hashes(codes: np.ndarray, size: int) -> np.ndarray:
+    """`ngram_hashes` of `visible_codes` output: every window of `size` code points (none if shorter)."""
+    if len(codes) < size:
+        return np.empty(0, dtype=np.uint64)
     result, result_len, block, block_len = None, 0, codes, 1
 
     def join(left: np.ndarray, left_len: int, right: np.ndarray, right_len: int) -> np.ndarray:
@@ -159,6 +174,19 @@ def ngram_hashes(text: str, size: int, whole_if_shorter: bool = False) -> np.nda
         size >>= 1
         if size:
             block, block_len = join(block, block_len, block, block_len), 2 * block_len
+    return result
+
+
+def strided_ngram_hashes(codes: np.ndarray, size: int, stride: int) -> np.ndarray:
+    """`ngram_hashes` of the windows starting at 0, stride, 2 * stride ... of `visible_codes` output: `size`
+    multiply-adds over 1/stride of the text (Horner's rule), the same values as the full set's."""
+    count = (len(codes) - size) // stride + 1
+    if count <= 0:
+        return np.empty(0, dtype=np.uint64)
+    result = codes[0::stride][:count].copy()
+    for offset in range(1, size):
+        result *= _HASH_BASE
+        result += codes[offset::stride][:count]
     return result
 
 

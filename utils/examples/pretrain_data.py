@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
@@ -31,6 +32,7 @@ from utils.io import write_json_atomic
 logger = logging.getLogger(__name__)
 
 _LOADERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
+_MAP_BATCH = 128  # documents per tokenisation batch
 
 
 def load_text_files(paths: Sequence[str], split: str, columns: Sequence[str]):
@@ -86,25 +88,28 @@ class TokenStream:
             logger.info("reusing tokenised %s data %s", split, path)
             return cls(path)
         eos = tokenizer.eos_token_id
-
+        dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
         backend = tokenizer.backend_tokenizer
 
-        def tokenize(batch):
+        def tokenize(batch):  # each document's ids as a small NumPy array, not a list of Python ints
             encodings = backend.encode_batch(batch["text"], add_special_tokens=False)
-            return {"ids": [e.ids + [eos] for e in encodings], "chars": [len(t) for t in batch["text"]]}
+            return {"ids": [np.append(np.asarray(e.ids, dtype=dtype), dtype(eos)) for e in encodings],
+                    "chars": [len(t) for t in batch["text"]]}
 
-        tokenized = data.map(tokenize, batched=True, num_proc=num_proc if num_proc > 1 else None,
-                             remove_columns=data.column_names, desc=f"tokenize {split}")
-        dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
+        # Small batches: a zhwiki article is thousands of tokens, and a batch's ids are held in memory twice
+        # (the encodings and the Arrow rows) before they are written to the map's cache file.
+        tokenized = data.map(tokenize, batched=True, batch_size=_MAP_BATCH, writer_batch_size=_MAP_BATCH,
+                             num_proc=num_proc if num_proc > 1 else None, remove_columns=data.column_names,
+                             desc=f"tokenize {split}")
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tokens = chars = 0
         with open(tmp, "wb") as handle:
-            for batch in tokenized.iter(batch_size=1024):
-                flat = np.fromiter((i for ids in batch["ids"] for i in ids), dtype=dtype)
+            for batch in tokenized.with_format("arrow").iter(batch_size=_MAP_BATCH):
+                flat = pc.list_flatten(batch.column("ids")).to_numpy().astype(dtype, copy=False)
                 handle.write(flat.tobytes())
                 tokens += len(flat)
-                chars += sum(batch["chars"])
+                chars += int(pc.sum(batch.column("chars")).as_py() or 0)
         os.replace(tmp, path)
         write_json_atomic(path.with_suffix(".json"), {"dtype": np.dtype(dtype).name, "tokens": tokens,
                                                       "chars": chars, "documents": len(tokenized),
