@@ -53,6 +53,7 @@ from gpu_recipes import (  # noqa: E402
     environment,
     execute,
     fmt,
+    gpu_extras,
     input_and_runs,
     measure,
     write_gpu_section,
@@ -62,9 +63,8 @@ ROOT = HERE / "_work" / "gpu_qlora"
 INPUT, INPUT_QUICK = ROOT / "input", ROOT / "input_quick"
 METHODS = ("none", "lora", "qlora")
 # What sft_train.py needs beyond the GPU image (its own transformers/peft/accelerate are other versions), and
-# bitsandbytes, which this .venv does not hold (GPU only): pinned here.
+# bitsandbytes, which this .venv does not hold (GPU only): its pin is requirements-gpu.txt's.
 WHEELS = ("transformers", "datasets", "dill", "multiprocess", "fsspec", "trl", "peft", "accelerate")
-BITSANDBYTES = "bitsandbytes==0.50.2"
 PROMPTS = ["请介绍一下长城。", "如何保持健康的生活习惯？", "把这句话翻译成英文：今天天气很好。"]
 
 
@@ -98,7 +98,7 @@ def prepare(args) -> None:
     out = Path(args.dir or (INPUT_QUICK if args.quick else INPUT))
     gpu_recipes.prepare(argparse.Namespace(dir=str(out), quick=args.quick, corpus_mb=args.corpus_mb, no_wheels=True))
     shutil.rmtree(out / "dpo")  # not used here; the carry limit (64 MiB with the repository) is close
-    wheels = [] if args.quick or args.no_wheels else download_wheels(out / "wheels", WHEELS, (), [BITSANDBYTES])
+    wheels = [] if args.quick or args.no_wheels else download_wheels(out / "wheels", WHEELS, (), gpu_extras("bitsandbytes"))
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
     print(f"prepared {out}: {size:.1f} MiB, wheels: {', '.join(wheels) or 'none'}", flush=True)
 

@@ -130,7 +130,7 @@ def prepare(args) -> None:
     pairs = shared_path(DPO_DATA).read_text(encoding="utf-8").splitlines(keepends=True)[:rows]
     (out / "dpo" / Path(DPO_DATA).name).write_text("".join(pairs), encoding="utf-8")
 
-    wheels = [] if args.quick or args.no_wheels else download_wheels(out / "wheels", pinned=gpu_extras())
+    wheels = [] if args.quick or args.no_wheels else download_wheels(out / "wheels", pinned=gpu_extras("liger-kernel"))
     info = {"quick": args.quick, "corpus_mb": corpus.mb, "validation_mb": held_out.mb,
             "sft_rows": len(sft), "dpo_pairs": len(pairs), "wheels": wheels}
     (out / "prepared.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -139,10 +139,12 @@ def prepare(args) -> None:
         "to the GPU machine")
 
 
-def gpu_extras() -> list[str]:
-    """The pinned GPU-only packages of requirements-gpu.txt (Liger kernels), which this CPU .venv never holds."""
+def gpu_extras(*names: str) -> list[str]:
+    """The pinned GPU-only packages of requirements-gpu.txt, which this CPU .venv never holds: those named (all
+    without names), so that a bench carries only the wheels it uses (bitsandbytes' alone is 42 MB)."""
     lines = (REPO / "requirements-gpu.txt").read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    pins = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return [pin for pin in pins if not names or re.split(r"[<>=!~;\[ ]", pin, maxsplit=1)[0] in names]
 
 
 def download_wheels(folder: Path, names=WHEELS, source_built=SOURCE_BUILT, pinned=()) -> list[str]:

@@ -59,7 +59,7 @@ LORA_TARGETS = {
     "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],  # wi_0/wi_1: gated-GELU feed-forward
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
-BITSANDBYTES = "bitsandbytes>=0.45"  # GPU only: not in requirements.txt (README "Installing on a GPU machine")
+GPU_EXTRAS = "pip install -r requirements-gpu.txt"  # bitsandbytes is pinned there (GPU only)
 
 
 @dataclass
@@ -153,10 +153,10 @@ def check_qlora_available() -> None:
     if not torch.cuda.is_available():
         raise UserError("--peft qlora needs a CUDA GPU: bitsandbytes' 4-bit NF4 layers run on CUDA only",
                         field="peft", fix="use --peft lora here (the same adapters on an unquantised base), or "
-                                          f"run on a CUDA machine with `pip install '{BITSANDBYTES}'`")
+                                          f"run on a CUDA machine with `{GPU_EXTRAS}`")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("--peft qlora needs the bitsandbytes package, which is not installed", field="peft",
-                        fix=f"pip install '{BITSANDBYTES}' (GPU machines only; README \"Installing on a GPU machine\")")
+                        fix=f"{GPU_EXTRAS} (GPU machines only; README \"Installing on a GPU machine\")")
 
 
 def load_base(path: str, tokenizer, peft: PeftArguments, attn_implementation: str = "sdpa") -> PreTrainedModel:
