@@ -2,9 +2,9 @@
 from the real pages of ../shared/data at several sizes, and on chinese-poetry; then pre_train.py's tokenisation
 of a corpus into its memory-mapped token file, and a restart that reuses it.
 
-    nice -n 10 .venv/bin/python bench/bench_corpus.py                          # 10, 30, 90 MB dumps
-    nice -n 10 .venv/bin/python bench/bench_corpus.py --sizes_mb 100 300 1000 --num_proc_1_max_mb 300
-    .venv/bin/python bench/bench_corpus.py --quick                             # seconds, no docs update
+    .venv/bin/python bench/bench_corpus.py                     # 30, 100, 300, 1000 MB dumps (~25 min, 2 cores)
+    .venv/bin/python bench/bench_corpus.py --sizes_mb 10 30 90   # smaller, for a quick look at the growth
+    .venv/bin/python bench/bench_corpus.py --quick              # seconds, no docs update
 
 The dump: the <siteinfo> and the 33 pages of zhwiki_xml/zhwiki-test-pages.xml (real wikitext: templates,
 <ref>, conversion markup; 23 articles, the rest project pages and redirects, skipped as in a real dump) and
@@ -26,6 +26,7 @@ import json
 import os
 import random
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -160,8 +161,11 @@ def folder_bytes(path: Path) -> int:
 
 def run_tree(command: list[str], log_path: Path, watch: Path | None = None, timeout_s: float = 3600) -> dict:
     """Run `command`; wall seconds, peak RSS of its whole process tree (and of the main process alone) and,
-    with `watch`, the peak size of that folder (the output's temporary directory lives beside it)."""
-    peak_tree = peak_main = peak_disk = peak_pss = 0
+    with `watch`, the peak growth of that folder (the output's temporary directory lives beside it); CPU seconds
+    of the whole tree."""
+    peak_tree = peak_main = peak_disk = peak_pss = peak_anon = 0
+    disk_before = folder_bytes(watch) if watch is not None else 0
+    cpu_before = _children_cpu_seconds()
     start = last_pss = time.perf_counter()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as out:
@@ -174,12 +178,14 @@ def run_tree(command: list[str], log_path: Path, watch: Path | None = None, time
                 rss = [p.memory_info().rss for p in procs]
                 peak_tree, peak_main = max(peak_tree, sum(rss)), max(peak_main, rss[0])
                 if time.perf_counter() - last_pss > 1:  # PSS counts pages shared after fork once (smaps: slower)
-                    peak_pss = max(peak_pss, sum(p.memory_full_info().pss for p in procs))
+                    pss = [_pss(p.pid) for p in procs]
+                    peak_pss = max(peak_pss, sum(total for total, _ in pss))
+                    peak_anon = max(peak_anon, sum(anon for _, anon in pss))
                     last_pss = time.perf_counter()
             except psutil.Error:
                 pass
             if watch is not None and time.perf_counter() - last_disk > 2:
-                peak_disk, last_disk = max(peak_disk, folder_bytes(watch)), time.perf_counter()
+                peak_disk, last_disk = max(peak_disk, folder_bytes(watch) - disk_before), time.perf_counter()
             if time.perf_counter() - start > timeout_s:
                 process.kill()
                 raise RuntimeError(f"{command} ran past {timeout_s} s (log {log_path})")
@@ -187,8 +193,27 @@ def run_tree(command: list[str], log_path: Path, watch: Path | None = None, time
     wall = time.perf_counter() - start
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} exited {process.returncode}; log {log_path}")
-    return {"wall_s": wall, "peak_tree_mb": peak_tree / 1e6, "peak_main_mb": peak_main / 1e6,
-            "peak_pss_mb": peak_pss / 1e6, "peak_disk_mb": peak_disk / 1e6}
+    return {"wall_s": wall, "cpu_s": _children_cpu_seconds() - cpu_before, "peak_tree_mb": peak_tree / 1e6,
+            "peak_main_mb": peak_main / 1e6, "peak_pss_mb": peak_pss / 1e6, "peak_pss_anon_mb": peak_anon / 1e6,
+            "peak_disk_mb": peak_disk / 1e6}
+
+
+def _pss(pid: int) -> tuple[int, int]:
+    """A process's PSS and the anonymous part of it, in bytes (smaps_rollup): the rest is file pages mapped in,
+    such as memory-mapped Arrow files, which the kernel can drop and read again."""
+    values = {}
+    with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as handle:
+        for line in handle:
+            name, _, rest = line.partition(":")
+            if name in ("Pss", "Pss_Anon"):
+                values[name] = int(rest.split()[0]) * 1024
+    return values.get("Pss", 0), values.get("Pss_Anon", 0)
+
+
+def _children_cpu_seconds() -> float:
+    """CPU seconds of this process's finished children and their own reaped children (the workers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def prepare(inputs: list[str], output: Path, num_proc: int, extra: list[str], label: str) -> dict:
@@ -218,7 +243,8 @@ def step_rows(run: dict) -> list[list[str]]:
 
 
 TOKENIZE = """
-import json, logging, sys, time
+import json, logging, os, sys, time
+os.environ["HF_DATASETS_CACHE"] = sys.argv[3] + "/hf-datasets"  # the map's Arrow cache, counted as disk
 logging.basicConfig(level=logging.INFO)
 from pathlib import Path
 sys.path.insert(0, ".")
@@ -239,15 +265,17 @@ def tokenisation(corpus: Path, label: str, workers: int) -> list[dict]:
         subprocess.run([PYTHON, "train_tokenizer.py", "--config", "none", "--input", str(corpus), "--vocab_size",
                         "8000", "--output_dir", str(tokenizer), "--max_train_chars", "20000000"], cwd=REPO,
                        check=True, capture_output=True)
-    cache = WORK / "corpus" / f"token-cache-{label}-w{workers}"
+    cache = WORK / "corpus" / f"token-cache-{label.replace(' ', '')}-w{workers}"
     subprocess.run(["rm", "-rf", str(cache)], check=True)
     runs = []
     for attempt in ("first run", "restart"):
-        log_path = WORK / "logs" / f"tokenize-{label}-w{workers}-{attempt.replace(' ', '_')}.log"
+        log_path = WORK / "logs" / f"tokenize-{label.replace(' ', '')}-w{workers}-{attempt.replace(' ', '_')}.log"
         measured = run_tree([PYTHON, "-c", TOKENIZE, str(corpus), str(tokenizer), str(cache), str(workers)],
                             log_path)
         result = json.loads(log_path.read_text().strip().splitlines()[-1])
-        measured.update(result, attempt=attempt, workers=workers, cache_mb=folder_bytes(cache) / 1e6,
+        measured.update(result, attempt=attempt, workers=workers, label=label, corpus_mb=folder_bytes(corpus) / 1e6,
+                        token_file_mb=sum(f.stat().st_size for f in cache.glob("*.bin")) / 1e6,
+                        datasets_cache_mb=folder_bytes(cache / "hf-datasets") / 1e6,
                         reused="reusing tokenised" in log_path.read_text())
         log(f"tokenise {label} ({attempt}, {workers} workers): {measured['wall_s']:.1f} s, "
             f"{result['tokens']:,} tokens, peak {measured['peak_tree_mb']:,.0f} MB")
@@ -270,10 +298,10 @@ def save(results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes_mb", type=float, nargs="+", default=[10, 30, 90],
+    parser.add_argument("--sizes_mb", type=float, nargs="+", default=[30, 100, 300, 1000],
                         help="Uncompressed XML sizes of the recombined dumps (MB).")
     parser.add_argument("--num_proc", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--num_proc_1_max_mb", type=float, default=30,
+    parser.add_argument("--num_proc_1_max_mb", type=float, default=1000,
                         help="Run --num_proc 1 only on dumps up to this size (time).")
     parser.add_argument("--decontaminate", action="store_true", default=True,
                         help="Also run the middle size with --decontaminate C-Eval CMMLU (its cost).")
@@ -318,8 +346,13 @@ def main(argv: list[str] | None = None) -> None:
             run = prepare(files, out, num_proc, ["--text_column", "title,paragraphs"], "chinese-poetry")
             run.update(input_mb=mb, pages=None)
             results["runs"].append(run)
-    corpus = WORK / "corpus" / "out" / f"dump{middle:g}-p{max(args.num_proc)}"
-    results["tokenize"] += tokenisation(corpus, f"dump{middle:g}", max(args.num_proc))
+    workers = max(args.num_proc)
+    for size in dict.fromkeys([middle, args.sizes_mb[-1]]):  # the growth, at two sizes
+        corpus = WORK / "corpus" / "out" / f"dump{size:g}-p{workers}"
+        results["tokenize"] += tokenisation(corpus, f"dump {size:g} MB", workers)
+        if size == middle and workers > 1:
+            results["tokenize"] += tokenisation(corpus, f"dump {size:g} MB", 1)
+        save(results)
     save(results)
     print(json.dumps({k: len(v) for k, v in results.items()}))
     if not args.quick:
@@ -331,56 +364,81 @@ def render(results: dict) -> str:
     runs, dumps = results["runs"], results["dumps"]
     run_rows = []
     for run in runs:
-        mb, wall = run["input_mb"], run["wall_s"]
+        mb, wall, cpu = run["input_mb"], run["wall_s"], run["cpu_s"]
         pages = f"{run['pages'] / wall:,.1f}" if run.get("pages") else "-"
         run_rows.append([run["label"], run["num_proc"], f"{mb:,.0f}", f"{run['pages'] or 0:,}" if run.get("pages")
-                         else "-", f"{run['stats']['documents']:,}", f"{wall:,.0f}", pages,
-                         f"{mb / wall:.3f}", f"{run['peak_tree_mb']:,.0f}", f"{run['peak_pss_mb']:,.0f}",
-                         f"{run['peak_main_mb']:,.0f}", f"{run['peak_disk_mb']:,.0f}", f"{run['output_mb']:,.0f}"])
-    table = markdown_table(["input", "processes", "input MB", "pages", "documents kept", "wall s", "pages/s",
-                            "input MB/s", "peak RSS, tree (MB)", "peak PSS, tree (MB)", "peak RSS, main (MB)",
-                            "peak disk (MB)", "output MB"], run_rows)
+                         else "-", f"{run['stats']['documents']:,}", f"{wall:,.0f}", f"{cpu:,.0f}", pages,
+                         f"{mb / wall:.2f}", f"{mb / cpu:.2f}", f"{run['peak_tree_mb']:,.0f}",
+                         f"{run['peak_pss_mb']:,.0f}", f"{run['peak_pss_anon_mb']:,.0f}", f"{run['peak_main_mb']:,.0f}",
+                         f"{run['peak_disk_mb']:,.0f}",
+                         f"{run['output_mb']:,.0f}"])
+    table = markdown_table(["input", "processes", "input MB", "pages", "documents kept", "wall s", "CPU s", "pages/s",
+                            "input MB/s", "input MB per CPU-s", "peak RSS, tree (MB)", "peak PSS, tree (MB)",
+                            "peak PSS anon, tree (MB)", "peak RSS, main (MB)", "peak disk (MB)", "output MB"], run_rows)
     steps = markdown_table(["input", "processes", "step", "docs in", "docs out", "seconds (all processes)",
                             "docs/s per process", "Mchars/s per process"],
                            [row for run in runs for row in step_rows(run)])
-    token_rows = [[t["attempt"], t["workers"], f"{t['wall_s']:,.1f}", f"{t['seconds']:,.1f}", f"{t['tokens']:,}",
+    token_rows = [[t["label"], t["attempt"], t["workers"], f"{t['corpus_mb']:,.0f}", f"{t['wall_s']:,.1f}",
+                   f"{t['seconds']:,.1f}", f"{t['tokens']:,}",
                    f"{t['tokens'] / max(t['seconds'], 1e-9) / t['workers']:,.0f}", f"{t['peak_tree_mb']:,.0f}",
-                   f"{t['peak_pss_mb']:,.0f}", f"{t['cache_mb']:,.1f}", "yes" if t["reused"] else "no"]
-                  for t in results["tokenize"]]
-    tokens = markdown_table(["run", "workers", "wall s (with imports)", "TokenStream.build s", "tokens",
-                             "tokens/s per worker", "peak RSS, tree (MB)", "peak PSS, tree (MB)", "cache MB",
+                   f"{t['peak_pss_mb']:,.0f}", f"{t['peak_pss_anon_mb']:,.0f}", f"{t['token_file_mb']:,.1f}", f"{t['datasets_cache_mb']:,.0f}",
+                   "yes" if t["reused"] else "no"] for t in results["tokenize"]]
+    tokens = markdown_table(["corpus", "run", "workers", "corpus MB (parquet)", "wall s (with imports)",
+                             "TokenStream.build s", "tokens", "tokens/s per worker", "peak RSS, tree (MB)",
+                             "peak PSS, tree (MB)", "peak PSS anon, tree (MB)", "token file MB", "datasets cache MB",
                              "cache reused"], token_rows)
     dump_runs = sorted((r for r in runs if r["label"].startswith("dump") and "decontaminate" not in r["label"]),
                        key=lambda r: (r["num_proc"], r["input_mb"]))
     one = [r for r in dump_runs if r["num_proc"] == 1]
     two = [r for r in dump_runs if r["num_proc"] == 2]
-    largest = max(dump_runs, key=lambda r: (r["input_mb"], r["num_proc"]))
-    smallest = min((r for r in dump_runs if r["num_proc"] == largest["num_proc"]), key=lambda r: r["input_mb"])
-    slope = ((largest["peak_pss_mb"] - smallest["peak_pss_mb"])
-             / max(largest["stats"]["documents"] - smallest["stats"]["documents"], 1) * 1e3)  # KB per page
-    per_core = (sum(r["input_mb"] for r in one) / sum(r["wall_s"] for r in one)) if one else 0.0
-    scaling = ""
-    if one and two:
-        pairs = [(a, b) for a in one for b in two if a["input_mb"] == b["input_mb"]]
-        scaling = ", ".join(f"{a['input_mb']:.0f} MB: {a['wall_s'] / b['wall_s']:.2f}x" for a, b in pairs)
-    decontam = [r for r in runs if "decontaminate" in r["label"]]
+    most = two or one
+    largest, smallest, second = most[-1], most[0], most[-2] if len(most) > 1 else most[0]
+
+    def slope(a: dict, b: dict) -> float:  # KB of peak PSS per kept page
+        return (b["peak_pss_mb"] - a["peak_pss_mb"]) / max(b["stats"]["documents"] - a["stats"]["documents"], 1) * 1e3
+
+    memory = ", ".join(f"{r['input_mb']:,.0f} MB: {r['peak_pss_mb']:,.0f} (main {r['peak_main_mb']:,.0f})"
+                       for r in most)
+    per_cpu = sum(r["input_mb"] for r in one) / sum(r["cpu_s"] for r in one) if one else 0.0
+    per_wall = sum(r["input_mb"] for r in one) / sum(r["wall_s"] for r in one) if one else 0.0
+    scaling = ", ".join(f"{a['input_mb']:,.0f} MB: {a['wall_s'] / b['wall_s']:.2f}x" for a in one for b in two
+                        if a["input_mb"] == b["input_mb"])
+    read = largest["stats"]["steps"]["read"]["seconds"] + largest["stats"]["steps"]["dedup"]["seconds"]
+    worker = sum(row["seconds"] for step, row in largest["stats"]["steps"].items()
+                 if step not in ("read", "dedup", "write"))
+    shares = sorted(((row["seconds"], step) for step, row in largest["stats"]["steps"].items()
+                     if step not in ("read", "write")), reverse=True)
+    total_steps = sum(sec for sec, _ in shares)
     decontam_note = ""
+    decontam = [r for r in runs if "decontaminate" in r["label"]]
     if decontam:
         d = decontam[0]
         base = next((r for r in two if abs(r["input_mb"] - d["input_mb"]) < 1), None)
-        cpu = sum(row["seconds"] for row in d["stats"]["steps"].values())
+        cpu = sum(row["seconds"] for step, row in d["stats"]["steps"].items() if step != "read")
         share = d["stats"]["steps"]["decontam"]["seconds"] / max(cpu, 1e-9)
-        decontam_note = (f"Decontamination (C-Eval dev+val and CMMLU dev of ../shared/data) took "
-                         f"{share:.1%} of the run's step seconds"
-                         + (f"; wall {d['wall_s']:.0f} s against {base['wall_s']:.0f} s without (the machine's load "
-                            f"moves wall times by more than that)" if base else "")
-                         + f"; it removed {d['stats'].get('decontaminated', {}) or 'nothing'} (the pages' characters"
+        decontam_note = (f"Decontamination (C-Eval dev+val and CMMLU dev of ../shared/data): {share:.1%} of the "
+                         "workers' step seconds"
+                         + (f"; CPU {d['cpu_s']:,.0f} s against {base['cpu_s']:,.0f} s without "
+                            f"({d['cpu_s'] / base['cpu_s'] - 1:+.1%}), wall {d['wall_s']:,.0f} s against "
+                            f"{base['wall_s']:,.0f} s" if base else "")
+                         + f". It removed {d['stats'].get('decontaminated', {}) or 'nothing'} (the pages' characters"
                          " are permuted, so no question can match: this run measures the cost; the tests check"
                          " what it removes).")
     dump = dumps[-1]
     ratio = dump["xml_bytes"] / dump["bz2_bytes"]
     page_kb = sum(d["xml_bytes"] for d in dumps) / sum(d["pages"] for d in dumps) / 1e3
-    full_docs = 1.3e6
+    full_xml_mb, full_docs = 12e3, 1.3e6
+    full_pss = largest["peak_pss_mb"] + slope(second, largest) * (full_docs - largest["stats"]["documents"]) / 1e3
+    full_pss_high = largest["peak_pss_mb"] + slope(smallest, largest) * (full_docs - largest["stats"]["documents"]) / 1e3
+    disk = max(r["peak_disk_mb"] / max(r["output_mb"], 1e-9) for r in dump_runs)
+    first = [t for t in results["tokenize"] if t["attempt"] == "first run"]
+    token_note = "; ".join(f"{t['label']}, {t['workers']} worker{'s' * (t['workers'] > 1)}: "
+                           f"{t['tokens'] / t['seconds'] / t['workers']:,.0f} tokens/s per worker, peak PSS "
+                           f"{t['peak_pss_mb']:,.0f} MB of which {t['peak_pss_anon_mb']:,.0f} MB anonymous"
+                           for t in first)
+    workers_max = max((t["workers"] for t in first), default=1)
+    anon_growth = " -> ".join(f"{t['peak_pss_anon_mb']:,.0f} MB ({t['label']})" for t in first
+                              if t["workers"] == workers_max)
     return f"""
 What it measures: `prepare_data.py` with default settings on MediaWiki dumps of {", ".join(
         f"{d['xml_bytes'] / 1e6:,.0f}" for d in dumps)} MB of XML (bz2: {", ".join(f"{d['bz2_bytes'] / 1e6:,.0f}"
@@ -391,61 +449,50 @@ lengths and character frequencies are real and near-duplicate removal keeps ever
 JSON arrays read element by element). Memory is sampled every 0.2 s over the
 whole process tree: RSS summed over processes counts the pages the forked workers share with the main process
 (torch, transformers, OpenCC are imported before the fork) once per process; PSS (proportional set size,
-every 1 s) counts them once and is the honest total. Disk = the output's parent folder at its peak (staging
-parquet, shuffle buckets, shards).
-
-The machine: 2 cores shared with five other engineers' test and benchmark runs (load average 8-17 while this
-ran), so every wall time here is several times what an idle core gives; ratios between rows measured in
-the same run are meaningful, absolute rates are lower bounds. The 1 GB dump of the issue was not run: at the
-rate measured it would take hours on this shared machine; the sizes below show the growth, and the
-extrapolation uses them.
+every 1 s) counts them once and is the honest total. Disk = the growth of the output's parent folder at its
+peak (staging parquet, shuffle buckets, shards). CPU s = user + system seconds of the whole process tree;
+input MB per CPU-s is the rate per core whatever else the machine runs.
 
 {table}
 
 Per step (from stats.json; a step's seconds are summed over the worker processes, so docs/s and chars/s are
-per process; "extract" is wikiextractor; "normalize" is the largest cost; "dedup" is the index in the main process):
+per process; "extract" is wikiextractor; "minhash" the workers' signatures; "dedup" the index in the main
+process):
 
 {steps}
 
 Tokenisation into pre_train.py's memory-mapped token cache (`TokenStream.build`, the code pre_train.py runs;
-an 8,000-token BPE trained on the corpus once), run twice in fresh processes: the second run is a restart.
+an 8,000-token BPE trained on the corpus once), run twice in fresh processes: the second run is a restart. The
+`datasets` cache (the corpus as Arrow and the map's token lists) is put in the token cache folder for these runs,
+so the first run starts cold and its disk is counted.
 
 {tokens}
 
 Reading:
-- Memory: peak PSS grows by about {slope:,.0f} KB per kept page between the smallest and the largest dump at
-  {largest['num_proc']} processes ({smallest['peak_pss_mb']:,.0f} -> {largest['peak_pss_mb']:,.0f} MB for
-  {smallest['stats']['documents']:,} -> {largest['stats']['documents']:,} pages): less than the ~85 KB per page
-  the issue measured before these changes, but NOT flat yet at these sizes. What this issue bounded: the
-  staging buffer (4,096 documents whatever their size before; now also at most 4 M characters), the shuffle
-  (a `datasets` Arrow copy of the whole corpus before; now ~16 MB buckets) and the near-duplicate index
-  (~0.7 KB per kept document by RSS instead of rensa's ~2-3 KB: ~{full_docs * 726 / 1e9:.1f} GB for the
-  ~{full_docs / 1e6:.1f} M kept articles of a full zhwiki dump). The remaining growth is in the main process
-  (its RSS column) and was not pinned down in the time available: Python's heap in the main process stays
-  under ~60 MB (tracemalloc at the end of the main loop, 30 MB dump), so it is native memory (Arrow's
-  allocator, glibc arenas holding freed page-sized strings); releasing Arrow's unused memory after each bucket
-  (added after this run) cut the write phase's peak from +106 to +66 MB on the 30 MB dump. Measured in the
-  main process alone (ru_maxrss, 2 processes, release added): 10 MB dump 243 MB in the main loop, 30 MB 265-278,
-  90 MB 289, so the main loop is nearly flat; the shuffle-and-write phase then reaches 279 / 344 / 445 MB:
-  it is what still grows with the corpus (one bucket read and sorted at a time should not; a version copying
-  rows out 1,024 at a time from the memory-mapped bucket peaked higher, 487 MB). A run on a dump of
-  1 GB or more, on an idle machine, is needed to show whether it levels off: from these three sizes the
-  2 GB goal for the full dump is not demonstrated.
-- Throughput: {per_core:.3f} MB of dump XML per second with one process under this load
-  ({"speed-up with 2 processes: " + scaling if scaling else "no 1-process run"}); for the full dump (~2.7 GB
-  bz2; ours compresses {ratio:.1f}x because permuted characters compress worse than real text, the real dump
-  ~4-5x, so ~12 GB of XML) that is about {12e3 / per_core / 3600 if per_core else 0:,.0f}
-  hours per core here (a few times less on an idle core). What dominates is the workers' per-document work:
-  normalisation and wikiextractor's extraction, then the quality filter and t2s (step table); the main
-  process (reading, bz2, dedup, staging) is a small share, so throughput should follow `--num_proc`, but on
-  this machine, whose 2 cores were already busy with other jobs, 2 processes gained only the factor above.
+- Memory: peak PSS of the tree (and RSS of the main process) in MB with {largest['num_proc']} processes: {memory}.
+  Between the two largest dumps that is {slope(second, largest):,.2f} KB per kept page ({slope(smallest, largest):,.2f}
+  from the smallest, start-up included; the issue measured ~85 KB per page before): the near-duplicate index
+  (~0.5-0.7 KB per kept document) is what still grows, by design; everything else is bounded (staging buffer:
+  4,096 documents / 4 M characters; shuffle: the staging file read one row group at a time, ~16 MB buckets).
+  For the full zhwiki dump (~{full_docs / 1e6:.1f} M kept articles) that extrapolates to ~{full_pss:,.0f} MB peak
+  PSS (~{full_pss_high:,.0f} MB at the steeper slope): within the 2 GB goal. `--dedup false` is flat.
+- Throughput: {per_cpu:.2f} MB of dump XML per CPU second with one process ({per_wall:.2f} MB per wall second);
+  speed-up with 2 processes on this 2-core machine: {scaling or "no 1-process run"}.
+  The main process (reading, bz2, XML, the dedup index: {read:,.0f} s of the largest run) is small beside
+  the workers' {worker:,.0f} s, so the rate follows `--num_proc` until the main process's share saturates a core.
+  For the full dump (~2.7 GB bz2; ours compresses {ratio:.1f}x because permuted characters compress worse than
+  real text, the real dump ~4-5x, so ~12 GB of XML) that is about {full_xml_mb / per_cpu / 3600 if per_cpu else 0:,.1f}
+  CPU hours: ~{full_xml_mb / per_cpu / 3600 / 2 if per_cpu else 0:,.1f} h with 2 processes,
+  ~{full_xml_mb / per_cpu / 3600 / 8 if per_cpu else 0:,.1f} h with 8. What dominates (largest run, share of the step seconds):
+  {", ".join(f"{step} {sec / total_steps:.0%}" for sec, step in shares[:4])}.
 - {decontam_note}
-- Disk: the staged corpus plus its shuffle buckets and the shards exist together at the peak (about three
-  times the output) until the buckets are turned into shards.
-- Tokenisation: the restart found the cache and skipped the work (TokenStream.build seconds above); the first
-  run's memory is `datasets.map` with 2 worker processes, each importing torch (PSS, not the corpus, is what
-  to read; one size only, so its growth is not measured), plus the `datasets` Arrow cache of the map in the
-  Hugging Face cache folder (not counted in the cache MB column, which is the token file).
+- Disk: at most {disk:.1f}x the output at the peak (the staged corpus, its shuffle buckets and the shards exist
+  together until the buckets are turned into shards).
+- Tokenisation: {token_note}. Anonymous PSS (the processes' own memory) with {workers_max} workers:
+  {anon_growth}; what grows more is the file pages of the memory-mapped `datasets` Arrow files counted in PSS, which the kernel drops
+  under memory pressure. The restart found the token file and skipped the work (TokenStream.build seconds
+  above). The `datasets` cache holds the corpus once more as Arrow plus the token lists (about 2.5x the parquet
+  corpus); it can be deleted once the token file exists.
 """
 
 
