@@ -245,6 +245,24 @@ def test_decontamination_removes_real_ceval_and_cmmlu_questions_and_keeps_common
     assert (err.value.path, err.value.line, err.value.field) == (str(not_questions), 2, "decontaminate")
 
 
+def test_decontamination_finds_a_shared_ngram_at_every_offset_and_nothing_shorter(tmp_path):
+    """The probe looks at every 4th window only: a shared 13-character run must still be found wherever it
+    starts, with or without spaces inside, and a 12-character one never."""
+    from utils.data.decontaminate import Decontaminator
+
+    question = "天文台的望远镜观测到一颗新的彗星正在接近太阳系"  # our own question text, 23 characters
+    path = _write(tmp_path / "eval.jsonl", json.dumps({"question": question}, ensure_ascii=False) + "\n")
+    check = Decontaminator.from_paths([str(path)], 13, "t2s")
+    filler = "山川河流湖泊海洋森林草原沙漠"
+    for offset in range(9):
+        for start in (0, 5, 10):
+            shared = question[start:start + 13]
+            assert check.matches(filler[:offset] + shared + filler) == ["eval"], (offset, start)
+            assert check.matches(filler[:offset] + " ".join(shared) + filler) == ["eval"], (offset, start)
+            assert check.matches(filler[:offset] + shared[:12] + filler + shared[1:]) == [], (offset, start)
+    assert check.matches(question[:12]) == [] and check.matches("") == []
+
+
 def to_traditional(text):
     import opencc
 
