@@ -48,6 +48,7 @@ from utils.data.text import normalize_text, to_simplified
 
 EDIT_RATES = (0.005, 0.01, 0.02, 0.05)
 SHINGLE_SIZE, NUM_PERM, THRESHOLD, SEED = 3, 128, 0.7, 42  # config/prepare_data.yaml defaults
+FULL_DUMP_DOCS = 1_300_000  # articles a full zhwiki dump keeps after cleaning and dedup
 OLD_SHINGLE_SIZE, OLD_THRESHOLD = 5, 0.8  # the defaults before issue 13
 # ChatLM-mini-Chinese utils/functions.py DropDatasetDuplicate: keep only Han/ASCII letters/digits/_
 # (its character class also keeps '[', '|'), MinHash over the single characters, LSH threshold 0.85,
@@ -193,17 +194,19 @@ def throughput(texts: list[str], processes: int, method: Method = DEFAULT) -> tu
 
 def _index_growth(method: Method, count: int, queue) -> None:
     rng = random.Random(SEED)
-    signatures = [method.signature(" ".join(str(rng.random()) for _ in range(20))) for _ in range(count)]
     index = method.index()
+    method.signatures(["warm up"])
     before = rss_bytes()
-    for start in range(0, count, 64):
-        index.add_batch(np.stack(signatures[start:start + 64]))
-    queue.put((rss_bytes() - before) / len(index))
+    for start in range(0, count, 64):  # signed batch by batch, as prepare_data.py's workers send them
+        texts = [" ".join(str(rng.random()) for _ in range(20)) for _ in range(min(64, count - start))]
+        index.add_batch(method.signatures(texts))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # merges copy the band arrays for a while
+    queue.put(((rss_bytes() - before) / len(index), (peak - before) / 1e6, len(index)))
 
 
-def index_bytes_per_doc(method: Method, count: int = 100_000) -> float:
-    """Memory the LSH index takes per document it holds: growth of a fresh process's RSS (spawned, so that
-    no memory freed earlier is reused) while `count` distinct signatures are added."""
+def index_growth(method: Method, count: int = 100_000) -> tuple[float, float, int]:
+    """Memory the LSH index takes: growth of a fresh process's RSS (spawned, so that no memory freed earlier is
+    reused) while `count` distinct documents are added, per document held, and the peak growth in MB."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     child = context.Process(target=_index_growth, args=(method, count, queue))
@@ -312,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
                               (ours(3, 0.7, 256), 1)):
         load = os.getloadavg()[0]
         docs_s, docs_cpu_s = throughput(synthetic, processes, method)
-        per_doc = float("nan") if args.quick else index_bytes_per_doc(method)  # spawns: too slow for --quick
+        per_doc = float("nan") if args.quick else index_growth(method)[0]  # spawns: too slow for --quick
         log(f"{method.name}, {processes} process(es): {docs_s:,.0f} docs/s, {docs_cpu_s:,.0f} docs per CPU-s, "
             f"{per_doc:,.0f} B/doc")
         speed_rows.append([method.name, processes, f"{docs_s:,.0f}", f"{docs_s * mean_chars / 1e6:.2f}",
@@ -322,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     print(speed)
     if args.quick:
         return
+    full_per_doc, full_peak_mb, full_docs = index_growth(DEFAULT, FULL_DUMP_DOCS)
+    log(f"index of {full_docs:,} documents: {full_per_doc:,.0f} B/doc, peak growth {full_peak_mb:,.0f} MB")
 
     new, old, chatlm = summary[DEFAULT.name], summary[OLD_DEFAULT.name], summary[CHATLM.name]
     per_cpu = float(speed_rows[0][4].replace(",", ""))
@@ -362,8 +367,8 @@ computed in a fork pool in batches of 64 as `prepare_data.py` does, the index st
 {len(synthetic):,} synthetic documents of {mean_chars:,.0f} characters (slices of the real text glued to about
 the length of a cleaned zhwiki article), and the memory the index takes per document it holds (growth of the
 process's RSS while a fresh process indexes 100,000 distinct documents in batches of 64: 16-bit signatures
-and one 12-byte entry per LSH band). The machine is shared with other engineers' tests ("load avg" = 1-minute load average of the 2 cores
-when the row started), so docs/s (wall clock) are lower bounds; "docs per CPU-s" is the work per CPU second.
+and one 12-byte entry per LSH band). "load avg" = 1-minute load average of the 2 cores when the row started (the machine may run other work: above
+~1, docs/s (wall clock) are lower bounds); "docs per CPU-s" is the work per CPU second.
 
 {speed}
 
@@ -377,8 +382,10 @@ flagged, ours {new['shuffled_flagged']:.0%}), and {per_cpu:,.0f} documents per C
 need 32 LSH bands (more index memory); 3-gram at 0.8 misses 5% edits. Index memory grows with the documents
 kept (table above; `utils/data/dedup.py`'s compact NumPy index: 16-bit signatures and sorted band hashes,
 about {speed_rows[0][5]} bytes each by RSS growth over 100,000 documents, where rensa's own deduplicator
-took ~2-3 KB), i.e. ~{float(speed_rows[0][5].replace(",", "")) * 1.3e6 / 1e9:.1f} GB for the ~1.3 M kept
-articles of a full zhwiki dump; see the dump-scale section (bench_corpus.py) for the whole pipeline.
+took ~2-3 KB). Measured at full-dump size, a fresh process indexing {full_docs:,} distinct documents (about
+the ~1.3 M articles a full zhwiki dump keeps) grew by {full_per_doc * full_docs / 1e6:,.0f} MB
+({full_per_doc:,.0f} bytes each), {full_peak_mb:,.0f} MB at its peak (a merge copies the sorted band arrays for a
+moment); see the dump-scale section (bench_corpus.py) for the whole pipeline.
 """
     write_section("bench_dedup.py", "Near-duplicate removal (MinHash): quality and speed", ["rensa"], body)
     log("wrote the bench_dedup.py section of docs/BENCHMARKS.md")

@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 STEPS = ("read", "extract", "t2s", "normalize", "filter", "decontam", "minhash", "dedup", "write")
 _STAGING_CHARS = 4_000_000  # kept text buffered before it is staged (the documents can be books)
 _BUCKET_BYTES = 16_000_000  # text per shuffle bucket: write_shards holds about 5x this in memory at once
-_WORKERS_PER_BZ2_THREAD = 4
+_WORKERS_PER_BZ2_THREAD = 2
 _MAX_BUCKETS = 512  # open bucket files at once (under the usual 1,024 file limit); past 8 GB buckets grow
 SCHEMA = pa.schema([("text", pa.string()), ("title", pa.string()), ("id", pa.string()),
                     ("source", pa.string())])
@@ -262,7 +262,9 @@ def _batches(files: list[Path], inputs: InputArguments, stats: StepStats, progre
              num_proc: int) -> Iterator[list[tuple[WikiPage | Document, str]]]:
     batch, count, done_bytes = [], 0, 0
     size = 64
-    # One bz2 thread keeps ahead of ~4 workers (about 18 MB of XML/s against ~3-4 MB/s per worker).
+    # The main process reads for every worker: per GB of XML ~50 s of bz2 on one thread (bench_corpus.py) and
+    # ~15 s of XML lines, staging and dedup, while a worker cleans ~4-5 MB/s. One bz2 thread per 2 workers
+    # keeps the reader ahead up to ~8-12 processes (an estimate from those rates: measured only up to 2).
     threads = max(1, num_proc // _WORKERS_PER_BZ2_THREAD)
     for path in files:
         start = time.perf_counter()
