@@ -27,6 +27,7 @@ import os
 import random
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -283,6 +284,22 @@ def tokenisation(corpus: Path, label: str, workers: int) -> list[dict]:
     return runs
 
 
+def decontamination_cost(sizes_mb: list[float], num_proc: int, repeats: int = 3) -> dict:
+    """prepare_data.py without and with `--decontaminate` (C-Eval, CMMLU) on the second-smallest dump,
+    interleaved `repeats` times, so that the machine's drift falls on both alike."""
+    size = sorted(sizes_mb)[min(1, len(sizes_mb) - 1)]
+    info = build_dump(size)
+    flags = ["--decontaminate", str(shared_path("ceval")), str(shared_path("cmmlu"))]
+    runs: dict[str, list] = {"without": [], "with": []}
+    for _ in range(repeats):
+        for name, extra in (("without", []), ("with", flags)):
+            run = prepare([info["path"]], WORK / "corpus" / "out" / f"dump{size:g}-decontam", num_proc, extra,
+                          f"dump {size:g} MB, {name} --decontaminate")
+            run.update(input_mb=info["xml_bytes"] / 1e6, pages=info["pages"])
+            runs[name].append(run)
+    return {"size_mb": size, "num_proc": num_proc, **runs}
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 def poetry_inputs() -> list[str]:
@@ -304,7 +321,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_proc_1_max_mb", type=float, default=1000,
                         help="Run --num_proc 1 only on dumps up to this size (time).")
     parser.add_argument("--decontaminate", action="store_true", default=True,
-                        help="Also run the middle size with --decontaminate C-Eval CMMLU (its cost).")
+                        help="Also measure --decontaminate C-Eval CMMLU's cost on the second size.")
+    parser.add_argument("--only_decontaminate", action="store_true",
+                        help="Only (re)measure the decontamination cost, into the existing results.json.")
     parser.add_argument("--no_poetry", action="store_true")
     parser.add_argument("--quick", action="store_true", help="One 5 MB dump, 2 processes, no docs update.")
     parser.add_argument("--render", action="store_true", help="Only rewrite the docs section from results.json.")
@@ -316,6 +335,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.quick:
         args.sizes_mb, args.num_proc, args.no_poetry = [5], [2], True
+    if args.only_decontaminate:
+        results = json.loads((WORK / "corpus" / "results.json").read_text())
+        results["decontaminate"] = decontamination_cost(args.sizes_mb, max(args.num_proc))
+        save(results)
+        write_section("bench_corpus.py", TITLE, PACKAGES, render(results), argv=results.get("argv"),
+                      date=results.get("date"))
+        return
     results: dict = {"dumps": [], "runs": [], "tokenize": [], "argv": sys.argv[1:] if argv is None else argv,
                      "date": utc_now()}
     for size in args.sizes_mb:
@@ -330,14 +356,8 @@ def main(argv: list[str] | None = None) -> None:
             results["runs"].append(run)
             save(results)
     middle = args.sizes_mb[len(args.sizes_mb) // 2]
-    info = next(d for d in results["dumps"] if d["xml_bytes"] >= middle * 1e6 * 0.99)
     if args.decontaminate:
-        out = WORK / "corpus" / "out" / f"dump{middle:g}-decontam"
-        run = prepare([info["path"]], out, max(args.num_proc), ["--decontaminate", str(shared_path("ceval")),
-                                                                 str(shared_path("cmmlu"))],
-                      f"dump {middle:g} MB + decontaminate")
-        run.update(input_mb=info["xml_bytes"] / 1e6, pages=info["pages"])
-        results["runs"].append(run)
+        results["decontaminate"] = decontamination_cost(args.sizes_mb, max(args.num_proc))
     if not args.no_poetry:
         files = poetry_inputs()
         mb = sum(os.path.getsize(f) for f in files) / 1e6
@@ -403,27 +423,37 @@ def render(results: dict) -> str:
     per_wall = sum(r["input_mb"] for r in one) / sum(r["wall_s"] for r in one) if one else 0.0
     scaling = ", ".join(f"{a['input_mb']:,.0f} MB: {a['wall_s'] / b['wall_s']:.2f}x" for a in one for b in two
                         if a["input_mb"] == b["input_mb"])
-    read = largest["stats"]["steps"]["read"]["seconds"] + largest["stats"]["steps"]["dedup"]["seconds"]
-    worker = sum(row["seconds"] for step, row in largest["stats"]["steps"].items()
-                 if step not in ("read", "dedup", "write"))
+    single = (one or most)[-1]["stats"]["steps"]
+    per_gb = {name: sum(row["seconds"] for step, row in single.items() if step in steps) / (one or most)[-1]["input_mb"]
+              * 1e3 for name, steps in (("read", ("read",)), ("dedup", ("dedup",)), ("write", ("write",)),
+                                        ("workers", tuple(st for st in single if st not in ("read", "dedup", "write"))))}
     shares = sorted(((row["seconds"], step) for step, row in largest["stats"]["steps"].items()
                      if step not in ("read", "write")), reverse=True)
     total_steps = sum(sec for sec, _ in shares)
     decontam_note = ""
-    decontam = [r for r in runs if "decontaminate" in r["label"]]
-    if decontam:
-        d = decontam[0]
-        base = next((r for r in two if abs(r["input_mb"] - d["input_mb"]) < 1), None)
-        cpu = sum(row["seconds"] for step, row in d["stats"]["steps"].items() if step != "read")
-        share = d["stats"]["steps"]["decontam"]["seconds"] / max(cpu, 1e-9)
-        decontam_note = (f"Decontamination (C-Eval dev+val and CMMLU dev of ../shared/data): {share:.1%} of the "
-                         "workers' step seconds"
-                         + (f"; CPU {d['cpu_s']:,.0f} s against {base['cpu_s']:,.0f} s without "
-                            f"({d['cpu_s'] / base['cpu_s'] - 1:+.1%}), wall {d['wall_s']:,.0f} s against "
-                            f"{base['wall_s']:,.0f} s" if base else "")
-                         + f". It removed {d['stats'].get('decontaminated', {}) or 'nothing'} (the pages' characters"
-                         " are permuted, so no question can match: this run measures the cost; the tests check"
-                         " what it removes).")
+    cost = results.get("decontaminate")
+    if cost:
+        def median(name: str, key) -> float:
+            return statistics.median(key(run) for run in cost[name])
+
+        def worker_seconds(run: dict) -> float:
+            return sum(row["seconds"] for step, row in run["stats"]["steps"].items()
+                       if step not in ("read", "dedup", "write"))
+
+        share = median("with", lambda r: r["stats"]["steps"]["decontam"]["seconds"] / worker_seconds(r))
+        wall = [median(name, lambda r: r["wall_s"]) for name in ("without", "with")]
+        cpu = [median(name, lambda r: r["cpu_s"]) for name in ("without", "with")]
+        removed = cost["with"][0]["stats"].get("decontaminated", {}) or "nothing"
+        per_run = {name: ", ".join(f"{run['cpu_s']:,.1f}" for run in cost[name]) for name in ("without", "with")}
+        decontam_note = (
+            f"Decontamination (C-Eval dev+val and CMMLU dev of ../shared/data), the {cost['size_mb']:g} MB dump with "
+            f"{cost['num_proc']} processes, without and with `--decontaminate` interleaved {len(cost['with'])} times "
+            f"(medians): its own step takes {share:.1%} of the workers' step seconds; wall {wall[0]:,.1f} -> "
+            f"{wall[1]:,.1f} s ({wall[1] / wall[0] - 1:+.1%}), CPU {cpu[0]:,.1f} -> {cpu[1]:,.1f} s "
+            f"({cpu[1] / cpu[0] - 1:+.1%}; this includes reading and hashing the evaluation sets once, "
+            f"~1 s). Per run, CPU without: {per_run['without']}; with: {per_run['with']}. It removed {removed} (the pages' "
+            "characters are permuted, so no question can match: these runs measure the cost; the tests check what it "
+            "removes).")
     dump = dumps[-1]
     ratio = dump["xml_bytes"] / dump["bz2_bytes"]
     page_kb = sum(d["xml_bytes"] for d in dumps) / sum(d["pages"] for d in dumps) / 1e3
@@ -475,15 +505,20 @@ Reading:
   (~0.5-0.7 KB per kept document) is what still grows, by design; everything else is bounded (staging buffer:
   4,096 documents / 4 M characters; shuffle: the staging file read one row group at a time, ~16 MB buckets).
   For the full zhwiki dump (~{full_docs / 1e6:.1f} M kept articles) that extrapolates to ~{full_pss:,.0f} MB peak
-  PSS (~{full_pss_high:,.0f} MB at the steeper slope): within the 2 GB goal. `--dedup false` is flat.
+  PSS ({"within" if full_pss <= 2000 else "above"} the 2 GB goal; ~{full_pss_high:,.0f} MB from the smallest dump's
+  slope, which includes start-up growth). The index alone at 1.3 M documents is measured in the near-duplicate
+  section (bench_dedup.py). `--dedup false` is flat.
 - Throughput: {per_cpu:.2f} MB of dump XML per CPU second with one process ({per_wall:.2f} MB per wall second);
   speed-up with 2 processes on this 2-core machine: {scaling or "no 1-process run"}.
-  The main process (reading, bz2, XML, the dedup index: {read:,.0f} s of the largest run) is small beside
-  the workers' {worker:,.0f} s, so the rate follows `--num_proc` until the main process's share saturates a core.
-  For the full dump (~2.7 GB bz2; ours compresses {ratio:.1f}x because permuted characters compress worse than
-  real text, the real dump ~4-5x, so ~12 GB of XML) that is about {full_xml_mb / per_cpu / 3600 if per_cpu else 0:,.1f}
-  CPU hours: ~{full_xml_mb / per_cpu / 3600 / 2 if per_cpu else 0:,.1f} h with 2 processes,
-  ~{full_xml_mb / per_cpu / 3600 / 8 if per_cpu else 0:,.1f} h with 8. What dominates (largest run, share of the step seconds):
+  Per GB of XML (the largest 1-process run): the workers' steps {per_gb["workers"]:,.0f} s, the main process's
+  reading (bz2, XML lines) {per_gb["read"]:,.0f} s, its dedup index {per_gb["dedup"]:,.0f} s, the shuffle and write
+  {per_gb["write"]:,.0f} s. The main process reads for all workers, so the rate follows `--num_proc` until the
+  reader saturates its core: prepare_data.py decompresses with one bz2 thread per 2 workers (indexed_bzip2),
+  which by these rates keeps the reader ahead up to ~8 processes (an estimate: only 1 and 2 processes were
+  measured here). For the full dump (~2.7 GB bz2; ours compresses {ratio:.1f}x because permuted characters
+  compress worse than real text, the real dump ~4-5x, so ~12 GB of XML) that is about
+  {full_xml_mb / per_cpu / 3600 if per_cpu else 0:,.1f} CPU hours: ~{full_xml_mb / per_cpu / 3600 / 2 * 60 if per_cpu else 0:,.0f} min
+  with 2 processes at full speed-up. What dominates (largest run, share of the step seconds):
   {", ".join(f"{step} {sec / total_steps:.0%}" for sec, step in shares[:4])}.
 - {decontam_note}
 - Disk: at most {disk:.1f}x the output at the peak (the staged corpus, its shuffle buckets and the shards exist
