@@ -448,7 +448,8 @@ def render(results: dict) -> str:
         decontam_note = (
             f"Decontamination (C-Eval dev+val and CMMLU dev of ../shared/data), the {cost['size_mb']:g} MB dump with "
             f"{cost['num_proc']} processes, without and with `--decontaminate` interleaved {len(cost['with'])} times "
-            f"(medians): its own step takes {share:.1%} of the workers' step seconds; wall {wall[0]:,.1f} -> "
+            f"(medians): its own step (which also extracts the code points that MinHash then reuses) takes {share:.1%} "
+            f"of the workers' step seconds; wall {wall[0]:,.1f} -> "
             f"{wall[1]:,.1f} s ({wall[1] / wall[0] - 1:+.1%}), CPU {cpu[0]:,.1f} -> {cpu[1]:,.1f} s "
             f"({cpu[1] / cpu[0] - 1:+.1%}; this includes reading and hashing the evaluation sets once, "
             f"~1 s). Per run, CPU without: {per_run['without']}; with: {per_run['with']}. It removed {removed} (the pages' "

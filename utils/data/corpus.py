@@ -36,7 +36,7 @@ from utils.data.sources import (
     read_records,
     text_columns,
 )
-from utils.data.text import QualityFilter, normalize_text, to_simplified
+from utils.data.text import QualityFilter, normalize_text, to_simplified, visible_codes
 from utils.data.wiki import WikiPage, extract_text
 from utils.errors import UserError
 from utils.io import write_json_atomic
@@ -205,8 +205,10 @@ def _timed(stats: StepStats, step: str, func, text: str) -> str:
     return out
 
 
-def clean_document(record: WikiPage | Document, settings: _WorkerSettings, stats: StepStats) -> str | None:
-    """Run one record through extract -> t2s -> normalise -> filter; None when it is dropped."""
+def clean_document(record: WikiPage | Document, settings: _WorkerSettings,
+                   stats: StepStats) -> tuple[str, np.ndarray | None] | None:
+    """Run one record through extract -> t2s -> normalise -> filter -> decontaminate; None when it is dropped,
+    else the text and, when decontamination computed them, its code points (MinHash reuses them)."""
     if isinstance(record, WikiPage):
         start = time.perf_counter()
         text = extract_text(record)
@@ -226,36 +228,39 @@ def clean_document(record: WikiPage | Document, settings: _WorkerSettings, stats
     if reason:
         stats.dropped[reason] += 1
         return None
+    codes = None
     if settings.decontaminator is not None:
         start = time.perf_counter()
-        hits = settings.decontaminator.matches(text)
+        codes = visible_codes(text)
+        hits = settings.decontaminator.matches(text, codes)
         stats.record("decontam", len(text), None if hits else len(text), time.perf_counter() - start)
         if hits:
             stats.dropped["contaminated"] += 1
             stats.contaminated.update(hits)
             return None
-    return text
+    return text, codes
 
 
 def _process_batch(batch: list[tuple[WikiPage | Document, str]]) -> tuple[list, StepStats]:
     settings, stats, kept = _settings, StepStats(), []
     for record, source in batch:
-        text = clean_document(record, settings, stats)
-        if text is None:
+        cleaned = clean_document(record, settings, stats)
+        if cleaned is None:
             continue
         title = record.title
         if title and settings.opencc_config != "none":
             title = to_simplified(title, settings.opencc_config)
-        kept.append((text, title, record.id, source, None))
+        kept.append((cleaned[0], title, record.id, source, cleaned[1]))
     if settings.dedup and kept:
         start = time.perf_counter()
+        codes = [visible_codes(text) if points is None else points for text, *_, points in kept]
         signatures = minhash_signatures([item[0] for item in kept], settings.shingle_size, settings.num_perm,
-                                        settings.seed)
+                                        settings.seed, codes)
         seconds = (time.perf_counter() - start) / len(kept)
         for item in kept:
             stats.record("minhash", len(item[0]), len(item[0]), seconds)
-        kept = [(*item[:4], signature) for item, signature in zip(kept, signatures)]
-    return kept, stats
+        return [(*item[:4], signature) for item, signature in zip(kept, signatures)], stats
+    return [(*item[:4], None) for item in kept], stats
 
 
 def _batches(files: list[Path], inputs: InputArguments, stats: StepStats, progress: tqdm,

@@ -77,13 +77,14 @@ class Decontaminator:
             anchors.append(np.concatenate([ngram_hashes(text, ngram - _STRIDE + 1) for text in texts] or [_NONE]))
         return cls(sets, ngram, np.concatenate(anchors))
 
-    def matches(self, text: str) -> list[str]:
-        """The evaluation sets sharing at least one n-gram with `text` (normalised already).
+    def matches(self, text: str, codes: np.ndarray | None = None) -> list[str]:
+        """The evaluation sets sharing at least one n-gram with `text` (normalised already; `codes`, its
+        `visible_codes`, where the caller has them already).
 
         A shared n-gram at position p holds the shorter anchor window that starts at the multiple of _STRIDE
         among p ... p + _STRIDE - 1, so probing those windows alone (a bit filter, then the sorted anchors)
         misses none; the few documents with a probe hit are then checked on every n-gram, exactly."""
-        codes = visible_codes(text)
+        codes = visible_codes(text) if codes is None else codes
         probes = strided_ngram_hashes(codes, self.anchor, _STRIDE)
         slots = probes >> self._shift
         passed = np.flatnonzero((self._filter[slots >> np.uint64(3)] >> (slots & np.uint64(7)).astype(np.uint8)) & 1)

@@ -22,21 +22,20 @@ from collections.abc import Sequence
 import numpy as np
 import rensa
 
-from utils.data.text import ngram_hashes
+from utils.data.text import visible_codes, window_hashes
 
 _SIGNATURE_CHUNK = 65536  # signatures are stored in blocks of this many documents (no copy on growth)
 
 
-def shingle_hashes(text: str, size: int) -> np.ndarray:
-    """64-bit hashes of the overlapping character n-grams of `text` without whitespace (of the whole text if
-    shorter): one vectorised rolling hash, no Python string per shingle."""
-    return ngram_hashes(text, size, whole_if_shorter=True)
-
-
-def minhash_signatures(texts: Sequence[str], shingle_size: int, num_perm: int, seed: int) -> np.ndarray:
+def minhash_signatures(texts: Sequence[str], shingle_size: int, num_perm: int, seed: int,
+                       codes: Sequence[np.ndarray] | None = None) -> np.ndarray:
     """The MinHash signatures of the texts' shingle sets, one row of `num_perm` 32-bit values per text, in one
-    call to rensa over the flat buffer of every text's shingle hashes."""
-    hashes = [shingle_hashes(text, shingle_size) for text in texts]
+    call to rensa over the flat buffer of every text's shingle hashes. Shingles are the overlapping character
+    n-grams without whitespace (the whole text if shorter), hashed by one vectorised rolling hash, no Python
+    string per shingle; `codes`, each text's `visible_codes` where the caller has them already."""
+    if codes is None:
+        codes = [visible_codes(text) for text in texts]
+    hashes = [window_hashes(points, shingle_size, whole_if_shorter=True) for points in codes]
     offsets = np.zeros(len(hashes) + 1, dtype=np.uint64)
     np.cumsum([len(h) for h in hashes], out=offsets[1:])
     flat = np.concatenate(hashes) if hashes else np.empty(0, dtype=np.uint64)

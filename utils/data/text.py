@@ -147,20 +147,17 @@ def ngram_hashes(text: str, size: int, whole_if_shorter: bool = False) -> np.nda
     point * BASE^(size - 1 - k) over the window, modulo 2^64. Windows are built by doubling (1, 2, 4, 8 ...
     characters), about log2(size) vector passes over the text, not `size`. A text shorter than `size` has no
     window: empty, or with `whole_if_shorter` one hash of the whole text (an empty text hashes to 0)."""
-    codes = visible_codes(text)
+    return window_hashes(visible_codes(text), size, whole_if_shorter)
+
+
+def window_hashes(codes: np.ndarray, size: int, whole_if_shorter: bool = False) -> np.ndarray:
+    """`ngram_hashes` of `visible_codes` output (computed once per document, for dedup and decontamination)."""
     if len(codes) < size:
         if not whole_if_shorter:
             return np.empty(0, dtype=np.uint64)
         if not len(codes):
             return np.zeros(1, dtype=np.uint64)
         size = len(codes)
-    return window_hashes(codes, size)
-
-
-def window_hashes(codes: np.ndarray, size: int) -> np.ndarray:
-    """`ngram_hashes` of `visible_codes` output: every window of `size` code points (none if shorter)."""
-    if len(codes) < size:
-        return np.empty(0, dtype=np.uint64)
     result, result_len, block, block_len = None, 0, codes, 1
 
     def join(left: np.ndarray, left_len: int, right: np.ndarray, right_len: int) -> np.ndarray:
