@@ -253,9 +253,8 @@ def _process_batch(batch: list[tuple[WikiPage | Document, str]]) -> tuple[list, 
         kept.append((cleaned[0], title, record.id, source, cleaned[1]))
     if settings.dedup and kept:
         start = time.perf_counter()
-        codes = [visible_codes(text) if points is None else points for text, *_, points in kept]
         signatures = minhash_signatures([item[0] for item in kept], settings.shingle_size, settings.num_perm,
-                                        settings.seed, codes)
+                                        settings.seed, [item[4] for item in kept])
         seconds = (time.perf_counter() - start) / len(kept)
         for item in kept:
             stats.record("minhash", len(item[0]), len(item[0]), seconds)

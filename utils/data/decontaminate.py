@@ -25,7 +25,6 @@ import numpy as np
 
 from utils.data.sources import Location, discover_inputs, read_rows
 from utils.data.text import (
-    ngram_hashes,
     normalize_text,
     strided_ngram_hashes,
     to_simplified,
@@ -71,10 +70,11 @@ class Decontaminator:
             label = path.name if path.is_dir() else path.stem
             while label in sets:
                 label += "'"
-            texts = [_clean(text, opencc_config) for file in _eval_files(path) for text in question_texts(file)]
-            texts = [text for text in texts if len(visible_codes(text)) >= ngram]  # shorter ones cannot match
-            sets[label] = np.concatenate([ngram_hashes(text, ngram) for text in texts] or [_NONE])
-            anchors.append(np.concatenate([ngram_hashes(text, ngram - _STRIDE + 1) for text in texts] or [_NONE]))
+            codes = [visible_codes(_clean(text, opencc_config)) for file in _eval_files(path)
+                     for text in question_texts(file)]
+            codes = [points for points in codes if len(points) >= ngram]  # shorter texts cannot match
+            sets[label] = np.concatenate([window_hashes(points, ngram) for points in codes] or [_NONE])
+            anchors.append(np.concatenate([window_hashes(points, ngram - _STRIDE + 1) for points in codes] or [_NONE]))
         return cls(sets, ngram, np.concatenate(anchors))
 
     def matches(self, text: str, codes: np.ndarray | None = None) -> list[str]:

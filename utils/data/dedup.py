@@ -28,14 +28,14 @@ _SIGNATURE_CHUNK = 65536  # signatures are stored in blocks of this many documen
 
 
 def minhash_signatures(texts: Sequence[str], shingle_size: int, num_perm: int, seed: int,
-                       codes: Sequence[np.ndarray] | None = None) -> np.ndarray:
+                       codes: Sequence[np.ndarray | None] | None = None) -> np.ndarray:
     """The MinHash signatures of the texts' shingle sets, one row of `num_perm` 32-bit values per text, in one
     call to rensa over the flat buffer of every text's shingle hashes. Shingles are the overlapping character
     n-grams without whitespace (the whole text if shorter), hashed by one vectorised rolling hash, no Python
-    string per shingle; `codes`, each text's `visible_codes` where the caller has them already."""
-    if codes is None:
-        codes = [visible_codes(text) for text in texts]
-    hashes = [window_hashes(points, shingle_size, whole_if_shorter=True) for points in codes]
+    string per shingle; `codes`, each text's `visible_codes` where the caller has them already (None where not)."""
+    codes = codes if codes is not None else [None] * len(texts)
+    hashes = [window_hashes(visible_codes(text) if points is None else points, shingle_size, whole_if_shorter=True)
+              for text, points in zip(texts, codes)]
     offsets = np.zeros(len(hashes) + 1, dtype=np.uint64)
     np.cumsum([len(h) for h in hashes], out=offsets[1:])
     flat = np.concatenate(hashes) if hashes else np.empty(0, dtype=np.uint64)

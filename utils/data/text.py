@@ -13,10 +13,11 @@ from functools import lru_cache
 import numpy as np
 import opencc
 
-# CJK Unified Ideographs, Extension A, Compatibility Ideographs, and Extensions B-F (astral plane).
-CJK_RANGES = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef"
+# Extension A, CJK Unified Ideographs, Compatibility Ideographs, and Extensions B-F (astral plane): code point
+# ranges for NumPy, and the same as a regex character class.
+_CJK_CODE_RANGES = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2EBEF))
+CJK_RANGES = "".join(f"{chr(first)}-{chr(last)}" for first, last in _CJK_CODE_RANGES)
 CJK_CHAR = re.compile(f"[{CJK_RANGES}]")
-_CJK_CODE_RANGES = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2EBEF))  # as CJK_RANGES
 _CJK = f"[{CJK_RANGES}]"
 
 # MediaWiki language-conversion markup: -{zh-cn:软件;zh-tw:軟體}-, -{H|...}-, -{plain}-.
