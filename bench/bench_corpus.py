@@ -26,7 +26,6 @@ import json
 import os
 import random
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from common import (
     WIKI_JSONL,
     WIKI_XML,
     WORK,
+    cpu_seconds,
     log,
     markdown_table,
     poetry_package,
@@ -55,6 +55,7 @@ from utils.data.sources import read_records
 
 DUMP_SEED = 13
 TITLE = "The corpus stage at dump scale: prepare_data.py and tokenisation"
+MAIN_PROCESS_STEPS = ("read", "dedup", "write")  # the steps of stats.json the main process runs
 PACKAGES = ["wikiextractor", "opencc", "rensa", "pyarrow", "tokenizers", "datasets"]
 _PAGE = re.compile(r"  <page>.*?</page>\n", re.DOTALL)
 _TEXT = re.compile(r'(<text xml:space="preserve"[^>]*>)(.*?)(</text>)', re.DOTALL)
@@ -166,7 +167,7 @@ def run_tree(command: list[str], log_path: Path, watch: Path | None = None, time
     of the whole tree."""
     peak_tree = peak_main = peak_disk = peak_pss = peak_anon = 0
     disk_before = folder_bytes(watch) if watch is not None else 0
-    cpu_before = _children_cpu_seconds()
+    cpu_before = cpu_seconds(own=False)
     start = last_pss = time.perf_counter()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as out:
@@ -194,7 +195,7 @@ def run_tree(command: list[str], log_path: Path, watch: Path | None = None, time
     wall = time.perf_counter() - start
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} exited {process.returncode}; log {log_path}")
-    return {"wall_s": wall, "cpu_s": _children_cpu_seconds() - cpu_before, "peak_tree_mb": peak_tree / 1e6,
+    return {"wall_s": wall, "cpu_s": cpu_seconds(own=False) - cpu_before, "peak_tree_mb": peak_tree / 1e6,
             "peak_main_mb": peak_main / 1e6, "peak_pss_mb": peak_pss / 1e6, "peak_pss_anon_mb": peak_anon / 1e6,
             "peak_disk_mb": peak_disk / 1e6}
 
@@ -211,11 +212,6 @@ def _pss(pid: int) -> tuple[int, int]:
     return values.get("Pss", 0), values.get("Pss_Anon", 0)
 
 
-def _children_cpu_seconds() -> float:
-    """CPU seconds of this process's finished children and their own reaped children (the workers)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
 
 def prepare(inputs: list[str], output: Path, num_proc: int, extra: list[str], label: str) -> dict:
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -229,6 +225,11 @@ def prepare(inputs: list[str], output: Path, num_proc: int, extra: list[str], la
         f"PSS {measured['peak_pss_mb']:,.0f} MB, main {measured['peak_main_mb']:,.0f} MB, "
         f"{stats['documents']:,} documents kept")
     return measured
+
+
+def worker_seconds(run: dict) -> float:
+    """Step seconds of a prepare_data.py run spent in the worker processes (summed over them)."""
+    return sum(row["seconds"] for step, row in run["stats"]["steps"].items() if step not in MAIN_PROCESS_STEPS)
 
 
 def step_rows(run: dict) -> list[list[str]]:
@@ -423,10 +424,10 @@ def render(results: dict) -> str:
     per_wall = sum(r["input_mb"] for r in one) / sum(r["wall_s"] for r in one) if one else 0.0
     scaling = ", ".join(f"{a['input_mb']:,.0f} MB: {a['wall_s'] / b['wall_s']:.2f}x" for a in one for b in two
                         if a["input_mb"] == b["input_mb"])
-    single = (one or most)[-1]["stats"]["steps"]
-    per_gb = {name: sum(row["seconds"] for step, row in single.items() if step in steps) / (one or most)[-1]["input_mb"]
-              * 1e3 for name, steps in (("read", ("read",)), ("dedup", ("dedup",)), ("write", ("write",)),
-                                        ("workers", tuple(st for st in single if st not in ("read", "dedup", "write"))))}
+    single = (one or most)[-1]
+    gigabytes = single["input_mb"] / 1e3
+    per_gb = {step: single["stats"]["steps"][step]["seconds"] / gigabytes for step in MAIN_PROCESS_STEPS}
+    per_gb["workers"] = worker_seconds(single) / gigabytes
     shares = sorted(((row["seconds"], step) for step, row in largest["stats"]["steps"].items()
                      if step not in ("read", "write")), reverse=True)
     total_steps = sum(sec for sec, _ in shares)
@@ -435,10 +436,6 @@ def render(results: dict) -> str:
     if cost:
         def median(name: str, key) -> float:
             return statistics.median(key(run) for run in cost[name])
-
-        def worker_seconds(run: dict) -> float:
-            return sum(row["seconds"] for step, row in run["stats"]["steps"].items()
-                       if step not in ("read", "dedup", "write"))
 
         share = median("with", lambda r: r["stats"]["steps"]["decontam"]["seconds"] / worker_seconds(r))
         wall = [median(name, lambda r: r["wall_s"]) for name in ("without", "with")]

@@ -34,6 +34,7 @@ import rensa
 from common import (
     POETRY_PACKAGE,
     MixSpec,
+    cpu_seconds,
     load_real_texts,
     log,
     markdown_table,
@@ -161,12 +162,6 @@ def quality_row(method: Method, docs: list[Doc], flagged: list[bool]) -> tuple[l
     row = [method.name, f"{precision:.3f}", f"{recall:.3f}", *(f"{share('near-dup', r):.3f}" for r in EDIT_RATES),
            f"{share('shuffled'):.3f}", f"{sum(f for d, f in zip(docs, flagged) if d.kind == 'original'):,}"]
     return row, {"precision": precision, "recall": recall, "shuffled_flagged": share("shuffled")}
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and its reaped children (the pool's workers)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def rss_bytes() -> int:

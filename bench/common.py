@@ -16,6 +16,7 @@ import os
 import platform
 import random
 import re
+import resource
 import shlex
 import subprocess
 import sys
@@ -122,6 +123,13 @@ def write_section(script: str, title: str, packages: Iterable[str], body: str, a
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
     write_text_atomic(markdown, text)
     return markdown
+
+
+def cpu_seconds(own: bool = True) -> float:
+    """CPU seconds (user + system) of this process, unless `own` is False, and of its reaped children with
+    theirs (a pool's workers, a script's own worker processes)."""
+    usage = [resource.getrusage(resource.RUSAGE_CHILDREN)] + [resource.getrusage(resource.RUSAGE_SELF)] * own
+    return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
 def utc_now() -> str:
