@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 import time
 
 import pexpect
@@ -323,3 +324,24 @@ def test_recipes_parse_and_help_lists_the_decoding_flags(script, capsys):
     shown = capsys.readouterr().out
     assert all(flag in shown for flag in ("--model_name_or_path", "--temperature", "--top_p", "--top_k",
                                           "--num_beams", "--repetition_penalty", "--max_new_tokens"))
+
+
+def test_generation_threads_end_before_the_process_does(models, monkeypatch):
+    """A reply is finished before `generate` returns, and a process exiting under a thread still inside torch
+    aborts (chat.py --message did, about one run in two): a reply's own thread is one the interpreter waits for,
+    and the server's batch worker is closed (registered at exit) once its batch is done."""
+    model, tokenizer = models["llama"]
+    solo = ChatService(model, tokenizer, DecodingOptions(max_new_tokens=8))
+    prepared = solo.prepare([{"role": "user", "content": MESSAGES[0]}], solo.generation_config())
+    started, start = [], threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda thread: (started.append(thread), start(thread))[1])
+    expected = "".join(solo.reply_stream(prepared))
+    assert [thread.name for thread in started] == ["generate"] and not started[0].daemon
+
+    batched = ChatService(model, tokenizer, DecodingOptions(max_new_tokens=8), max_concurrent=2, batched=True)
+    assert asyncio.run(batched.complete(prepared)).text == expected
+    worker = batched.scheduler._thread
+    assert worker is not None and worker.is_alive()
+    batched.scheduler.close()
+    assert not worker.is_alive()
+    batched.scheduler.close()  # closing again has nothing to stop

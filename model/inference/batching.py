@@ -21,6 +21,7 @@ generated alone.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
@@ -82,20 +83,38 @@ class BatchScheduler:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="batches", daemon=True)
                 self._thread.start()
+                atexit.register(self.close)
         self._queue.put(stream)
 
-    def _gather(self) -> list[ReplyStream]:
+    def close(self) -> None:
+        """Stop the worker once the batch it runs is done (at exit: streams end before `generate` returns,
+        and a process that exits under a thread still inside torch aborts)."""
+        with self._lock:
+            thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._queue.put(None)
+            thread.join()
+
+    def _gather(self) -> list[ReplyStream] | None:
         """The next streams to generate: the first waits for the worker, the rest arrived with it or are
-        announced and on their way."""
-        waiting = [self._queue.get()]
+        announced and on their way. None once `close` asked the worker to stop."""
+        first = self._queue.get()
+        if first is None:
+            return None
+        waiting = [first]
         began = time.monotonic()
         while len(waiting) < self.max_batch:
             limit = self.max_wait_s if self._announced > 0 else self.wait_s
             try:
-                waiting.append(self._queue.get(timeout=max(0.0, began + limit - time.monotonic())))
+                stream = self._queue.get(timeout=max(0.0, began + limit - time.monotonic()))
             except queue.Empty:
                 if self._announced <= 0 or time.monotonic() - began >= self.max_wait_s:
                     break
+                continue
+            if stream is None:  # closing: run what was gathered, then stop
+                self._queue.put(None)
+                break
+            waiting.append(stream)
         return waiting
 
     def group(self, streams: list[ReplyStream]) -> list[list[ReplyStream]]:
@@ -120,6 +139,8 @@ class BatchScheduler:
     def _work(self) -> None:
         while True:
             streams = self._gather()
+            if streams is None:
+                return
             try:
                 live = []
                 for stream in streams:

@@ -188,8 +188,10 @@ class ReplyStream:
         if self.scheduler is not None:
             self.scheduler.submit(self)
         else:
-            threading.Thread(target=run_batch, args=(self.model, self.tokenizer, [self]), name="generate",
-                             daemon=True).start()
+            # Not a daemon: a reply is finished before `generate` returns, and a process that exits under a
+            # thread still inside torch aborts ("terminate called without an active exception"); the
+            # interpreter waits for this one, which stops at the next step once its reply is done or cancelled.
+            threading.Thread(target=run_batch, args=(self.model, self.tokenizer, [self]), name="generate").start()
 
     def wait(self) -> Reply:
         """Generate (if not begun) and block until the reply is final; re-raises a generation error."""
