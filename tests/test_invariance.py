@@ -1,8 +1,9 @@
 """Every reported number is the same however a global batch of 4 is split (TRL's 1x8 == 8x1 test, taken
 through processes and DeepSpeed): 1 process x batch 4, 1 x batch 1 x accumulation 4, 2 processes x 2 (DDP
 over gloo) and 2 processes x 2 under DeepSpeed ZeRO-2 launched from the project's `accelerate.yaml`. Logged
-losses, evaluation loss and bits per character agree to 1e-3 (relative), final weights to 1e-5, for
-pretraining (T5 and Llama), SFT (T5) and DPO (Llama). And ctrl+c under DeepSpeed (pretraining and SFT):
+losses, evaluation loss and bits per character agree to 1e-3 (relative), and each final weight tensor
+to 1e-3 of the distance training moved it (see `assert_same`), for pretraining (T5 and Llama), SFT (T5) and
+DPO (Llama). And ctrl+c under DeepSpeed (pretraining and SFT):
 stopped at a checkpoint and resumed by the same command, the run ends bit-identical to the uninterrupted one.
 
 DeepSpeed runs on the CPU accelerator here (gloo); its shared-memory op is compiled once per machine
@@ -31,6 +32,8 @@ SPLITS = {
     "zero2-2x2": (ACCELERATE + ("--config_file", "accelerate.yaml"), 2, 1),
 }
 REL = 1e-3
+# Weights: |w - w_ref| <= WEIGHT_REL |w_ref - w_start| per tensor (2-norms), argued in `assert_same`.
+WEIGHT_REL = 1e-3
 
 
 def port() -> tuple[str, ...]:
@@ -60,7 +63,20 @@ def outcome(output) -> dict:
             "weights": load_file(output / "model.safetensors")}
 
 
-def assert_same(result: dict, reference: dict, name: str) -> None:
+def start_weights(stage: str, arch: str, request) -> dict:
+    """The weights a run starts from: the fixture model SFT and DPO train on, or pretraining's initialisation
+    (pre_train.py builds the model from its preset with the run's seed, 11)."""
+    if stage != "pretrain":
+        return load_file(request.getfixturevalue(f"tiny_{arch}") / "model.safetensors")
+    from transformers import AutoTokenizer
+
+    from model.build import build_model, model_config
+
+    tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue("tiny_tokenizer"))
+    return build_model(model_config(f"{arch}-tiny", tokenizer, {}), 11).state_dict()
+
+
+def assert_same(result: dict, reference: dict, start: dict, name: str) -> None:
     assert len(result["losses"]) == len(reference["losses"]) > 0
     assert result["losses"] == pytest.approx(reference["losses"], rel=REL), name
     assert reference["eval"] and result["eval"].keys() == reference["eval"].keys()
@@ -69,8 +85,20 @@ def assert_same(result: dict, reference: dict, name: str) -> None:
     assert result["tokens"] == reference["tokens"], name
     weights = reference["weights"]
     assert result["weights"].keys() == weights.keys()  # tied weights saved once under DeepSpeed too
-    worst = max((result["weights"][k] - weights[k]).abs().max().item() for k in weights)
-    assert worst <= 1e-5, f"{name}: weights differ by {worst}"
+    # Another split sums the same float32 terms in another order (micro-batches, processes, all-reduce): each
+    # gradient moves by ~u sqrt(n) of the sum of its terms' magnitudes (u = 2^-24, n ~ 10^3 tokens), ~1e-6. Adam
+    # divides every coordinate by its own running RMS, so a coordinate whose gradient nearly cancels can move
+    # apart by a good part of a step (lr 1e-3): a bound on single weights either fails on another CPU's kernels
+    # or admits real errors. Over a tensor such coordinates are few; its difference stays below 1e-4 of the
+    # distance training moved it (the most measured: see the closing note of issue 22), while a wrong or dropped
+    # micro-batch, or a mis-weighted token, changes the update by tens of percent. Frozen tensors stay equal.
+    for key, final in weights.items():
+        moved = (final.double() - start[key].double()).norm().item()
+        apart = (result["weights"][key].double() - final.double()).norm().item()
+        if moved == 0:
+            assert apart == 0, f"{name}: {key} is frozen in one run and not in the other"
+        else:
+            assert apart <= WEIGHT_REL * moved, f"{name}: {key} differs by {apart / moved:.2e} of its update"
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +151,11 @@ def test_numbers_do_not_depend_on_how_the_batch_is_split(stage, arch, interrupt,
         launch(launcher, script, [*args, "--per_device_train_batch_size", str(batch),
                                   "--gradient_accumulation_steps", str(accumulation)])
         results[name] = outcome(tmp_path / name)
-    reference = results.pop("1x4")
+    reference, start = results.pop("1x4"), start_weights(stage, arch, request)
     if stage != "dpo":  # the loss must be a language-model loss, not a multiple of one
         assert 3 < reference["losses"][0] < 9
     for name, result in results.items():
-        assert_same(result, reference, f"{stage}/{arch} {name}")
+        assert_same(result, reference, start, f"{stage}/{arch} {name}")
     if interrupt:
         ctrl_c_under_deepspeed_resumes_bit_identical(*stage_args(stage, arch, data, request, tmp_path / "stopped"),
                                                      results["zero2-2x2"])

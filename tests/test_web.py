@@ -73,13 +73,16 @@ def test_page_streams_replies_keeps_history_and_resets(server, page, tmp_path):
     page.fill("#key", KEY)
     page.click("#savekey")
     page.wait_for_function("document.getElementById('model').textContent === 'model: tiny'")
-    # Record every text the reply bubble shows, to see it fill in piece by piece.
+    # Record every text the reply bubble is given, to see it fill in piece by piece. Each mutation record keeps
+    # the text node it added, so every update counts even when several arrive in one network read and the
+    # observer runs once for all of them: what is checked is the events the page handled, not their timing.
     page.evaluate("""() => {
         window.shown = [];
-        new MutationObserver(() => {
-            const bubble = document.querySelector('.msg.assistant:last-of-type');
-            if (bubble) window.shown.push(bubble.textContent);
-        }).observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true});
+        new MutationObserver(records => {
+            for (const record of records)
+                if (record.target.matches && record.target.matches('.msg.assistant'))
+                    for (const node of record.addedNodes) window.shown.push(node.textContent);
+        }).observe(document.getElementById('log'), {childList: true, subtree: true});
     }""")
 
     def send(text):
