@@ -31,6 +31,7 @@ from model.inference.generation import InferenceArguments, context_length, gener
 from utils.cli import run_main
 from utils.config import config_to_dict, parse_config, recipe_path
 from utils.data.conversations import FORMATS, load_answered_prompts
+from utils.data.sources import PROGRESS_SUFFIX
 from utils.errors import UserError
 from utils.io import write_json_atomic
 from utils.logging import setup_logging
@@ -69,7 +70,7 @@ class GenerateArguments(InferenceArguments):
 
 
 def progress_path(output: Path) -> Path:
-    return output.with_name(output.name + ".progress.json")
+    return output.with_name(output.name + PROGRESS_SUFFIX)  # a record that data readers skip
 
 
 def resume_point(output: Path, items: list[dict]) -> tuple[int, int, dict]:

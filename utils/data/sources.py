@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -32,6 +33,7 @@ import pyarrow.parquet as pq
 from utils.data.wiki import WikiPage, is_mediawiki_dump, read_dump
 from utils.errors import UserError
 
+logger = logging.getLogger(__name__)
 _DOC_HEADER = re.compile(r'<doc id="([^"]*)"(?: url="[^"]*")?(?: title="([^"]*)")?[^>]*>')
 _LEADING_SPACE = "\ufeff \r\n\t"
 TXT_SPLITS = ("blank_line", "line")
@@ -62,18 +64,28 @@ class Location:
         return UserError(problem, path=self.path, line=self.line, field=field, fix=fix)
 
 
+# Records the toolkit itself writes beside data (the resolved config, corpus statistics, generate_rejected.py's
+# progress): a folder given as input is read for its data files only, never these.
+TOOLKIT_RECORDS = frozenset({"config.yaml", "stats.json", "run.json", "tokenizer_report.json"})
+PROGRESS_SUFFIX = ".progress.json"
+# The same data saved in two formats side by side (a.parquet and a.jsonl): read once, in this order of preference.
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
+
+
 def discover_inputs(paths: list[str]) -> list[Path]:
-    """Expand directories into their files (sorted, hidden files skipped); refuse missing paths."""
+    """Expand directories into their data files (sorted; hidden files and the toolkit's own records skipped; one
+    file of a name saved in several formats, see `DATA_SUFFIXES`); refuse missing paths. Files named one by one
+    are taken as they are."""
     if not paths:
         raise UserError("no input given", field="input", fix="pass one or more files or directories to --input")
     files: list[Path] = []
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not any(
-                part.startswith(".") for part in p.relative_to(path).parts))
+            found = _one_format_each(sorted(p for p in path.rglob("*") if p.is_file() and not is_record(p) and not any(
+                part.startswith(".") for part in p.relative_to(path).parts)))
             if not found:
-                raise UserError("the input directory holds no files", path=name, field="input",
+                raise UserError("the input directory holds no data files", path=name, field="input",
                                 fix="point --input at a dump, wikiextractor output or text files")
             files.extend(found)
         elif path.is_file():
@@ -83,6 +95,31 @@ def discover_inputs(paths: list[str]) -> list[Path]:
                             fix="check the path; download the dump from "
                                 "https://dumps.wikimedia.org/zhwiki/latest/zhwiki-latest-pages-articles.xml.bz2")
     return files
+
+
+def is_record(path: Path) -> bool:
+    """Whether `path` is one of the toolkit's own records rather than data (`TOOLKIT_RECORDS`, progress files)."""
+    return path.name in TOOLKIT_RECORDS or path.name.endswith(PROGRESS_SUFFIX)
+
+
+def _one_format_each(files: list[Path]) -> list[Path]:
+    """`files` less the copies of one data set in another format: of `a.parquet` and `a.jsonl` in one folder,
+    `a.parquet` (the first of `DATA_SUFFIXES`) is read and the other is named in a warning."""
+    chosen: dict[Path, Path] = {}
+    for file in files:
+        suffix = file.suffix.lower()
+        if suffix not in DATA_SUFFIXES:
+            chosen[file] = file
+            continue
+        key = file.with_suffix("")
+        if key in chosen:
+            kept, skipped = sorted((chosen[key], file), key=lambda f: DATA_SUFFIXES.index(f.suffix.lower()))
+            logger.warning("%s and %s hold one data set in two formats: reading %s only", kept.name,
+                           skipped.name, kept)
+            chosen[key] = kept
+        else:
+            chosen[key] = file
+    return sorted(chosen.values())
 
 
 def file_format(path: Path) -> str:
