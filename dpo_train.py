@@ -72,7 +72,7 @@ def check_lengths(data: DataArguments, args: DPOArguments, model, tokenizer, seq
     return total
 
 
-def main(argv: Sequence[str] | None = None) -> PreferenceTrainer:
+def main(argv: Sequence[str] | None = None) -> PreferenceTrainer | None:
     setup_logging()
     model_args, lora, data, args = parse_config([ModelArguments, LoraArguments, DataArguments, DPOArguments], argv,
                                                 default_recipe=recipe_path("dpo"), description=__doc__)
@@ -85,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> PreferenceTrainer:
     check_attention_for_training(model)
     seq2seq = is_seq2seq(model.config)
     seq_len = check_lengths(data, args, model, tokenizer, seq2seq)
-    claim_output_dir(run_identity("dpo", model, tokenizer, [model_args, lora, data], args), args)
+    if claim_output_dir(run_identity("dpo", model, tokenizer, [model_args, lora, data], args), args, output_dir):
+        return None
 
     # DPO runs the policy forward + backward on both answers and the reference forward: 4/3 of training cost
     flops = flops_per_token(model.config, seq_len, data.max_completion_length if seq2seq else None) * 4 / 3

@@ -67,7 +67,7 @@ def reward_functions(rewards: RewardFunctionArguments, args: GRPOArguments, toke
     return functions
 
 
-def main(argv: Sequence[str] | None = None) -> PolicyTrainer:
+def main(argv: Sequence[str] | None = None) -> PolicyTrainer | None:
     setup_logging()
     model_args, lora, rewards, data, args = parse_config(
         [ModelArguments, LoraArguments, RewardFunctionArguments, PromptDataArguments, GRPOArguments], argv,
@@ -82,7 +82,9 @@ def main(argv: Sequence[str] | None = None) -> PolicyTrainer:
     train_set, eval_set = load_prompts(data, tokenizer, args.seed)
     model = load_model(model_args.model_name_or_path, tokenizer)
     functions = reward_functions(rewards, args, tokenizer, data.max_prompt_length)
-    claim_output_dir(run_identity("grpo", model, tokenizer, [model_args, lora, rewards, data], args), args)
+    if claim_output_dir(run_identity("grpo", model, tokenizer, [model_args, lora, rewards, data], args), args,
+                        output_dir):
+        return None
 
     # per sampled token: generation (a forward) and the policy's forward + backward
     seq_len = data.max_prompt_length + args.max_completion_length

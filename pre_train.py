@@ -43,7 +43,7 @@ from model.training.trainer import (
     ProgressLine,
     TrainArguments,
     plan_steps,
-        train_until_done_or_stopped,
+    train_until_done_or_stopped,
 )
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
@@ -151,7 +151,7 @@ def build_datasets(data: DataArguments, tokenizer, seq2seq: bool, cache_dir: Pat
     return objective, train_set, eval_set, ratios
 
 
-def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
+def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
     setup_logging()
     model_args, peft, data, args = parse_config([ModelArguments, lora.PeftArguments, DataArguments, TrainArguments],
                                                 argv, default_recipe=recipe_path("pretrain"), description=__doc__)
@@ -173,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
                                  gradient_checkpointing=args.gradient_checkpointing)
     seq2seq = is_seq2seq(model.config)
     settings = [model_args, data, peft] if peft.enabled else [model_args, data]  # runs before --peft stay resumable
-    claim_output_dir(run_identity("pretrain", model, tokenizer, settings, args), args)
+    if claim_output_dir(run_identity("pretrain", model, tokenizer, settings, args), args, output_dir):
+        return None
     objective, train_set, eval_set, ratios = build_datasets(data, tokenizer, seq2seq,
                                                             Path(args.output_dir) / "data_cache", args.seed, args)
 

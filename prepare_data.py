@@ -11,11 +11,13 @@ column, plus `stats.json` (documents and characters in/out and seconds per step)
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from utils.cli import run_main
-from utils.config import parse_config, recipe_path, save_config
+from utils.config import already_made, parse_config, recipe_path, save_config
 from utils.data.corpus import CleaningArguments, DedupArguments, InputArguments, OutputArguments, prepare_corpus
 from utils.io import atomic_output_dir
 from utils.logging import setup_logging
@@ -28,6 +30,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     inputs, cleaning, dedup, outputs = parse_config(
         [InputArguments, CleaningArguments, DedupArguments, OutputArguments], argv,
         default_recipe=recipe_path("prepare_data"), description=__doc__)
+    if not outputs.overwrite_output_dir and already_made(outputs.output_dir, inputs, cleaning, dedup, outputs,
+                                                         inputs=inputs.input):
+        return json.loads((Path(outputs.output_dir) / "stats.json").read_text(encoding="utf-8"))
     with atomic_output_dir(outputs.output_dir, outputs.overwrite_output_dir) as workdir:
         report = prepare_corpus(inputs, cleaning, dedup, outputs, workdir)
         save_config(workdir, inputs, cleaning, dedup, outputs)

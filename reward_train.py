@@ -49,7 +49,7 @@ class DataArguments(PreferenceDataArguments):
     """The preference pairs the reward model learns from (fields shared with dpo_train.py)."""
 
 
-def main(argv: Sequence[str] | None = None) -> RewardModelTrainer:
+def main(argv: Sequence[str] | None = None) -> RewardModelTrainer | None:
     setup_logging()
     model_args, data, args = parse_config([ModelArguments, DataArguments, RewardArguments], argv,
                                           default_recipe=recipe_path("reward"), description=__doc__)
@@ -63,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> RewardModelTrainer:
         raise UserError(f"max_prompt_length + max_completion_length = {seq_len} exceeds the model's "
                         f"{context_length(model, tokenizer)} positions", field="max_completion_length",
                         fix="lower --max_prompt_length / --max_completion_length")
-    claim_output_dir(run_identity("reward", model, tokenizer, [model_args, data], args), args)
+    if claim_output_dir(run_identity("reward", model, tokenizer, [model_args, data], args), args):
+        return None
 
     # both answers of a pair run forward and backward: the usual training cost per token
     trainer = RewardModelTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,

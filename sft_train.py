@@ -151,7 +151,7 @@ class SampleReplies(TrainerCallback):
                         prompt[-1]["content"][:80], reply[:120], reference[:80])
 
 
-def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
+def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
     setup_logging()
     model_args, peft, data, args = parse_config([ModelArguments, lora.PeftArguments, DataArguments, TrainArguments],
                                                 argv, default_recipe=recipe_path("sft"), description=__doc__)
@@ -168,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
                 *(vocab[token] for token in CHAT_TOKENS if token in vocab)}
         model = lora.add_adapter(model, peft, sorted(rows), frozen, args.gradient_checkpointing)
     settings = [model_args, data, peft] if peft.enabled else [model_args, data]  # runs before --peft stay resumable
-    claim_output_dir(run_identity("sft", model, tokenizer, settings, args), args)
+    if claim_output_dir(run_identity("sft", model, tokenizer, settings, args), args, output_dir):
+        return None
 
     conversations = load_conversations(data.train_files, data.data_format, data.dataset_split, data.system_prompt)
     train_conversations, eval_conversations = split_validation(conversations, data, args.seed)

@@ -13,13 +13,14 @@ plus `tokenizer_report.json` and `config.yaml`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.cli import run_main
-from utils.config import parse_config, recipe_path, save_config
+from utils.config import already_made, parse_config, recipe_path, save_config
 from utils.data.sources import split_files
 from utils.errors import UserError
 from utils.io import atomic_output_dir, write_json_atomic
@@ -110,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     setup_logging()
     (args,) = parse_config([TokenizerArguments], argv, default_recipe=recipe_path("tokenizer"),
                            description=__doc__)
+    if not args.overwrite_output_dir and already_made(args.output_dir, args, inputs=[*args.input, *args.eval_files]):
+        return json.loads((Path(args.output_dir) / "tokenizer_report.json").read_text(encoding="utf-8"))
     vocab_size = round_vocab(args.vocab_size)
     files = split_files(args.input, "train")
     sample = sample_corpus(files, args.train_chars, args.seed, args.text_column)

@@ -3,6 +3,7 @@ and a tiny tokenizer trained once per session."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -102,6 +103,12 @@ def run_until_interrupted(args, stop_at: int, cwd=REPO, launcher=(sys.executable
     process.wait(timeout=300)
     log.seek(0)
     return process.returncode, log.read()
+
+
+def digest(directory: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `directory`: equal before and after means nothing changed."""
+    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def make_documents(count: int, seed: int = 0, sentences_per_doc: int = 8) -> list[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
-from conftest import run_script
+from conftest import digest, run_script
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from utils.data.conversations import load_preferences
@@ -22,8 +22,15 @@ def test_demo_pipeline(tmp_path):
     assert stats["dropped"].get("too_short", 0) >= 1        # and stubs
     assert stats["steps"]["extract"]["docs_in"] >= 40       # redirects and other namespaces skipped
 
-    run_script("train_tokenizer.py", "--config", "config/demo/tokenizer.yaml", "--input", str(corpus),
-               "--output_dir", str(tokenizer_dir))
+    tokenize = ["train_tokenizer.py", "--config", "config/demo/tokenizer.yaml", "--input", str(corpus),
+                "--output_dir", str(tokenizer_dir)]
+    run_script(*tokenize)
+    # The same commands again (make demo twice, or after ctrl+c in a later stage): nothing to do, nothing written.
+    made = digest(tmp_path)
+    for command in (["prepare_data.py", "--config", "config/demo/prepare_data.yaml", "--output_dir", str(corpus)],
+                    tokenize):
+        assert "nothing to do" in run_script(*command).stderr
+    assert digest(tmp_path) == made
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     assert len(tokenizer) % 64 == 0
     text = pq.read_table(next(corpus.glob("validation-*.parquet"))).column("text")[0].as_py()

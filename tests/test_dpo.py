@@ -236,15 +236,17 @@ def test_bad_rows_are_refused_with_file_and_line(line, problem, tmp_path):
     assert error.value.path == str(path) and error.value.line == 2
 
 
-def test_existing_model_is_refused_but_checkpoints_are_not_a_model(tmp_path, pair_files):
+def test_existing_model_is_refused_but_checkpoints_are_not_a_model(tmp_path, pair_files, tiny_llama):
     (tmp_path / "adapter" / "checkpoint-3").mkdir(parents=True)
     (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"")
     assert not holds_model(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"")
     assert holds_model(tmp_path)
-    with pytest.raises(UserError, match="already holds a model") as error:
-        dpo_train.main(dpo_args(tmp_path / "no_model", pair_files["t5"], tmp_path))
-    assert "--overwrite_output_dir" in error.value.fix
+    for output in (tmp_path, tmp_path / "adapter"):  # a model where the merged model goes; checkpoints where the
+        with pytest.raises(UserError, match="no record of the run") as error:  # adapter's go
+            dpo_train.main(dpo_args(tiny_llama, pair_files["t5"], tmp_path))
+        assert error.value.path == str(output) and "--overwrite_output_dir" in error.value.fix
+        (output / "model.safetensors").unlink(missing_ok=True)
 
 
 def test_recipes_parse_and_help_works(capsys):

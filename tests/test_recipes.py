@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import lora_deltas, make_documents, pretrain_tiny, run_script, shared_path
+from conftest import digest, lora_deltas, make_documents, pretrain_tiny, run_script, shared_path
 from peft import PeftModel
 from transformers import (
     AutoModelForCausalLM,
@@ -83,13 +83,20 @@ def test_sft_rejected_dpo_evaluate_and_chat_recipes(chain, tmp_path):
                "--input", str(shared_path("sft/llamafactory_alpaca_zh_demo.json")), "--output", str(pairs),
                "--max_rows", "100", "--max_new_tokens", "16", "--do_sample", "true")  # a 4-step model's greedy
     assert len(pairs.read_text(encoding="utf-8").splitlines()) >= 50          # answer is mostly empty
+    assert (pairs.parent / "rejected.jsonl.progress.json").is_file()  # beside the pairs, as in data/dpo/
     final = tmp_path / "model_save"
-    run_script("dpo_train.py", *recipe("dpo"), "--model_name_or_path", str(chain / "sft"), "--train_files",
-               str(pairs), "--output_dir", str(final), "--validation_ratio", "0.1",
-               "--per_device_train_batch_size", "2", "--max_prompt_length", "64", "--max_completion_length", "32",
-               "--dataloader_num_workers", "2", *STEPS)
+    dpo = ["dpo_train.py", *recipe("dpo"), "--model_name_or_path", str(chain / "sft"), "--train_files",
+           str(pairs.parent), "--output_dir", str(final), "--validation_ratio", "0.1",  # the folder, as the recipes
+           "--per_device_train_batch_size", "2", "--max_prompt_length", "64", "--max_completion_length", "32",
+           "--dataloader_num_workers", "2", *STEPS]
+    first = run_script(*dpo)
     trained(final / "adapter")
     assert not any("lora" in n for n, _ in AutoModelForSeq2SeqLM.from_pretrained(final).named_parameters())
+    assert json.loads((final / "training_summary.json").read_text())["pairs"] < 100  # the progress file is no data
+    assert "rejected.jsonl.progress.json" not in first.stderr
+    before = digest(final)
+    again = run_script(*dpo)  # the finished command, run again: nothing to do, nothing written
+    assert "has finished already" in again.stderr and digest(final) == before
 
     evaluation = tmp_path / "eval"
     run_script("evaluate.py", *recipe("evaluate"), "--model_name_or_path", str(final), "--ceval_data",

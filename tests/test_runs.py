@@ -5,13 +5,12 @@ tokens. Plus the dataset contract that kept evaluation from hanging."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import digest, run_script
 from transformers import AutoTokenizer
 
 import pre_train
@@ -27,11 +26,6 @@ def pretrain_args(corpus, tokenizer, output, preset="llama-tiny", *extra):
             "--block_size", "64", "--max_source_length", "64", "--per_device_train_batch_size", "4",
             "--max_steps", "2", "--save_steps", "1", "--eval_strategy", "no", "--report_to", "none",
             "--preprocessing_num_workers", "1", "--seed", "3", *map(str, extra)]
-
-
-def digest(directory) -> dict[str, str]:
-    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILENAME = "config.yaml"
 OUTPUT_FIELDS = ("output_dir", "output")  # checked for writability before a stage starts work
+# Actions of one command, not settings of a run: never saved into a config.yaml, and refused as true in a recipe
+# (a saved `overwrite_output_dir: true` rerun to extend a run would delete the run it extends).
+ONE_COMMAND_ACTIONS = ("overwrite_output_dir", "overwrite", "no_resume", "resume_from_checkpoint")
 _BOOL_WORDS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")  # what --flag VALUE accepts
 _NO = object()  # "the value does not fit the type"
 
@@ -79,6 +82,12 @@ def load_recipe(path: str | Path, dataclass_types: Sequence[type]) -> dict[str, 
         if key not in fields:
             raise UserError("unknown key", path=str(path), line=lines.get(key), field=str(key),
                             fix=f"{did_you_mean(str(key), fields)}run the script with --help for the accepted keys")
+        if key in ONE_COMMAND_ACTIONS:
+            if value not in (None, False, "false", "no"):
+                raise UserError(f"'{key}' is an action of one command, not a setting a recipe keeps", path=str(path),
+                                line=lines.get(key), field=key,
+                                fix=f"remove the line, and pass --{key} on the command line when you mean it")
+            continue  # a `false` that configs saved before this rule carry
         annotation, choices = fields[key]
         checked[key] = _coerce(value, annotation)
         wanted = describe_type(annotation)
@@ -156,11 +165,36 @@ def config_to_dict(*configs: Any) -> dict[str, Any]:
 
 def save_config(output_dir: str | Path, *configs: Any, overrides: dict[str, Any] | None = None) -> Path:
     """Write the resolved configuration (with `overrides` on top) as `config.yaml` in `output_dir`; it reloads
-    with `--config`."""
+    with `--config`. The actions of the command (`ONE_COMMAND_ACTIONS`) are left out."""
     path = Path(output_dir) / CONFIG_FILENAME
-    values = {**config_to_dict(*configs), **(overrides or {})}
+    values = {key: value for key, value in {**config_to_dict(*configs), **(overrides or {})}.items()
+              if key not in ONE_COMMAND_ACTIONS}
     write_text_atomic(path, yaml.safe_dump(values, allow_unicode=True, sort_keys=False))
     return path
+
+
+def already_made(output_dir: str | Path, *configs: Any, inputs: Iterable[str] = ()) -> bool:
+    """Whether `output_dir` holds what this same command made before, so that running it again has nothing to
+    do (logged): its `config.yaml` equals the one `save_config` would write now, and none of the local `inputs`
+    (files, or every file under a folder) changed since it was written. Stages whose output replaces itself
+    whole (the corpus, the tokenizer) call it first; `--overwrite_output_dir` makes them again."""
+    saved = Path(output_dir) / CONFIG_FILENAME
+    try:
+        recorded = yaml.safe_load(saved.read_text(encoding="utf-8"))
+        made = saved.stat().st_mtime
+    except (OSError, yaml.YAMLError):
+        return False
+    values = {key: value for key, value in config_to_dict(*configs).items() if key not in ONE_COMMAND_ACTIONS}
+    if recorded != yaml.safe_load(yaml.safe_dump(values, allow_unicode=True)):  # as save_config's file reads back
+        return False
+    for name in inputs:
+        path = Path(name)
+        for file in (path.rglob("*") if path.is_dir() else [path]):
+            if file.is_file() and file.stat().st_mtime > made:
+                return False
+    logger.info("%s holds the output of this same command, made after its inputs last changed: nothing to do "
+                "(pass --overwrite_output_dir to make it again)", output_dir)
+    return True
 
 
 def dataclass_fields(dataclass_types: Iterable[type]) -> dict[str, tuple[Any, Sequence | None]]:

@@ -45,7 +45,6 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_
 from transformers import BitsAndBytesConfig, PreTrainedModel, Trainer
 
 from model.build import is_seq2seq, load_model
-from model.training.runs import holds_model
 from model.training.trainer import save_final
 from utils.errors import UserError
 
@@ -195,17 +194,10 @@ def describe_adapter(model: PeftModel) -> str:
     return text
 
 
-def refuse_existing_model(output_dir: str | Path, overwrite: bool) -> None:
-    if holds_model(output_dir) and not overwrite:
-        raise UserError("the output directory already holds a model", path=str(output_dir), field="output_dir",
-                        fix="pass --overwrite_output_dir to replace it, or choose another --output_dir")
-
-
 def adapter_output_dir(args) -> Path:
-    """For a run that trains an adapter: refuse a model already in --output_dir, and point the trainer at
-    --output_dir/adapter (checkpoints and the adapter). Returns --output_dir, where the merged model goes."""
+    """For a run that trains an adapter: point the trainer at --output_dir/adapter (checkpoints and the adapter).
+    Returns --output_dir, where the merged model goes (`claim_output_dir` checks both)."""
     output_dir = Path(args.output_dir)
-    refuse_existing_model(output_dir, args.overwrite_output_dir)
     args.output_dir = str(output_dir / ADAPTER_DIR)
     return output_dir
 

@@ -7,10 +7,16 @@ checkpoint and in the final model): the stage, the model's architecture and conf
 the data and its settings, and the training settings that fix the data order and the optimizer. Before
 anything is written, `claim_output_dir` compares the stored identity with the new run's:
 
-- same identity: resume from the latest checkpoint (or start over with `--no_resume`, which clears the
-  old checkpoints so a later resume can never pick one of them up);
+- same identity, finished (its final model complete, trained to the same --max_steps / --num_train_epochs):
+  nothing to do; the command says so and exits 0 without writing a byte;
+- same identity otherwise: resume from the latest checkpoint (or start over with `--no_resume`, which clears
+  the old checkpoints so a later resume can never pick one of them up). `--overwrite_output_dir` never
+  touches the same run: a rerun of an interrupted command resumes, whatever flags it repeats;
 - another identity, or a model / checkpoints with no `run.json`: refused, naming every difference, unless
   `--overwrite_output_dir` (which removes the old run's checkpoints and model files, nothing else).
+
+A run that trains an adapter writes its checkpoints into `--output_dir/adapter` and its merged model into
+`--output_dir`; both directories are checked.
 
 What may change between the interrupted run and its resumption: how the global batch is split into
 micro-batches, accumulation steps and processes (the examples of each step stay the same; logged with a
@@ -29,8 +35,11 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from utils.config import CONFIG_FILENAME
 from utils.errors import UserError
 from utils.io import write_json_atomic
 
@@ -39,9 +48,14 @@ logger = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "adapter_config.json", "adapter_model.safetensors")
+# Written last by the final save (`model.training.trainer.save_final`), and removed first when a final model
+# is replaced: a directory holding it holds a complete final model.
+FINISHED_FILE = "training_summary.json"
 # Files a finished stage writes beside the weights (removed with the old model on --overwrite_output_dir).
-OUTPUT_FILES = (*MODEL_FILES, "generation_config.json", "training_summary.json", "trainer_state.json",
-                "config.yaml", RUN_FILE)
+OUTPUT_FILES = (*MODEL_FILES, "generation_config.json", FINISHED_FILE, "trainer_state.json", CONFIG_FILENAME,
+                RUN_FILE)
+# What decides when a run is done: the same run with other values goes on (extends) or is refused.
+LENGTH_SETTINGS = ("max_steps", "num_train_epochs")
 # Settings that name where a model or tokenizer is (identified by content instead) or change only speed.
 NOT_IDENTITY = {"model_name_or_path", "tokenizer_name_or_path", "model_config", "model_overrides",
                 "attn_implementation", "preprocessing_num_workers", "num_proc", "eval_samples",
@@ -162,35 +176,69 @@ def clear_run(directory: str | Path, model_files: bool) -> None:
             path.unlink(missing_ok=True)
 
 
-def claim_output_dir(identity: dict, args) -> None:
-    """Check that `args.output_dir` is free for this run or holds this same run (see the module docstring),
-    clear what the user asked to start over from, and record `run.json`. Call it before writing anything
-    into the output directory."""
+def another_run(directory: Path, identity: dict) -> list[str] | None:
+    """What makes the work in `directory` another run's: the differences of its `run.json`, or one line when it
+    holds a model or checkpoints without that record; None when it is empty or holds this same run."""
+    stored = read_identity(directory)
+    if stored is None:
+        if holds_model(directory) or checkpoints(directory):
+            return [f"a model or checkpoints with no record of the run that made them ({RUN_FILE})"]
+        return None
+    return differences(stored, identity) or None
+
+
+def is_finished(directory: Path, identity: dict, args) -> bool:
+    """Whether `directory` holds this run's complete final model, trained to the --max_steps /
+    --num_train_epochs asked for now (its `config.yaml` records those it ran with)."""
+    if not (directory / FINISHED_FILE).is_file() or another_run(directory, identity) or read_identity(directory) is None:
+        return False
+    try:
+        recorded = yaml.safe_load((directory / CONFIG_FILENAME).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return all(recorded.get(name) == getattr(args, name) for name in LENGTH_SETTINGS)
+
+
+def claim_output_dir(identity: dict, args, final_dir: str | Path | None = None) -> bool:
+    """Check that `args.output_dir` (and `final_dir`, where the final model goes when it is elsewhere: a run
+    that trains an adapter) is free for this run or holds this same run (see the module docstring), clear
+    what the user asked to start over from, and record `run.json`. Call it before writing anything into the
+    output directory. Returns True when this run has finished already: nothing was written, and the stage
+    has nothing to do."""
     root = Path(args.output_dir)
+    final = Path(final_dir) if final_dir is not None else root
     fix = "choose another --output_dir, or pass --overwrite_output_dir to replace that run"
+    resume = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     with args.main_process_first(desc="check the output directory"):
-        stored = read_identity(root)
-        if args.overwrite_output_dir:
-            if args.should_save and (stored is not None or holds_model(root) or checkpoints(root)):
-                logger.warning("--overwrite_output_dir: removing the checkpoints and model of the run in %s", root)
-                clear_run(root, model_files=True)
-            stored = None
-        elif stored is None and (holds_model(root) or checkpoints(root)):
-            raise UserError("the output directory holds a model or checkpoints with no record of the run that "
-                            f"made them ({RUN_FILE})", path=str(root), field="output_dir", fix=fix)
-        elif stored is not None and (changed := differences(stored, identity)):
-            raise UserError("the output directory holds another run; it differs in\n    " + "\n    ".join(changed),
-                            path=str(root), field="output_dir",
-                            fix=fix + " (or run with the settings above to resume it)")
-        resume = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+        for directory in dict.fromkeys((final, root)):
+            if (changed := another_run(directory, identity)) is None:
+                continue
+            if not args.overwrite_output_dir:
+                raise UserError("the output directory holds another run; it differs in\n    " + "\n    ".join(changed),
+                                path=str(directory), field="output_dir",
+                                fix=fix + " (or run with the settings above to resume it)")
+            if args.should_save:
+                logger.warning("--overwrite_output_dir: removing the checkpoints and model of the run in %s",
+                               directory)
+                clear_run(directory, model_files=True)
         if resume is not None and (other := read_identity(resume)) is not None \
                 and (changed := differences(other, identity)):
             raise UserError("the checkpoint belongs to another run; it differs in\n    " + "\n    ".join(changed),
                             path=str(resume), field="resume_from_checkpoint",
                             fix="resume with that run's settings, or start over without --resume_from_checkpoint")
-        if stored is not None and args.no_resume and resume is None and args.should_save and checkpoints(root):
-            logger.warning("--no_resume: removing the earlier checkpoints of this run in %s", root)
+        if resume is None and not args.no_resume and is_finished(final, identity, args):
+            logger.info("this run has finished already: its model is in %s. Nothing to do (pass a larger --max_steps "
+                        "to train on, or --no_resume to train it again)", final)
+            return True
+        stored = read_identity(root)
+        if args.overwrite_output_dir and stored is not None:
+            logger.info("--overwrite_output_dir: %s holds this same run, which goes on (it replaces another run "
+                        "only; --no_resume starts this one over)", root)
+        if stored is not None and args.no_resume and resume is None and args.should_save:
+            if checkpoints(root):
+                logger.warning("--no_resume: removing the earlier checkpoints of this run in %s", root)
             clear_run(root, model_files=False)
+            (final / FINISHED_FILE).unlink(missing_ok=True)  # until the new final model is complete
         elif stored is not None and stored.get("batch_split") != identity["batch_split"] and checkpoints(root):
             logger.warning("resuming with the global batch of %d split differently (%s, was %s): each step sees the "
                            "same examples, but the result is not bit-identical to an unchanged run",
@@ -198,3 +246,4 @@ def claim_output_dir(identity: dict, args) -> None:
         if args.should_save:
             root.mkdir(parents=True, exist_ok=True)
             write_json_atomic(root / RUN_FILE, identity)
+    return False

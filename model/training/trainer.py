@@ -37,7 +37,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 
 from model.build import check_precision
-from model.training.runs import RUN_FILE, global_batch
+from model.training.runs import FINISHED_FILE, RUN_FILE, global_batch
 from utils.config import save_config
 from utils.errors import UserError
 from utils.io import honour_umask
@@ -117,6 +117,15 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
         return None
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
     return max(found)[1] if found else None
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The optimizer step a checkpoint was saved at (its trainer_state.json, else its name checkpoint-N)."""
+    state = Path(path) / "trainer_state.json"
+    if state.is_file():
+        return int(json.loads(state.read_text())["global_step"])
+    found = _CHECKPOINT.match(Path(path).name)
+    return int(found.group(1)) if found else 0
 
 
 def resolve_resume(args: TrainArguments) -> str | None:
@@ -264,9 +273,18 @@ class AtomicCheckpointMixin:
     A checkpoint is written under `output_dir/.staging/` and renamed into place once complete (after all
     ranks have written their part), so `kill -9` during a save never leaves a partial `checkpoint-N`
     for the next run to resume from. Rotation (`save_total_limit`) happens after the rename.
+
+    A run resumed from the checkpoint of its last step (stopped in that step, or killed during the final save)
+    trains no further: HF would run one step past `max_steps` (its epoch loop takes a step before it checks).
     """
 
     _staging = False
+
+    def _run_epoch(self, *args, **kwargs):
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def _get_output_dir(self, trial):
         base = super()._get_output_dir(trial)
@@ -474,13 +492,23 @@ def train_until_done_or_stopped(trainer: Trainer, args: TrainArguments) -> Train
     trainer.add_callback(QuietProgressBar())
     if args.torch_compile:
         trainer.add_callback(CompileReport())
+    resume = resolve_resume(args)
+    done = checkpoint_step(resume) if resume else 0
+    if resume and 0 < args.max_steps < done:
+        raise UserError(f"the run has trained {done} steps already, past --max_steps {args.max_steps}",
+                        path=resume, field="max_steps",
+                        fix=f"pass --max_steps {done} or more to go on from there, --no_resume to start over, or "
+                            "--resume_from_checkpoint an earlier checkpoint-N with another --output_dir")
     stopper.install()
     try:
         with logging_redirect_tqdm():
-            result = trainer.train(resume_from_checkpoint=resolve_resume(args))
+            result = trainer.train(resume_from_checkpoint=resume)
     finally:
         stopper.uninstall()
     if stopper.stopped_at is None:
+        if trainer.state.global_step == done:  # resumed at its last step: HF's mean of no steps is 0, not a loss
+            result.metrics.pop("train_loss", None)
+            logger.info("the run had trained all %d steps before it stopped; writing its final model", done)
         return result
     if trainer.is_world_process_zero():
         logger.warning("stopped at step %d; checkpoint saved in %s. Run the same command again to resume "
@@ -493,8 +521,9 @@ def save_final(trainer: Trainer, tokenizer, configs: list, summary: dict, output
     """Write the model, tokenizer, generation config, resolved config (`config.yaml`),
     `training_summary.json` and `trainer_state.json` (the log history) into `output_dir` (default
     `args.output_dir`) through a staging directory, so the final model is never half-written: files are
-    renamed into place one by one, `config.json` last, and a loader only sees a model once its weights are
-    complete.
+    renamed into place one by one, `config.json` second to last, so a loader only sees a model once its
+    weights are complete, and `training_summary.json` (`FINISHED_FILE`) last, after the old one was removed
+    first: a rerun sees the run as finished only when every file is in place.
 
     `model` (default `trainer.model`) lets a stage save something else than the trained module, e.g.
     DPO's merged model; `config_overrides` are recorded in `config.yaml` over the configs' own values (DPO
@@ -528,7 +557,8 @@ def save_final(trainer: Trainer, tokenizer, configs: list, summary: dict, output
         trainer.state.save_to_json(str(staging / "trainer_state.json"))  # the whole run, for plots
         (staging / "training_args.bin").unlink(missing_ok=True)
         honour_umask(staging)  # safetensors writes model.safetensors 0600
-        for path in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
+        (output / FINISHED_FILE).unlink(missing_ok=True)
+        for path in sorted(staging.iterdir(), key=lambda p: (p.name == FINISHED_FILE, p.name == "config.json")):
             target = output / path.name
             if target.is_dir():
                 shutil.rmtree(target)
