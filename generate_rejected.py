@@ -29,7 +29,7 @@ from transformers import set_seed
 
 from model.inference.generation import InferenceArguments, context_length, generate_replies, load_for_inference
 from utils.cli import run_main
-from utils.config import config_to_dict, parse_config, recipe_path
+from utils.config import ONE_COMMAND_ACTIONS, config_to_dict, parse_config, recipe_path
 from utils.data.conversations import FORMATS, load_answered_prompts
 from utils.data.sources import PROGRESS_SUFFIX
 from utils.errors import UserError
@@ -73,14 +73,28 @@ def progress_path(output: Path) -> Path:
     return output.with_name(output.name + PROGRESS_SUFFIX)  # a record that data readers skip
 
 
-def resume_point(output: Path, items: list[dict]) -> tuple[int, int, dict]:
-    """(input rows done, pairs kept in the output, the recorded counters). Cuts the output back to its last
-    recorded batch: a torn last line (killed mid-write) or lines of a batch whose progress was never
-    recorded (they are generated again)."""
+def run_settings(values: dict) -> dict:
+    """What makes an output this run's: every setting but the actions of one command and --max_rows (a larger
+    one goes on with the same run)."""
+    return {key: value for key, value in values.items() if key not in (*ONE_COMMAND_ACTIONS, "max_rows")}
+
+
+def resume_point(output: Path, items: list[dict], settings: dict) -> tuple[int, int, dict]:
+    """(input rows done, pairs kept in the output, the recorded counters). Refuses an output that another run
+    (other `settings`, the resolved configuration) began. Cuts the output back to its last recorded batch: a
+    torn last line (killed mid-write) or lines of a batch whose progress was never recorded (they are
+    generated again)."""
     if not output.exists():
         return 0, 0, {}
     data = output.read_bytes()
     state = json.loads(progress_path(output).read_text()) if progress_path(output).exists() else {}
+    recorded = run_settings(state.get("config", settings))
+    if changed := [f"{key}: {recorded.get(key, '(unset)')} -> {settings.get(key, '(unset)')}"
+                   for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]:
+        raise UserError("the output was begun by another run; it differs in\n    " + "\n    ".join(changed),
+                        path=str(output), field="output",
+                        fix="run with the settings above to resume it, choose another --output, or pass --overwrite "
+                            "to start over")
     keep, kept, last, last_line = 0, 0, None, 0
     for line_no, line in enumerate(data.split(b"\n")[:-1], start=1):  # what follows the last newline is torn
         try:
@@ -117,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.overwrite:
         output.unlink(missing_ok=True)
         progress_path(output).unlink(missing_ok=True)
-    start, kept, state = resume_point(output, items)
+    settings = run_settings(config_to_dict(args))
+    start, kept, state = resume_point(output, items, settings)
     counts = {"written": kept, "equal_skipped": state.get("equal_skipped", 0),
               "empty_skipped": state.get("empty_skipped", 0)}
     if start:
@@ -152,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 os.fsync(handle.fileno())
                 counts["written"] += len(lines)
                 write_json_atomic(progress_path(output), {"next_index": begin + len(batch), **counts,
-                                                          "rows": len(items), "config": config_to_dict(args)})
+                                                          "rows": len(items), "config": settings})
                 bar.update(len(batch))
     except KeyboardInterrupt:
         logger.warning("interrupted after %d of %d rows; run the same command again to continue", bar.n, len(items))

@@ -215,3 +215,26 @@ def test_one_reader_gives_both_pipelines_the_files_own_lines(tmp_path):
     with pytest.raises(UserError, match="not UTF-8 text") as error:
         load_conversations([str(gbk)])
     assert error.value.path == str(gbk) and error.value.fix
+
+
+def test_a_folder_is_read_for_its_data_files_once_each(tmp_path, caplog):
+    """generate_rejected.py's progress file and the toolkit's other records beside the pairs are no data (the
+    default chain reads data/dpo/), and one data set saved as parquet and JSON lines side by side is read once."""
+    pairs = [{"prompt": f"问题{i}？", "chosen": "好的回答。", "rejected": "不好的回答。"} for i in range(3)]
+    folder = tmp_path / "dpo"
+    folder.mkdir()
+    write_jsonl(folder / "rejected.jsonl", pairs)
+    (folder / "rejected.jsonl.progress.json").write_text(json.dumps({"next_index": 3, "written": 3}))
+    (folder / "config.yaml").write_text("output: data/dpo/rejected.jsonl\n")
+    (folder / "stats.json").write_text("{}")
+    assert [row["chosen"] for row in load_preferences([str(folder)])] == ["好的回答。"] * 3
+
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    rows = [{"prompt": f"问题{i}？", "response": f"回答{i}。"} for i in range(4)]
+    write_jsonl(sft / "train.jsonl", rows)
+    pq.write_table(pa.Table.from_pylist(rows), sft / "train.parquet")
+    with caplog.at_level("WARNING"):
+        assert len(load_conversations([str(sft)])) == 4
+    assert "train.parquet and train.jsonl hold one data set in two formats" in caplog.text
+    assert len(load_conversations([str(sft / "train.jsonl"), str(sft / "train.parquet")])) == 8  # named: as given

@@ -68,8 +68,10 @@ def test_writes_triples_and_skips_answers_equal_to_the_dataset(tiny_llama, tmp_p
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"prompt": "别的问题", "response": "别的答案"}, ensure_ascii=False) + "\n" * 2,
                      encoding="utf-8")
-    with pytest.raises(UserError, match="made from other data"):
+    before = output.read_bytes()
+    with pytest.raises(UserError, match="begun by another run") as error:  # another run's output is not resumed
         generate_rejected.main(command(tiny_llama, [str(other)], output))
+    assert "input: [" in str(error.value) and "--overwrite" in error.value.fix and output.read_bytes() == before
     assert generate_rejected.main(command(tiny_llama, [str(other)], output, "--overwrite"))["written"] <= 1
 
 

@@ -16,7 +16,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, make_documents, run_script, shared_path
+from conftest import REPO, digest, make_documents, run_script, shared_path
 
 import prepare_data
 from utils.data.text import to_simplified
@@ -316,9 +316,14 @@ def test_truncated_plain_xml_is_refused(zhwiki_xml, tmp_path):
         prepare("--input", cut, output=tmp_path / "out")
 
 
-def test_refuses_to_replace_output_without_overwrite(wiki_corpus, zhwiki_xml):
+def test_the_same_command_again_does_nothing_and_another_is_refused(wiki_corpus, zhwiki_xml, capfd):
+    out, report = wiki_corpus
+    made = digest(out)
+    assert prepare("--input", zhwiki_xml, "--num_proc", "2", output=out) == report
+    assert "nothing to do" in capfd.readouterr().err and digest(out) == made
     with pytest.raises(UserError, match="overwrite_output_dir"):
-        prepare("--input", zhwiki_xml, output=wiki_corpus[0])
+        prepare("--input", zhwiki_xml, "--num_proc", "2", "--min_chars", "7", output=out)
+    assert digest(out) == made
 
 
 def test_outputs_have_the_modes_of_a_plain_write(wiki_corpus):
