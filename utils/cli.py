@@ -1,7 +1,9 @@
 """The command boundary of every stage script: `run_main(main)` runs a stage's `main(argv)` as a command.
 
 A `UserError`, and the system refusing a file (permission denied, a read-only filesystem, a full disk),
-become one message and exit status 2; a multi-process run's process group is ended before exit.
+become one message and exit status 2; ctrl+c that reaches it (a second one in training, or one in the final
+evaluation and save) one line and status 130: everything on disk is complete, and the same command goes on
+from it. A multi-process run's process group is ended before exit.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
             raise
         print(f"error: {user_error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: what was saved is complete; run the same command again to go on", file=sys.stderr)
+        sys.exit(130)
     finally:
         end_distributed()
 
