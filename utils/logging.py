@@ -19,11 +19,11 @@ def setup_logging(level: int = logging.INFO) -> None:
     if not is_main_process():
         level = logging.WARNING
     logging.basicConfig(format=FORMAT, datefmt="%H:%M:%S", level=level, force=True)
-    import torch
-
-    if not torch.cuda.is_available():
+    torch = sys.modules.get("torch")  # the training stages import it; the others need not pay for it here
+    if torch is not None and not torch.cuda.is_available():
         # DeepSpeed, imported by accelerate on the first unwrap, warns "Setting accelerator to CPU" on every CPU
-        # run when it has to detect the accelerator itself
+        # run when it has to detect the accelerator itself; without CUDA the toolkit trains on the CPU anyway
+        # (model/training/trainer.py RunArguments)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import datasets
     import transformers
