@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from model.build import count_parameters
 from model.inference.generation import InferenceArguments, load_for_inference
 from model.inference.service import ChatService, DecodingOptions, PromptTooLong, ReplyTooLong
+from model.inference.streaming import Reply, why_empty
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
 from utils.errors import UserError
@@ -48,6 +49,7 @@ class ChatSession:
         self.history: list[dict] = []  # user and assistant turns so far
         self.last_prompt_ids: list[int] | None = None  # what the model saw last turn
         self.trimmed = False  # whether the last prompt dropped old turns to fit
+        self.last_reply: Reply | None = None
 
     def reset(self) -> None:
         self.history = []
@@ -61,17 +63,21 @@ class ChatSession:
         self.last_prompt_ids, self.trimmed = prepared.ids, prepared.trimmed
         stream = self.service.reply_stream(prepared)
         yield from stream
+        self.last_reply = stream.reply
         self.history += [user, {"role": "assistant", "content": stream.reply.text.strip()}]
 
 
 def print_reply(session: ChatSession, text: str) -> None:
-    """Stream the reply to stdout as it is generated (leading blank space skipped)."""
+    """Stream the reply to stdout as it is generated (leading blank space skipped); a reply without text says
+    why instead of leaving an empty line."""
     started = False
     for piece in session.send(text):
         if not started:
             piece = piece.lstrip()
             started = bool(piece)
         print(piece, end="", flush=True)
+    if not started:
+        print(f"[empty reply: {why_empty(session.last_reply, session.service.tokenizer)}]", end="")
     print(flush=True)
 
 

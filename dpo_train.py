@@ -38,6 +38,7 @@ from model.inference.generation import context_length
 from model.training.dpo import DPOArguments, PreferenceTrainer
 from model.training.lora import LoraArguments, adapter_output_dir, save_trained
 from model.training.runs import claim_output_dir, run_identity
+from model.training.summary import final_evaluation, log_summary
 from model.training.trainer import ProgressLine, describe_plan, train_until_done_or_stopped
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
@@ -104,12 +105,12 @@ def main(argv: Sequence[str] | None = None) -> PreferenceTrainer | None:
     result = train_until_done_or_stopped(trainer, args)
     if result is None:
         return trainer
-    metrics = trainer.evaluate() if eval_set is not None else {}
+    metrics = final_evaluation(trainer) if eval_set is not None else {}
     summary = {"base_model": model_args.model_name_or_path, "pairs": len(trainer.train_dataset),
                "trainable_parameters": count_parameters(trainer.model, trainable_only=True), **result.metrics,
                **metrics}
-    save_trained(trainer, tokenizer, [model_args, lora, data, args], summary, output_dir,
-                 model_args.model_name_or_path)
+    log_summary(trainer, summary, save_trained(trainer, tokenizer, [model_args, lora, data, args], summary,
+                                               output_dir, model_args.model_name_or_path))
     return trainer
 
 

@@ -39,6 +39,7 @@ from model.training.lora import LoraArguments, adapter_output_dir, save_trained
 from model.training.reward import RewardModelScore
 from model.training.rewards import rule_rewards
 from model.training.runs import claim_output_dir, run_identity
+from model.training.summary import final_evaluation, log_summary
 from model.training.trainer import ProgressLine, describe_plan, train_until_done_or_stopped
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
@@ -101,13 +102,13 @@ def main(argv: Sequence[str] | None = None) -> PolicyTrainer | None:
     result = train_until_done_or_stopped(trainer, args)
     if result is None:
         return trainer
-    metrics = trainer.evaluate() if eval_set is not None else {}
+    metrics = final_evaluation(trainer) if eval_set is not None else {}
     last = next((h for h in reversed(trainer.state.log_history) if "reward" in h), {})
     summary = {"base_model": model_args.model_name_or_path, "prompts": len(train_set),
                "trainable_parameters": count_parameters(trainer.model, trainable_only=True), **result.metrics,
                **{f"last_{k}": v for k, v in last.items() if k.startswith("reward")}, **metrics}
-    save_trained(trainer, tokenizer, [model_args, lora, rewards, data, args], summary, output_dir,
-                 model_args.model_name_or_path)
+    log_summary(trainer, summary, save_trained(trainer, tokenizer, [model_args, lora, rewards, data, args],
+                                               summary, output_dir, model_args.model_name_or_path))
     return trainer
 
 

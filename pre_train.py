@@ -38,6 +38,7 @@ from model.build import (
 )
 from model.training import lora
 from model.training.runs import claim_output_dir, run_identity
+from model.training.summary import final_evaluation, log_summary
 from model.training.trainer import (
     LanguageModelTrainer,
     ProgressLine,
@@ -170,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
     check_attention_for_training(model)
     if peft.enabled:
         model = lora.add_adapter(model, peft, added_token_ids(model_args.model_name_or_path, tokenizer),
-                                 gradient_checkpointing=args.gradient_checkpointing)
+                                 gradient_checkpointing=args.activation_checkpointing)
     seq2seq = is_seq2seq(model.config)
     settings = [model_args, data, peft] if peft.enabled else [model_args, data]  # runs before --peft stay resumable
     if claim_output_dir(run_identity("pretrain", model, tokenizer, settings, args), args, output_dir):
@@ -199,11 +200,11 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
     result = train_until_done_or_stopped(trainer, args)
     if result is None:
         return trainer
-    metrics = trainer.evaluate() if args.eval_strategy != "no" or eval_set else {}
+    metrics = final_evaluation(trainer) if args.eval_strategy != "no" or eval_set else {}
     summary = {"objective": objective, "parameters": count_parameters(model), "peft": peft.peft,
                "trainable_parameters": count_parameters(model, trainable_only=True), **result.metrics, **metrics}
-    lora.save_trained(trainer, tokenizer, [model_args, peft, data, args], summary, output_dir,
-                      model_args.model_name_or_path)
+    log_summary(trainer, summary, lora.save_trained(trainer, tokenizer, [model_args, peft, data, args], summary,
+                                                    output_dir, model_args.model_name_or_path))
     return trainer
 
 

@@ -27,6 +27,7 @@ from model.build import count_parameters, flops_per_token, require_model_dir
 from model.inference.generation import context_length
 from model.training.reward import RewardArguments, RewardModelTrainer, load_reward_model
 from model.training.runs import claim_output_dir, run_identity
+from model.training.summary import final_evaluation, log_summary
 from model.training.trainer import ProgressLine, describe_plan, save_final, train_until_done_or_stopped
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
@@ -79,13 +80,10 @@ def main(argv: Sequence[str] | None = None) -> RewardModelTrainer | None:
     result = train_until_done_or_stopped(trainer, args)
     if result is None:
         return trainer
-    metrics = trainer.evaluate() if eval_set is not None else {}
-    if metrics:
-        logger.info("held-out pairs: accuracy %.3f (chosen scored above rejected), loss %.4f, margin %.3f",
-                    metrics["eval_accuracy"], metrics["eval_loss"], metrics["eval_margin"])
+    metrics = final_evaluation(trainer) if eval_set is not None else {}
     summary = {"base_model": model_args.model_name_or_path, "pairs": len(trainer.train_dataset),
                **result.metrics, **metrics}
-    save_final(trainer, tokenizer, [model_args, data, args], summary)
+    log_summary(trainer, summary, save_final(trainer, tokenizer, [model_args, data, args], summary))
     return trainer
 
 

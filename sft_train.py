@@ -44,6 +44,7 @@ from model.build import (
 from model.inference.generation import generate_replies
 from model.training import lora
 from model.training.runs import claim_output_dir, run_identity
+from model.training.summary import final_evaluation, log_summary
 from model.training.trainer import (
     LanguageModelTrainer,
     ProgressLine,
@@ -166,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
         vocab = tokenizer.get_vocab()  # rows beside LoRA: an extension's new tokens and the chat tokens
         rows = {*added_token_ids(model_args.model_name_or_path, tokenizer),
                 *(vocab[token] for token in CHAT_TOKENS if token in vocab)}
-        model = lora.add_adapter(model, peft, sorted(rows), frozen, args.gradient_checkpointing)
+        model = lora.add_adapter(model, peft, sorted(rows), frozen, args.activation_checkpointing)
     settings = [model_args, data, peft] if peft.enabled else [model_args, data]  # runs before --peft stay resumable
     if claim_output_dir(run_identity("sft", model, tokenizer, settings, args), args, output_dir):
         return None
@@ -203,12 +204,12 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
     result = train_until_done_or_stopped(trainer, args)
     if result is None:
         return trainer
-    metrics = trainer.evaluate() if eval_set is not None else {}
+    metrics = final_evaluation(trainer) if eval_set is not None else {}
     summary = {"model_type": model.config.model_type, "parameters": total, "trainable_parameters": trainable,
                "frozen": frozen, "peft": peft.peft, "data": asdict(stats), "samples": samples.latest,
                **result.metrics, **metrics}
-    lora.save_trained(trainer, tokenizer, [model_args, peft, data, args], summary, output_dir,
-                      model_args.model_name_or_path)
+    log_summary(trainer, summary, lora.save_trained(trainer, tokenizer, [model_args, peft, data, args], summary,
+                                                    output_dir, model_args.model_name_or_path))
     return trainer
 
 

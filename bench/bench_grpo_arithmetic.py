@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
                                "--per_device_train_batch_size", "32", "--learning_rate", str(args.learning_rate),
                                "--lr_scheduler_type", "constant", "--temperature", "1.0", "--lora_r", "16",
                                "--max_steps", str(args.grpo_steps), "--save_strategy", "no",
-                               "--gradient_checkpointing", "false", "--logging_steps", "1"])
+                               "--activation_checkpointing", "false", "--logging_steps", "1"])
     timings["GRPO"] = time.perf_counter() - began
     grpo_accuracy = accuracy(work / "grpo", held)
     log(f"GRPO model: held-out accuracy {grpo_accuracy:.3f}")

@@ -22,7 +22,7 @@ The base is llama-0.2b pretrained here for a few dozen steps (`pre_train.py --co
 --model_config llama-0.2b`): a stand-in, since memory, speed and the merge do not depend on how well it
 learnt. Every SFT run keeps the recipe's settings (batch 16 x accumulation 4, 1,024 tokens, learning rate)
 with only paths, --max_steps, the intervals, --precision bf16, --report_to none and
---gradient_checkpointing true (so weights and optimizer states, where the methods differ, are not hidden
+--activation_checkpointing true (so weights and optimizer states, where the methods differ, are not hidden
 under the activations) overridden, each in a fresh directory under bench/_work/gpu_qlora/runs/.
 
 CPU check of the logic (tiny preset; QLoRA is refused without CUDA, and the check verifies that it is):
@@ -182,7 +182,7 @@ def run(args) -> None:
     for method in (*sizes.methods, *(["qlora"] if args.smoke else [])):
         output = runs / f"sft_{method}"
         launch(method, "sft", ["--model_name_or_path", str(base), "--train_files", str(data / "sft"), "--output_dir",
-                               str(output), "--peft", method, "--gradient_checkpointing", "true", "--logging_steps",
+                               str(output), "--peft", method, "--activation_checkpointing", "true", "--logging_steps",
                                "1", "--eval_steps", str(sizes.steps), "--save_steps", str(sizes.steps), *common,
                                str(sizes.steps), *sizes.sft], output)
     if args.smoke:  # QLoRA without CUDA: one clear error, exit 2, before anything is written
@@ -231,7 +231,7 @@ def report(args) -> None:
     body = "\n".join([
         f"Device: {device}. The base: {results['preset']} pretrained for {results['base_steps']} steps "
         "(`config/pretrain.yaml`); then `sft_train.py --config config/sft.yaml` with each `--peft`, "
-        f"{results['steps']} steps, `--gradient_checkpointing true`, `--precision "
+        f"{results['steps']} steps, `--activation_checkpointing true`, `--precision "
         f"{'bf16' if not env['smoke'] else 'auto'}`, the recipe's batch, lengths and learning rate, on "
         "`sft/llamafactory_alpaca_zh_demo.json`. Tokens/s: median of the progress lines after the first third of "
         "the steps; memory: peak allocated by PyTorch.", "",

@@ -20,18 +20,21 @@ import importlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from model.build import require_model_dir
-from model.inference.generation import load_for_inference
+from model.inference.generation import context_length, load_for_inference
 from utils.errors import UserError
 from utils.io import atomic_output_file
+from utils.logging import FORMAT
 from utils.tokenization.chat_format import END_OF_TURN, gguf_chat_template, ollama_template
 from utils.tokenization.tokenizer import llama_cpp_pre_tokenizer
 
@@ -43,6 +46,7 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 DEFAULT_LLAMA_CPP_DIR = f"~/.cache/zhlm/llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 T5_EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+CONVERTER_LOGGERS = ("hf-to-gguf", "gguf")  # convert_hf_to_gguf.py's and gguf-py's
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,8 @@ def check_exportable(model_dir: Path) -> str:
 
 def export_gguf(model_dir: str | Path, output: str | Path, outtype: str = "f16",
                 llama_cpp_dir: str | Path = DEFAULT_LLAMA_CPP_DIR) -> Path:
-    """Convert `model_dir` into the GGUF file `output` (written whole or not at all); returns `output`."""
+    """Convert `model_dir` into the GGUF file `output` (written whole or not at all); returns `output`. The
+    converter's log goes to `converter_log_path(output)` beside it."""
     require_model_dir(str(model_dir))
     model_dir, output = Path(model_dir), Path(output)
     pre = check_exportable(model_dir)
@@ -105,10 +110,42 @@ def export_gguf(model_dir: str | Path, output: str | Path, outtype: str = "f16",
     model_class = type(f"Toolkit{base.__name__}", (ToolkitVocab, base),
                        {"llama_cpp_pre": pre, "gguf": gguf, "model_arch": base.model_arch})
     ftype = getattr(gguf.LlamaFileType, {"f32": "ALL_F32"}.get(outtype, f"MOSTLY_{outtype.upper()}"))
-    with atomic_output_file(output, field="output") as tmp, torch.inference_mode():
+    log = converter_log_path(output)
+    with atomic_output_file(output, field="output") as tmp, torch.inference_mode(), converter_log(log):
         model = model_class(model_dir, ftype, tmp, model_name=model_dir.resolve().name)
         model.write()
+    logger.info("llama.cpp's converter logged to %s", log)
     return output
+
+
+def converter_log_path(output: str | Path) -> Path:
+    """`gguf/model-f16.convert.log` for `gguf/model-f16.gguf`."""
+    return Path(output).with_suffix(".convert.log")
+
+
+@contextmanager
+def converter_log(path: Path) -> Iterator[None]:
+    """Send the converter's output to `path` instead of the console: its log (a line per tensor and per setting,
+    dozens for a tiny model, hundreds for a 7B, which would bury the export's own two lines) and what it writes
+    to stdout / stderr itself (its progress bar)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stream = open(path, "w", encoding="utf-8")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(FORMAT))
+    loggers = [logging.getLogger(name) for name in CONVERTER_LOGGERS]
+    saved = [(log.propagate, log.level) for log in loggers]
+    for log in loggers:
+        log.addHandler(handler)
+        log.propagate = False
+        log.setLevel(logging.INFO)
+    try:
+        with redirect_stdout(stream), redirect_stderr(stream):
+            yield
+    finally:
+        for log, (propagate, level) in zip(loggers, saved):
+            log.removeHandler(handler)
+            log.propagate, log.level = propagate, level
+        stream.close()
 
 
 def ollama_modelfile(gguf_file: str | Path, model_dir: str | Path) -> str:
@@ -158,6 +195,14 @@ class ToolkitVocab:
         special.add_special_token.update(bos=False, eos=False)
         special.chat_template = gguf_chat_template(tokenizer.chat_template)
         special.add_to_gguf(writer)
+
+    def set_gguf_parameters(self) -> None:
+        if not any(key in self.hparams for key in ("n_positions", "max_position_embeddings", "n_ctx")):
+            # T5's relative positions leave config.json without a length, and the converter then records 512;
+            # the model takes what `context_length` says (its tokenizer's model_max_length)
+            self.hparams["n_positions"] = context_length(AutoConfig.from_pretrained(self.dir_model),
+                                                         AutoTokenizer.from_pretrained(self.dir_model))
+        super().set_gguf_parameters()
 
     def index_tensors(self, *args, **kwargs):
         tensors = super().index_tensors(*args, **kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -85,6 +86,27 @@ def run_script(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.C
     if check and result.returncode != 0:
         raise AssertionError(f"{args} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+class SummaryTable(logging.Handler):
+    """Collects the rows of the table a training stage logs at its end (model/training/summary.py), as
+    {label: value}; attached to that module's logger, which `setup_logging` leaves alone (it resets the root's)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.rows: dict[str, str] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for line in record.getMessage().splitlines()[1:]:
+            label, _, value = line.strip().partition("  ")
+            self.rows[label] = value.strip()
+
+    def __enter__(self) -> dict[str, str]:
+        logging.getLogger("model.training.summary").addHandler(self)
+        return self.rows
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("model.training.summary").removeHandler(self)
 
 
 def run_until_interrupted(args, stop_at: int, cwd=REPO, launcher=(sys.executable,), script: str = "pre_train.py"):

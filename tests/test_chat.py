@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 import threading
 import time
@@ -13,12 +14,13 @@ import time
 import pexpect
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, served_copy
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 import chat
 from model.inference.generation import load_for_inference
 from model.inference.service import ChatService, DecodingOptions, PromptTooLong, ReplyTooLong
-from model.inference.streaming import ReplyStream, generate_reply
+from model.inference.streaming import ReplyStream, generate_reply, why_empty
 from utils.config import parse_config
 from utils.errors import UserError
 from utils.tokenization.chat_format import render_prompt
@@ -261,11 +263,32 @@ def test_long_conversations_drop_the_oldest_turns_and_keep_the_system(models):
 
 def test_one_message_mode_prints_the_reply(models, tiny_t5, capsys):
     model, tokenizer = models["t5"]
-    expected = "".join(chat.ChatSession(model, tokenizer, DecodingOptions(max_new_tokens=10)).send("你好")).strip()
+    session = chat.ChatSession(model, tokenizer, DecodingOptions(max_new_tokens=10))
+    # the tiny T5 may answer with a sentinel alone (decoded away): then the command says why its reply is empty
+    expected = "".join(session.send("你好")).strip() or f"[empty reply: {why_empty(session.last_reply, tokenizer)}]"
     chat.main(["--config", "none", "--model_name_or_path", str(tiny_t5), "--message", "你好", "--max_new_tokens", "10"])
     assert capsys.readouterr().out == expected + "\n"
     with pytest.raises(UserError, match="message"):
         chat.main(["--config", "none", "--model_name_or_path", str(tiny_t5), "--message", "长" * 2000])
+
+
+def test_an_empty_reply_says_why(tiny_llama, tmp_path, capsys):
+    """A model that writes only special tokens (decoded away) until the length limit, or ends its turn at once:
+    chat.py says so instead of printing an empty line."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    ends = GenerationConfig.from_pretrained(tiny_llama).eos_token_id
+    ends = set(ends if isinstance(ends, list) else [ends])
+    vocab = range(AutoConfig.from_pretrained(tiny_llama).vocab_size)
+    only_special = served_copy(tiny_llama, tmp_path / "special",
+                               [i for i in vocab if i not in tokenizer.all_special_ids or i in ends])
+    only_end = served_copy(tiny_llama, tmp_path / "end", [i for i in vocab if i not in ends])
+    for model, expected in (
+            (only_special, r"\[empty reply: the model wrote only special tokens \(<.+>\) until the limit of 5 new "
+                           r"tokens \(max_new_tokens\)\]\n"),
+            (only_end, r"\[empty reply: the model ended its turn at once\]\n")):
+        chat.main(["--config", "none", "--model_name_or_path", str(model), "--message", "你好", "--max_new_tokens", "5"])
+        shown = capsys.readouterr().out
+        assert re.fullmatch(expected, shown), shown
 
 
 @pytest.mark.parametrize("script", ["chat", "serve"])

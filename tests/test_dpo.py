@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, lora_deltas, run_until_interrupted, shared_path
+from conftest import REPO, SummaryTable, lora_deltas, run_until_interrupted, shared_path
 from datasets import Dataset
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -67,7 +67,7 @@ def dpo_args(model, pairs, output, *extra):
     return ["--config", "none", "--model_name_or_path", str(model), "--train_files", str(pairs),
             "--output_dir", str(output), "--max_prompt_length", "48", "--max_completion_length", "32",
             "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--lr_scheduler_type", "constant",
-            "--logging_steps", "1", "--report_to", "none", "--seed", "7", "--gradient_checkpointing", "false",
+            "--logging_steps", "1", "--report_to", "none", "--seed", "7", "--activation_checkpointing", "false",
             "--dataset_num_proc", "1", *map(str, extra)]
 
 
@@ -77,11 +77,12 @@ def trained(request, pair_files, tmp_path_factory):
     arch = request.param
     base = request.getfixturevalue(ARCHS[arch][0])
     output = tmp_path_factory.mktemp(f"dpo_{arch}") / "model_save"
-    trainer = dpo_train.main(dpo_args(base, pair_files[arch], output, "--max_steps", "10", "--save_strategy", "no",
-                                      "--validation_files", pair_files[arch]))
+    with SummaryTable() as table:
+        trainer = dpo_train.main(dpo_args(base, pair_files[arch], output, "--max_steps", "10", "--save_strategy",
+                                          "no", "--validation_files", pair_files[arch]))
     return {"arch": arch, "base": base, "output": output, "trainer": trainer, "auto": ARCHS[arch][1],
             "history": [h for h in trainer.state.log_history if "loss" in h],
-            "summary": json.loads((output / "training_summary.json").read_text())}
+            "summary": json.loads((output / "training_summary.json").read_text()), "table": table}
 
 
 def test_loss_starts_at_ln2_and_reward_accuracy_rises(trained):
@@ -100,6 +101,10 @@ def test_trl_reward_metrics_are_logged(trained):
             "logps/rejected", "entropy", "mean_token_accuracy"}
     assert keys <= set(trained["history"][-1])
     assert {f"eval_{k}" for k in keys} <= set(trained["summary"])
+    summary, table = trained["summary"], trained["table"]  # the console's closing table shows the held-out figures
+    assert table["held-out reward accuracy"] == f"{summary['eval_rewards/accuracies']:.3f}"
+    assert table["held-out reward margin"] == f"{summary['eval_rewards/margins']:.3f}"
+    assert table["steps"] == "10" and table["model"] == str(trained["output"])
 
 
 def test_base_untouched_and_merged_model_equals_the_adapter(trained):

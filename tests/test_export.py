@@ -14,10 +14,11 @@ import shutil
 import jinja2
 import pytest
 from safetensors import safe_open
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 import export
 from model.export import DEFAULT_LLAMA_CPP_DIR, load_converter, round_trip
+from model.inference.generation import context_length
 from utils.errors import UserError
 from utils.tokenization.chat_format import END_OF_TURN
 from utils.tokenization.tokenizer import build_tokenizer
@@ -46,6 +47,9 @@ def test_gguf_holds_the_model_tokenizer_and_chat_format(exported, name):
     gguf, reader, meta = read(path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     assert meta["general.architecture"] == name
+    # the context the model takes (T5: its tokenizer's 1024; the converter alone writes 512), what chat.py allows
+    assert meta[f"{name}.context_length"] == context_length(AutoConfig.from_pretrained(model_dir), tokenizer) \
+        == (1024 if name == "t5" else 256)
     # every weight of the checkpoint, same number of values (T5: plus the scaled LM head of its tied embeddings)
     with safe_open(model_dir / "model.safetensors", "pt") as weights:
         shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
@@ -81,9 +85,13 @@ def test_modelfile_beside_the_gguf(exported):
     assert "{{ .Content }}<|end|>" in modelfile and "PARAMETER temperature 0" in modelfile  # greedy model
 
 
-def test_q8_0_export(tiny_llama, tmp_path):
+def test_q8_0_export(tiny_llama, tmp_path, capsys):
     path = export.main(["--model_name_or_path", str(tiny_llama), "--outtype", "q8_0", "--output",
                         str(tmp_path / "q8.gguf")])
+    # the converter's line per tensor and setting goes to a log beside the file, not to the console
+    console, log = capsys.readouterr(), (tmp_path / "q8.convert.log").read_text(encoding="utf-8")
+    assert "hf-to-gguf" not in console.out + console.err and "gguf:" not in console.err, console
+    assert "hf-to-gguf: token_embd.weight" in log and str(tmp_path / "q8.convert.log") in console.err
     gguf, reader, meta = read(path)
     assert meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
     assert any(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in reader.tensors)

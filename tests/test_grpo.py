@@ -10,6 +10,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
+from conftest import SummaryTable
 from test_dpo import PAIRS, lora_deltas, write_jsonl
 from test_reward import reward_args
 from transformers import AutoModelForCausalLM, AutoTokenizer, T5Config
@@ -25,7 +26,7 @@ def grpo_args(model, prompts, output, *extra):
             "--output_dir", str(output), "--max_prompt_length", "48", "--max_completion_length", "24",
             "--num_generations", "4", "--per_device_train_batch_size", "8", "--learning_rate", "3e-3",
             "--lr_scheduler_type", "constant", "--logging_steps", "1", "--report_to", "none", "--seed", "7",
-            "--temperature", "1.0", "--lora_r", "8", "--gradient_checkpointing", "false", "--save_strategy", "no",
+            "--temperature", "1.0", "--lora_r", "8", "--activation_checkpointing", "false", "--save_strategy", "no",
             *map(str, extra)]
 
 
@@ -47,10 +48,11 @@ def reward_model(tiny_llama, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tiny_llama, prompts, reward_model, tmp_path_factory):
     output = tmp_path_factory.mktemp("grpo_llama") / "model_save"
-    trainer = grpo_train.main(grpo_args(tiny_llama, prompts, output, "--max_steps", "6", "--rewards", "exact_answer",
-                                        "repetition", "--reward_model", reward_model,
-                                        "--reward_weights", "0.0", "0.0", "1.0"))
-    return {"output": output, "trainer": trainer, "base": tiny_llama,
+    with SummaryTable() as table:
+        trainer = grpo_train.main(grpo_args(tiny_llama, prompts, output, "--max_steps", "6", "--rewards",
+                                            "exact_answer", "repetition", "--reward_model", reward_model,
+                                            "--reward_weights", "0.0", "0.0", "1.0"))
+    return {"output": output, "trainer": trainer, "base": tiny_llama, "table": table,
             "history": [h for h in trainer.state.log_history if "reward" in h]}
 
 
@@ -69,6 +71,8 @@ def test_logged_reward_rises(trained):
     n, unit = 8, 2.0 ** -24
     bound = 2 * (n - 1) * unit * (abs(first) + n ** 0.5 * history[0]["reward_std"])
     assert history[0]["rewards/reward_model/mean"] == pytest.approx(first, rel=0, abs=bound)
+    table = trained["table"]  # the console's closing table
+    assert table["reward (last logged)"] == f"{history[-1]['reward']:.3f}" and table["steps"] == "6"
 
 
 def test_base_untouched_and_merged_model_equals_the_adapter(trained):

@@ -136,7 +136,7 @@ def stage_args(stage, arch, data, request, output) -> tuple[str, list[str]]:
     # 8 pairs and an evaluation batch of 2: no pair is repeated to even out processes (see PreferenceTrainer)
     return "dpo_train.py", [*common, "--model_name_or_path", str(model), "--train_files", str(data["pairs"]),
                             "--validation_files", str(data["pairs"]), "--max_prompt_length", "48",
-                            "--max_completion_length", "32", "--learning_rate", "5e-3", "--gradient_checkpointing",
+                            "--max_completion_length", "32", "--learning_rate", "5e-3", "--activation_checkpointing",
                             "false", "--dataset_num_proc", "1", "--lora_dropout", "0",
                             "--per_device_eval_batch_size", "2"]
 

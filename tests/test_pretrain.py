@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, make_documents, run_until_interrupted
+from conftest import REPO, make_documents, run_script, run_until_interrupted
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -139,6 +139,32 @@ def test_llama_learns_and_reloads(tiny_corpus, tiny_tokenizer, tmp_path):
     trainer = pre_train.main(common(tiny_corpus, tiny_tokenizer, "llama-tiny", output, "--max_steps", "40"))
     assert_learns_and_reloads(trainer, output, AutoModelForCausalLM)
     assert AutoModelForCausalLM.from_pretrained(output).config._attn_implementation == "sdpa"
+
+
+def test_a_run_ends_with_its_summary_on_a_quiet_console_and_evaluates_the_last_step_once(tiny_corpus, tiny_tokenizer,
+                                                                                       tmp_path):
+    """The command's console (a pipe, as under nohup or CI): log lines each on a line of their own (no progress bar
+    glued to them), no DeepSpeed accelerator notice and no FutureWarning (activation checkpointing is on, the
+    recipes' spelling), and a table of the run's figures at the end. The Trainer evaluated at the last step
+    (max_steps a multiple of eval_steps), so that evaluation is the final one, not run and logged again."""
+    output = tmp_path / "run"
+    result = run_script("pre_train.py", *common(tiny_corpus, tiny_tokenizer, "llama-tiny", output, "--max_steps", "4",
+                                               "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2",
+                                               "--activation_checkpointing", "true"))
+    console = result.stdout + result.stderr
+    assert "Setting accelerator" not in console and "Warning" not in console and "\r" not in console, console
+    for line in console.splitlines():
+        if re.search(r"\d\d:\d\d:\d\d (INFO|WARNING|ERROR) ", line):
+            assert re.match(r"\d\d:\d\d:\d\d ", line), line
+    summary = json.loads((output / "training_summary.json").read_text())
+    table = console[console.index("training summary"):].splitlines()[1:]
+    rows = {line[:23].strip(): line[23:] for line in table}
+    assert rows == {"train loss": f"{summary['train_loss']:.4f} (mean over the run)",
+                    "held-out loss": f"{summary['eval_loss']:.4f}", "held-out bits/char": f"{summary['eval_bpc']:.3f}",
+                    "steps": "4", "time": summary["train_runtime_human"], "model": str(output)}, table
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "eval_loss" in h] == [2, 4]
+    assert summary["eval_loss"] == next(h["eval_loss"] for h in history if h.get("step") == 4 and "eval_loss" in h)
 
 
 def test_torch_compile_trains_and_reports_graph_breaks_once(tiny_corpus, tiny_tokenizer, tmp_path, capsys):

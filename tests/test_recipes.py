@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import digest, lora_deltas, make_documents, pretrain_tiny, run_script, shared_path
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
@@ -231,6 +232,13 @@ def test_chinese_llama_pretraining_trains_lora_and_the_new_rows(chinese_llama):
         else:
             assert torch.equal(state[name], weight), name
     assert merged.lm_head.weight.data_ptr() != merged.model.embed_tokens.weight.data_ptr()  # still untied
+    # each checkpoint's adapter and the final one hold LoRA and the new tokens' trained rows, not the two whole
+    # resized matrices (PEFT's default for a resized vocabulary); the merge below rebuilds the rest from the base
+    for adapter in [*sorted((output / "adapter").glob("checkpoint-*")), output / "adapter"]:
+        rows = {k: v.shape for k, v in load_file(adapter / "adapter_model.safetensors").items() if "lora_" not in k}
+        assert sorted(rows) == [f"base_model.model.{m}.token_adapter.trainable_tokens_delta"
+                                for m in ("lm_head", "model.embed_tokens")], (adapter, rows)
+        assert all(shape[0] == len(new) for shape in rows.values()), rows
 
     # merged == the adapter on the resized base, and held-out Chinese got cheaper than at the start
     texts = [json.loads(line)["text"] for line in chinese_llama["held_out"].read_text(encoding="utf-8").splitlines()]

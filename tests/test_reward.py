@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from conftest import SummaryTable
 from test_dpo import PAIRS, write_jsonl
 from transformers import AutoModelForSequenceClassification
 
@@ -22,7 +23,7 @@ def reward_args(model, pairs, output, *extra):
             "--output_dir", str(output), "--max_prompt_length", "48", "--max_completion_length", "32",
             "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--lr_scheduler_type", "constant",
             "--logging_steps", "1", "--report_to", "none", "--seed", "7", "--dataset_num_proc", "1",
-            "--save_strategy", "no", "--gradient_checkpointing", "false", *map(str, extra)]
+            "--save_strategy", "no", "--activation_checkpointing", "false", *map(str, extra)]
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +36,24 @@ def pairs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tiny_llama, pairs, tmp_path_factory):
     output = tmp_path_factory.mktemp("reward_llama") / "reward"
-    trainer = reward_train.main(reward_args(tiny_llama, pairs, output, "--max_steps", "12", "--validation_files",
-                                            pairs, "--eval_strategy", "steps", "--eval_steps", "12",
-                                            "--eval_on_start", "true"))
-    return output, trainer
+    with SummaryTable() as table:
+        trainer = reward_train.main(reward_args(tiny_llama, pairs, output, "--max_steps", "12", "--validation_files",
+                                                pairs, "--eval_strategy", "steps", "--eval_steps", "12",
+                                                "--eval_on_start", "true"))
+    return output, trainer, table
 
 
 def test_accuracy_on_training_pairs_rises_and_the_model_reloads(trained, pairs):
-    output, trainer = trained
+    output, trainer, table = trained
     evals = [h for h in trainer.state.log_history if "eval_accuracy" in h]
+    # the Trainer evaluated at the last step (12 = eval_steps), which stands as the final evaluation
+    assert [h["step"] for h in evals] == [0, 12]
     assert evals[0]["step"] == 0 and evals[-1]["eval_accuracy"] == 1.0 > evals[0]["eval_accuracy"]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.2
     summary = json.loads((output / "training_summary.json").read_text())
     assert summary["eval_accuracy"] == 1.0 and summary["pairs"] == len(PAIRS)
+    assert table["held-out reward accuracy"] == "1.000" and table["held-out loss"] == f"{summary['eval_loss']:.4f}"
+    assert table["held-out reward margin"] == f"{summary['eval_margin']:.3f}" and table["model"] == str(output)
 
     model = AutoModelForSequenceClassification.from_pretrained(output).eval()  # stock class, no remote code
     assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.num_labels == 1

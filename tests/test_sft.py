@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SENTENCES, run_until_interrupted
+from conftest import REPO, SENTENCES, SummaryTable, run_until_interrupted
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -62,12 +62,13 @@ def assert_loss_falls(trainer):
 @pytest.fixture(scope="module")
 def t5_run(tiny_t5, sft_file, tmp_path_factory):
     output = tmp_path_factory.mktemp("sft_t5") / "out"
-    trainer = sft_train.main(args_for(tiny_t5, sft_file, output, "--max_steps", "25"))
-    return trainer, output
+    with SummaryTable() as table:
+        trainer = sft_train.main(args_for(tiny_t5, sft_file, output, "--max_steps", "25"))
+    return trainer, output, table
 
 
 def test_t5_sft_trains_the_decoder_only_and_reloads(t5_run, tiny_t5):
-    trainer, output = t5_run
+    trainer, output, table = t5_run
     assert_loss_falls(trainer)
     before = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5).state_dict()
     after = AutoModelForSeq2SeqLM.from_pretrained(output)
@@ -84,6 +85,7 @@ def test_t5_sft_trains_the_decoder_only_and_reloads(t5_run, tiny_t5):
     decoder = sum(v.numel() for k, v in before.items() if k.startswith("decoder.") and "embed_tokens" not in k)
     assert summary["trainable_parameters"] == decoder
     assert len(summary["samples"]) == 2 and summary["eval_loss"] > 0  # eval loss + logged sample replies
+    assert table["held-out loss"] == f"{summary['eval_loss']:.4f}" and table["model"] == str(output)
     assert summary["data"]["examples"] > summary["data"]["conversations"]  # one example per assistant turn
     tokenizer = AutoTokenizer.from_pretrained(output)
     assert tokenizer.chat_template and (output / "generation_config.json").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -18,8 +19,19 @@ def setup_logging(level: int = logging.INFO) -> None:
     if not is_main_process():
         level = logging.WARNING
     logging.basicConfig(format=FORMAT, datefmt="%H:%M:%S", level=level, force=True)
+    torch = sys.modules.get("torch")  # the training stages import it; the others need not pay for it here
+    if torch is not None and not torch.cuda.is_available():
+        # DeepSpeed, imported by accelerate on the first unwrap, warns "Setting accelerator to CPU" on every CPU
+        # run when it has to detect the accelerator itself; without CUDA the toolkit trains on the CPU anyway
+        # (model/training/trainer.py RunArguments)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import datasets
     import transformers
 
     transformers.utils.logging.set_verbosity(max(level, logging.WARNING))
     datasets.utils.logging.set_verbosity(max(level, logging.WARNING))
+    if not sys.stderr.isatty():
+        # a log file or a pipe: tqdm redraws a bar with carriage returns, which there glue it to the log lines;
+        # the trainer's progress line (model/training/trainer.py) logs the progress instead
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()

@@ -52,8 +52,9 @@ def load_for_inference(path: str, device: str | None = None, dtype: str = "auto"
 
 
 def context_length(model, tokenizer) -> int:
-    """Longest prompt + reply the model takes: the decoder's position limit, else the tokenizer's."""
-    limit = getattr(model.config, "max_position_embeddings", None)
+    """Longest prompt + reply the model (or its config) takes: the decoder's position limit, else the
+    tokenizer's."""
+    limit = getattr(getattr(model, "config", model), "max_position_embeddings", None)
     return int(limit or tokenizer.model_max_length)
 
 

@@ -97,6 +97,29 @@ class Reply:
     token_ids: list[int] = field(default_factory=list, repr=False)
 
 
+def why_empty(reply: Reply, tokenizer) -> str | None:
+    """Why `reply` shows no text, in words for the person waiting for it; None when it has text. A reply is
+    decoded without special tokens, so a model that wrote only those (a T5's sentinels, a role token) or only
+    blank space until its end of turn or its max_new_tokens limit shows nothing at all."""
+    if reply.text.strip():
+        return None
+    if reply.finish_reason == "cancelled":
+        return "stopped before any text arrived"
+    special = set(tokenizer.all_special_ids)
+    written = reply.token_ids
+    if reply.finish_reason == "stop" and written and written[-1] in special:
+        written = written[:-1]  # the end-of-turn token that stopped it
+    if not written:
+        return "the model ended its turn at once"
+    names = list(dict.fromkeys(tokenizer.convert_ids_to_tokens([t for t in written if t in special])))
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    blank = any(t not in special for t in written)
+    what = " and ".join(filter(None, [f"special tokens ({shown})" if names else "", "blank space" if blank else ""]))
+    if reply.finish_reason == "length":
+        return f"the model wrote only {what} until the limit of {len(reply.token_ids)} new tokens (max_new_tokens)"
+    return f"the model wrote only {what}, then ended its turn"
+
+
 def eos_ids(config: GenerationConfig) -> set[int]:
     eos = config.eos_token_id
     return set(eos if isinstance(eos, list) else [eos]) - {None}

@@ -33,6 +33,7 @@ for the toolkit's models) on the CPU, the saved adapter is applied (`PeftModel.f
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from collections.abc import Sequence
@@ -177,7 +178,15 @@ def add_adapter(model: PreTrainedModel, peft: PeftArguments, new_tokens: Sequenc
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input with grad
-    return get_peft_model(model, peft.config_for(model, frozen, new_tokens))
+    adapted = get_peft_model(model, peft.config_for(model, frozen, new_tokens))
+    if adapted.peft_config["default"].trainable_token_indices:
+        # The adapter file holds the trained rows themselves (`trainable_tokens_delta`). PEFT's default
+        # (save_embedding_layers="auto") adds both whole embedding matrices whenever the vocabulary was resized,
+        # at every checkpoint (7B + 18k tokens: 2 x 0.6 GB of rows that did not change), though `load_model`
+        # rebuilds them from the base and the tokenizer. The Trainer's checkpoints and `save_final` both save
+        # through this method.
+        adapted.save_pretrained = functools.partial(adapted.save_pretrained, save_embedding_layers=False)
+    return adapted
 
 
 def describe_adapter(model: PeftModel) -> str:

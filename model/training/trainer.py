@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo import convert_frame
 from torch._dynamo.utils import counters
+from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import ProgressCallback, Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
@@ -473,7 +475,20 @@ class LanguageModelTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, Seq2SeqTra
 
 
 class QuietProgressBar(ProgressCallback):
-    """HF's tqdm bar (with ETA) without printing raw log dicts; `ProgressLine` writes the log line."""
+    """HF's tqdm bar (with ETA) without printing raw log dicts; `ProgressLine` writes the log line. Drawn on a
+    terminal only: in a log file or a pipe, tqdm's carriage-return redraws glue the bar to the log lines (the
+    bars made here draw nothing there, so HF's callback runs unchanged)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if sys.stderr.isatty():
+            super().on_train_begin(args, state, control, **kwargs)
+        else:
+            self.training_bar, self.current_step = tqdm(disable=True), 0
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if not sys.stderr.isatty() and self.prediction_bar is None:
+            self.prediction_bar = tqdm(disable=True)
+        super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         pass
