@@ -45,30 +45,44 @@ def reward_model(tiny_llama, tmp_path_factory):
     return root / "reward"
 
 
+def reward_model_run(model, prompts, reward_model, output, *extra):
+    """6 steps of 16 completions (4 per prompt) scored by the reward model alone (weights 0, 0, 1)."""
+    return grpo_train.main(grpo_args(model, prompts, output, "--max_steps", "6", "--per_device_train_batch_size", "16",
+                                     "--learning_rate", "1e-3", "--rewards", "exact_answer", "repetition",
+                                     "--reward_model", reward_model, "--reward_weights", "0.0", "0.0", "1.0", *extra))
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_llama, prompts, reward_model, tmp_path_factory):
     output = tmp_path_factory.mktemp("grpo_llama") / "model_save"
     with SummaryTable() as table:
-        trainer = grpo_train.main(grpo_args(tiny_llama, prompts, output, "--max_steps", "6", "--rewards",
-                                            "exact_answer", "repetition", "--reward_model", reward_model,
-                                            "--reward_weights", "0.0", "0.0", "1.0"))
+        trainer = reward_model_run(tiny_llama, prompts, reward_model, output)
     return {"output": output, "trainer": trainer, "base": tiny_llama, "table": table,
             "history": [h for h in trainer.state.log_history if "reward" in h]}
 
 
-def test_logged_reward_rises(trained):
-    """The reward model's score, the one weighted reward, rises; every reward is logged on its own."""
+def test_logged_reward_rises(trained, tiny_llama, prompts, reward_model, tmp_path):
+    """The reward model's score, the one weighted reward, rises above what the untrained policy scores; every
+    reward is logged on its own.
+
+    One step's reward is the mean of 16 sampled completions, so the first step alone is a noisy baseline (from
+    -0.8 to 1.7 over seeds). The baseline is the same run at learning rate 0: 6 steps, 96 completions of the
+    untrained policy. The trained run's last 3 steps score 0.77 to 1.69 above it over 8 seeds (1-8, seed 7 the
+    test's; issue 22's note), against the 0.5 asked here."""
     history = trained["history"]
     names = {"rewards/exact_answer/mean", "rewards/repetition/mean", "rewards/reward_model/mean"}
     assert names <= set(history[0])
+    untrained = [h["reward"] for h in reward_model_run(tiny_llama, prompts, reward_model, tmp_path / "untrained",
+                                                       "--learning_rate", "0").state.log_history if "reward" in h]
     first, last = history[0]["reward"], [h["reward"] for h in history[-3:]]
-    assert sum(last) / 3 > first + 0.5
+    assert untrained[0] == first and len(untrained) == 6  # the same first samples: the same policy and seed
+    assert sum(last) / 3 > sum(untrained) / 6 + 0.5
     # With weights 0, 0, 1 each completion's weighted reward is its reward-model score exactly (x*0 and x*1 are
     # exact), but TRL averages the two columns with different float32 reductions (mean, nanmean), whose order
-    # depends on the CPU's vector kernels. Each sum of n = 8 completions' scores is off by at most (n - 1)
+    # depends on the CPU's vector kernels. Each sum of n = 16 completions' scores is off by at most (n - 1)
     # roundings of partial sums no larger than sum |x_i| <= n (|mean| + sqrt(n) std); two such means differ by
     # at most twice that, over n.
-    n, unit = 8, 2.0 ** -24
+    n, unit = 16, 2.0 ** -24
     bound = 2 * (n - 1) * unit * (abs(first) + n ** 0.5 * history[0]["reward_std"])
     assert history[0]["rewards/reward_model/mean"] == pytest.approx(first, rel=0, abs=bound)
     table = trained["table"]  # the console's closing table
