@@ -43,11 +43,13 @@ class EvalArguments(InferenceArguments):
     output_dir: str | None = field(default=None, metadata={
         "help": "Where eval_results.json / .md go (merged with earlier results); default <model>/eval."})
     ceval_data: str = field(default="ceval/ceval-exam", metadata={
-        "help": "C-Eval: directory of the official CSVs (dev/, val/, subject_mapping.json) or the hub dataset name."})
+        "help": "C-Eval: directory of the official CSVs (dev/, val/, subject_mapping.json) or, with "
+                "HF_HUB_OFFLINE=0, the hub dataset name."})
     ceval_split: str = field(default="val", metadata={"help": "C-Eval split to score (test answers are hidden)."})
     ceval_subjects: list[str] = field(default_factory=list, metadata={"help": "C-Eval subjects; empty = all."})
     cmmlu_data: str = field(default="haonan-li/cmmlu", metadata={
-        "help": "CMMLU: directory of the official CSVs (dev/, test/, subject_mapping.json) or the hub dataset name."})
+        "help": "CMMLU: directory of the official CSVs (dev/, test/, subject_mapping.json) or, with "
+                "HF_HUB_OFFLINE=0, the hub dataset name."})
     cmmlu_split: str = field(default="test", metadata={
         "help": "CMMLU split to score. With 'dev', k-shot examples are the other dev questions (leave-one-out)."})
     cmmlu_subjects: list[str] = field(default_factory=list, metadata={"help": "CMMLU subjects; empty = all."})

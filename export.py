@@ -20,6 +20,7 @@ from pathlib import Path
 from model.export import DEFAULT_LLAMA_CPP_DIR, OUTTYPES, export_gguf, ollama_modelfile
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
+from utils.hub import local_dir
 from utils.io import check_writable, write_text_atomic
 from utils.logging import setup_logging
 
@@ -46,10 +47,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     (args,) = parse_config([ExportArguments], argv, default_recipe=recipe_path("export"), description=__doc__)
     output = Path(args.output)
     check_writable(output, "output")
+    model_dir = local_dir(args.model_name_or_path, "model_name_or_path")
     logger.info(f"converting {args.model_name_or_path} to {output} ({args.outtype}) with llama.cpp's converter")
-    export_gguf(args.model_name_or_path, output, args.outtype, args.llama_cpp_dir)
+    export_gguf(model_dir, output, args.outtype, args.llama_cpp_dir)
     modelfile = output.with_suffix(".Modelfile")
-    write_text_atomic(modelfile, ollama_modelfile(output, args.model_name_or_path))
+    write_text_atomic(modelfile, ollama_modelfile(output, model_dir))
     logger.info(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB) and {modelfile}: "
                 f"`ollama create NAME -f {modelfile}`, or `llama-cli -m {output} -cnv`")
     return output

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoTokenizer, DataCollatorForSeq2Seq, default_data_collator, set_seed
+from transformers import DataCollatorForSeq2Seq, default_data_collator, set_seed
 
 from model.build import (
     AttentionArguments,
@@ -50,6 +50,7 @@ from utils.config import parse_config, recipe_path
 from utils.errors import UserError
 from utils.examples.pretrain_data import PackedBlocks, SpanCorruptionBlocks, TextToTextPairs, TokenStream, WeightedMix
 from utils.logging import setup_logging
+from utils.tokenization.tokenizer import load_tokenizer
 
 logger = logging.getLogger("pre_train")
 OBJECTIVES = ("auto", "causal_lm", "span_corruption", "text_to_text", "mix")
@@ -161,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
                             "a new model from scratch")
     output_dir = lora.adapter_output_dir(args) if peft.enabled else None
     set_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path)
+    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path)
     if model_args.model_name_or_path:
         model = lora.load_base(model_args.model_name_or_path, tokenizer, peft, model_args.attn_implementation)
     else:

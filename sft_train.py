@@ -31,7 +31,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from transformers import AutoTokenizer, DataCollatorForSeq2Seq, TrainerCallback, set_seed
+from transformers import DataCollatorForSeq2Seq, TrainerCallback, set_seed
 
 from model.build import (
     AttentionArguments,
@@ -57,6 +57,7 @@ from utils.errors import UserError
 from utils.examples.sft_data import OVERLONG, tokenize_conversations
 from utils.logging import setup_logging
 from utils.tokenization.chat_format import CHAT_TOKENS, default_generation_config
+from utils.tokenization.tokenizer import load_tokenizer
 
 logger = logging.getLogger("sft_train")
 FREEZABLE = ("embeddings", "encoder", "decoder")
@@ -157,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
                                                 argv, default_recipe=recipe_path("sft"), description=__doc__)
     output_dir = lora.adapter_output_dir(args) if peft.enabled else None
     set_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
+    tokenizer = (load_tokenizer(model_args.tokenizer_name_or_path) if model_args.tokenizer_name_or_path
+                 else load_tokenizer(model_args.model_name_or_path, "model_name_or_path"))
     model = lora.load_base(model_args.model_name_or_path, tokenizer, peft, model_args.attn_implementation)
     check_attention_for_training(model)
     seq2seq = is_seq2seq(model.config)

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-from model.build import require_model_dir
 from model.inference.generation import load_for_inference
 from utils.errors import UserError
+from utils.hub import local_dir
 from utils.io import atomic_output_file
 from utils.tokenization.chat_format import END_OF_TURN, gguf_chat_template, ollama_template
 from utils.tokenization.tokenizer import llama_cpp_pre_tokenizer
@@ -89,8 +89,7 @@ def check_exportable(model_dir: Path) -> str:
 def export_gguf(model_dir: str | Path, output: str | Path, outtype: str = "f16",
                 llama_cpp_dir: str | Path = DEFAULT_LLAMA_CPP_DIR) -> Path:
     """Convert `model_dir` into the GGUF file `output` (written whole or not at all); returns `output`."""
-    require_model_dir(str(model_dir))
-    model_dir, output = Path(model_dir), Path(output)
+    model_dir, output = Path(local_dir(str(model_dir), "model_name_or_path")), Path(output)
     pre = check_exportable(model_dir)
     converter = load_converter(llama_cpp_dir)
     conversion, gguf = converter.conversion, converter.gguf

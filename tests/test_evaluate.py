@@ -457,7 +457,7 @@ def evaluate_state(run):
 
 
 def test_bad_input_is_refused_clearly(tmp_path, tiny_llama):
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match="no such file or directory"):
         load_benchmark(str(tmp_path / "missing"), "val")
     broken = tmp_path / "broken"
     (broken / "val").mkdir(parents=True)
@@ -477,7 +477,7 @@ def test_bad_input_is_refused_clearly(tmp_path, tiny_llama):
         load_benchmark(str(shared_path("ceval")), "val", ["no_such_subject"])
     result = run_script("evaluate.py", "--config", "none", "--model_name_or_path", str(tmp_path / "nothing"),
                         "--task", "ceval", "--ceval_data", "data/demo/eval_ceval", check=False)
-    assert result.returncode == 2 and "not a model directory" in result.stderr
+    assert result.returncode == 2 and "nothing, field 'model_name_or_path': no such file or directory" in result.stderr
     result = run_script("evaluate.py", "--config", "none", "--task", "bpc", check=False)
     assert result.returncode == 2 and "--bpc_files" in result.stderr
     bare = tmp_path / "bare_model"  # a model directory that was never trained here

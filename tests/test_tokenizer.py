@@ -178,8 +178,12 @@ def test_bad_tokenizer_input_is_refused(tmp_path, tiny_corpus):
         train(tmp_path, tmp_path / "missing.parquet")
     with pytest.raises(UserError, match="vocab_size"):
         train(tmp_path, tiny_corpus, "--vocab_size", "10")
-    with pytest.raises(UserError, match="cannot load the base tokenizer"):
+    with pytest.raises(UserError, match="no such file or directory") as err:
         train(tmp_path, tiny_corpus, "--extend", tmp_path / "no_tokenizer_here")
+    assert err.value.field == "extend"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a tokenizer directory"):
+        train(tmp_path, tiny_corpus, "--extend", tmp_path / "empty")
 
 
 def test_round_vocab():

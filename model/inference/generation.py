@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
 
-from model.build import check_precision, require_model_dir
+from model.build import check_precision
 from utils.errors import UserError
+from utils.hub import local_dir
 from utils.tokenization.chat_format import render_prompt
 
 
@@ -36,7 +37,7 @@ def load_for_inference(path: str, device: str | None = None, dtype: str = "auto"
     """`(model, tokenizer)` of a toolkit output directory (or any compatible HF model directory), in
     eval mode on `device` (default: cuda if available, else cpu). `dtype`: auto (bf16 on GPUs that
     support it, else fp32), bf16, fp16 or fp32."""
-    require_model_dir(path)
+    path = local_dir(path, "model_name_or_path")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         dtype = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"

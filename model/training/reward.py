@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import suppress_seqcls_warning
 
@@ -31,6 +31,7 @@ from model.training.dpo import prepare_preferences
 from model.training.trainer import AtomicCheckpointMixin, ExactEvalLossMixin, RunArguments
 from utils.errors import UserError
 from utils.tokenization.chat_format import answer_ids, render_prompt
+from utils.tokenization.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class RewardModelScore:
     exactly as the reward model was trained (`scored_ids`). Named after the directory in GRPO's logs."""
 
     def __init__(self, path: str, max_prompt_length: int, device: torch.device | str = "cpu", batch_size: int = 16):
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = load_tokenizer(path, "reward_model")
         self.model = load_reward_model(path, self.tokenizer).to(device).eval()
         self.max_prompt_length, self.device, self.batch_size = max_prompt_length, device, batch_size
         self.__name__ = "reward_model"

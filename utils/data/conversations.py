@@ -22,8 +22,8 @@ Preference rows, in the shapes the peers write them:
   conversations, the same up to their last turn, which is the answer.
 
 Files: `.jsonl`, `.json` (an array or JSON lines), `.parquet`, `.csv`; a directory means every file in
-it. A name that is not a local path is a Hugging Face hub dataset (`datasets.load_dataset(name,
-split=split)`). Bad rows stop loading with a `UserError` naming the file, the line (JSON lines, CSV)
+it. A hub id (`org/name`, not a local path) is a Hugging Face hub dataset (`datasets.load_dataset(name,
+split=split)`) when the hub is allowed (`utils.hub`). Bad rows stop loading with a `UserError` naming the file, the line (JSON lines, CSV)
 or row (JSON array, parquet, hub), the field and the fix.
 
 Real chat logs have two quirks that are accepted rather than refused: user turns after the last answer
@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.data.sources import Location, discover_inputs, read_rows
 from utils.errors import UserError
+from utils.hub import from_hub, missing_path
 
 logger = logging.getLogger(__name__)
 
@@ -51,17 +51,16 @@ FORMATS = ("auto", "prompt_response", "alpaca", "sharegpt", "messages", "implici
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "bot": "assistant", "model": "assistant"}
 ANSWER_FIELDS = ("chosen", "rejected")
-_HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
-_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".tsv", ".arrow")
 
 
 def iter_rows(name: str, split: str = "train") -> Iterator[tuple[dict, Location]]:
     """Every row of a local file / directory (`utils.data.sources.read_rows`), or of a hub dataset, with its
     location."""
-    path = Path(name)
-    if not path.exists() and _HUB_NAME.match(name) and not name.lower().endswith(_FILE_SUFFIXES):
+    if from_hub(name):
         yield from _hub_rows(name, split)
         return
+    if not Path(name).exists():
+        raise missing_path(name, None, "check the path")
     for file in discover_inputs([name]):
         yield from read_rows(file)
 
