@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     (args,) = parse_config([GenerateArguments], argv, default_recipe=recipe_path("generate_rejected"),
                            description=__doc__)
     set_seed(args.seed)
-    items = load_answered_prompts(args.input, args.data_format, args.dataset_split, args.system_prompt)
+    items = load_answered_prompts(args.input, args.data_format, args.dataset_split, args.system_prompt, "input")
     if args.max_rows >= 0:
         items = items[:args.max_rows]
     output = Path(args.output)

@@ -125,7 +125,7 @@ def split_validation(conversations: list, data: DataArguments, seed: int) -> tup
     """(train, validation): --validation_files, else a seeded --validation_ratio share of the conversations."""
     if data.validation_files:
         return conversations, load_conversations(data.validation_files, data.data_format, "validation",
-                                                 data.system_prompt)
+                                                 data.system_prompt, "validation_files")
     return hold_out(conversations, data.validation_ratio, seed)
 
 

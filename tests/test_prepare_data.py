@@ -188,12 +188,31 @@ def test_json_array_list_column_several_columns_and_nested_fields(tmp_path):
                   output=tmp_path / "f") == expected
 
 
+def test_the_advice_for_a_list_of_objects_works(tmp_path):
+    """A column holding a list of objects is refused with the name of a field inside them, and that name reads
+    each object's field as the lines of the document (in JSON and in parquet, a list of structs)."""
+    import pyarrow as pa
+
+    rows = [{"title": p["title"], "paragraphs": [{"line": line} for line in p["paragraphs"]]} for p in POEMS]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "poems.parquet")
+    for path in (_write(tmp_path / "poems.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)),
+                 tmp_path / "poems.parquet"):
+        with pytest.raises(UserError, match="name a field inside it as paragraphs.line"):
+            shaped("--input", path, "--text_column", "paragraphs", output=tmp_path / "refused")
+        assert not (tmp_path / "refused").exists()
+        assert shaped("--input", path, "--text_column", "title,paragraphs.line", output=tmp_path / path.suffix) == [
+            "\n".join([p["title"], *p["paragraphs"]]) for p in sorted(POEMS, key=lambda p: p["title"])]
+
+
 BAD_SHAPES = {  # file content, --text_column, what the message says, the line, the field
     "number": ('[{"text": "好"}, {"text": 3}]', "text", "row 1: the text column holds a number", 1, "text"),
-    "list_of_objects": ('{"paragraphs": [{"line": "好"}]}\n', "paragraphs", "a list containing an object",
+    "list_of_objects": ('{"paragraphs": [{"line": "好"}]}\n', "paragraphs",
+                        "a list containing an object (with line; name a field inside it as paragraphs.line)",
                         1, "paragraphs"),
-    "object": ('\n{"data": {"text": "好"}}\n', "data", "holds an object (with text; name a field inside",
-               2, "data"),
+    "list_of_objects_some_without": ('{"paragraphs": [{"line": "好"}, {"text": "坏"}]}\n', "paragraphs.line",
+                                     "missing text column", 1, "paragraphs.line"),
+    "object": ('\n{"data": {"text": "好"}}\n', "data",
+               "holds an object (with text; name a field inside it as data.text)", 2, "data"),
     "missing_one_of_several": ('[\n{"title": "题", "paragraphs": ["好"]},\n{"paragraphs": ["好"]}\n]',
                                "title,paragraphs", "row 1: missing text column; the row has: paragraphs",
                                3, "title"),

@@ -380,7 +380,7 @@ def _row_document(row: object, location: Location, columns: Sequence[str]) -> Do
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
             value = "\n".join(value) if value else None
         elif value is not None and not isinstance(value, str):
-            raise location.error(f"the text column holds {_describe(value)}, not a string or a list of strings",
+            raise location.error(f"the text column holds {_describe(value, column)}, not a string or a list of strings",
                                  field=column, fix=_COLUMN_FIX)
         if value is not None:
             parts.append(value)
@@ -393,23 +393,29 @@ def _row_document(row: object, location: Location, columns: Sequence[str]) -> Do
 
 
 def _field(row: dict, column: str) -> object:
-    """`row[column]`, or for `a.b` (when no column has that literal name) `row["a"]["b"]`; `_MISSING` if absent."""
+    """`row[column]`, or for `a.b` (when no column has that literal name) `row["a"]["b"]`, and where `row["a"]`
+    is a list of objects, the list of each one's `b` (`paragraphs.text`); `_MISSING` if absent."""
     if column in row:
         return row[column]
     value: object = row
     for part in column.split("."):
-        if not isinstance(value, dict) or part not in value:
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and all(isinstance(item, dict) and part in item for item in value):
+            value = [item[part] for item in value]
+        else:
             return _MISSING
-        value = value[part]
     return value
 
 
-def _describe(value: object) -> str:
+def _describe(value: object, column: str) -> str:
+    """What `value`, found in `column`, is, for an error; an object names a field that `_field` reads."""
     if isinstance(value, list):
-        kinds = sorted({_describe(item) for item in value if not isinstance(item, str)})
+        kinds = sorted({_describe(item, column) for item in value if not isinstance(item, str)})
         return f"a list containing {', '.join(kinds)}"
     if isinstance(value, dict):
-        return f"an object (with {', '.join(map(str, value)) or 'no keys'}; name a field inside it as a.b)"
+        inside = f"; name a field inside it as {column}.{next(iter(value))}" if value else ""
+        return f"an object (with {', '.join(map(str, value)) or 'no keys'}{inside})"
     if value is None:
         return "null"
     if isinstance(value, bool):
