@@ -12,6 +12,7 @@ starting with `./`, `../`, `/` or `~`, and not ending with a file extension.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -75,4 +76,26 @@ def local_dir(name: str, field: str, needs: Sequence[str] = ("config.json",), wh
             raise missing_path(name, field, fix)
     if not any((Path(path) / need).is_file() for need in needs):
         raise UserError(f"not a {what} (no {' or '.join(needs)})", path=name, field=field, fix=fix)
+    check_safetensors(Path(path), field)
     return str(path)
+
+
+def check_safetensors(directory: Path, field: str) -> None:
+    """Refuse a `.safetensors` file in `directory` that was cut short (an interrupted copy or download), naming
+    it, before any work: its header must be whole and its tensors must end within the file. Reading the
+    header costs a few kB; without this the error comes from deep inside a loader or converter, mid-way."""
+    for file in sorted(directory.glob("*.safetensors")):
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little") if size >= 8 else size
+            header = handle.read(length) if 8 + length <= size else b""
+        try:
+            tensors = json.loads(header)
+            end = 8 + length + max((t["data_offsets"][1] for k, t in tensors.items() if k != "__metadata__"),
+                                   default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            end = None
+        if end is None or end > size:
+            promised = "its header is incomplete or unreadable" if end is None else f"its header promises {end:,}"
+            raise UserError(f"the weights file is cut short or corrupt ({size:,} bytes; {promised})",
+                            path=str(file), field=field, fix="copy or download the model again")
