@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import ipaddress
 import json
@@ -54,6 +55,7 @@ from model.inference.service import ChatService, DecodingOptions, PreparedReply,
 from model.inference.streaming import Reply
 from utils.cli import run_main
 from utils.config import REPO_ROOT, parse_config, recipe_path
+from utils.errors import UserError
 from utils.logging import setup_logging
 
 logger = logging.getLogger("serve")
@@ -540,15 +542,32 @@ def create_app(model, tokenizer, args: ServeArguments, decoding: DecodingOptions
     return app
 
 
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to `host`:`port` for uvicorn to listen on (port 0 picks a free one). Bound before the
+    model loads, so that a port in use, or a host that is not this machine's, is one error at once (uvicorn
+    would exit with status 3 after the model had loaded)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is in use (another server is listening there)", field="port",
+                            fix="stop that server, or choose another --port") from None
+        raise UserError(f"cannot listen on {host}:{port} ({err.strerror or err})", field="host",
+                        fix="pass an address of this machine (127.0.0.1, 0.0.0.0, ::) and a port you may use "
+                            "(1024 and above without root)") from None
+    return sock
+
+
 @contextlib.contextmanager
 def running_in_thread(app, host: str = "127.0.0.1", port: int = 0):
     """Serve `app` with uvicorn from a background thread (notebooks, tests) and yield its base URL;
     port 0 picks a free port. The server stops when the block ends."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = bound_socket(host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()
@@ -570,6 +589,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                   description=__doc__)
     import uvicorn
 
+    sock = bound_socket(args.host, args.port)
     model, tokenizer = load_for_inference(args.model_name_or_path, device=args.device, dtype=args.dtype)
     try:
         app = create_app(model, tokenizer, args, decoding)
@@ -581,10 +601,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                        "and off loopback Host is not checked, so a web page can reach it by DNS rebinding; "
                        "set --api_key or %s", args.host, API_KEY_ENV)
     logger.info("serving %s (%s) as '%s' on http://%s:%d/ | API key %s | %d generations at once%s | web origins: %s",
-                args.model_name_or_path, type(model).__name__, app.state.model_id, args.host, args.port,
+                args.model_name_or_path, type(model).__name__, app.state.model_id, args.host, sock.getsockname()[1],
                 "required" if keyed else "off", args.max_concurrent, ", batched" if args.batching else "",
                 ", ".join(["own page", *args.allowed_origins]))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
 if __name__ == "__main__":

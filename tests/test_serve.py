@@ -294,6 +294,20 @@ def test_the_command_serves_on_loopback_with_the_key_from_the_environment(tiny_t
     assert f"on http://127.0.0.1:{port}/ | API key required" in output
 
 
+def test_a_busy_port_is_refused_before_the_model_loads(tiny_t5):
+    """uvicorn exited with status 3 once the model had loaded; the port is now taken first: one error, status 2."""
+    from conftest import run_script
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_script("serve.py", "--model_name_or_path", str(tiny_t5), "--port", str(port), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: field 'port': port {port} on 127.0.0.1 is in use" in result.stderr
+    assert "--port" in result.stderr and "Loading weights" not in result.stderr  # before the model
+
+
 CHAT = json.dumps({"model": "model", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 2}).encode()
 
 
