@@ -264,6 +264,26 @@ def test_decontamination_removes_real_ceval_and_cmmlu_questions_and_keeps_common
     assert (err.value.path, err.value.line, err.value.field) == (str(not_questions), 2, "decontaminate")
 
 
+def test_an_evaluation_set_that_can_match_nothing_is_refused(tmp_path):
+    """An empty --decontaminate folder was blamed on --input, and one without questions only logged: each is
+    one error naming the folder and --decontaminate, and nothing is written."""
+    corpus = _write(tmp_path / "docs.jsonl", json.dumps({"text": "春天的早晨，河边的柳树发出了嫩绿的新芽。"},
+                                                        ensure_ascii=False) + "\n")
+    empty, headers, short = tmp_path / "empty", tmp_path / "headers", tmp_path / "short"
+    empty.mkdir()
+    headers.mkdir()
+    _write(headers / "law_val.csv", "id,question,A,B,C,D,answer\n")
+    short.mkdir()
+    _write(short / "law_val.csv", "id,question,A,B,C,D,answer\n0,何为法,甲,乙,丙,丁,A\n")
+    for folder, message in ((empty, "holds no .csv, .jsonl, .json or .parquet file"), (headers, "holds no questions"),
+                            (short, "none of its 5 question and option texts has 13 characters")):
+        result = run_script("prepare_data.py", "--config", "none", "--input", str(corpus), "--output_dir",
+                            str(tmp_path / "out"), "--decontaminate", str(folder), check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"error: {folder}, field 'decontaminate': " in result.stderr and message in result.stderr
+        assert not (tmp_path / "out").exists()
+
+
 def test_decontamination_finds_a_shared_ngram_at_every_offset_and_nothing_shorter(tmp_path):
     """The probe looks at every 4th window only: a shared 13-character run must still be found wherever it
     starts, with or without spaces inside, and a 12-character one never."""
