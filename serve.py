@@ -311,7 +311,9 @@ async def read_json(request: Request, schema: type[BaseModel], max_bytes: int):
     if not isinstance(data, dict):
         raise APIError(400, "The body must be a JSON object.", code="invalid_json")
     try:
-        return schema.model_validate(data)
+        # strict: "8", 8.5 or true is not a max_tokens (lax validation coerced them, and bool passed as an int);
+        # from JSON, so that nested objects still validate as their models
+        return schema.model_validate_json(bytes(body), strict=True)
     except ValidationError as err:
         first = err.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or None
@@ -437,10 +439,10 @@ async def text_completion(service: ChatService, body: CompletionRequest, ids: li
     elif len(ids) > service.context_length:
         raise APIError(400, f"This model's maximum context length is {service.context_length} tokens; the prompt "
                             f"has {len(ids)}.", param="prompt", code="context_length_exceeded")
-    generated = reply.token_ids if reply else []
     text = (service.tokenizer.decode(ids) if body.echo else "") + (reply.text if reply else "")
     logprobs = None
     if body.logprobs is not None:
+        generated = reply.text_token_ids(service.tokenizer) if reply else []
         scores = await service.score(ids + generated, body.logprobs)
         logprobs = logprobs_body(service.tokenizer, ids, generated, scores, body.echo)
     return {"text": text, "logprobs": logprobs, "finish_reason": reply.finish_reason if reply else "length"}, reply

@@ -167,6 +167,10 @@ def test_api_key_is_required_on_every_route_but_the_page(llama_server):
     ("max_tokens 0", 400, "invalid_value", "max_tokens"),
     ("max_tokens beyond the context", 400, "invalid_value", "max_tokens"),
     ("temperature out of range", 400, "invalid_value", "temperature"),
+    ("max_tokens as text", 400, "invalid_value", "max_tokens"),  # was read as 8
+    ("max_tokens true", 400, "invalid_value", "max_tokens"),  # was read as 1: bool is not an int
+    ("max_tokens not whole", 400, "invalid_value", "max_tokens"),
+    ("stream as text", 400, "invalid_value", "stream"),
 ])
 def test_bad_requests_get_openai_errors(llama_server, case, status, code, param):
     request = {"model": "tiny-llama", "messages": [{"role": "user", "content": "你好"}]}
@@ -178,6 +182,10 @@ def test_bad_requests_get_openai_errors(llama_server, case, status, code, param)
         "max_tokens 0": {"max_tokens": 0},
         "max_tokens beyond the context": {"max_tokens": 256},
         "temperature out of range": {"temperature": 3},
+        "max_tokens as text": {"max_tokens": "8"},
+        "max_tokens true": {"max_tokens": True},
+        "max_tokens not whole": {"max_tokens": 8.5},
+        "stream as text": {"stream": "false"},
     }[case])
     with pytest.raises(openai.APIStatusError) as caught:
         llama_server.client.chat.completions.create(**request)
@@ -442,6 +450,23 @@ def test_stop_strings_cut_whole_and_streamed_replies_alike(llama_server):
     absent = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=16, stop="不" * 40,
                                             extra_body={"repetition_penalty": 1.0})
     assert absent.choices[0].message.content == full  # a stop string that never appears (any length) cuts nothing
+
+
+def test_logprobs_end_where_a_stop_string_cut_the_text(llama_server):
+    """The tokens of the stop string (and any after it) were listed in logprobs though the text ended before it."""
+    client, prompt = llama_server.client, "老师说："  # a reply of several tokens
+    full = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=16, logprobs=0,
+                                     extra_body={"repetition_penalty": 1.0}).choices[0]
+    offsets = full.logprobs.text_offset + [len(full.text)]
+    # a stop string that is a whole later token, first found where that token starts: the text ends before it
+    j = next(j for j in range(1, len(offsets) - 1) if offsets[j] < offsets[j + 1]
+             and full.text.find(full.text[offsets[j]:offsets[j + 1]]) == offsets[j] > 0)
+    cut = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=16, logprobs=0,
+                                    stop=full.text[offsets[j]:offsets[j + 1]],
+                                    extra_body={"repetition_penalty": 1.0}).choices[0]
+    assert (cut.text, cut.finish_reason) == (full.text[:offsets[j]], "stop")
+    assert cut.logprobs.tokens == full.logprobs.tokens[:j] and cut.logprobs.text_offset == offsets[:j]
+    assert cut.logprobs.token_logprobs == pytest.approx(full.logprobs.token_logprobs[:j], abs=1e-5)
 
 
 def test_streamer_holds_back_what_may_begin_a_stop_string():
