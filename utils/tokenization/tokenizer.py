@@ -324,7 +324,7 @@ def score_tokenizer(name: str, path_or_tokenizer, texts: list[str]) -> Tokenizer
         ids = [i for text in texts for i in processor.encode(text)]
         unk, size = processor.unk_id(), processor.get_piece_size()
     else:
-        tokenizer = (AutoTokenizer.from_pretrained(path_or_tokenizer)
+        tokenizer = (load_tokenizer(str(path_or_tokenizer), "reference_tokenizers")
                      if isinstance(path_or_tokenizer, (str, Path)) else path_or_tokenizer)
         ids = [i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
         unk, size = tokenizer.unk_token_id, len(tokenizer)
