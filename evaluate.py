@@ -29,7 +29,8 @@ from model.evaluation.report import results_markdown
 from model.inference.generation import InferenceArguments, load_for_inference
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
-from utils.io import write_json_atomic, write_text_atomic
+from utils.hub import missing_path
+from utils.io import check_writable, write_json_atomic, write_text_atomic
 from utils.logging import setup_logging
 
 logger = logging.getLogger("evaluate")
@@ -117,8 +118,12 @@ def load_task_data(task: str, args: EvalArguments):
             for subject in subjects:
                 subject.questions = subject.questions[:args.max_questions]
         return subjects
-    if task == "bpc":
-        return None  # tokenised with the model's tokenizer
+    if task == "bpc":  # tokenised with the model's tokenizer; a missing file is refused before any task runs
+        missing = next((name for name in args.bpc_files if not Path(name).exists()), None)
+        if missing is not None:
+            raise missing_path(missing, "bpc_files", "pass text / jsonl / parquet files or prepare_data.py output "
+                                                     "folders")
+        return None
     return load_rows(getattr(args, f"{task}_files"), args.max_examples)
 
 
@@ -163,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> dict | list[Path]:
         return report(argv[1:])
     (args,) = parse_config([EvalArguments], argv, default_recipe=recipe_path("evaluate"), description=__doc__)
     tasks = list(dict.fromkeys(args.task))
+    output = Path(args.output_dir or Path(args.model_name_or_path) / "eval")
+    check_writable(output, "output_dir")  # before the tasks, which may run for hours
     data = {task: load_task_data(task, args) for task in tasks}
     model, tokenizer = load_for_inference(args.model_name_or_path, args.device, args.dtype)
     logger.info("model %s (%s) on %s", args.model_name_or_path, type(model).__name__, model.device)
@@ -171,7 +178,6 @@ def main(argv: Sequence[str] | None = None) -> dict | list[Path]:
         began = time.perf_counter()
         results[task] = {**run_task(task, args, data[task], model, tokenizer),
                          "seconds": round(time.perf_counter() - began, 2)}
-    output = Path(args.output_dir or Path(args.model_name_or_path) / "eval")
     merged = _previous_results(output / "eval_results.json", args.model_name_or_path)
     merged.update(model=args.model_name_or_path, results={**merged.get("results", {}), **results})
     write_json_atomic(output / "eval_results.json", merged)

@@ -456,6 +456,21 @@ def evaluate_state(run):
     return found
 
 
+def test_a_missing_bpc_file_or_an_unwritable_output_is_refused_before_any_task_runs(tmp_path, tiny_llama):
+    """They were found after the tasks before them had run (C-Eval first: hours on a real model)."""
+    result = run_script("evaluate.py", "--config", "none", "--model_name_or_path", str(tiny_llama), "--task", "ceval",
+                        "bpc", "--ceval_data", "data/demo/eval_ceval", "--bpc_files", str(tmp_path / "held_out.jsonl"),
+                        "--output_dir", str(tmp_path / "eval"), check=False)
+    assert result.returncode == 2 and "Loading weights" not in result.stderr
+    assert f"error: {tmp_path / 'held_out.jsonl'}, field 'bpc_files': no such file or directory" in result.stderr
+    (tmp_path / "taken").write_text("a file where the output folder would go")
+    result = run_script("evaluate.py", "--config", "none", "--model_name_or_path", str(tiny_llama), "--task", "ceval",
+                        "--ceval_data", "data/demo/eval_ceval", "--output_dir", str(tmp_path / "taken" / "eval"),
+                        check=False)
+    assert result.returncode == 2 and "Loading weights" not in result.stderr
+    assert "field 'output_dir': cannot write here" in result.stderr and not (tmp_path / "eval").exists()
+
+
 def test_bad_input_is_refused_clearly(tmp_path, tiny_llama):
     with pytest.raises(UserError, match="no such file or directory"):
         load_benchmark(str(tmp_path / "missing"), "val")
