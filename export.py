@@ -20,9 +20,8 @@ from pathlib import Path
 from model.export import DEFAULT_LLAMA_CPP_DIR, OUTTYPES, export_gguf, ollama_modelfile
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
-from utils.errors import UserError
 from utils.hub import local_dir
-from utils.io import check_writable, write_text_atomic
+from utils.io import check_output_file, write_text_atomic
 from utils.logging import setup_logging
 
 logger = logging.getLogger("export")
@@ -46,24 +45,12 @@ class ExportArguments:
                 "(`make llama-cpp` puts them at the default), or a llama.cpp checkout."})
 
 
-def check_output_file(output: Path, modelfile: Path, overwrite: bool) -> None:
-    """Refuse, before converting, an --output that is a folder, or that exists (or its Modelfile does) without
-    --overwrite; and a location that cannot be written."""
-    if output.is_dir():
-        raise UserError("is a folder; --output names the GGUF file to write", path=str(output), field="output",
-                        fix=f"name a file, e.g. --output {output / output.name}.gguf")
-    existing = next((path for path in (output, modelfile) if path.exists()), None)
-    if existing is not None and not overwrite:
-        raise UserError("already exists", path=str(existing), field="output",
-                        fix="pass --overwrite to replace it, or choose another --output")
-    check_writable(output, "output")
-
-
 def main(argv: Sequence[str] | None = None) -> Path:
     setup_logging()
     (args,) = parse_config([ExportArguments], argv, default_recipe=recipe_path("export"), description=__doc__)
     output = Path(args.output)
-    check_output_file(output, output.with_suffix(".Modelfile"), args.overwrite)
+    for path in (output, output.with_suffix(".Modelfile")):  # before converting
+        check_output_file(path, "output", args.overwrite)
     model_dir = local_dir(args.model_name_or_path, "model_name_or_path")
     logger.info(f"converting {args.model_name_or_path} to {output} ({args.outtype}) with llama.cpp's converter")
     export_gguf(model_dir, output, args.outtype, args.llama_cpp_dir)

@@ -32,7 +32,7 @@ from utils.cli import run_main
 from utils.config import config_to_dict, parse_config, recipe_path
 from utils.data.conversations import FORMATS, load_answered_prompts
 from utils.errors import UserError
-from utils.io import write_json_atomic
+from utils.io import check_output_file, write_json_atomic
 from utils.logging import setup_logging
 
 logger = logging.getLogger("generate_rejected")
@@ -113,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.max_rows >= 0:
         items = items[:args.max_rows]
     output = Path(args.output)
+    check_output_file(output, "output")  # an existing file is resumed
     if args.overwrite:
         output.unlink(missing_ok=True)
         progress_path(output).unlink(missing_ok=True)
