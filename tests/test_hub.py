@@ -75,3 +75,13 @@ def test_missing_data_that_looks_like_a_hub_dataset(monkeypatch, tmp_path, tiny_
                         "--output_dir", str(tmp_path / "out"), check=False)
     refused_at_once(result, "nowhere/pairs", None)
     assert not (tmp_path / "out").exists()
+
+
+def test_with_the_hub_allowed_a_hub_id_that_cannot_be_fetched_is_one_error(monkeypatch, tmp_path):
+    """Offline (as here) or a repository that does not exist: either way one error naming the id and the flag."""
+    monkeypatch.setenv(HUB_SWITCH, "0")
+    result = run_script("chat.py", "--model_name_or_path", "zhlm-tests-no-such-org/no-such-model", "--message", "你好",
+                        check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert ("error: zhlm-tests-no-such-org/no-such-model, field 'model_name_or_path': cannot download it from the hub"
+            in result.stderr)
