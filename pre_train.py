@@ -47,6 +47,7 @@ from model.training.trainer import (
 )
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
+from utils.data.sources import split_files
 from utils.errors import UserError
 from utils.examples.pretrain_data import PackedBlocks, SpanCorruptionBlocks, TextToTextPairs, TokenStream, WeightedMix
 from utils.logging import setup_logging
@@ -112,6 +113,14 @@ class DataArguments:
             raise ValueError(f"--noise_density must be in (0, 1), not {self.noise_density}")
 
 
+def check_data_files(data: DataArguments) -> None:
+    """Refuse a missing data file, naming its flag, before the model loads and the output directory is claimed
+    (the datasets are built after that: their token cache lives in the output directory)."""
+    for name, split in (("train_files", "train"), ("validation_files", "validation"), ("pair_files", "train"),
+                        ("validation_pair_files", "validation")):
+        split_files(getattr(data, name), split, name)
+
+
 def build_datasets(data: DataArguments, tokenizer, seq2seq: bool, cache_dir: Path, seed: int, args):
     """Train and eval datasets for the objective, with characters per token for bits per character."""
     objective = data.objective
@@ -162,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
                             "a new model from scratch")
     output_dir = lora.adapter_output_dir(args) if peft.enabled else None
     set_seed(args.seed)
+    check_data_files(data)
     tokenizer = load_tokenizer(model_args.tokenizer_name_or_path)
     if model_args.model_name_or_path:
         model = lora.load_base(model_args.model_name_or_path, tokenizer, peft, model_args.attn_implementation)

@@ -158,6 +158,12 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
                                                 argv, default_recipe=recipe_path("sft"), description=__doc__)
     output_dir = lora.adapter_output_dir(args) if peft.enabled else None
     set_seed(args.seed)
+    # the data first: a bad file is refused before the model loads and the output directory is claimed
+    conversations = load_conversations(data.train_files, data.data_format, data.dataset_split, data.system_prompt)
+    train_conversations, eval_conversations = split_validation(conversations, data, args.seed)
+    if not eval_conversations and args.eval_strategy != "no":
+        raise UserError("evaluation is on but there is no validation data", field="eval_strategy",
+                        fix="pass --validation_files or --validation_ratio > 0, or --eval_strategy no")
     tokenizer = (load_tokenizer(model_args.tokenizer_name_or_path) if model_args.tokenizer_name_or_path
                  else load_tokenizer(model_args.model_name_or_path, "model_name_or_path"))
     model = lora.load_base(model_args.model_name_or_path, tokenizer, peft, model_args.attn_implementation)
@@ -172,17 +178,12 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
     settings = [model_args, data, peft] if peft.enabled else [model_args, data]  # runs before --peft stay resumable
     claim_output_dir(run_identity("sft", model, tokenizer, settings, args), args)
 
-    conversations = load_conversations(data.train_files, data.data_format, data.dataset_split, data.system_prompt)
-    train_conversations, eval_conversations = split_validation(conversations, data, args.seed)
     with args.main_process_first(desc="tokenize"):
         tokenize = lambda convs: tokenize_conversations(  # noqa: E731
             convs, tokenizer, seq2seq, data.max_source_length, data.max_target_length, data.max_length,
             data.overlong, data.preprocessing_num_workers)
         train_set, stats = tokenize(train_conversations)
         eval_set, eval_stats = tokenize(eval_conversations) if eval_conversations else (None, None)
-    if eval_set is None and args.eval_strategy != "no":
-        raise UserError("evaluation is on but there is no validation data", field="eval_strategy",
-                        fix="pass --validation_files or --validation_ratio > 0, or --eval_strategy no")
     logger.info("train: %s", stats.describe())
     if eval_stats:
         logger.info("validation: %s", eval_stats.describe())

@@ -44,10 +44,11 @@ def refused_at_once(result, name: str, field: str | None):
 def test_a_missing_model_is_refused_by_every_stage(monkeypatch, tmp_path, tiny_tokenizer, script, output_flag):
     monkeypatch.delenv(HUB_SWITCH, raising=False)
     data = tmp_path / "sft.jsonl"
-    data.write_text('{"prompt": "你好", "response": "你好！"}\n', encoding="utf-8")
+    data.write_text('{"prompt": "你好", "response": "你好！"}\n' * 10, encoding="utf-8")
     args = [script, "--model_name_or_path", "models/base"]
     args += [output_flag, str(tmp_path / "out")] if output_flag else []
     args += ["--input", str(data)] if script == "generate_rejected.py" else []
+    args += ["--train_files", str(data)] if script == "sft_train.py" else []  # the data is read first
     args += ["--message", "你好"] if script == "chat.py" else []
     refused_at_once(run_script(*args, check=False), "models/base", "model_name_or_path")
     assert not (tmp_path / "out").exists()

@@ -62,10 +62,11 @@ class Location:
         return UserError(problem, path=self.path, line=self.line, field=field, fix=fix)
 
 
-def discover_inputs(paths: list[str]) -> list[Path]:
-    """Expand directories into their files (sorted, hidden files skipped); refuse missing paths."""
+def discover_inputs(paths: list[str], field: str = "input") -> list[Path]:
+    """Expand directories into their files (sorted, hidden files skipped); refuse missing paths, naming
+    `field`, the flag that gave them (prepare_data.py's --input by default)."""
     if not paths:
-        raise UserError("no input given", field="input", fix="pass one or more files or directories to --input")
+        raise UserError("no input given", field=field, fix=f"pass one or more files or directories to --{field}")
     files: list[Path] = []
     for name in paths:
         path = Path(name)
@@ -73,15 +74,16 @@ def discover_inputs(paths: list[str]) -> list[Path]:
             found = sorted(p for p in path.rglob("*") if p.is_file() and not any(
                 part.startswith(".") for part in p.relative_to(path).parts))
             if not found:
-                raise UserError("the input directory holds no files", path=name, field="input",
-                                fix="point --input at a dump, wikiextractor output or text files")
+                raise UserError("the input directory holds no files", path=name, field=field,
+                                fix="point --input at a dump, wikiextractor output or text files" if field == "input"
+                                else f"point --{field} at files")
             files.extend(found)
         elif path.is_file():
             files.append(path)
         else:
-            raise UserError("no such file or directory", path=name, field="input",
-                            fix="check the path; download the dump from "
-                                "https://dumps.wikimedia.org/zhwiki/latest/zhwiki-latest-pages-articles.xml.bz2")
+            raise UserError("no such file or directory", path=name, field=field,
+                            fix="check the path; download the dump from https://dumps.wikimedia.org/zhwiki/latest/"
+                                "zhwiki-latest-pages-articles.xml.bz2" if field == "input" else "check the path")
     return files
 
 
@@ -425,9 +427,9 @@ def _describe(value: object, column: str) -> str:
     return f"a {type(value).__name__}"
 
 
-def split_files(paths: list[str], split: str) -> list[Path]:
+def split_files(paths: list[str], split: str, field: str = "input") -> list[Path]:
     """Files of one split: in a `prepare_data.py` output directory its `{split}-*.parquet` shards,
-    otherwise every file given (directories expanded)."""
+    otherwise every file given (directories expanded; `field` as in `discover_inputs`)."""
     files: list[Path] = []
     for name in paths:
         path = Path(name)
@@ -437,5 +439,5 @@ def split_files(paths: list[str], split: str) -> list[Path]:
         elif path.is_dir() and sorted(path.glob("*-*-of-*.parquet")):
             continue  # a corpus directory without this split
         else:
-            files.extend(discover_inputs([name]))
+            files.extend(discover_inputs([name], field))
     return files
