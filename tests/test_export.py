@@ -124,6 +124,12 @@ def test_cut_weights_and_taken_outputs_are_refused_before_converting(tiny_llama,
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert f"error: {weights}, field 'model_name_or_path': the weights file is cut short" in result.stderr
     assert not (tmp_path / "out").exists()
+    weights.unlink()  # a sharded checkpoint missing a shard
+    index = cut / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(UserError, match="lists 1 shard.* not there: model-00002-of-00002.safetensors") as err:
+        export.main(["--model_name_or_path", str(cut), "--output", str(tmp_path / "out" / "m.gguf")])
+    assert err.value.path == str(index) and not (tmp_path / "out").exists()
 
     folder = tmp_path / "gguf"
     folder.mkdir()

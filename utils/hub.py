@@ -83,7 +83,20 @@ def local_dir(name: str, field: str, needs: Sequence[str] = ("config.json",), wh
 def check_safetensors(directory: Path, field: str) -> None:
     """Refuse a `.safetensors` file in `directory` that was cut short (an interrupted copy or download), naming
     it, before any work: its header must be whole and its tensors must end within the file. Reading the
-    header costs a few kB; without this the error comes from deep inside a loader or converter, mid-way."""
+    header costs a few kB; without this the error comes from deep inside a loader or converter, mid-way. A
+    sharded checkpoint's index must name only shards that are there."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError("the weights index is not valid JSON with a weight_map", path=str(index), field=field,
+                            fix="copy or download the model again") from None
+        missing = sorted(str(shard) for shard in shards if not (directory / str(shard)).is_file())
+        if missing:
+            raise UserError(f"the weights index lists {len(missing)} shard(s) that are not there: "
+                            f"{', '.join(missing[:3])}", path=str(index), field=field,
+                            fix="copy or download the model again (every shard the index lists)")
     for file in sorted(directory.glob("*.safetensors")):
         size = file.stat().st_size
         with open(file, "rb") as handle:
