@@ -33,6 +33,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -315,10 +316,28 @@ async def read_json(request: Request, schema: type[BaseModel], max_bytes: int):
         # from JSON, so that nested objects still validate as their models
         return schema.model_validate_json(bytes(body), strict=True)
     except ValidationError as err:
-        first = err.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        raise APIError(400, f"Invalid value for '{param}': {first['msg']}.", param=param,
-                       code="invalid_value") from None
+        raise invalid_value(err.errors()) from None
+
+
+# pydantic's name for the member of a union an error is about, inside an error's location: ("prompt",
+# "list[int]", 1) is the user's prompt.1; fields are snake_case, members are types (str, list[int], TextPart)
+_UNION_MEMBER = re.compile(r"(str|int|float|bool|none|[a-z]+\[.*\]|[A-Z]\w*)")
+
+
+def invalid_value(errors: list[dict]) -> APIError:
+    """OpenAI's 400 for a body that does not validate, naming the first field that failed as the client wrote
+    it; for a union (prompt: text, texts or token ids), the forms it takes."""
+    def member(part) -> bool:
+        return isinstance(part, str) and bool(_UNION_MEMBER.fullmatch(part))
+
+    def field_path(error: dict) -> str:
+        return ".".join(str(part) for part in error["loc"] if not member(part))
+
+    param = field_path(errors[0]) or None
+    members = list(dict.fromkeys(part for error in errors if field_path(error).startswith(param or "")
+                                 for part in error["loc"] if member(part)))
+    problem = f"not one of {', '.join(members)}" if len(members) > 1 else errors[0]["msg"]
+    return APIError(400, f"Invalid value for '{param}': {problem}.", param=param, code="invalid_value")
 
 
 async def api_error(request: Request, err: APIError):

@@ -542,6 +542,8 @@ def test_text_completions_generate_from_the_raw_prompt(request, which):
     ("t5_server", {"prompt": ""}, "prompt"),
     ("t5_server", {"prompt": [[5, 99999]]}, "prompt"),
     ("t5_server", {"prompt": "你好", "stop": ["a"] * 17}, "stop"),
+    ("llama_server", {"prompt": [5, True]}, "prompt"),  # true is no token id (was 'prompt.str')
+    ("llama_server", {"prompt": "你好", "logprobs": True}, "logprobs"),  # was read as 1
     ("llama_server", {"prompt": "春" * 300, "max_tokens": 8}, "prompt"),  # beyond the 256-position context
     ("llama_server", {"prompt": "春" * 300, "max_tokens": 0, "echo": True}, "prompt"),
 ])
@@ -550,6 +552,8 @@ def test_bad_completion_requests_name_the_field(request, which, body, param):
     model_id = "tiny-llama" if which == "llama_server" else "model"
     status, answer = post(server.url + "/v1/completions", json.dumps({"model": model_id, **body}).encode())
     assert (status, answer["error"]["param"]) == (400, param), answer
+    if body.get("prompt") == [5, True]:
+        assert "not one of str, list[str], list[int], list[list[int]]" in answer["error"]["message"]
 
 
 def test_batched_t5_streams_equal_their_solo_replies_and_a_failed_batch_leaves_the_server_serving(t5_server):
