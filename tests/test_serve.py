@@ -314,6 +314,9 @@ def test_a_busy_port_is_refused_before_the_model_loads(tiny_t5):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert f"error: field 'port': port {port} on 127.0.0.1 is in use" in result.stderr
     assert "--port" in result.stderr and "Loading weights" not in result.stderr  # before the model
+    # an address of no machine here (TEST-NET-1, kept for documentation): nothing can listen on it
+    result = run_script("serve.py", "--model_name_or_path", str(tiny_t5), "--host", "192.0.2.1", check=False)
+    assert result.returncode == 2 and "error: field 'host': cannot listen on 192.0.2.1:8000" in result.stderr
 
 
 CHAT = json.dumps({"model": "model", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 2}).encode()
