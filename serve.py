@@ -97,6 +97,8 @@ class ServeArguments(InferenceArguments):
             raise ValueError(f"--max_concurrent must be >= 1, not {self.max_concurrent}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"--max_body_bytes must be >= 1024, not {self.max_body_bytes}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be a TCP port, 0 to 65535 (0 = any free one), not {self.port}")
 
 
 class TextPart(BaseModel):

@@ -435,6 +435,9 @@ def test_allowed_origins_are_checked_and_written_as_browsers_send_them():
     for bad in ("localhost:5173", "http://localhost:5173/chat", "file:///tmp/page.html", "null"):
         with pytest.raises(ValueError, match="--allowed_origins"):
             ServeArguments(allowed_origins=[bad])
+    for port in (-1, 70000):  # bind() raised OverflowError, a traceback
+        with pytest.raises(ValueError, match="--port must be a TCP port"):
+            ServeArguments(port=port)
 
 
 def test_stop_strings_cut_whole_and_streamed_replies_alike(llama_server):
