@@ -100,10 +100,10 @@ class ReportArguments:
     output_dir: str | None = field(default=None, metadata={"help": "Where the PNGs go; default <run_dir>/plots."})
 
 
-def load_rows(files: Sequence[str], limit: int) -> tuple[list[str], list[str]]:
+def load_rows(files: Sequence[str], limit: int, field: str) -> tuple[list[str], list[str]]:
     from utils.examples.pretrain_data import load_text_files
 
-    data, _ = load_text_files(list(files), "validation", ["prompt", "response"])
+    data, _ = load_text_files(list(files), "validation", ["prompt", "response"], field)
     if limit > 0:
         data = data.select(range(min(limit, len(data))))
     return [str(p) for p in data["prompt"]], [str(r) for r in data["response"]]
@@ -124,7 +124,7 @@ def load_task_data(task: str, args: EvalArguments):
             raise missing_path(missing, "bpc_files", "pass text / jsonl / parquet files or prepare_data.py output "
                                                      "folders")
         return None
-    return load_rows(getattr(args, f"{task}_files"), args.max_examples)
+    return load_rows(getattr(args, f"{task}_files"), args.max_examples, f"{task}_files")
 
 
 def run_task(task: str, args: EvalArguments, data, model, tokenizer) -> dict:

@@ -15,7 +15,7 @@ import struct
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SENTENCES, run_script, shared_path
+from conftest import REPO, SENTENCES, run_script, shared_path
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 import evaluate
@@ -469,6 +469,10 @@ def test_a_missing_bpc_file_or_an_unwritable_output_is_refused_before_any_task_r
                         check=False)
     assert result.returncode == 2 and "Loading weights" not in result.stderr
     assert "field 'output_dir': cannot write here" in result.stderr and not (tmp_path / "eval").exists()
+    with pytest.raises(UserError, match="must all be .parquet") as err:  # was blamed on pre_train's --train_files
+        evaluate.main(["--config", "none", "--model_name_or_path", str(tiny_llama), "--task", "bpc", "--bpc_files",
+                       str(REPO / "README.md"), "--output_dir", str(tmp_path / "eval")])
+    assert err.value.field == "bpc_files" and not (tmp_path / "eval").exists()
 
 
 def test_bad_input_is_refused_clearly(tmp_path, tiny_llama):

@@ -31,6 +31,22 @@ class InferenceArguments:
 
     def __post_init__(self):
         check_precision(self.dtype, "dtype")
+        check_device(self.device)
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a --device torch cannot use here (an unknown name; CUDA on a machine without it, or a GPU index
+    past the last), before the model loads: torch's own error is a traceback from inside the load."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, not '{device}'") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if parsed.type == "cuda" and (parsed.index or 0) >= count:
+        seen = f"torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}" if count else "torch sees no CUDA GPU here"
+        raise ValueError(f"--device {device}: {seen}; pass another --device, or none (cuda when available, else cpu)")
 
 
 def load_for_inference(path: str, device: str | None = None, dtype: str = "auto"):
