@@ -54,11 +54,11 @@ def test_a_missing_model_is_refused_by_every_stage(monkeypatch, tmp_path, tiny_t
     assert not (tmp_path / "out").exists()
 
 
-def test_chinese_llama_recipe_without_its_base_is_refused_at_once(monkeypatch, tmp_path, tiny_tokenizer):
+def test_chinese_llama_recipe_without_its_base_is_refused_at_once(monkeypatch, tmp_path, tiny_corpus, tiny_tokenizer):
     monkeypatch.delenv(HUB_SWITCH, raising=False)
     out = tmp_path / "pretrain"
     result = run_script("pre_train.py", "--config", "config/chinese_llama/pretrain.yaml", "--tokenizer_name_or_path",
-                        str(tiny_tokenizer), "--output_dir", str(out), check=False)
+                        str(tiny_tokenizer), "--train_files", str(tiny_corpus), "--output_dir", str(out), check=False)
     refused_at_once(result, "models/base", "model_name_or_path")
     assert not out.exists()
 
