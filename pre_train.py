@@ -121,14 +121,23 @@ def check_data_files(data: DataArguments) -> None:
         split_files(getattr(data, name), split, name)
 
 
-def build_datasets(data: DataArguments, tokenizer, seq2seq: bool, cache_dir: Path, seed: int, args):
-    """Train and eval datasets for the objective, with characters per token for bits per character."""
+def data_objective(data: DataArguments, seq2seq: bool) -> str:
+    """The objective (`auto` resolved for the model); refused when it does not fit the model or lacks its data."""
     objective = data.objective
     if objective == "auto":
         objective = ("mix" if data.pair_files else "span_corruption") if seq2seq else "causal_lm"
     if seq2seq == (objective == "causal_lm"):
         raise UserError(f"objective '{objective}' does not fit a {'T5' if seq2seq else 'decoder'} model",
                         field="objective", fix="use causal_lm for Llama; span_corruption, text_to_text or mix for T5")
+    if objective in ("text_to_text", "mix") and not data.pair_files:
+        raise UserError(f"the {objective} objective needs --pair_files", field="pair_files",
+                        fix="pass files with prompt and response columns")
+    return objective
+
+
+def build_datasets(data: DataArguments, tokenizer, seq2seq: bool, cache_dir: Path, seed: int, args):
+    """Train and eval datasets for the objective, with characters per token for bits per character."""
+    objective = data_objective(data, seq2seq)
     validation = data.validation_files or data.train_files
     workers = data.preprocessing_num_workers
     train, evals, ratios = [], {}, {}
@@ -147,9 +156,6 @@ def build_datasets(data: DataArguments, tokenizer, seq2seq: bool, cache_dir: Pat
             evals["span"] = make(val_stream, 1)
             ratios["span"] = val_stream.chars_per_token
     if objective in ("text_to_text", "mix"):
-        if not data.pair_files:
-            raise UserError("the text_to_text objective needs --pair_files", field="pair_files",
-                            fix="pass files with prompt and response columns")
         with args.main_process_first(desc="tokenize pairs"):
             train.append(TextToTextPairs(data.pair_files, "train", tokenizer, data.max_source_length,
                                          data.max_target_length, workers))
@@ -183,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer:
         model = lora.add_adapter(model, peft, added_token_ids(model_args.model_name_or_path, tokenizer),
                                  gradient_checkpointing=args.gradient_checkpointing)
     seq2seq = is_seq2seq(model.config)
+    data_objective(data, seq2seq)  # refused before the output directory is claimed
     settings = [model_args, data, peft] if peft.enabled else [model_args, data]  # runs before --peft stay resumable
     claim_output_dir(run_identity("pretrain", model, tokenizer, settings, args), args)
     objective, train_set, eval_set, ratios = build_datasets(data, tokenizer, seq2seq,

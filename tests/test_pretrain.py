@@ -296,6 +296,7 @@ def test_bad_model_and_objective_are_refused(tiny_corpus, tiny_tokenizer, tmp_pa
     with pytest.raises(UserError, match="does not fit"):
         pre_train.main(common(tiny_corpus, tiny_tokenizer, "llama-tiny", tmp_path / "y", "--max_steps", "1",
                               "--objective", "span_corruption"))
+    assert not (tmp_path / "y").exists()  # refused before the output directory is claimed
 
 
 def test_a_missing_data_file_is_refused_before_anything_is_written(tiny_tokenizer, tmp_path):
