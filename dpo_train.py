@@ -23,7 +23,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from transformers import AutoTokenizer, set_seed
+from transformers import set_seed
 
 from model.build import (
     AttentionArguments,
@@ -32,7 +32,6 @@ from model.build import (
     flops_per_token,
     is_seq2seq,
     load_model,
-    require_model_dir,
 )
 from model.inference.generation import context_length
 from model.training.dpo import DPOArguments, PreferenceTrainer
@@ -44,7 +43,9 @@ from utils.cli import run_main
 from utils.config import parse_config, recipe_path
 from utils.data.conversations import PreferenceDataArguments, load_preference_splits
 from utils.errors import UserError
+from utils.hub import local_dir
 from utils.logging import setup_logging
+from utils.tokenization.tokenizer import load_tokenizer
 
 logger = logging.getLogger("dpo_train")
 
@@ -80,9 +81,10 @@ def main(argv: Sequence[str] | None = None) -> PreferenceTrainer | None:
     output_dir = adapter_output_dir(args)  # checkpoints and the adapter in output_dir/adapter
     set_seed(args.seed)
     train_set, eval_set = load_preference_splits(data, args.seed)
-    require_model_dir(model_args.model_name_or_path, fix="pass an sft_train.py output directory")
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-    model = load_model(model_args.model_name_or_path, tokenizer, model_args.attn_implementation)
+    model_dir = local_dir(model_args.model_name_or_path, "model_name_or_path",
+                          fix="pass an sft_train.py output directory")
+    tokenizer = load_tokenizer(model_dir, "model_name_or_path")
+    model = load_model(model_dir, tokenizer, model_args.attn_implementation)
     check_attention_for_training(model)
     seq2seq = is_seq2seq(model.config)
     seq_len = check_lengths(data, args, model, tokenizer, seq2seq)

@@ -29,7 +29,8 @@ from model.evaluation.report import results_markdown
 from model.inference.generation import InferenceArguments, load_for_inference
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
-from utils.io import write_json_atomic, write_text_atomic
+from utils.hub import missing_path
+from utils.io import check_writable, write_json_atomic, write_text_atomic
 from utils.logging import setup_logging
 
 logger = logging.getLogger("evaluate")
@@ -43,11 +44,13 @@ class EvalArguments(InferenceArguments):
     output_dir: str | None = field(default=None, metadata={
         "help": "Where eval_results.json / .md go (merged with earlier results); default <model>/eval."})
     ceval_data: str = field(default="ceval/ceval-exam", metadata={
-        "help": "C-Eval: directory of the official CSVs (dev/, val/, subject_mapping.json) or the hub dataset name."})
+        "help": "C-Eval: directory of the official CSVs (dev/, val/, subject_mapping.json) or, with "
+                "HF_HUB_OFFLINE=0, the hub dataset name."})
     ceval_split: str = field(default="val", metadata={"help": "C-Eval split to score (test answers are hidden)."})
     ceval_subjects: list[str] = field(default_factory=list, metadata={"help": "C-Eval subjects; empty = all."})
     cmmlu_data: str = field(default="haonan-li/cmmlu", metadata={
-        "help": "CMMLU: directory of the official CSVs (dev/, test/, subject_mapping.json) or the hub dataset name."})
+        "help": "CMMLU: directory of the official CSVs (dev/, test/, subject_mapping.json) or, with "
+                "HF_HUB_OFFLINE=0, the hub dataset name."})
     cmmlu_split: str = field(default="test", metadata={
         "help": "CMMLU split to score. With 'dev', k-shot examples are the other dev questions (leave-one-out)."})
     cmmlu_subjects: list[str] = field(default_factory=list, metadata={"help": "CMMLU subjects; empty = all."})
@@ -97,10 +100,10 @@ class ReportArguments:
     output_dir: str | None = field(default=None, metadata={"help": "Where the PNGs go; default <run_dir>/plots."})
 
 
-def load_rows(files: Sequence[str], limit: int) -> tuple[list[str], list[str]]:
+def load_rows(files: Sequence[str], limit: int, field: str) -> tuple[list[str], list[str]]:
     from utils.examples.pretrain_data import load_text_files
 
-    data, _ = load_text_files(list(files), "validation", ["prompt", "response"])
+    data, _ = load_text_files(list(files), "validation", ["prompt", "response"], field)
     if limit > 0:
         data = data.select(range(min(limit, len(data))))
     return [str(p) for p in data["prompt"]], [str(r) for r in data["response"]]
@@ -115,9 +118,13 @@ def load_task_data(task: str, args: EvalArguments):
             for subject in subjects:
                 subject.questions = subject.questions[:args.max_questions]
         return subjects
-    if task == "bpc":
-        return None  # tokenised with the model's tokenizer
-    return load_rows(getattr(args, f"{task}_files"), args.max_examples)
+    if task == "bpc":  # tokenised with the model's tokenizer; a missing file is refused before any task runs
+        missing = next((name for name in args.bpc_files if not Path(name).exists()), None)
+        if missing is not None:
+            raise missing_path(missing, "bpc_files", "pass text / jsonl / parquet files or prepare_data.py output "
+                                                     "folders")
+        return None
+    return load_rows(getattr(args, f"{task}_files"), args.max_examples, f"{task}_files")
 
 
 def run_task(task: str, args: EvalArguments, data, model, tokenizer) -> dict:
@@ -161,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> dict | list[Path]:
         return report(argv[1:])
     (args,) = parse_config([EvalArguments], argv, default_recipe=recipe_path("evaluate"), description=__doc__)
     tasks = list(dict.fromkeys(args.task))
+    output = Path(args.output_dir or Path(args.model_name_or_path) / "eval")
+    check_writable(output, "output_dir")  # before the tasks, which may run for hours
     data = {task: load_task_data(task, args) for task in tasks}
     model, tokenizer = load_for_inference(args.model_name_or_path, args.device, args.dtype)
     logger.info("model %s (%s) on %s", args.model_name_or_path, type(model).__name__, model.device)
@@ -169,7 +178,6 @@ def main(argv: Sequence[str] | None = None) -> dict | list[Path]:
         began = time.perf_counter()
         results[task] = {**run_task(task, args, data[task], model, tokenizer),
                          "seconds": round(time.perf_counter() - began, 2)}
-    output = Path(args.output_dir or Path(args.model_name_or_path) / "eval")
     merged = _previous_results(output / "eval_results.json", args.model_name_or_path)
     merged.update(model=args.model_name_or_path, results={**merged.get("results", {}), **results})
     write_json_atomic(output / "eval_results.json", merged)

@@ -20,7 +20,8 @@ from pathlib import Path
 from model.export import DEFAULT_LLAMA_CPP_DIR, OUTTYPES, export_gguf, ollama_modelfile
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
-from utils.io import check_writable, write_text_atomic
+from utils.hub import local_dir
+from utils.io import check_output_file, write_text_atomic
 from utils.logging import setup_logging
 
 logger = logging.getLogger("export")
@@ -35,7 +36,10 @@ class ExportArguments:
     outtype: str = field(default="f16", metadata={
         "help": "Tensor type: f16, bf16, f32 or q8_0 (8-bit, half the size of f16).", "choices": list(OUTTYPES)})
     output: str = field(default="gguf/model-f16.gguf", metadata={
-        "help": "The GGUF file to write (replaced if it exists); the Modelfile goes beside it as <name>.Modelfile."})
+        "help": "The GGUF file to write (an existing one is refused unless --overwrite); the Modelfile goes beside "
+                "it as <name>.Modelfile."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace an existing --output file and its Modelfile (each written whole or not at all)."})
     llama_cpp_dir: str = field(default=DEFAULT_LLAMA_CPP_DIR, metadata={
         "help": "Where llama.cpp's converter is: convert_hf_to_gguf.py's conversion/ and gguf-py/ "
                 "(`make llama-cpp` puts them at the default), or a llama.cpp checkout."})
@@ -45,11 +49,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
     setup_logging()
     (args,) = parse_config([ExportArguments], argv, default_recipe=recipe_path("export"), description=__doc__)
     output = Path(args.output)
-    check_writable(output, "output")
+    for path in (output, output.with_suffix(".Modelfile")):  # before converting
+        check_output_file(path, "output", args.overwrite)
+    model_dir = local_dir(args.model_name_or_path, "model_name_or_path")
     logger.info(f"converting {args.model_name_or_path} to {output} ({args.outtype}) with llama.cpp's converter")
-    export_gguf(args.model_name_or_path, output, args.outtype, args.llama_cpp_dir)
+    export_gguf(model_dir, output, args.outtype, args.llama_cpp_dir)
     modelfile = output.with_suffix(".Modelfile")
-    write_text_atomic(modelfile, ollama_modelfile(output, args.model_name_or_path))
+    write_text_atomic(modelfile, ollama_modelfile(output, model_dir))
     logger.info(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB) and {modelfile}: "
                 f"`ollama create NAME -f {modelfile}`, or `llama-cli -m {output} -cnv`")
     return output

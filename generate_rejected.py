@@ -33,7 +33,7 @@ from utils.config import ONE_COMMAND_ACTIONS, config_to_dict, parse_config, reci
 from utils.data.conversations import FORMATS, load_answered_prompts
 from utils.data.sources import PROGRESS_SUFFIX
 from utils.errors import UserError
-from utils.io import write_json_atomic
+from utils.io import check_output_file, write_json_atomic
 from utils.logging import setup_logging
 
 logger = logging.getLogger("generate_rejected")
@@ -124,10 +124,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     (args,) = parse_config([GenerateArguments], argv, default_recipe=recipe_path("generate_rejected"),
                            description=__doc__)
     set_seed(args.seed)
-    items = load_answered_prompts(args.input, args.data_format, args.dataset_split, args.system_prompt)
+    items = load_answered_prompts(args.input, args.data_format, args.dataset_split, args.system_prompt, "input")
     if args.max_rows >= 0:
         items = items[:args.max_rows]
     output = Path(args.output)
+    check_output_file(output, "output")  # an existing file is resumed
     if args.overwrite:
         output.unlink(missing_ok=True)
         progress_path(output).unlink(missing_ok=True)

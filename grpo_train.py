@@ -24,9 +24,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from transformers import AutoConfig, AutoTokenizer, set_seed
+from transformers import AutoConfig, set_seed
 
-from model.build import count_parameters, flops_per_token, is_seq2seq, load_model, require_model_dir
+from model.build import count_parameters, flops_per_token, is_seq2seq, load_model
 from model.training.grpo import (
     T5_REFUSAL,
     GRPOArguments,
@@ -44,7 +44,9 @@ from model.training.trainer import ProgressLine, describe_plan, train_until_done
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
 from utils.errors import UserError
+from utils.hub import local_dir
 from utils.logging import setup_logging
+from utils.tokenization.tokenizer import load_tokenizer
 
 logger = logging.getLogger("grpo_train")
 
@@ -60,8 +62,8 @@ def reward_functions(rewards: RewardFunctionArguments, args: GRPOArguments, toke
     """The reward functions in --reward_weights order: the rule-based ones, then the reward model."""
     functions = rule_rewards(rewards.rewards, tokenizer, rewards.repetition_ngram)
     if rewards.reward_model:
-        require_model_dir(rewards.reward_model, fix="pass a reward_train.py output directory")
-        functions.append(RewardModelScore(rewards.reward_model, max_prompt_length, args.device))
+        path = local_dir(rewards.reward_model, "reward_model", fix="pass a reward_train.py output directory")
+        functions.append(RewardModelScore(path, max_prompt_length, args.device))
     if args.reward_weights is not None and len(args.reward_weights) != len(functions):
         raise UserError(f"{len(args.reward_weights)} weights for {len(functions)} rewards", field="reward_weights",
                         fix="give one weight per --rewards entry, then one for --reward_model")
@@ -75,13 +77,14 @@ def main(argv: Sequence[str] | None = None) -> PolicyTrainer | None:
         default_recipe=recipe_path("grpo"), description=__doc__)
     output_dir = adapter_output_dir(args)  # checkpoints and the adapter in output_dir/adapter
     set_seed(args.seed)
-    require_model_dir(model_args.model_name_or_path, fix="pass an sft_train.py output directory")
-    if is_seq2seq(AutoConfig.from_pretrained(model_args.model_name_or_path)):
+    model_dir = local_dir(model_args.model_name_or_path, "model_name_or_path",
+                          fix="pass an sft_train.py output directory")
+    if is_seq2seq(AutoConfig.from_pretrained(model_dir)):
         raise UserError(T5_REFUSAL, path=model_args.model_name_or_path, field="model_name_or_path",
                         fix="align a T5 model with dpo_train.py, or run GRPO on a Llama model")
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_dir, "model_name_or_path")
     train_set, eval_set = load_prompts(data, tokenizer, args.seed)
-    model = load_model(model_args.model_name_or_path, tokenizer)
+    model = load_model(model_dir, tokenizer)
     functions = reward_functions(rewards, args, tokenizer, data.max_prompt_length)
     if claim_output_dir(run_identity("grpo", model, tokenizer, [model_args, lora, rewards, data], args), args,
                         output_dir):
@@ -108,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> PolicyTrainer | None:
                "trainable_parameters": count_parameters(trainer.model, trainable_only=True), **result.metrics,
                **{f"last_{k}": v for k, v in last.items() if k.startswith("reward")}, **metrics}
     log_summary(trainer, summary, save_trained(trainer, tokenizer, [model_args, lora, rewards, data, args],
-                                               summary, output_dir, model_args.model_name_or_path))
+                                               summary, output_dir, model_dir))
     return trainer
 
 

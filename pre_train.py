@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoTokenizer, DataCollatorForSeq2Seq, default_data_collator, set_seed
+from transformers import DataCollatorForSeq2Seq, default_data_collator, set_seed
 
 from model.build import (
     AttentionArguments,
@@ -48,9 +48,11 @@ from model.training.trainer import (
 )
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
+from utils.data.sources import split_files
 from utils.errors import UserError
 from utils.examples.pretrain_data import PackedBlocks, SpanCorruptionBlocks, TextToTextPairs, TokenStream, WeightedMix
 from utils.logging import setup_logging
+from utils.tokenization.tokenizer import load_tokenizer
 
 logger = logging.getLogger("pre_train")
 OBJECTIVES = ("auto", "causal_lm", "span_corruption", "text_to_text", "mix")
@@ -112,14 +114,31 @@ class DataArguments:
             raise ValueError(f"--noise_density must be in (0, 1), not {self.noise_density}")
 
 
-def build_datasets(data: DataArguments, tokenizer, seq2seq: bool, cache_dir: Path, seed: int, args):
-    """Train and eval datasets for the objective, with characters per token for bits per character."""
+def check_data_files(data: DataArguments) -> None:
+    """Refuse a missing data file, naming its flag, before the model loads and the output directory is claimed
+    (the datasets are built after that: their token cache lives in the output directory)."""
+    for name, split in (("train_files", "train"), ("validation_files", "validation"), ("pair_files", "train"),
+                        ("validation_pair_files", "validation")):
+        split_files(getattr(data, name), split, name)
+
+
+def data_objective(data: DataArguments, seq2seq: bool) -> str:
+    """The objective (`auto` resolved for the model); refused when it does not fit the model or lacks its data."""
     objective = data.objective
     if objective == "auto":
         objective = ("mix" if data.pair_files else "span_corruption") if seq2seq else "causal_lm"
     if seq2seq == (objective == "causal_lm"):
         raise UserError(f"objective '{objective}' does not fit a {'T5' if seq2seq else 'decoder'} model",
                         field="objective", fix="use causal_lm for Llama; span_corruption, text_to_text or mix for T5")
+    if objective in ("text_to_text", "mix") and not data.pair_files:
+        raise UserError(f"the {objective} objective needs --pair_files", field="pair_files",
+                        fix="pass files with prompt and response columns")
+    return objective
+
+
+def build_datasets(data: DataArguments, tokenizer, seq2seq: bool, cache_dir: Path, seed: int, args):
+    """Train and eval datasets for the objective, with characters per token for bits per character."""
+    objective = data_objective(data, seq2seq)
     validation = data.validation_files or data.train_files
     workers = data.preprocessing_num_workers
     train, evals, ratios = [], {}, {}
@@ -138,9 +157,6 @@ def build_datasets(data: DataArguments, tokenizer, seq2seq: bool, cache_dir: Pat
             evals["span"] = make(val_stream, 1)
             ratios["span"] = val_stream.chars_per_token
     if objective in ("text_to_text", "mix"):
-        if not data.pair_files:
-            raise UserError("the text_to_text objective needs --pair_files", field="pair_files",
-                            fix="pass files with prompt and response columns")
         with args.main_process_first(desc="tokenize pairs"):
             train.append(TextToTextPairs(data.pair_files, "train", tokenizer, data.max_source_length,
                                          data.max_target_length, workers))
@@ -162,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
                             "a new model from scratch")
     output_dir = lora.adapter_output_dir(args) if peft.enabled else None
     set_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path)
+    check_data_files(data)
+    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path)
     if model_args.model_name_or_path:
         model = lora.load_base(model_args.model_name_or_path, tokenizer, peft, model_args.attn_implementation)
     else:
@@ -173,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
         model = lora.add_adapter(model, peft, added_token_ids(model_args.model_name_or_path, tokenizer),
                                  gradient_checkpointing=args.activation_checkpointing)
     seq2seq = is_seq2seq(model.config)
+    data_objective(data, seq2seq)  # refused before the output directory is claimed
     settings = [model_args, data, peft] if peft.enabled else [model_args, data]  # runs before --peft stay resumable
     if claim_output_dir(run_identity("pretrain", model, tokenizer, settings, args), args, output_dir):
         return None

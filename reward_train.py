@@ -21,9 +21,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from transformers import AutoTokenizer, set_seed
+from transformers import set_seed
 
-from model.build import count_parameters, flops_per_token, require_model_dir
+from model.build import count_parameters, flops_per_token
 from model.inference.generation import context_length
 from model.training.reward import RewardArguments, RewardModelTrainer, load_reward_model
 from model.training.runs import claim_output_dir, run_identity
@@ -33,7 +33,9 @@ from utils.cli import run_main
 from utils.config import parse_config, recipe_path
 from utils.data.conversations import PreferenceDataArguments, load_preference_splits
 from utils.errors import UserError
+from utils.hub import local_dir
 from utils.logging import setup_logging
+from utils.tokenization.tokenizer import load_tokenizer
 
 logger = logging.getLogger("reward_train")
 
@@ -56,9 +58,10 @@ def main(argv: Sequence[str] | None = None) -> RewardModelTrainer | None:
                                           default_recipe=recipe_path("reward"), description=__doc__)
     set_seed(args.seed)  # the new score head starts from this seed
     train_set, eval_set = load_preference_splits(data, args.seed)
-    require_model_dir(model_args.model_name_or_path, fix="pass an sft_train.py output directory")
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-    model = load_reward_model(model_args.model_name_or_path, tokenizer)
+    model_dir = local_dir(model_args.model_name_or_path, "model_name_or_path",
+                          fix="pass an sft_train.py output directory")
+    tokenizer = load_tokenizer(model_dir, "model_name_or_path")
+    model = load_reward_model(model_dir, tokenizer)
     seq_len = data.max_prompt_length + data.max_completion_length
     if seq_len > context_length(model, tokenizer):
         raise UserError(f"max_prompt_length + max_completion_length = {seq_len} exceeds the model's "

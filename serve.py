@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -54,6 +56,7 @@ from model.inference.service import ChatService, DecodingOptions, PreparedReply,
 from model.inference.streaming import Reply
 from utils.cli import run_main
 from utils.config import REPO_ROOT, parse_config, recipe_path
+from utils.errors import UserError
 from utils.logging import setup_logging
 
 logger = logging.getLogger("serve")
@@ -94,6 +97,8 @@ class ServeArguments(InferenceArguments):
             raise ValueError(f"--max_concurrent must be >= 1, not {self.max_concurrent}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"--max_body_bytes must be >= 1024, not {self.max_body_bytes}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be a TCP port, 0 to 65535 (0 = any free one), not {self.port}")
 
 
 class TextPart(BaseModel):
@@ -309,12 +314,32 @@ async def read_json(request: Request, schema: type[BaseModel], max_bytes: int):
     if not isinstance(data, dict):
         raise APIError(400, "The body must be a JSON object.", code="invalid_json")
     try:
-        return schema.model_validate(data)
+        # strict: "8", 8.5 or true is not a max_tokens (lax validation coerced them, and bool passed as an int);
+        # from JSON, so that nested objects still validate as their models
+        return schema.model_validate_json(bytes(body), strict=True)
     except ValidationError as err:
-        first = err.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        raise APIError(400, f"Invalid value for '{param}': {first['msg']}.", param=param,
-                       code="invalid_value") from None
+        raise invalid_value(err.errors()) from None
+
+
+# pydantic's name for the member of a union an error is about, inside an error's location: ("prompt",
+# "list[int]", 1) is the user's prompt.1; fields are snake_case, members are types (str, list[int], TextPart)
+_UNION_MEMBER = re.compile(r"(str|int|float|bool|none|[a-z]+\[.*\]|[A-Z]\w*)")
+
+
+def invalid_value(errors: list[dict]) -> APIError:
+    """OpenAI's 400 for a body that does not validate, naming the first field that failed as the client wrote
+    it; for a union (prompt: text, texts or token ids), the forms it takes."""
+    def member(part) -> bool:
+        return isinstance(part, str) and bool(_UNION_MEMBER.fullmatch(part))
+
+    def field_path(error: dict) -> str:
+        return ".".join(str(part) for part in error["loc"] if not member(part))
+
+    param = field_path(errors[0]) or None
+    members = list(dict.fromkeys(part for error in errors if field_path(error).startswith(param or "")
+                                 for part in error["loc"] if member(part)))
+    problem = f"not one of {', '.join(members)}" if len(members) > 1 else errors[0]["msg"]
+    return APIError(400, f"Invalid value for '{param}': {problem}.", param=param, code="invalid_value")
 
 
 async def api_error(request: Request, err: APIError):
@@ -435,10 +460,10 @@ async def text_completion(service: ChatService, body: CompletionRequest, ids: li
     elif len(ids) > service.context_length:
         raise APIError(400, f"This model's maximum context length is {service.context_length} tokens; the prompt "
                             f"has {len(ids)}.", param="prompt", code="context_length_exceeded")
-    generated = reply.token_ids if reply else []
     text = (service.tokenizer.decode(ids) if body.echo else "") + (reply.text if reply else "")
     logprobs = None
     if body.logprobs is not None:
+        generated = reply.text_token_ids(service.tokenizer) if reply else []
         scores = await service.score(ids + generated, body.logprobs)
         logprobs = logprobs_body(service.tokenizer, ids, generated, scores, body.echo)
     return {"text": text, "logprobs": logprobs, "finish_reason": reply.finish_reason if reply else "length"}, reply
@@ -540,15 +565,32 @@ def create_app(model, tokenizer, args: ServeArguments, decoding: DecodingOptions
     return app
 
 
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to `host`:`port` for uvicorn to listen on (port 0 picks a free one). Bound before the
+    model loads, so that a port in use, or a host that is not this machine's, is one error at once (uvicorn
+    would exit with status 3 after the model had loaded)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is in use (another server is listening there)", field="port",
+                            fix="stop that server, or choose another --port") from None
+        raise UserError(f"cannot listen on {host}:{port} ({err.strerror or err})", field="host",
+                        fix="pass an address of this machine (127.0.0.1, 0.0.0.0, ::) and a port you may use "
+                            "(1024 and above without root)") from None
+    return sock
+
+
 @contextlib.contextmanager
 def running_in_thread(app, host: str = "127.0.0.1", port: int = 0):
     """Serve `app` with uvicorn from a background thread (notebooks, tests) and yield its base URL;
     port 0 picks a free port. The server stops when the block ends."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = bound_socket(host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()
@@ -570,6 +612,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                   description=__doc__)
     import uvicorn
 
+    sock = bound_socket(args.host, args.port)
     model, tokenizer = load_for_inference(args.model_name_or_path, device=args.device, dtype=args.dtype)
     try:
         app = create_app(model, tokenizer, args, decoding)
@@ -581,10 +624,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                        "and off loopback Host is not checked, so a web page can reach it by DNS rebinding; "
                        "set --api_key or %s", args.host, API_KEY_ENV)
     logger.info("serving %s (%s) as '%s' on http://%s:%d/ | API key %s | %d generations at once%s | web origins: %s",
-                args.model_name_or_path, type(model).__name__, app.state.model_id, args.host, args.port,
+                args.model_name_or_path, type(model).__name__, app.state.model_id, args.host, sock.getsockname()[1],
                 "required" if keyed else "off", args.max_concurrent, ", batched" if args.batching else "",
                 ", ".join(["own page", *args.allowed_origins]))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from transformers import AutoTokenizer, DataCollatorForSeq2Seq, TrainerCallback, set_seed
+from transformers import DataCollatorForSeq2Seq, TrainerCallback, set_seed
 
 from model.build import (
     AttentionArguments,
@@ -58,6 +58,7 @@ from utils.errors import UserError
 from utils.examples.sft_data import OVERLONG, tokenize_conversations
 from utils.logging import setup_logging
 from utils.tokenization.chat_format import CHAT_TOKENS, default_generation_config
+from utils.tokenization.tokenizer import load_tokenizer
 
 logger = logging.getLogger("sft_train")
 FREEZABLE = ("embeddings", "encoder", "decoder")
@@ -125,7 +126,7 @@ def split_validation(conversations: list, data: DataArguments, seed: int) -> tup
     """(train, validation): --validation_files, else a seeded --validation_ratio share of the conversations."""
     if data.validation_files:
         return conversations, load_conversations(data.validation_files, data.data_format, "validation",
-                                                 data.system_prompt)
+                                                 data.system_prompt, "validation_files")
     return hold_out(conversations, data.validation_ratio, seed)
 
 
@@ -158,7 +159,14 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
                                                 argv, default_recipe=recipe_path("sft"), description=__doc__)
     output_dir = lora.adapter_output_dir(args) if peft.enabled else None
     set_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
+    # the data first: a bad file is refused before the model loads and the output directory is claimed
+    conversations = load_conversations(data.train_files, data.data_format, data.dataset_split, data.system_prompt)
+    train_conversations, eval_conversations = split_validation(conversations, data, args.seed)
+    if not eval_conversations and args.eval_strategy != "no":
+        raise UserError("evaluation is on but there is no validation data", field="eval_strategy",
+                        fix="pass --validation_files or --validation_ratio > 0, or --eval_strategy no")
+    tokenizer = (load_tokenizer(model_args.tokenizer_name_or_path) if model_args.tokenizer_name_or_path
+                 else load_tokenizer(model_args.model_name_or_path, "model_name_or_path"))
     model = lora.load_base(model_args.model_name_or_path, tokenizer, peft, model_args.attn_implementation)
     check_attention_for_training(model)
     seq2seq = is_seq2seq(model.config)
@@ -172,17 +180,12 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
     if claim_output_dir(run_identity("sft", model, tokenizer, settings, args), args, output_dir):
         return None
 
-    conversations = load_conversations(data.train_files, data.data_format, data.dataset_split, data.system_prompt)
-    train_conversations, eval_conversations = split_validation(conversations, data, args.seed)
     with args.main_process_first(desc="tokenize"):
         tokenize = lambda convs: tokenize_conversations(  # noqa: E731
             convs, tokenizer, seq2seq, data.max_source_length, data.max_target_length, data.max_length,
             data.overlong, data.preprocessing_num_workers)
         train_set, stats = tokenize(train_conversations)
         eval_set, eval_stats = tokenize(eval_conversations) if eval_conversations else (None, None)
-    if eval_set is None and args.eval_strategy != "no":
-        raise UserError("evaluation is on but there is no validation data", field="eval_strategy",
-                        fix="pass --validation_files or --validation_ratio > 0, or --eval_strategy no")
     logger.info("train: %s", stats.describe())
     if eval_stats:
         logger.info("validation: %s", eval_stats.describe())

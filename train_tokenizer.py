@@ -23,10 +23,12 @@ from utils.cli import run_main
 from utils.config import already_made, parse_config, recipe_path, save_config
 from utils.data.sources import split_files
 from utils.errors import UserError
-from utils.io import atomic_output_dir, write_json_atomic
+from utils.hub import local_dir
+from utils.io import atomic_output_dir, check_output_dir, write_json_atomic
 from utils.logging import setup_logging
 from utils.tokenization.tokenizer import (
     MODEL_TYPES,
+    TOKENIZER_FILES,
     extend_tokenizer,
     format_scores,
     iter_documents,
@@ -107,6 +109,23 @@ class TokenizerArguments:
         return chars_for_budget(self.memory_budget_gb) if self.memory_budget_gb > 0 else 0
 
 
+def check_inputs(args: TokenizerArguments) -> None:
+    """Refuse, before the corpus is sampled and the tokenizer trained (minutes on a real corpus), an output
+    directory that would be refused at the end, and a base or reference tokenizer that is not there."""
+    check_output_dir(args.output_dir, args.overwrite_output_dir)
+    if args.extend:
+        local_dir(args.extend, "extend", needs=TOKENIZER_FILES, what="tokenizer directory",
+                  fix="pass a directory that AutoTokenizer.from_pretrained loads (with tokenizer.json)")
+    for ref in args.reference_tokenizers:
+        if ref.endswith(".model"):
+            if not Path(ref).is_file():
+                raise UserError("no such file", path=ref, field="reference_tokenizers",
+                                fix="pass a sentencepiece .model file, or an HF tokenizer directory")
+        else:
+            local_dir(ref, "reference_tokenizers", needs=TOKENIZER_FILES, what="tokenizer directory",
+                      fix="pass an HF tokenizer directory, or a sentencepiece .model file")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     setup_logging()
     (args,) = parse_config([TokenizerArguments], argv, default_recipe=recipe_path("tokenizer"),
@@ -114,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not args.overwrite_output_dir and already_made(args.output_dir, args, inputs=[*args.input, *args.eval_files]):
         return json.loads((Path(args.output_dir) / "tokenizer_report.json").read_text(encoding="utf-8"))
     vocab_size = round_vocab(args.vocab_size)
+    check_inputs(args)
     files = split_files(args.input, "train")
     sample = sample_corpus(files, args.train_chars, args.seed, args.text_column)
     logger.info("%s (budget %.1f GB)", sample.describe(), args.memory_budget_gb)
@@ -155,10 +175,7 @@ def evaluate(args: TokenizerArguments, tokenizer_dir: Path) -> list:
         return []
     texts = list(iter_documents(eval_files, args.text_column))
     candidates = [(Path(args.output_dir).name or "new", str(tokenizer_dir))]
-    for ref in args.reference_tokenizers:
-        if not Path(ref).exists():
-            raise UserError("reference tokenizer not found", path=ref, field="reference_tokenizers",
-                            fix="pass an HF tokenizer directory or a sentencepiece .model file")
+    for ref in args.reference_tokenizers:  # checked by check_inputs
         candidates.append((Path(ref).name if Path(ref).is_dir() else Path(ref).parent.name, ref))
     scores = [score_tokenizer(name, path, texts) for name, path in candidates]
     logger.info("compression on %d held-out documents (%s characters)\n%s", len(texts),

@@ -41,7 +41,8 @@ from transformers.masking_utils import (
 )
 
 from utils.errors import UserError
-from utils.tokenization.tokenizer import round_vocab
+from utils.hub import local_dir
+from utils.tokenization.tokenizer import TOKENIZER_FILES, round_vocab
 
 logger = logging.getLogger(__name__)
 
@@ -203,23 +204,13 @@ def build_model(config: PreTrainedConfig, seed: int | None = None, attn_implemen
     return auto.from_config(config, attn_implementation=register_attention(attn_implementation))
 
 
-def require_model_dir(path: str, fix: str = "pass an output directory of pre_train.py / sft_train.py / "
-                                            "dpo_train.py, e.g. model_save") -> None:
-    """Refuse a path that is not a local model directory (one clear error instead of a hub lookup)."""
-    if not (Path(path) / "config.json").is_file():
-        raise UserError("not a model directory (no config.json)", path=str(path), field="model_name_or_path",
-                        fix=fix)
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
 def check_tokenizer_keeps_ids(path: str, tokenizer: PreTrainedTokenizerBase) -> None:
     """Refuse a tokenizer that does not keep every token id of the model's own tokenizer (saved beside it).
 
     An extended tokenizer (`train_tokenizer.py --extend`) appends tokens after the base's last id, so the
     trained embedding rows still mean the same tokens; any other tokenizer would silently scramble them.
     """
+    path = local_dir(path, "model_name_or_path")
     if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
         logger.warning("%s holds no tokenizer: cannot check that the tokenizer keeps the model's token ids", path)
         return
@@ -238,6 +229,7 @@ def check_tokenizer_keeps_ids(path: str, tokenizer: PreTrainedTokenizerBase) -> 
 def added_token_ids(path: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Ids of the tokens `tokenizer` has and the model's own tokenizer (saved in `path`) lacks: the tokens an
     extended tokenizer added, whose embedding rows `load_model` appends. Empty when `path` holds no tokenizer."""
+    path = local_dir(path, "model_name_or_path")
     if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
         return []
     base = AutoTokenizer.from_pretrained(path).get_vocab()
@@ -251,8 +243,9 @@ def load_model(path: str, tokenizer: PreTrainedTokenizerBase, attn_implementatio
     The tokenizer must keep the ids of the model's own tokenizer (`check_tokenizer_keeps_ids`). New
     embedding rows start at the mean of the existing rows (so new tokens begin as an "average" token
     instead of noise); existing rows are untouched. `load_options` go to `from_pretrained` (QLoRA's 4-bit
-    quantisation, a dtype).
+    quantisation, a dtype). `path` is read through `utils.hub.local_dir` (a hub id only when allowed).
     """
+    path = local_dir(path, "model_name_or_path")
     check_tokenizer_keeps_ids(path, tokenizer)
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForSeq2SeqLM if is_seq2seq(config) else AutoModelForCausalLM

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-from model.build import require_model_dir
 from model.inference.generation import context_length, load_for_inference
 from utils.errors import UserError
+from utils.hub import local_dir
 from utils.io import atomic_output_file
 from utils.logging import FORMAT
 from utils.tokenization.chat_format import END_OF_TURN, gguf_chat_template, ollama_template
@@ -94,8 +94,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, outtype: str = "f16",
                 llama_cpp_dir: str | Path = DEFAULT_LLAMA_CPP_DIR) -> Path:
     """Convert `model_dir` into the GGUF file `output` (written whole or not at all); returns `output`. The
     converter's log goes to `converter_log_path(output)` beside it."""
-    require_model_dir(str(model_dir))
-    model_dir, output = Path(model_dir), Path(output)
+    model_dir, output = Path(local_dir(str(model_dir), "model_name_or_path")), Path(output)
     pre = check_exportable(model_dir)
     converter = load_converter(llama_cpp_dir)
     conversion, gguf = converter.conversion, converter.gguf

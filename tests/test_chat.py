@@ -368,3 +368,17 @@ def test_generation_threads_end_before_the_process_does(models, monkeypatch):
     batched.scheduler.close()
     assert not worker.is_alive()
     batched.scheduler.close()  # closing again has nothing to stop
+
+
+def test_a_device_torch_cannot_use_is_refused_before_the_model_loads(tiny_t5):
+    """`--device cuda` on a machine without CUDA (or a GPU index past the last) ended in torch's traceback
+    from inside the load; an unknown name too."""
+    from conftest import run_script
+
+    past_the_last = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"
+    for device, message in ((past_the_last, f"--device {past_the_last}: torch sees"),
+                            ("gpu", "--device must be cpu, cuda or cuda:N, not 'gpu'")):
+        result = run_script("chat.py", "--model_name_or_path", str(tiny_t5), "--message", "你好", "--device", device,
+                            check=False)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+        assert "Loading weights" not in result.stderr

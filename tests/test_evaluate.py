@@ -15,7 +15,7 @@ import struct
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SENTENCES, run_script, shared_path
+from conftest import REPO, SENTENCES, run_script, shared_path
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 import evaluate
@@ -456,8 +456,27 @@ def evaluate_state(run):
     return found
 
 
+def test_a_missing_bpc_file_or_an_unwritable_output_is_refused_before_any_task_runs(tmp_path, tiny_llama):
+    """They were found after the tasks before them had run (C-Eval first: hours on a real model)."""
+    result = run_script("evaluate.py", "--config", "none", "--model_name_or_path", str(tiny_llama), "--task", "ceval",
+                        "bpc", "--ceval_data", "data/demo/eval_ceval", "--bpc_files", str(tmp_path / "held_out.jsonl"),
+                        "--output_dir", str(tmp_path / "eval"), check=False)
+    assert result.returncode == 2 and "Loading weights" not in result.stderr
+    assert f"error: {tmp_path / 'held_out.jsonl'}, field 'bpc_files': no such file or directory" in result.stderr
+    (tmp_path / "taken").write_text("a file where the output folder would go")
+    result = run_script("evaluate.py", "--config", "none", "--model_name_or_path", str(tiny_llama), "--task", "ceval",
+                        "--ceval_data", "data/demo/eval_ceval", "--output_dir", str(tmp_path / "taken" / "eval"),
+                        check=False)
+    assert result.returncode == 2 and "Loading weights" not in result.stderr
+    assert "field 'output_dir': cannot write here" in result.stderr and not (tmp_path / "eval").exists()
+    with pytest.raises(UserError, match="must all be .parquet") as err:  # was blamed on pre_train's --train_files
+        evaluate.main(["--config", "none", "--model_name_or_path", str(tiny_llama), "--task", "bpc", "--bpc_files",
+                       str(REPO / "README.md"), "--output_dir", str(tmp_path / "eval")])
+    assert err.value.field == "bpc_files" and not (tmp_path / "eval").exists()
+
+
 def test_bad_input_is_refused_clearly(tmp_path, tiny_llama):
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match="no such file or directory"):
         load_benchmark(str(tmp_path / "missing"), "val")
     broken = tmp_path / "broken"
     (broken / "val").mkdir(parents=True)
@@ -477,7 +496,7 @@ def test_bad_input_is_refused_clearly(tmp_path, tiny_llama):
         load_benchmark(str(shared_path("ceval")), "val", ["no_such_subject"])
     result = run_script("evaluate.py", "--config", "none", "--model_name_or_path", str(tmp_path / "nothing"),
                         "--task", "ceval", "--ceval_data", "data/demo/eval_ceval", check=False)
-    assert result.returncode == 2 and "not a model directory" in result.stderr
+    assert result.returncode == 2 and "nothing, field 'model_name_or_path': no such file or directory" in result.stderr
     result = run_script("evaluate.py", "--config", "none", "--task", "bpc", check=False)
     assert result.returncode == 2 and "--bpc_files" in result.stderr
     bare = tmp_path / "bare_model"  # a model directory that was never trained here

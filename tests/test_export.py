@@ -13,6 +13,7 @@ import shutil
 
 import jinja2
 import pytest
+from conftest import run_script
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
@@ -115,6 +116,44 @@ def test_tokenizers_llama_cpp_cannot_reproduce_are_refused(tiny_llama, tmp_path)
                      "--llama_cpp_dir", str(tmp_path / "nowhere")])
     assert "make llama-cpp" in err.value.fix
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_cut_weights_and_taken_outputs_are_refused_before_converting(tiny_llama, tmp_path):
+    """A model whose weights file was cut short is named (export and chat alike); an --output that is a folder,
+    or an existing GGUF without --overwrite, is refused before converting, and nothing is written; with
+    --overwrite the file is replaced whole."""
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_llama, cut)
+    weights = cut / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    for args in (["export.py", "--output", str(tmp_path / "out" / "m.gguf")], ["chat.py", "--message", "你好"]):
+        result = run_script(*args, "--model_name_or_path", str(cut), check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"error: {weights}, field 'model_name_or_path': the weights file is cut short" in result.stderr
+    assert not (tmp_path / "out").exists()
+    weights.unlink()  # a sharded checkpoint missing a shard
+    index = cut / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(UserError, match="lists 1 shard.* not there: model-00002-of-00002.safetensors") as err:
+        export.main(["--model_name_or_path", str(cut), "--output", str(tmp_path / "out" / "m.gguf")])
+    assert err.value.path == str(index) and not (tmp_path / "out").exists()
+
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("the user's")
+    result = run_script("export.py", "--model_name_or_path", str(tiny_llama), "--output", str(folder), check=False)
+    assert result.returncode == 2 and f"error: {folder}, field 'output': is a folder" in result.stderr
+    assert [p.name for p in folder.iterdir()] == ["keep.txt"]
+    old = tmp_path / "old.gguf"
+    old.write_text("an earlier export")
+    with pytest.raises(UserError, match="already exists") as err:
+        export.main(["--model_name_or_path", str(tiny_llama), "--output", str(old)])
+    assert err.value.field == "output" and "--overwrite" in err.value.fix
+    assert old.read_text() == "an earlier export" and not old.with_suffix(".Modelfile").exists()
+    export.main(["--model_name_or_path", str(tiny_llama), "--output", str(old), "--overwrite"])
+    assert read(old)[2]["general.architecture"] == "llama"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporaries left
 
 
 @pytest.mark.parametrize("name", ["t5", "llama"])

@@ -111,6 +111,18 @@ def test_no_pair_is_an_error_and_few_pairs_a_warning(tiny_llama, tmp_path, capsy
     assert counts["written"] > 0
 
 
+def test_an_output_that_is_a_folder_is_refused_before_the_model_loads(tiny_llama, tmp_path):
+    """It ended in a traceback (IsADirectoryError), with --overwrite too; nothing in the folder is touched."""
+    inputs, folder = write_inputs(tmp_path)[:1], tmp_path / "rejected"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("the user's")
+    for extra in ([], ["--overwrite"]):
+        result = run_script("generate_rejected.py", *command(tiny_llama, inputs, folder, *extra), check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"error: {folder}, field 'output': is a folder" in result.stderr
+        assert "Loading weights" not in result.stderr and [p.name for p in folder.iterdir()] == ["mine.txt"]
+
+
 def test_resume_after_kill_equals_an_uninterrupted_run(tiny_t5, tmp_path):
     inputs = write_inputs(tmp_path, rows=8)[:1]
     reference = tmp_path / "reference.jsonl"

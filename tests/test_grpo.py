@@ -5,12 +5,13 @@ matches the adapter's logits, the rule-based rewards score known replies, T5 and
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from conftest import SummaryTable
+from conftest import SummaryTable, run_script
 from test_dpo import PAIRS, lora_deltas, write_jsonl
 from test_reward import reward_args
 from transformers import AutoModelForCausalLM, AutoTokenizer, T5Config
@@ -132,6 +133,30 @@ def test_t5_and_bad_reward_settings_are_refused(tiny_llama, prompts, tmp_path):
         grpo_train.main(grpo_args(tiny_llama, prompts, tmp_path / "out", "--reward_weights", "1", "1"))
     with pytest.raises(UserError, match="unknown length"):
         grpo_train.main(grpo_args(tiny_llama, prompts, tmp_path / "out", "--rewards", "length"))
+
+
+def test_a_causal_lm_as_reward_model_and_an_empty_prompt_file_are_refused(tiny_llama, prompts, tmp_path):
+    """A plain causal LM would score with a random head: refused, as is a sequence classifier whose checkpoint
+    lacks the head; an empty prompt file is named as holding no prompts (it was blamed on max_prompt_length)."""
+    out = tmp_path / "out"
+    result = run_script("grpo_train.py", *grpo_args(tiny_llama, prompts, out, "--reward_model", tiny_llama),
+                        check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: {tiny_llama}, field 'reward_model': not a reward model: config.json names LlamaForCausalLM" \
+        in result.stderr and "reward_train.py" in result.stderr
+    headless = tmp_path / "headless"
+    shutil.copytree(tiny_llama, headless)
+    config = json.loads((headless / "config.json").read_text())
+    (headless / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForSequenceClassification"]}))
+    with pytest.raises(UserError, match=r"lacks weights \(score.weight\)") as error:
+        grpo_train.main(grpo_args(tiny_llama, prompts, out, "--reward_model", headless))
+    assert error.value.field == "reward_model"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = run_script("grpo_train.py", *grpo_args(tiny_llama, empty, out), check=False)
+    assert result.returncode == 2
+    assert f"error: {empty}, field 'train_files': holds no prompts" in result.stderr
+    assert not out.exists()
 
 
 def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tiny_llama, prompts, tmp_path):

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SENTENCES, lora_deltas, run_until_interrupted
+from conftest import SENTENCES, lora_deltas, run_script, run_until_interrupted
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
@@ -99,6 +99,20 @@ def test_t5_lora_respects_freeze(tiny_t5):
     model = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5)
     with pytest.raises(UserError, match="T5 cannot train token rows"):  # the shared matrix would come untied
         add_adapter(model, lora, [5, 6], sft_train.freeze_parameters(model, "encoder"))
+
+
+def test_embedding_settings_that_would_do_nothing_are_refused_or_warned(tiny_t5, tiny_llama, sft_file, tmp_path):
+    """T5's --freeze auto keeps the embeddings frozen, so --lora_embeddings all was silently ignored: refused,
+    nothing written. Rows that may never have trained left frozen with --lora_embeddings none: warned."""
+    out = tmp_path / "t5"
+    result = run_script("sft_train.py", *sft_args(tiny_t5, sft_file, out, "--lora_embeddings", "all"), check=False)
+    assert result.returncode == 2 and "error: field 'lora_embeddings': --lora_embeddings all" in result.stderr
+    assert "--freeze" in result.stderr and not out.exists()
+    result = run_script("sft_train.py", *sft_args(tiny_llama, sft_file, tmp_path / "llama", "--lora_embeddings", "none",
+                                                  "--max_steps", "1", "--save_strategy", "no"))
+    chat_rows = len(CHAT_TOKENS)
+    assert f"{chat_rows} token rows stay frozen (--lora_embeddings none)" in result.stderr
+    assert "--lora_embeddings rows trains exactly those rows" in result.stderr
 
 
 @pytest.mark.parametrize("tied", [True, False])

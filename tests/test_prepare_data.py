@@ -188,12 +188,31 @@ def test_json_array_list_column_several_columns_and_nested_fields(tmp_path):
                   output=tmp_path / "f") == expected
 
 
+def test_the_advice_for_a_list_of_objects_works(tmp_path):
+    """A column holding a list of objects is refused with the name of a field inside them, and that name reads
+    each object's field as the lines of the document (in JSON and in parquet, a list of structs)."""
+    import pyarrow as pa
+
+    rows = [{"title": p["title"], "paragraphs": [{"line": line} for line in p["paragraphs"]]} for p in POEMS]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "poems.parquet")
+    for path in (_write(tmp_path / "poems.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)),
+                 tmp_path / "poems.parquet"):
+        with pytest.raises(UserError, match="name a field inside it as paragraphs.line"):
+            shaped("--input", path, "--text_column", "paragraphs", output=tmp_path / "refused")
+        assert not (tmp_path / "refused").exists()
+        assert shaped("--input", path, "--text_column", "title,paragraphs.line", output=tmp_path / path.suffix) == [
+            "\n".join([p["title"], *p["paragraphs"]]) for p in sorted(POEMS, key=lambda p: p["title"])]
+
+
 BAD_SHAPES = {  # file content, --text_column, what the message says, the line, the field
     "number": ('[{"text": "好"}, {"text": 3}]', "text", "row 1: the text column holds a number", 1, "text"),
-    "list_of_objects": ('{"paragraphs": [{"line": "好"}]}\n', "paragraphs", "a list containing an object",
+    "list_of_objects": ('{"paragraphs": [{"line": "好"}]}\n', "paragraphs",
+                        "a list containing an object (with line; name a field inside it as paragraphs.line)",
                         1, "paragraphs"),
-    "object": ('\n{"data": {"text": "好"}}\n', "data", "holds an object (with text; name a field inside",
-               2, "data"),
+    "list_of_objects_some_without": ('{"paragraphs": [{"line": "好"}, {"text": "坏"}]}\n', "paragraphs.line",
+                                     "missing text column", 1, "paragraphs.line"),
+    "object": ('\n{"data": {"text": "好"}}\n', "data",
+               "holds an object (with text; name a field inside it as data.text)", 2, "data"),
     "missing_one_of_several": ('[\n{"title": "题", "paragraphs": ["好"]},\n{"paragraphs": ["好"]}\n]',
                                "title,paragraphs", "row 1: missing text column; the row has: paragraphs",
                                3, "title"),
@@ -243,6 +262,26 @@ def test_decontamination_removes_real_ceval_and_cmmlu_questions_and_keeps_common
     with pytest.raises(UserError, match="no question column; the row has: id, text") as err:
         prepare("--input", path, "--decontaminate", not_questions, output=tmp_path / "out2")
     assert (err.value.path, err.value.line, err.value.field) == (str(not_questions), 2, "decontaminate")
+
+
+def test_an_evaluation_set_that_can_match_nothing_is_refused(tmp_path):
+    """An empty --decontaminate folder was blamed on --input, and one without questions only logged: each is
+    one error naming the folder and --decontaminate, and nothing is written."""
+    corpus = _write(tmp_path / "docs.jsonl", json.dumps({"text": "春天的早晨，河边的柳树发出了嫩绿的新芽。"},
+                                                        ensure_ascii=False) + "\n")
+    empty, headers, short = tmp_path / "empty", tmp_path / "headers", tmp_path / "short"
+    empty.mkdir()
+    headers.mkdir()
+    _write(headers / "law_val.csv", "id,question,A,B,C,D,answer\n")
+    short.mkdir()
+    _write(short / "law_val.csv", "id,question,A,B,C,D,answer\n0,何为法,甲,乙,丙,丁,A\n")
+    for folder, message in ((empty, "holds no .csv, .jsonl, .json or .parquet file"), (headers, "holds no questions"),
+                            (short, "none of its 5 question and option texts has 13 characters")):
+        result = run_script("prepare_data.py", "--config", "none", "--input", str(corpus), "--output_dir",
+                            str(tmp_path / "out"), "--decontaminate", str(folder), check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"error: {folder}, field 'decontaminate': " in result.stderr and message in result.stderr
+        assert not (tmp_path / "out").exists()
 
 
 def test_decontamination_finds_a_shared_ngram_at_every_offset_and_nothing_shorter(tmp_path):

@@ -322,6 +322,21 @@ def test_bad_model_and_objective_are_refused(tiny_corpus, tiny_tokenizer, tmp_pa
     with pytest.raises(UserError, match="does not fit"):
         pre_train.main(common(tiny_corpus, tiny_tokenizer, "llama-tiny", tmp_path / "y", "--max_steps", "1",
                               "--objective", "span_corruption"))
+    assert not (tmp_path / "y").exists()  # refused before the output directory is claimed
+
+
+def test_a_missing_data_file_is_refused_before_anything_is_written(tiny_tokenizer, tmp_path):
+    """pre_train.py and sft_train.py claimed the output directory (run.json) before reading the data, and named
+    prepare_data.py's --input with its advice to download a Wikipedia dump."""
+    out = tmp_path / "out"
+    for args, field in ((["pre_train.py", "--tokenizer_name_or_path", str(tiny_tokenizer), "--train_files"],
+                         "train_files"),
+                        (["sft_train.py", "--model_name_or_path", "model_save/anything", "--train_files"], None)):
+        result = run_script(*args, str(tmp_path / "corpus"), "--config", "none", "--output_dir", str(out), check=False)
+        assert result.returncode == 2, result.stderr
+        assert f"error: {tmp_path / 'corpus'}" + (f", field '{field}'" if field else "") + ": no such file" \
+            in result.stderr and "wikimedia" not in result.stderr
+        assert not out.exists()
 
 
 @pytest.mark.parametrize("preset", ["t5-tiny", "llama-tiny"])

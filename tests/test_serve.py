@@ -167,6 +167,10 @@ def test_api_key_is_required_on_every_route_but_the_page(llama_server):
     ("max_tokens 0", 400, "invalid_value", "max_tokens"),
     ("max_tokens beyond the context", 400, "invalid_value", "max_tokens"),
     ("temperature out of range", 400, "invalid_value", "temperature"),
+    ("max_tokens as text", 400, "invalid_value", "max_tokens"),  # was read as 8
+    ("max_tokens true", 400, "invalid_value", "max_tokens"),  # was read as 1: bool is not an int
+    ("max_tokens not whole", 400, "invalid_value", "max_tokens"),
+    ("stream as text", 400, "invalid_value", "stream"),
 ])
 def test_bad_requests_get_openai_errors(llama_server, case, status, code, param):
     request = {"model": "tiny-llama", "messages": [{"role": "user", "content": "你好"}]}
@@ -178,6 +182,10 @@ def test_bad_requests_get_openai_errors(llama_server, case, status, code, param)
         "max_tokens 0": {"max_tokens": 0},
         "max_tokens beyond the context": {"max_tokens": 256},
         "temperature out of range": {"temperature": 3},
+        "max_tokens as text": {"max_tokens": "8"},
+        "max_tokens true": {"max_tokens": True},
+        "max_tokens not whole": {"max_tokens": 8.5},
+        "stream as text": {"stream": "false"},
     }[case])
     with pytest.raises(openai.APIStatusError) as caught:
         llama_server.client.chat.completions.create(**request)
@@ -292,6 +300,23 @@ def test_the_command_serves_on_loopback_with_the_key_from_the_environment(tiny_t
         process.terminate()
         output = process.communicate(timeout=30)[0]
     assert f"on http://127.0.0.1:{port}/ | API key required" in output
+
+
+def test_a_busy_port_is_refused_before_the_model_loads(tiny_t5):
+    """uvicorn exited with status 3 once the model had loaded; the port is now taken first: one error, status 2."""
+    from conftest import run_script
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_script("serve.py", "--model_name_or_path", str(tiny_t5), "--port", str(port), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: field 'port': port {port} on 127.0.0.1 is in use" in result.stderr
+    assert "--port" in result.stderr and "Loading weights" not in result.stderr  # before the model
+    # an address of no machine here (TEST-NET-1, kept for documentation): nothing can listen on it
+    result = run_script("serve.py", "--model_name_or_path", str(tiny_t5), "--host", "192.0.2.1", check=False)
+    assert result.returncode == 2 and "error: field 'host': cannot listen on 192.0.2.1:8000" in result.stderr
 
 
 CHAT = json.dumps({"model": "model", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 2}).encode()
@@ -410,6 +435,9 @@ def test_allowed_origins_are_checked_and_written_as_browsers_send_them():
     for bad in ("localhost:5173", "http://localhost:5173/chat", "file:///tmp/page.html", "null"):
         with pytest.raises(ValueError, match="--allowed_origins"):
             ServeArguments(allowed_origins=[bad])
+    for port in (-1, 70000):  # bind() raised OverflowError, a traceback
+        with pytest.raises(ValueError, match="--port must be a TCP port"):
+            ServeArguments(port=port)
 
 
 def test_stop_strings_cut_whole_and_streamed_replies_alike(llama_server):
@@ -428,6 +456,23 @@ def test_stop_strings_cut_whole_and_streamed_replies_alike(llama_server):
     absent = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=16, stop="不" * 40,
                                             extra_body={"repetition_penalty": 1.0})
     assert absent.choices[0].message.content == full  # a stop string that never appears (any length) cuts nothing
+
+
+def test_logprobs_end_where_a_stop_string_cut_the_text(llama_server):
+    """The tokens of the stop string (and any after it) were listed in logprobs though the text ended before it."""
+    client, prompt = llama_server.client, "老师说："  # a reply of several tokens
+    full = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=16, logprobs=0,
+                                     extra_body={"repetition_penalty": 1.0}).choices[0]
+    offsets = full.logprobs.text_offset + [len(full.text)]
+    # a stop string that is a whole later token, first found where that token starts: the text ends before it
+    j = next(j for j in range(1, len(offsets) - 1) if offsets[j] < offsets[j + 1]
+             and full.text.find(full.text[offsets[j]:offsets[j + 1]]) == offsets[j] > 0)
+    cut = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=16, logprobs=0,
+                                    stop=full.text[offsets[j]:offsets[j + 1]],
+                                    extra_body={"repetition_penalty": 1.0}).choices[0]
+    assert (cut.text, cut.finish_reason) == (full.text[:offsets[j]], "stop")
+    assert cut.logprobs.tokens == full.logprobs.tokens[:j] and cut.logprobs.text_offset == offsets[:j]
+    assert cut.logprobs.token_logprobs == pytest.approx(full.logprobs.token_logprobs[:j], abs=1e-5)
 
 
 def test_streamer_holds_back_what_may_begin_a_stop_string():
@@ -503,6 +548,8 @@ def test_text_completions_generate_from_the_raw_prompt(request, which):
     ("t5_server", {"prompt": ""}, "prompt"),
     ("t5_server", {"prompt": [[5, 99999]]}, "prompt"),
     ("t5_server", {"prompt": "你好", "stop": ["a"] * 17}, "stop"),
+    ("llama_server", {"prompt": [5, True]}, "prompt"),  # true is no token id (was 'prompt.str')
+    ("llama_server", {"prompt": "你好", "logprobs": True}, "logprobs"),  # was read as 1
     ("llama_server", {"prompt": "春" * 300, "max_tokens": 8}, "prompt"),  # beyond the 256-position context
     ("llama_server", {"prompt": "春" * 300, "max_tokens": 0, "echo": True}, "prompt"),
 ])
@@ -511,6 +558,8 @@ def test_bad_completion_requests_name_the_field(request, which, body, param):
     model_id = "tiny-llama" if which == "llama_server" else "model"
     status, answer = post(server.url + "/v1/completions", json.dumps({"model": model_id, **body}).encode())
     assert (status, answer["error"]["param"]) == (400, param), answer
+    if body.get("prompt") == [5, True]:
+        assert "not one of str, list[str], list[int], list[list[int]]" in answer["error"]["message"]
 
 
 def test_batched_t5_streams_equal_their_solo_replies_and_a_failed_batch_leaves_the_server_serving(t5_server):

@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from conftest import shared_path
+from conftest import run_script, shared_path
 from transformers import AutoTokenizer
 
 import train_tokenizer
@@ -178,8 +178,28 @@ def test_bad_tokenizer_input_is_refused(tmp_path, tiny_corpus):
         train(tmp_path, tmp_path / "missing.parquet")
     with pytest.raises(UserError, match="vocab_size"):
         train(tmp_path, tiny_corpus, "--vocab_size", "10")
-    with pytest.raises(UserError, match="cannot load the base tokenizer"):
+    with pytest.raises(UserError, match="no such file or directory") as err:
         train(tmp_path, tiny_corpus, "--extend", tmp_path / "no_tokenizer_here")
+    assert err.value.field == "extend"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a tokenizer directory"):
+        train(tmp_path, tiny_corpus, "--extend", tmp_path / "empty")
+
+
+def test_what_would_fail_after_training_is_refused_before_the_corpus_is_read(tmp_path, tiny_corpus):
+    """A missing reference tokenizer was found only after training, and a taken output directory at the end."""
+    out = tmp_path / "tok"
+    for extra, message, field in ((["--reference_tokenizers", "refs/missing"], "hub is off", "reference_tokenizers"),
+                                  (["--reference_tokenizers", "gone.model"], "no such file", "reference_tokenizers"),
+                                  ([], "already exists and is not empty", "output_dir")):
+        if field == "output_dir":
+            out.mkdir()
+            (out / "tokenizer.json").write_text("{}")
+        result = run_script("train_tokenizer.py", "--config", "none", "--input", str(tiny_corpus), "--output_dir",
+                            str(out), *extra, check=False)
+        assert result.returncode == 2 and f"field '{field}': " in result.stderr and message in result.stderr
+        assert "budget" not in result.stderr  # the corpus sample's log line: refused before it
+        assert not out.exists() or [p.name for p in out.iterdir()] == ["tokenizer.json"]
 
 
 def test_round_vocab():

@@ -89,6 +89,19 @@ def check_writable(path: str | os.PathLike, field: str) -> None:
                         fix=f"choose another --{field}, or make {existing} writable")
 
 
+def check_output_file(path: str | os.PathLike, field: str, overwrite: bool | None = None) -> None:
+    """Refuse, before any work, an output file that is a folder, or that cannot be written; and one that exists
+    when `overwrite` is False (None: an existing file is the caller's to resume)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"is a folder; --{field} names the file to write", path=str(path), field=field,
+                        fix=f"name a file, not a folder (a new file inside {path}, for example)")
+    if overwrite is False and path.exists():
+        raise UserError("already exists", path=str(path), field=field,
+                        fix=f"pass --overwrite to replace it, or choose another --{field}")
+    check_writable(path, field)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `output_dir`; on success it replaces `output_dir` in one rename.

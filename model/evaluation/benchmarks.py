@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from model.inference.generation import context_length
 from utils.errors import UserError
+from utils.hub import from_hub, missing_path
 from utils.tokenization.chat_format import render_prompt
 
 logger = logging.getLogger(__name__)
@@ -116,11 +117,12 @@ def load_local_benchmark(root: str | Path, split: str, subjects: Sequence[str] =
     `{subject}_{split}.csv`, CMMLU `{subject}.csv`), k-shot examples from `{shot_split}/`, titles and
     categories from `subject_mapping.json` when present. With `num_shots` > 0 a subject without any
     `{shot_split}` example is refused: it would silently run zero-shot."""
-    root = Path(root)
+    fix = "pass a directory of the official CSVs (e.g. ../shared/data/ceval)"
+    if not Path(root).exists():
+        raise missing_path(str(root), f"{task}_data", fix)
+    root = Path(root).expanduser()
     if not root.is_dir():
-        raise UserError("the benchmark directory does not exist", path=str(root), field=f"{task}_data",
-                        fix="pass a directory of the official CSVs (e.g. ../shared/data/ceval) or a hub "
-                            "dataset name (ceval/ceval-exam, haonan-li/cmmlu)")
+        raise UserError("not a directory", path=str(root), field=f"{task}_data", fix=fix)
     mapping_file = root / "subject_mapping.json"
     mapping = json.loads(mapping_file.read_text(encoding="utf-8")) if mapping_file.is_file() else {}
     files = {_subject_of(p, split): p for p in sorted(_split_dir(root, split, f"{task}_split").glob("*.csv"))}
@@ -197,10 +199,10 @@ def _hub_question(row: dict, subject: str, dataset_name: str) -> Question:
 
 def load_benchmark(source: str, split: str, subjects: Sequence[str] = (), shot_split: str = "dev",
                    task: str = "ceval", num_shots: int = 0) -> list[Subject]:
-    """A local directory of CSVs if `source` is a path that exists (or looks like one), else a hub dataset
-    (whose loader refuses a missing `shot_split` itself)."""
-    if Path(source).exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
-        return load_local_benchmark(Path(source).expanduser(), split, subjects, shot_split, task, num_shots)
+    """A hub dataset if `source` is a hub id and the hub is allowed (`utils.hub`; its loader refuses a missing
+    `shot_split` itself), else a local directory of CSVs."""
+    if not from_hub(source):
+        return load_local_benchmark(source, split, subjects, shot_split, task, num_shots)
     return load_hub_benchmark(source, split, subjects, shot_split, task)
 
 

@@ -55,7 +55,7 @@ def convert_text_files(files: Sequence[str], split: str, opencc_config: str, tar
         raise UserError(f"not an OpenCC profile ({err})", field="opencc_config",
                         fix="pass one of OpenCC's profiles (t2s, tw2sp, hk2s, ...) as prepare_data.py takes, "
                             "or none") from None
-    data, _ = load_text_files(list(files), split, ["text"])
+    data, _ = load_text_files(list(files), split, ["text"], "bpc_files")
     changed = traditional = chinese = 0
     with open(target, "w", encoding="utf-8") as handle:
         for batch in data.iter(batch_size=1024):

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
 
-from model.build import check_precision, require_model_dir
+from model.build import check_precision
 from utils.errors import UserError
+from utils.hub import local_dir
 from utils.tokenization.chat_format import render_prompt
 
 
@@ -30,13 +31,29 @@ class InferenceArguments:
 
     def __post_init__(self):
         check_precision(self.dtype, "dtype")
+        check_device(self.device)
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a --device torch cannot use here (an unknown name; CUDA on a machine without it, or a GPU index
+    past the last), before the model loads: torch's own error is a traceback from inside the load."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, not '{device}'") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if parsed.type == "cuda" and (parsed.index or 0) >= count:
+        seen = f"torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}" if count else "torch sees no CUDA GPU here"
+        raise ValueError(f"--device {device}: {seen}; pass another --device, or none (cuda when available, else cpu)")
 
 
 def load_for_inference(path: str, device: str | None = None, dtype: str = "auto"):
     """`(model, tokenizer)` of a toolkit output directory (or any compatible HF model directory), in
     eval mode on `device` (default: cuda if available, else cpu). `dtype`: auto (bf16 on GPUs that
     support it, else fp32), bf16, fp16 or fp32."""
-    require_model_dir(path)
+    path = local_dir(path, "model_name_or_path")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         dtype = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"

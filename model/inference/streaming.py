@@ -96,6 +96,16 @@ class Reply:
     finish_reason: str
     token_ids: list[int] = field(default_factory=list, repr=False)
 
+    def text_token_ids(self, tokenizer) -> list[int]:
+        """The tokens that spell `text`: when a stop string cut it, those up to the one that completes the
+        text (it may run into the stop string), so per-token figures (logprobs) end where the text ends;
+        otherwise every token, the end of turn included."""
+        spelled = [len(text.rstrip("\ufffd")) for text in tokenizer.batch_decode(
+            [self.token_ids[:count] for count in range(len(self.token_ids) + 1)], skip_special_tokens=True)]
+        if spelled[-1] <= len(self.text):
+            return list(self.token_ids)
+        return self.token_ids[:next(count for count, length in enumerate(spelled) if length >= len(self.text))]
+
 
 def why_empty(reply: Reply, tokenizer) -> str | None:
     """Why `reply` shows no text, in words for the person waiting for it; None when it has text. A reply is

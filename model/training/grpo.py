@@ -85,8 +85,8 @@ def load_prompts(data: PromptDataArguments, tokenizer, seed: int) -> tuple[Datas
     """(train, validation) datasets of `{prompt: [messages], answer: reference}`; prompts longer than
     --max_prompt_length are left out (GRPO has no prompt truncation of its own)."""
 
-    def prompts(files, split):
-        rows = load_answered_prompts(files, data.data_format, split, data.system_prompt)
+    def prompts(files, split, field):
+        rows = load_answered_prompts(files, data.data_format, split, data.system_prompt, field)
         kept = [{"prompt": r["prompt"], "answer": r["chosen"]} for r in rows
                 if not render_prompt(tokenizer, r["prompt"], data.max_prompt_length).trimmed]
         if len(kept) < len(rows):
@@ -97,9 +97,9 @@ def load_prompts(data: PromptDataArguments, tokenizer, seed: int) -> tuple[Datas
                             fix="raise --max_prompt_length, or pass shorter prompts")
         return kept
 
-    train = prompts(data.train_files, data.dataset_split)
+    train = prompts(data.train_files, data.dataset_split, "train_files")
     if data.validation_files:
-        held = prompts(data.validation_files, "validation")
+        held = prompts(data.validation_files, "validation", "validation_files")
     else:
         train, held = hold_out(train, data.validation_ratio, seed)
     return Dataset.from_list(train), Dataset.from_list(held) if held else None

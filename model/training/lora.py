@@ -126,9 +126,25 @@ class PeftArguments(LoraArguments):
     def config_for(self, model: PreTrainedModel, frozen: Sequence[str] = (),
                    new_tokens: Sequence[int] = ()) -> LoraConfig:
         """LoRA's config plus the embedding rows that train (see the module docstring); `frozen` naming
-        "embeddings" (sft_train.py --freeze) keeps them frozen."""
+        "embeddings" (sft_train.py --freeze) keeps them frozen, and refuses `--lora_embeddings all`."""
         config = super().config_for(model, frozen)
-        mode = "none" if "embeddings" in frozen else self.lora_embeddings
+        mode = self.lora_embeddings
+        if "embeddings" in frozen:
+            if mode == "all":
+                raise UserError("--lora_embeddings all trains the embeddings, and --freeze keeps them frozen (its "
+                                "default for T5, auto, is embeddings,encoder)", field="lora_embeddings",
+                                fix="pass --lora_embeddings none, or a --freeze without embeddings (e.g. --freeze "
+                                    "encoder; T5 then trains every weight: --peft none)")
+            mode = "none"
+        if mode == "none" and new_tokens:
+            # their vectors are the mean of the old rows (an extension) or were never trained (the chat tokens
+            # before SFT): LoRA on the projections cannot teach the model what these tokens mean
+            logger.warning("%d token rows stay frozen (%s), though they may never have been trained: an extended "
+                           "tokenizer's new tokens, and in SFT the chat tokens, which pretraining text never holds. "
+                           "The model cannot learn them; %s", len(new_tokens),
+                           "--freeze embeddings" if self.lora_embeddings != "none" else "--lora_embeddings none",
+                           "train every weight (--peft none) to teach them" if is_seq2seq(model.config)
+                           else "--lora_embeddings rows trains exactly those rows")
         if mode == "none" or (mode == "rows" and not new_tokens):
             return config
         if is_seq2seq(model.config):

@@ -17,12 +17,13 @@ every held-out pair (TRL averages one figure per evaluation batch).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import suppress_seqcls_warning
 
@@ -31,6 +32,7 @@ from model.training.dpo import prepare_preferences
 from model.training.trainer import AtomicCheckpointMixin, ExactEvalLossMixin, RunArguments
 from utils.errors import UserError
 from utils.tokenization.chat_format import answer_ids, render_prompt
+from utils.tokenization.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +44,26 @@ class RewardArguments(RunArguments, RewardConfig):
     """TRL's `RewardConfig` plus the toolkit's `--no_resume` / `--precision` / `--overwrite_output_dir`."""
 
 
-def load_reward_model(path: str, tokenizer) -> PreTrainedModel:
+def load_reward_model(path: str, tokenizer, trained: bool = False) -> PreTrainedModel:
     """A model directory as a reward model: an SFT output gets a fresh score head (seeded by the caller's
-    `set_seed`), a reward model's directory loads as it is. Stock HF classes, no remote code."""
+    `set_seed`), a reward model's directory loads as it is. Stock HF classes, no remote code. `trained`:
+    refuse a directory that is not a trained reward model (a causal LM would score with a random head)."""
     check_tokenizer_keeps_ids(path, tokenizer)
-    with suppress_seqcls_warning():  # the new score head and the unused LM head are expected
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    fix = f"pass a reward_train.py output directory (reward_train.py --model_name_or_path {path} trains one)"
+    if trained:
+        architectures = AutoConfig.from_pretrained(path).architectures or []
+        if not any(name.endswith("ForSequenceClassification") for name in architectures):
+            raise UserError(f"not a reward model: config.json names {', '.join(architectures) or 'no architecture'}, "
+                            "not a ...ForSequenceClassification with a trained score head", path=path,
+                            field="reward_model", fix=fix)
+    # for an SFT output the new score head and the unused LM head are expected; TRL's context then also drops
+    # the head from the missing keys, so a trained reward model is loaded without it
+    with contextlib.nullcontext() if trained else suppress_seqcls_warning():
+        model, loading = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
+                                                                            output_loading_info=True)
+    if trained and loading["missing_keys"]:
+        raise UserError(f"the reward model's checkpoint lacks weights ({', '.join(sorted(loading['missing_keys'])[:3])}"
+                        "): they would be random", path=path, field="reward_model", fix=fix)
     if model.config.model_type not in SUPPORTED:
         raise UserError(f"reward models are built for {', '.join(SUPPORTED)}, not '{model.config.model_type}'",
                         path=path, field="model_name_or_path", fix="start from a Llama or T5 sft_train.py output")
@@ -111,8 +127,8 @@ class RewardModelScore:
     exactly as the reward model was trained (`scored_ids`). Named after the directory in GRPO's logs."""
 
     def __init__(self, path: str, max_prompt_length: int, device: torch.device | str = "cpu", batch_size: int = 16):
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = load_reward_model(path, self.tokenizer).to(device).eval()
+        self.tokenizer = load_tokenizer(path, "reward_model")
+        self.model = load_reward_model(path, self.tokenizer, trained=True).to(device).eval()
         self.max_prompt_length, self.device, self.batch_size = max_prompt_length, device, batch_size
         self.__name__ = "reward_model"
 

@@ -22,9 +22,9 @@ Preference rows, in the shapes the peers write them:
   conversations, the same up to their last turn, which is the answer.
 
 Files: `.jsonl`, `.json` (an array or JSON lines), `.parquet`, `.csv`; a directory means every file in
-it. A name that is not a local path is a Hugging Face hub dataset (`datasets.load_dataset(name,
-split=split)`). Bad rows stop loading with a `UserError` naming the file, the line (JSON lines, CSV)
-or row (JSON array, parquet, hub), the field and the fix.
+it. A hub id (`org/name`, not a local path) is a Hugging Face hub dataset (`datasets.load_dataset(name,
+split=split)`) when the hub is allowed (`utils.hub`). Bad rows stop loading with a `UserError` naming the
+file, the line (JSON lines, CSV) or row (JSON array, parquet, hub), the field and the fix.
 
 Real chat logs have two quirks that are accepted rather than refused: user turns after the last answer
 are dropped (nothing to learn from them), and empty user turns inside a multi-turn conversation are
@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.data.sources import Location, discover_inputs, read_rows
 from utils.errors import UserError
+from utils.hub import from_hub, missing_path
 
 logger = logging.getLogger(__name__)
 
@@ -51,17 +51,16 @@ FORMATS = ("auto", "prompt_response", "alpaca", "sharegpt", "messages", "implici
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "bot": "assistant", "model": "assistant"}
 ANSWER_FIELDS = ("chosen", "rejected")
-_HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
-_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".tsv", ".arrow")
 
 
 def iter_rows(name: str, split: str = "train") -> Iterator[tuple[dict, Location]]:
     """Every row of a local file / directory (`utils.data.sources.read_rows`), or of a hub dataset, with its
     location."""
-    path = Path(name)
-    if not path.exists() and _HUB_NAME.match(name) and not name.lower().endswith(_FILE_SUFFIXES):
+    if from_hub(name):
         yield from _hub_rows(name, split)
         return
+    if not Path(name).exists():
+        raise missing_path(name, None, "check the path")
     for file in discover_inputs([name]):
         yield from read_rows(file)
 
@@ -277,10 +276,11 @@ def _rows(paths: Sequence[str], fmt: str, split: str) -> Iterator[tuple[dict, st
 
 
 def load_conversations(paths: Sequence[str], fmt: str = "auto", split: str = "train",
-                       system_prompt: str | None = None) -> list[list[Message]]:
+                       system_prompt: str | None = None, field: str = "train_files") -> list[list[Message]]:
     """SFT data as conversations that end with an assistant turn (see the module docstring).
 
-    `system_prompt` is put first in conversations that have no system turn of their own.
+    `system_prompt` is put first in conversations that have no system turn of their own. `field`: the flag
+    that named `paths`, for the error when they hold no data.
     """
     conversations: list[list[Message]] = []
     trimmed = unanswered = 0
@@ -298,15 +298,17 @@ def load_conversations(paths: Sequence[str], fmt: str = "auto", split: str = "tr
         logger.warning("%d conversations without any answer skipped; %d ended with unanswered user turns "
                        "(dropped)", unanswered, trimmed)
     if not conversations:
-        raise UserError("no conversations found", path=", ".join(paths), field="train_files",
+        raise UserError("no conversations found", path=", ".join(paths), field=field,
                         fix="pass files with at least one answered prompt")
     logger.info("loaded %d conversations (%d turns) from %s", len(conversations),
                 sum(len(c) for c in conversations), ", ".join(paths))
     return conversations
 
 
-def load_preferences(paths: Sequence[str], fmt: str = "auto", split: str = "train") -> list[dict]:
-    """Preference data as `{"prompt": [messages ending with a user turn], "chosen": str, "rejected": str}`."""
+def load_preferences(paths: Sequence[str], fmt: str = "auto", split: str = "train",
+                     field: str = "train_files") -> list[dict]:
+    """Preference data as `{"prompt": [messages ending with a user turn], "chosen": str, "rejected": str}`
+    (`field`: as in `load_conversations`)."""
     pairs = []
     for row, row_fmt, location in _rows(paths, fmt, split):
         field = _conversation_field(row_fmt)
@@ -318,17 +320,17 @@ def load_preferences(paths: Sequence[str], fmt: str = "auto", split: str = "trai
         chosen, rejected = preference_answers(row, row_fmt, location)
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     if not pairs:
-        raise UserError("no preference pairs found", path=", ".join(paths), field="train_files",
+        raise UserError("no preference pairs found", path=", ".join(paths), field=field,
                         fix="pass files with prompt, chosen and rejected")
     logger.info("loaded %d preference pairs from %s", len(pairs), ", ".join(paths))
     return pairs
 
 
 def load_answered_prompts(paths: Sequence[str], fmt: str = "auto", split: str = "train",
-                          system_prompt: str | None = None) -> list[dict]:
+                          system_prompt: str | None = None, field: str = "train_files") -> list[dict]:
     """`{"prompt": [messages ending with a user turn], "chosen": answer}` from instruction data (the last
     answer of each conversation) or preference data (its chosen answer), decided per row
-    (`is_preference_row`)."""
+    (`is_preference_row`; `field`: as in `load_conversations`)."""
     items = []
     for row, row_fmt, location in _rows(paths, fmt, split):
         if is_preference_row(row, row_fmt):
@@ -343,6 +345,9 @@ def load_answered_prompts(paths: Sequence[str], fmt: str = "auto", split: str = 
         if system_prompt and prompt[0]["role"] != "system":
             prompt = [{"role": "system", "content": system_prompt}, *prompt]
         items.append({"prompt": prompt, "chosen": chosen})
+    if not items:
+        raise UserError("holds no prompts (no row with a prompt and its answer)", path=", ".join(paths), field=field,
+                        fix="pass files with at least one prompt and its answer")
     return items
 
 
@@ -396,7 +401,7 @@ def load_preference_splits(data: PreferenceDataArguments, seed: int):
 
     pairs = load_preferences(data.train_files, data.data_format, data.dataset_split)
     if data.validation_files:
-        held = load_preferences(data.validation_files, data.data_format, "validation")
+        held = load_preferences(data.validation_files, data.data_format, "validation", "validation_files")
     else:
         pairs, held = hold_out(pairs, data.validation_ratio, seed)
     return Dataset.from_list(pairs), Dataset.from_list(held) if held else None

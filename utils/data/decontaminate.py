@@ -70,9 +70,15 @@ class Decontaminator:
             label = path.name if path.is_dir() else path.stem
             while label in sets:
                 label += "'"
-            codes = [visible_codes(_clean(text, opencc_config)) for file in _eval_files(path)
+            texts = [visible_codes(_clean(text, opencc_config)) for file in _eval_files(path)
                      for text in question_texts(file)]
-            codes = [points for points in codes if len(points) >= ngram]  # shorter texts cannot match
+            codes = [points for points in texts if len(points) >= ngram]  # shorter texts cannot match
+            if not codes:  # it would decontaminate nothing, silently
+                raise UserError("the evaluation set holds no questions" if not texts else
+                                f"none of its {len(texts):,} question and option texts has {ngram} characters, so "
+                                "none can match", path=name, field="decontaminate",
+                                fix="pass the folder of C-Eval's / CMMLU's CSV files (question rows with A-D options)"
+                                if not texts else "lower --decontaminate_ngram, or pass a set with longer questions")
             sets[label] = np.concatenate([window_hashes(points, ngram) for points in codes] or [_NONE])
             anchors.append(np.concatenate([window_hashes(points, ngram - _STRIDE + 1) for points in codes] or [_NONE]))
         return cls(sets, ngram, np.concatenate(anchors))
@@ -120,7 +126,11 @@ def _eval_files(path: Path) -> list[Path]:
                         fix="pass the folder of an evaluation set (C-Eval's or CMMLU's CSVs) or a file of questions")
     if not path.is_dir():
         return [path]
-    files = [file for file in discover_inputs([str(path)]) if file.suffix.lower() in _FORMATS
+    try:
+        found = discover_inputs([str(path)])
+    except UserError:  # an empty folder: refused below, naming --decontaminate rather than --input
+        found = []
+    files = [file for file in found if file.suffix.lower() in _FORMATS
              and (file.suffix.lower() != ".json" or _starts_array(file))]
     if not files:
         raise UserError("the evaluation-set folder holds no .csv, .jsonl, .json or .parquet file",

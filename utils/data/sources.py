@@ -72,12 +72,12 @@ PROGRESS_SUFFIX = ".progress.json"
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 
 
-def discover_inputs(paths: list[str]) -> list[Path]:
+def discover_inputs(paths: list[str], field: str = "input") -> list[Path]:
     """Expand directories into their data files (sorted; hidden files and the toolkit's own records skipped; one
-    file of a name saved in several formats, see `DATA_SUFFIXES`); refuse missing paths. Files named one by one
-    are taken as they are."""
+    file of a name saved in several formats, see `DATA_SUFFIXES`); refuse missing paths, naming `field`, the flag
+    that gave them (prepare_data.py's --input by default). Files named one by one are taken as they are."""
     if not paths:
-        raise UserError("no input given", field="input", fix="pass one or more files or directories to --input")
+        raise UserError("no input given", field=field, fix=f"pass one or more files or directories to --{field}")
     files: list[Path] = []
     for name in paths:
         path = Path(name)
@@ -85,15 +85,16 @@ def discover_inputs(paths: list[str]) -> list[Path]:
             found = _one_format_each(sorted(p for p in path.rglob("*") if p.is_file() and not is_record(p) and not any(
                 part.startswith(".") for part in p.relative_to(path).parts)))
             if not found:
-                raise UserError("the input directory holds no data files", path=name, field="input",
-                                fix="point --input at a dump, wikiextractor output or text files")
+                raise UserError("the input directory holds no data files", path=name, field=field,
+                                fix="point --input at a dump, wikiextractor output or text files" if field == "input"
+                                else f"point --{field} at files")
             files.extend(found)
         elif path.is_file():
             files.append(path)
         else:
-            raise UserError("no such file or directory", path=name, field="input",
-                            fix="check the path; download the dump from "
-                                "https://dumps.wikimedia.org/zhwiki/latest/zhwiki-latest-pages-articles.xml.bz2")
+            raise UserError("no such file or directory", path=name, field=field,
+                            fix="check the path; download the dump from https://dumps.wikimedia.org/zhwiki/latest/"
+                                "zhwiki-latest-pages-articles.xml.bz2" if field == "input" else "check the path")
     return files
 
 
@@ -417,7 +418,7 @@ def _row_document(row: object, location: Location, columns: Sequence[str]) -> Do
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
             value = "\n".join(value) if value else None
         elif value is not None and not isinstance(value, str):
-            raise location.error(f"the text column holds {_describe(value)}, not a string or a list of strings",
+            raise location.error(f"the text column holds {_describe(value, column)}, not a string or a list of strings",
                                  field=column, fix=_COLUMN_FIX)
         if value is not None:
             parts.append(value)
@@ -430,23 +431,29 @@ def _row_document(row: object, location: Location, columns: Sequence[str]) -> Do
 
 
 def _field(row: dict, column: str) -> object:
-    """`row[column]`, or for `a.b` (when no column has that literal name) `row["a"]["b"]`; `_MISSING` if absent."""
+    """`row[column]`, or for `a.b` (when no column has that literal name) `row["a"]["b"]`, and where `row["a"]`
+    is a list of objects, the list of each one's `b` (`paragraphs.text`); `_MISSING` if absent."""
     if column in row:
         return row[column]
     value: object = row
     for part in column.split("."):
-        if not isinstance(value, dict) or part not in value:
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and all(isinstance(item, dict) and part in item for item in value):
+            value = [item[part] for item in value]
+        else:
             return _MISSING
-        value = value[part]
     return value
 
 
-def _describe(value: object) -> str:
+def _describe(value: object, column: str) -> str:
+    """What `value`, found in `column`, is, for an error; an object names a field that `_field` reads."""
     if isinstance(value, list):
-        kinds = sorted({_describe(item) for item in value if not isinstance(item, str)})
+        kinds = sorted({_describe(item, column) for item in value if not isinstance(item, str)})
         return f"a list containing {', '.join(kinds)}"
     if isinstance(value, dict):
-        return f"an object (with {', '.join(map(str, value)) or 'no keys'}; name a field inside it as a.b)"
+        inside = f"; name a field inside it as {column}.{next(iter(value))}" if value else ""
+        return f"an object (with {', '.join(map(str, value)) or 'no keys'}{inside})"
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -456,9 +463,9 @@ def _describe(value: object) -> str:
     return f"a {type(value).__name__}"
 
 
-def split_files(paths: list[str], split: str) -> list[Path]:
+def split_files(paths: list[str], split: str, field: str = "input") -> list[Path]:
     """Files of one split: in a `prepare_data.py` output directory its `{split}-*.parquet` shards,
-    otherwise every file given (directories expanded)."""
+    otherwise every file given (directories expanded; `field` as in `discover_inputs`)."""
     files: list[Path] = []
     for name in paths:
         path = Path(name)
@@ -468,5 +475,5 @@ def split_files(paths: list[str], split: str) -> list[Path]:
         elif path.is_dir() and sorted(path.glob("*-*-of-*.parquet")):
             continue  # a corpus directory without this split
         else:
-            files.extend(discover_inputs([name]))
+            files.extend(discover_inputs([name], field))
     return files

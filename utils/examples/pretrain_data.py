@@ -35,15 +35,16 @@ _LOADERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "t
 _MAP_BATCH = 128  # documents per tokenisation batch
 
 
-def load_text_files(paths: Sequence[str], split: str, columns: Sequence[str]):
-    """A `datasets.Dataset` of the given files (corpus directories resolve to their `{split}` shards)."""
+def load_text_files(paths: Sequence[str], split: str, columns: Sequence[str], field: str = "train_files"):
+    """A `datasets.Dataset` of the given files (corpus directories resolve to their `{split}` shards); errors
+    name `field`, the flag that gave them."""
     import datasets
 
-    files = split_files(list(paths), split)
+    files = split_files(list(paths), split, field)
     kinds = {_LOADERS.get(p.suffix.lower()) for p in files}
     if None in kinds or len(kinds) != 1:
-        raise UserError("training files must all be .parquet, all .jsonl/.json, or all .txt",
-                        path=", ".join(map(str, files)), field="train_files",
+        raise UserError("the files must all be .parquet, all .jsonl/.json, or all .txt",
+                        path=", ".join(map(str, files)), field=field,
                         fix="convert them to one format (prepare_data.py writes parquet)")
     data = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
     missing = [c for c in columns if c not in data.column_names]

@@ -31,6 +31,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from utils.data.sources import Document, read_records
 from utils.errors import UserError
+from utils.hub import local_dir
 from utils.tokenization.chat_format import CHAT_TEMPLATE, CHAT_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ PRETOKENIZE_PATTERN = (r" ?\p{Han}+| ?[^\s\p{Han}\p{N}\p{P}\p{S}]+| ?\p{N}| ?[\p
 LLAMA_CPP_PRE = "sarvam-moe"
 SPACE = "▁"
 LINE_SPLIT = r"[^\n]+|[\n]+"
+# a directory holding any of these is a tokenizer directory
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def llama_cpp_pipeline(tokenizer: Tokenizer) -> Tokenizer:
@@ -253,11 +256,8 @@ def extend_tokenizer(base_dir: str, texts: list[str], vocab_size: int, min_frequ
     merges are appended after the base's highest id; base merges keep their priority. This is the
     Chinese-LLaMA recipe for HF BPE tokenizers; the model's embeddings are resized afterwards.
     """
-    try:
-        base = AutoTokenizer.from_pretrained(base_dir)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the base tokenizer ({err})", path=base_dir, field="extend",
-                        fix="pass a directory that AutoTokenizer.from_pretrained loads (with tokenizer.json)") from None
+    base = load_tokenizer(base_dir, "extend", fix="pass a directory that AutoTokenizer.from_pretrained loads "
+                                                  "(with tokenizer.json)")
     backend = getattr(base, "backend_tokenizer", None)
     data = json.loads(backend.to_str()) if backend is not None else {}
     if data.get("model", {}).get("type") != "BPE":
@@ -293,6 +293,17 @@ def extend_tokenizer(base_dir: str, texts: list[str], vocab_size: int, min_frequ
     return hf, added
 
 
+def load_tokenizer(name: str, field: str = "tokenizer_name_or_path",
+                   fix: str = "pass a train_tokenizer.py output directory, or a model directory with its tokenizer"):
+    """The tokenizer in a local directory, or of a hub id when the hub is allowed (`utils.hub.local_dir`):
+    the one way every stage loads a tokenizer named on the command line."""
+    path = local_dir(name, field, needs=TOKENIZER_FILES, what="tokenizer directory", fix=fix)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the tokenizer ({err})", path=name, field=field, fix=fix) from None
+
+
 @dataclass
 class TokenizerScore:
     name: str
@@ -313,7 +324,7 @@ def score_tokenizer(name: str, path_or_tokenizer, texts: list[str]) -> Tokenizer
         ids = [i for text in texts for i in processor.encode(text)]
         unk, size = processor.unk_id(), processor.get_piece_size()
     else:
-        tokenizer = (AutoTokenizer.from_pretrained(path_or_tokenizer)
+        tokenizer = (load_tokenizer(str(path_or_tokenizer), "reference_tokenizers")
                      if isinstance(path_or_tokenizer, (str, Path)) else path_or_tokenizer)
         ids = [i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
         unk, size = tokenizer.unk_token_id, len(tokenizer)
