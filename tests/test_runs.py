@@ -84,6 +84,17 @@ def test_unrecorded_outputs_and_foreign_checkpoints_are_refused(llama_run, tiny_
     assert error.value.field == "resume_from_checkpoint"
 
 
+def test_a_record_without_work_is_no_run_to_protect(llama_run, tiny_corpus, tiny_tokenizer, tmp_path):
+    """A run.json alone (left by a run refused before its first step, say for data the user then fixed) holds no
+    work: another run may start there."""
+    output = tmp_path / "run"
+    output.mkdir()
+    shutil.copy(llama_run / RUN_FILE, output / RUN_FILE)
+    trainer = pre_train.main(pretrain_args(tiny_corpus, tiny_tokenizer, output, "t5-tiny"))
+    assert trainer.state.global_step == 2 and json.loads((output / RUN_FILE).read_text())["stage"] == "pretrain"
+    assert json.loads((output / RUN_FILE).read_text())["model"]["architecture"] == "T5ForConditionalGeneration"
+
+
 def test_overwrite_and_no_resume_start_over(tiny_corpus, tiny_tokenizer, tmp_path):
     output = tmp_path / "run"
     pre_train.main(pretrain_args(tiny_corpus, tiny_tokenizer, output, "llama-tiny", "--max_steps", "3"))

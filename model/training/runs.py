@@ -178,19 +178,21 @@ def clear_run(directory: str | Path, model_files: bool) -> None:
 
 def another_run(directory: Path, identity: dict) -> list[str] | None:
     """What makes the work in `directory` another run's: the differences of its `run.json`, or one line when it
-    holds a model or checkpoints without that record; None when it is empty or holds this same run."""
+    holds a model or checkpoints without that record; None when it holds this same run or no work at all (a
+    `run.json` alone, left by a run refused before its first step, e.g. for bad data the user then fixed)."""
+    if not (holds_model(directory) or checkpoints(directory)):
+        return None
     stored = read_identity(directory)
     if stored is None:
-        if holds_model(directory) or checkpoints(directory):
-            return [f"a model or checkpoints with no record of the run that made them ({RUN_FILE})"]
-        return None
+        return [f"a model or checkpoints with no record of the run that made them ({RUN_FILE})"]
     return differences(stored, identity) or None
 
 
 def is_finished(directory: Path, identity: dict, args) -> bool:
     """Whether `directory` holds this run's complete final model, trained to the --max_steps /
     --num_train_epochs asked for now (its `config.yaml` records those it ran with)."""
-    if not (directory / FINISHED_FILE).is_file() or another_run(directory, identity) or read_identity(directory) is None:
+    stored = read_identity(directory)
+    if not (directory / FINISHED_FILE).is_file() or stored is None or differences(stored, identity):
         return False
     try:
         recorded = yaml.safe_load((directory / CONFIG_FILENAME).read_text(encoding="utf-8")) or {}
