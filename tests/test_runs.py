@@ -35,7 +35,8 @@ def llama_run(tiny_corpus, tiny_tokenizer, tmp_path_factory):
     return output
 
 
-def test_another_run_is_refused_and_left_as_it_was(llama_run, tiny_corpus, tiny_tokenizer, tiny_llama):
+def test_another_run_is_refused_and_left_as_it_was(llama_run, tiny_corpus, tiny_tokenizer, tiny_llama,
+                                                  tmp_path):
     before = digest(llama_run)
     record = json.loads((llama_run / RUN_FILE).read_text())
     assert record["model"]["architecture"] == "LlamaForCausalLM" and record["training"]["global_batch"] == 4
@@ -52,9 +53,12 @@ def test_another_run_is_refused_and_left_as_it_was(llama_run, tiny_corpus, tiny_
         with pytest.raises(UserError, match="holds another run") as error:
             pre_train.main(args)
         assert line in str(error.value) and "--overwrite_output_dir" in error.value.fix
+    sft_data = tmp_path / "sft.jsonl"  # outside the run's directory, whose files are compared below
+    sft_data.write_text(json.dumps({"prompt": "你好", "response": "你好！"}, ensure_ascii=False) + "\n", encoding="utf-8")
     with pytest.raises(UserError, match="holds another run") as error:  # another stage
         sft_train.main(["--config", "none", "--model_name_or_path", str(tiny_llama), "--train_files",
-                        str(tiny_corpus), "--output_dir", str(llama_run), "--report_to", "none"])
+                        str(sft_data), "--validation_ratio", "0", "--output_dir", str(llama_run), "--report_to",
+                        "none"])
     assert "stage: pretrain -> sft" in str(error.value)
     assert digest(llama_run) == before  # nothing written
 
