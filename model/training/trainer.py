@@ -154,6 +154,7 @@ class GracefulStop(TrainerCallback):
         self._previous = {}
 
     def install(self) -> None:
+        self._pid = os.getpid()
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
 
@@ -162,6 +163,8 @@ class GracefulStop(TrainerCallback):
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
+        if os.getpid() != self._pid:
+            return  # a dataloader worker forked with this handler: ctrl+c reaches the whole process group
         if self.requested:  # a second ctrl+c stops at once
             raise KeyboardInterrupt
         self.requested = True
