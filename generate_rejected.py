@@ -119,26 +119,10 @@ def resume_point(output: Path, items: list[dict], settings: dict) -> tuple[int, 
     return min(done, len(items)), kept, state
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    setup_logging()
-    (args,) = parse_config([GenerateArguments], argv, default_recipe=recipe_path("generate_rejected"),
-                           description=__doc__)
-    set_seed(args.seed)
-    items = load_answered_prompts(args.input, args.data_format, args.dataset_split, args.system_prompt, "input")
-    if args.max_rows >= 0:
-        items = items[:args.max_rows]
-    output = Path(args.output)
-    check_output_file(output, "output")  # an existing file is resumed
-    if args.overwrite:
-        output.unlink(missing_ok=True)
-        progress_path(output).unlink(missing_ok=True)
-    settings = run_settings(config_to_dict(args))
-    start, kept, state = resume_point(output, items, settings)
-    counts = {"written": kept, "equal_skipped": state.get("equal_skipped", 0),
-              "empty_skipped": state.get("empty_skipped", 0)}
-    if start:
-        logger.info("resuming at row %d of %d (%s)", start, len(items), output)
-
+def answer_rows(args: GenerateArguments, items: list[dict], start: int, output: Path, counts: dict,
+                settings: dict) -> bool:
+    """Answer `items[start:]` with the SFT model, batch by batch, appending the pairs to `output` and updating
+    `counts` and the progress record; False when ctrl+c stopped it (what was recorded stays)."""
     model, tokenizer = load_for_inference(args.model_name_or_path, args.device, args.dtype)
     config = model.generation_config
     config.max_new_tokens, config.do_sample = args.max_new_tokens, args.do_sample
@@ -172,9 +156,36 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 bar.update(len(batch))
     except KeyboardInterrupt:
         logger.warning("interrupted after %d of %d rows; run the same command again to continue", bar.n, len(items))
-        return counts
+        return False
     finally:
         bar.close()
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    setup_logging()
+    (args,) = parse_config([GenerateArguments], argv, default_recipe=recipe_path("generate_rejected"),
+                           description=__doc__)
+    set_seed(args.seed)
+    items = load_answered_prompts(args.input, args.data_format, args.dataset_split, args.system_prompt, "input")
+    if args.max_rows >= 0:
+        items = items[:args.max_rows]
+    output = Path(args.output)
+    check_output_file(output, "output")  # an existing file is resumed
+    if args.overwrite:
+        output.unlink(missing_ok=True)
+        progress_path(output).unlink(missing_ok=True)
+    settings = run_settings(config_to_dict(args))
+    start, kept, state = resume_point(output, items, settings)
+    counts = {"written": kept, "equal_skipped": state.get("equal_skipped", 0),
+              "empty_skipped": state.get("empty_skipped", 0)}
+    if start >= len(items):
+        logger.info("all %d rows are answered in %s already: nothing to do", len(items), output)
+    else:
+        if start:
+            logger.info("resuming at row %d of %d (%s)", start, len(items), output)
+        if not answer_rows(args, items, start, output, counts, settings):
+            return counts
     logger.info("%d pairs in %s; skipped %d rows where the model gave the dataset's answer and %d empty answers",
                 counts["written"], output, counts["equal_skipped"], counts["empty_skipped"])
     if not counts["written"]:

@@ -38,7 +38,7 @@ def command(model, inputs, output, *extra):
             "--batch_size", "3", "--max_new_tokens", "8", "--device", "cpu", *map(str, extra)]
 
 
-def test_writes_triples_and_skips_answers_equal_to_the_dataset(tiny_llama, tmp_path):
+def test_writes_triples_and_skips_answers_equal_to_the_dataset(tiny_llama, tmp_path, capfd):
     inputs = write_inputs(tmp_path)
     items = load_answered_prompts(inputs)
     model, tokenizer = load_for_inference(str(tiny_llama), "cpu")
@@ -63,7 +63,11 @@ def test_writes_triples_and_skips_answers_equal_to_the_dataset(tiny_llama, tmp_p
     assert len(pairs) == len(rows) and pairs[0]["prompt"][-1]["role"] == "user"
     progress = json.loads((tmp_path / "out" / "rejected.jsonl.progress.json").read_text())
     assert progress["next_index"] == len(items) and progress["config"]["batch_size"] == 3
+    made = (output.read_bytes(), (tmp_path / "out" / "rejected.jsonl.progress.json").read_bytes())
+    capfd.readouterr()
     assert generate_rejected.main(command(tiny_llama, inputs, output)) == counts  # done: nothing to add
+    assert "nothing to do" in capfd.readouterr().err
+    assert (output.read_bytes(), (tmp_path / "out" / "rejected.jsonl.progress.json").read_bytes()) == made
 
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"prompt": "别的问题", "response": "别的答案"}, ensure_ascii=False) + "\n" * 2,
