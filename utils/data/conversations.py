@@ -311,12 +311,12 @@ def load_preferences(paths: Sequence[str], fmt: str = "auto", split: str = "trai
     (`field`: as in `load_conversations`)."""
     pairs = []
     for row, row_fmt, location in _rows(paths, fmt, split):
-        field = _conversation_field(row_fmt)
+        column = _conversation_field(row_fmt)
         prompt = row_messages(row, row_fmt, location, with_answer=False)
         if not prompt or prompt[-1]["role"] != "user":
-            raise location.error("the prompt must end with a user turn", field=field,
+            raise location.error("the prompt must end with a user turn", field=column,
                                  fix="put the answers in 'chosen' and 'rejected', not in the conversation")
-        _check_prompt(prompt, location, field)
+        _check_prompt(prompt, location, column)
         chosen, rejected = preference_answers(row, row_fmt, location)
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     if not pairs:
