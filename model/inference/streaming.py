@@ -100,11 +100,13 @@ class Reply:
         """The tokens that spell `text`: when a stop string cut it, those up to the one that completes the
         text (it may run into the stop string), so per-token figures (logprobs) end where the text ends;
         otherwise every token, the end of turn included."""
-        spelled = [len(text.rstrip("\ufffd")) for text in tokenizer.batch_decode(
-            [self.token_ids[:count] for count in range(len(self.token_ids) + 1)], skip_special_tokens=True)]
-        if spelled[-1] <= len(self.text):
+        def spelled(count: int) -> int:
+            return len(tokenizer.decode(self.token_ids[:count], skip_special_tokens=True).rstrip("\ufffd"))
+
+        if spelled(len(self.token_ids)) <= len(self.text):  # not cut: one decode, not one per prefix
             return list(self.token_ids)
-        return self.token_ids[:next(count for count, length in enumerate(spelled) if length >= len(self.text))]
+        return self.token_ids[:next(count for count in range(len(self.token_ids) + 1)
+                                    if spelled(count) >= len(self.text))]
 
 
 def why_empty(reply: Reply, tokenizer) -> str | None:
