@@ -29,7 +29,7 @@ from transformers import set_seed
 
 from model.inference.generation import InferenceArguments, context_length, generate_replies, load_for_inference
 from utils.cli import run_main
-from utils.config import ONE_COMMAND_ACTIONS, config_to_dict, parse_config, recipe_path
+from utils.config import ONE_COMMAND_ACTIONS, parse_config, recipe_path, run_config
 from utils.data.conversations import FORMATS, load_answered_prompts
 from utils.data.sources import PROGRESS_SUFFIX
 from utils.errors import UserError
@@ -74,8 +74,9 @@ def progress_path(output: Path) -> Path:
 
 
 def run_settings(values: dict) -> dict:
-    """What makes an output this run's: every setting but the actions of one command and --max_rows (a larger
-    one goes on with the same run)."""
+    """What makes an output this run's: its recorded configuration (`utils.config.run_config`) but --max_rows (a
+    larger one goes on with the same run). Progress records written before actions were left out may hold
+    them: they are dropped here too."""
     return {key: value for key, value in values.items() if key not in (*ONE_COMMAND_ACTIONS, "max_rows")}
 
 
@@ -175,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.overwrite:
         output.unlink(missing_ok=True)
         progress_path(output).unlink(missing_ok=True)
-    settings = run_settings(config_to_dict(args))
+    settings = run_settings(run_config(args))
     start, kept, state = resume_point(output, items, settings)
     counts = {"written": kept, "equal_skipped": state.get("equal_skipped", 0),
               "empty_skipped": state.get("empty_skipped", 0)}

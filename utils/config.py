@@ -163,13 +163,19 @@ def config_to_dict(*configs: Any) -> dict[str, Any]:
     return resolved
 
 
+def run_config(*configs: Any, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a run records of its configuration: `config_to_dict` (with `overrides` on top) less the actions of
+    the command (`ONE_COMMAND_ACTIONS`)."""
+    return {key: value for key, value in {**config_to_dict(*configs), **(overrides or {})}.items()
+            if key not in ONE_COMMAND_ACTIONS}
+
+
 def save_config(output_dir: str | Path, *configs: Any, overrides: dict[str, Any] | None = None) -> Path:
-    """Write the resolved configuration (with `overrides` on top) as `config.yaml` in `output_dir`; it reloads
-    with `--config`. The actions of the command (`ONE_COMMAND_ACTIONS`) are left out."""
+    """Write the resolved configuration (`run_config`) as `config.yaml` in `output_dir`; it reloads with
+    `--config`."""
     path = Path(output_dir) / CONFIG_FILENAME
-    values = {key: value for key, value in {**config_to_dict(*configs), **(overrides or {})}.items()
-              if key not in ONE_COMMAND_ACTIONS}
-    write_text_atomic(path, yaml.safe_dump(values, allow_unicode=True, sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(run_config(*configs, overrides=overrides), allow_unicode=True,
+                                           sort_keys=False))
     return path
 
 
@@ -184,8 +190,7 @@ def already_made(output_dir: str | Path, *configs: Any, inputs: Iterable[str] = 
         made = saved.stat().st_mtime
     except (OSError, yaml.YAMLError):
         return False
-    values = {key: value for key, value in config_to_dict(*configs).items() if key not in ONE_COMMAND_ACTIONS}
-    if recorded != yaml.safe_load(yaml.safe_dump(values, allow_unicode=True)):  # as save_config's file reads back
+    if recorded != yaml.safe_load(yaml.safe_dump(run_config(*configs), allow_unicode=True)):  # as saved, read back
         return False
     for name in inputs:
         path = Path(name)
