@@ -209,8 +209,8 @@ def check_tokenizer_keeps_ids(path: str, tokenizer: PreTrainedTokenizerBase) -> 
 
     An extended tokenizer (`train_tokenizer.py --extend`) appends tokens after the base's last id, so the
     trained embedding rows still mean the same tokens; any other tokenizer would silently scramble them.
+    `path` is a local directory (`load_model` and the reward stages resolve it with `utils.hub.local_dir`).
     """
-    path = local_dir(path, "model_name_or_path")
     if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
         logger.warning("%s holds no tokenizer: cannot check that the tokenizer keeps the model's token ids", path)
         return
