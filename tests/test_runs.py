@@ -71,6 +71,24 @@ def test_resume_accepts_another_split_of_the_same_global_batch(llama_run, tiny_c
     assert "split differently" in log and "resuming from" in log
 
 
+def test_a_run_is_the_same_wherever_its_data_is(llama_run, tiny_corpus, tiny_tokenizer, tmp_path, capfd):
+    """Data counts in a run's identity by name, size and content, not by where it is: a second machine's copy in
+    another place (or the run moved with its data) resumes; other data of the same name and size is refused."""
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(llama_run, moved / "run")
+    corpus = moved / "data" / tiny_corpus.name
+    corpus.parent.mkdir()
+    shutil.copy2(tiny_corpus, corpus)
+    pre_train.main(pretrain_args(corpus, tiny_tokenizer, moved / "run", "llama-tiny", "--max_steps", "5"))
+    assert "resuming from" in capfd.readouterr().err  # (past the steps the other tests of this run trained)
+    text = tiny_corpus.read_text(encoding="utf-8")
+    corpus.write_text(text.replace("春天", "秋天", 1), encoding="utf-8")  # as many bytes, other text
+    assert corpus.stat().st_size == tiny_corpus.stat().st_size
+    with pytest.raises(UserError, match="settings.train_files") as error:
+        pre_train.main(pretrain_args(corpus, tiny_tokenizer, moved / "run", "llama-tiny", "--max_steps", "6"))
+    assert error.value.field == "output_dir"
+
+
 def test_unrecorded_outputs_and_foreign_checkpoints_are_refused(llama_run, tiny_corpus, tiny_tokenizer, tiny_t5,
                                                                 tmp_path):
     legacy = tmp_path / "legacy"

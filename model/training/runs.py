@@ -21,7 +21,8 @@ A run that trains an adapter writes its checkpoints into `--output_dir/adapter` 
 What may change between the interrupted run and its resumption: how the global batch is split into
 micro-batches, accumulation steps and processes (the examples of each step stay the same; logged with a
 warning), the number of steps or epochs (to extend a run), logging / evaluation / saving intervals,
-precision, worker counts and paths of model and tokenizer (identified by content, not by path).
+precision, worker counts, and where the model, tokenizer and data are (identified by content, not by path:
+two machines keep their copies in different places).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import yaml
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from model.training.machines import one_outcome, settle_storage
 from utils.config import CONFIG_FILENAME
 from utils.errors import UserError
 from utils.io import write_json_atomic
@@ -65,6 +67,7 @@ TRAINING_IDENTITY = ("seed", "data_seed", "train_sampling_strategy", "optim", "o
                      "lr_scheduler_type", "lr_scheduler_kwargs", "weight_decay", "adam_beta1", "adam_beta2",
                      "adam_epsilon", "warmup_steps", "max_grad_norm", "label_smoothing_factor",
                      "beta", "loss_type", "loss_weights", "label_smoothing", "rpo_alpha")
+SAMPLE_BYTES = 2**20  # a data file counts in the identity by its size, first and last MiB
 VOLATILE_CONFIG = {"transformers_version", "dtype", "torch_dtype", "architectures", "use_cache"}
 
 
@@ -72,16 +75,35 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _sample_digest(files: Iterable[Path], root: Path) -> str:
+    """A digest of each file's name under `root`, size and first and last MiB: the same data wherever a machine
+    keeps it, without reading a corpus of many GB at every start."""
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(root).as_posix()}:{size}:".encode())
+        with open(path, "rb") as handle:
+            digest.update(handle.read(SAMPLE_BYTES))
+            if size > SAMPLE_BYTES:
+                handle.seek(max(size - SAMPLE_BYTES, SAMPLE_BYTES))
+                digest.update(handle.read())
+    return digest.hexdigest()[:12]
+
+
 def _files(paths: Iterable[str]) -> list[list]:
-    """[resolved path, bytes] of each input (a directory counts all files under it)."""
+    """[name, bytes, content digest] of each input (a directory counts all files under it), or [name, None]
+    for a hub dataset name or a missing path. Where the data is does not count: two machines keep their
+    copies of a corpus in different places, and a run moved with its data is the same run."""
     out = []
     for name in paths:
         path = Path(name).expanduser()
         if path.is_dir():
-            size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            out.append([path.name, sum(p.stat().st_size for p in files), _sample_digest(files, path)])
+        elif path.is_file():
+            out.append([path.name, path.stat().st_size, _sample_digest([path], path.parent)])
         else:
-            size = path.stat().st_size if path.is_file() else None  # a hub dataset name, or missing
-        out.append([str(path.resolve()) if path.exists() else name, size])
+            out.append([name, None])
     return out
 
 
@@ -103,7 +125,7 @@ def global_batch(args) -> int:
 
 def run_identity(stage: str, model, tokenizer, settings: Sequence[Any], args) -> dict:
     """The identity of a run: `settings` are the stage's model / data / LoRA dataclasses (every field counts
-    except those in `NOT_IDENTITY`; `*_files` fields count by resolved path and size), `args` its training
+    except those in `NOT_IDENTITY`; `*_files` fields count by name, size and content, `_files`), `args` its training
     arguments (the fields of `TRAINING_IDENTITY` count)."""
     config = {k: v for k, v in model.config.to_dict().items() if k not in VOLATILE_CONFIG and not k.startswith("_")}
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -206,12 +228,23 @@ def claim_output_dir(identity: dict, args, final_dir: str | Path | None = None) 
     that trains an adapter) is free for this run or holds this same run (see the module docstring), clear
     what the user asked to start over from, and record `run.json`. Call it before writing anything into the
     output directory. Returns True when this run has finished already: nothing was written, and the stage
-    has nothing to do."""
+    has nothing to do. On several machines, every process gets the same answer (`model.training.machines`):
+    machines whose copies of the output directory disagree are refused together, each named."""
     root = Path(args.output_dir)
     final = Path(final_dir) if final_dir is not None else root
+    settle_storage(args, root)
+    return one_outcome(lambda: _claim(identity, args, root, final), "whether this run has finished",
+                       lambda finished: "finished" if finished else "not finished",
+                       fix="give every machine the same copy of --output_dir (the final model, checkpoints and "
+                           f"{RUN_FILE}), or start over on every machine with --no_resume")
+
+
+def _claim(identity: dict, args, root: Path, final: Path) -> bool:
+    """`claim_output_dir` on one process (the first process of each machine that keeps its own copy, or of the
+    run, checks first)."""
     fix = "choose another --output_dir, or pass --overwrite_output_dir to replace that run"
     resume = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
-    with args.main_process_first(desc="check the output directory"):
+    with args.main_process_first(local=args.save_on_each_node, desc="check the output directory"):
         for directory in dict.fromkeys((final, root)):
             if (changed := another_run(directory, identity)) is None:
                 continue
