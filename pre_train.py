@@ -142,8 +142,9 @@ def build_datasets(data: DataArguments, tokenizer, seq2seq: bool, cache_dir: Pat
     validation = data.validation_files or data.train_files
     workers = data.preprocessing_num_workers
     train, evals, ratios = [], {}, {}
+    # the cache is in the output directory: machines that share it tokenise once, each other machine for itself
     if objective in ("causal_lm", "span_corruption", "mix"):
-        with args.main_process_first(desc="tokenize"):
+        with args.main_process_first(local=args.save_on_each_node, desc="tokenize"):
             stream = TokenStream.build(data.train_files, "train", tokenizer, cache_dir, workers)
             val_stream = TokenStream.build(validation, "validation", tokenizer, cache_dir, workers)
         if objective == "causal_lm":
@@ -157,7 +158,7 @@ def build_datasets(data: DataArguments, tokenizer, seq2seq: bool, cache_dir: Pat
             evals["span"] = make(val_stream, 1)
             ratios["span"] = val_stream.chars_per_token
     if objective in ("text_to_text", "mix"):
-        with args.main_process_first(desc="tokenize pairs"):
+        with args.main_process_first(local=args.save_on_each_node, desc="tokenize pairs"):
             train.append(TextToTextPairs(data.pair_files, "train", tokenizer, data.max_source_length,
                                          data.max_target_length, workers))
             pairs_eval = TextToTextPairs(data.validation_pair_files or data.pair_files, "validation", tokenizer,

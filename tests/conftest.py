@@ -49,7 +49,8 @@ SENTENCES = [
 # The modules that take minutes, slowest first. They are collected first, so that the two workers of `make test`
 # (which take whole modules, in collection order) start on them and finish together, rather than one worker
 # waiting out another's long last module.
-SLOW_MODULES = ("test_invariance.py", "test_demo.py", "test_pretrain.py", "test_recipes.py", "test_bench.py")
+SLOW_MODULES = ("test_invariance.py", "test_machines.py", "test_demo.py", "test_pretrain.py", "test_recipes.py",
+                "test_bench.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -260,7 +260,7 @@ def save_trained(trainer: Trainer, tokenizer, configs: list, summary: dict, outp
     model = trainer.accelerator.unwrap_model(trainer.model)
     if not is_quantized(model):
         merged = merge_adapter(model)
-    else:  # only the main process saves, so only it reloads the base
-        merged = merge_into_unquantised(base_path, tokenizer, adapter) if trainer.is_world_process_zero() else model
+    else:  # only the processes that save reload the base
+        merged = merge_into_unquantised(base_path, tokenizer, adapter) if trainer.args.should_save else model
     return save_final(trainer, tokenizer, configs, summary, output_dir=output_dir, model=merged,
                       config_overrides=recorded)

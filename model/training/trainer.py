@@ -39,6 +39,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 
 from model.build import check_precision
+from model.training.machines import one_outcome, share_files
 from model.training.runs import FINISHED_FILE, RUN_FILE, global_batch
 from utils.config import save_config
 from utils.errors import UserError
@@ -130,6 +131,10 @@ def checkpoint_step(path: str | Path) -> int:
     return int(found.group(1)) if found else 0
 
 
+def resume_label(resume) -> str:
+    return f"checkpoint-{checkpoint_step(resume)}" if resume else "none (step 0)"
+
+
 def resolve_resume(args: TrainArguments) -> str | None:
     """`--resume_from_checkpoint PATH` if given, else the latest checkpoint unless `--no_resume`."""
     if args.resume_from_checkpoint:
@@ -140,8 +145,6 @@ def resolve_resume(args: TrainArguments) -> str | None:
     if args.no_resume:
         return None
     found = latest_checkpoint(args.output_dir)
-    if found:
-        logger.info("resuming from %s (pass --no_resume to start over)", found)
     return str(found) if found else None
 
 
@@ -305,6 +308,7 @@ class AtomicCheckpointMixin:
         finally:
             self._staging, self.args.save_total_limit = False, limit
         self.accelerator.wait_for_everyone()
+        share_files(run_dir / STAGING_DIR / name, self.args)  # machines without shared storage: each gets all parts
         if self.args.should_save:
             if (run_dir / RUN_FILE).is_file():  # the checkpoint names the run it belongs to
                 shutil.copy2(run_dir / RUN_FILE, run_dir / STAGING_DIR / name / RUN_FILE)
@@ -510,8 +514,12 @@ def train_until_done_or_stopped(trainer: Trainer, args: TrainArguments) -> Train
     trainer.add_callback(QuietProgressBar())
     if args.torch_compile:
         trainer.add_callback(CompileReport())
-    resume = resolve_resume(args)
+    resume = one_outcome(lambda: resolve_resume(args), "the step to resume from", describe=resume_label,
+                         fix="give every machine the same latest checkpoint-N of --output_dir (copy it from the "
+                             "machine that has it), or start over on every machine with --no_resume")
     done = checkpoint_step(resume) if resume else 0
+    if resume and not args.resume_from_checkpoint:
+        logger.info("resuming from %s (pass --no_resume to start over)", resume)
     if resume and 0 < args.max_steps < done:
         raise UserError(f"the run has trained {done} steps already, past --max_steps {args.max_steps}",
                         path=resume, field="max_steps",
@@ -541,7 +549,8 @@ def save_final(trainer: Trainer, tokenizer, configs: list, summary: dict, output
     `args.output_dir`) through a staging directory, so the final model is never half-written: files are
     renamed into place one by one, `config.json` second to last, so a loader only sees a model once its
     weights are complete, and `training_summary.json` (`FINISHED_FILE`) last, after the old one was removed
-    first: a rerun sees the run as finished only when every file is in place.
+    first: a rerun sees the run as finished only when every file is in place. Machines that do not share the
+    output directory each write the whole final model (`model.training.machines`).
 
     `model` (default `trainer.model`) lets a stage save something else than the trained module, e.g.
     DPO's merged model; `config_overrides` are recorded in `config.yaml` over the configs' own values (DPO
@@ -553,17 +562,18 @@ def save_final(trainer: Trainer, tokenizer, configs: list, summary: dict, output
     model = model if model is not None else trainer.model
     output = Path(output_dir or trainer.args.output_dir)
     staging = output / ".final-staging"
-    if trainer.is_world_process_zero():
+    writes, saves = trainer.is_world_process_zero(), trainer.args.should_save
+    if saves:  # the main process, and each machine's first where the machines do not share the output directory
         shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     model.generation_config = default_generation_config(tokenizer, model.config)
     if model is trainer.model and is_deepspeed_zero3_enabled():
         trainer.save_model(str(staging))  # ZeRO-3: the parameters are gathered from every rank
-    elif trainer.is_world_process_zero():
+    elif writes:
         # the module itself, not HF's DeepSpeed state-dict copy: tied weights (T5's shared embeddings and head)
         # keep one storage, so they are saved once
         trainer.accelerator.unwrap_model(model).save_pretrained(staging)
-    if trainer.is_world_process_zero():
+    if writes:
         tokenizer.save_pretrained(staging)
         save_config(staging, *configs, overrides=config_overrides)
         if "train_runtime" in summary:
@@ -574,6 +584,9 @@ def save_final(trainer: Trainer, tokenizer, configs: list, summary: dict, output
         (staging / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         trainer.state.save_to_json(str(staging / "trainer_state.json"))  # the whole run, for plots
         (staging / "training_args.bin").unlink(missing_ok=True)
+    trainer.accelerator.wait_for_everyone()
+    share_files(staging, trainer.args)
+    if saves:
         honour_umask(staging)  # safetensors writes model.safetensors 0600
         (output / FINISHED_FILE).unlink(missing_ok=True)
         for path in sorted(staging.iterdir(), key=lambda p: (p.name == FINISHED_FILE, p.name == "config.json")):
