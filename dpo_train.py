@@ -38,7 +38,8 @@ from model.training.dpo import DPOArguments, PreferenceTrainer
 from model.training.lora import LoraArguments, adapter_output_dir, save_trained
 from model.training.runs import claim_output_dir, run_identity
 from model.training.summary import final_evaluation, log_summary
-from model.training.trainer import ProgressLine, describe_plan, train_until_done_or_stopped
+from model.training.callbacks import ProgressLine
+from model.training.trainer import describe_plan, train_until_done_or_stopped
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
 from utils.data.conversations import PreferenceDataArguments, load_preference_splits
@@ -52,7 +53,7 @@ logger = logging.getLogger("dpo_train")
 
 @dataclass
 class ModelArguments(AttentionArguments):
-    model_name_or_path: str = field(default="model_save/sft", metadata={
+    model_name_or_path: str = field(default="model_save/sft", metadata={"identity": False,
         "help": "The model to align (sft_train.py output); its tokenizer and chat template are used."})
 
 

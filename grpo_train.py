@@ -40,7 +40,8 @@ from model.training.reward import RewardModelScore
 from model.training.rewards import rule_rewards
 from model.training.runs import claim_output_dir, run_identity
 from model.training.summary import final_evaluation, log_summary
-from model.training.trainer import ProgressLine, describe_plan, train_until_done_or_stopped
+from model.training.callbacks import ProgressLine
+from model.training.trainer import describe_plan, train_until_done_or_stopped
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
 from utils.errors import UserError
@@ -53,7 +54,7 @@ logger = logging.getLogger("grpo_train")
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(default="model_save/sft", metadata={
+    model_name_or_path: str = field(default="model_save/sft", metadata={"identity": False,
         "help": "The Llama model to improve (sft_train.py or dpo_train.py output); its tokenizer and chat template "
                 "are used."})
 

@@ -39,13 +39,9 @@ from model.build import (
 from model.training import lora
 from model.training.runs import claim_output_dir, run_identity
 from model.training.summary import final_evaluation, log_summary
-from model.training.trainer import (
-    LanguageModelTrainer,
-    ProgressLine,
-    TrainArguments,
-    plan_steps,
-    train_until_done_or_stopped,
-)
+from model.training.arguments import TrainArguments
+from model.training.callbacks import ProgressLine
+from model.training.trainer import LanguageModelTrainer, plan_steps, train_until_done_or_stopped
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
 from utils.data.sources import split_files
@@ -60,14 +56,14 @@ OBJECTIVES = ("auto", "causal_lm", "span_corruption", "text_to_text", "mix")
 
 @dataclass
 class ModelArguments(AttentionArguments):
-    model_config: str = field(default="t5-0.2b", metadata={
+    model_config: str = field(default="t5-0.2b", metadata={"identity": False,
         "help": "Preset (t5-tiny, t5-demo, t5-0.2b, llama-tiny, llama-demo, llama-0.2b), a preset YAML or an "
                 "HF config.json. Ignored with --model_name_or_path."})
-    model_overrides: str | None = field(default=None, metadata={
+    model_overrides: str | None = field(default=None, metadata={"identity": False,
         "help": "JSON object of config keys to override, e.g. '{\"num_layers\": 4, \"d_model\": 512}'."})
-    model_name_or_path: str | None = field(default=None, metadata={
+    model_name_or_path: str | None = field(default=None, metadata={"identity": False,
         "help": "Continue pretraining this HF checkpoint (embeddings grow to fit an extended tokenizer)."})
-    tokenizer_name_or_path: str = field(default="data/tokenizer", metadata={
+    tokenizer_name_or_path: str = field(default="data/tokenizer", metadata={"identity": False,
         "help": "Tokenizer directory (train_tokenizer.py output)."})
 
     def overrides(self) -> dict:
@@ -104,7 +100,7 @@ class DataArguments:
     max_target_length: int = field(default=256, metadata={"help": "T5 text-to-text target length (tokens)."})
     noise_density: float = field(default=0.15, metadata={"help": "Share of tokens masked by span corruption."})
     mean_noise_span_length: float = field(default=3.0, metadata={"help": "Mean masked span length (tokens)."})
-    preprocessing_num_workers: int = field(default=max(1, os.cpu_count() or 1), metadata={
+    preprocessing_num_workers: int = field(default=max(1, os.cpu_count() or 1), metadata={"identity": False,
         "help": "Processes for tokenisation."})
 
     def __post_init__(self):

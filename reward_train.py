@@ -28,7 +28,9 @@ from model.inference.generation import context_length
 from model.training.reward import RewardArguments, RewardModelTrainer, load_reward_model
 from model.training.runs import claim_output_dir, run_identity
 from model.training.summary import final_evaluation, log_summary
-from model.training.trainer import ProgressLine, describe_plan, save_final, train_until_done_or_stopped
+from model.training.callbacks import ProgressLine
+from model.training.checkpoints import save_final
+from model.training.trainer import describe_plan, train_until_done_or_stopped
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
 from utils.data.conversations import PreferenceDataArguments, load_preference_splits
@@ -42,7 +44,7 @@ logger = logging.getLogger("reward_train")
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(default="model_save/sft", metadata={
+    model_name_or_path: str = field(default="model_save/sft", metadata={"identity": False,
         "help": "The model the reward model starts from (sft_train.py output); its tokenizer and chat template "
                 "are used."})
 

@@ -45,12 +45,9 @@ from model.inference.generation import generate_replies
 from model.training import lora
 from model.training.runs import claim_output_dir, run_identity
 from model.training.summary import final_evaluation, log_summary
-from model.training.trainer import (
-    LanguageModelTrainer,
-    ProgressLine,
-    TrainArguments,
-        train_until_done_or_stopped,
-)
+from model.training.arguments import TrainArguments
+from model.training.callbacks import ProgressLine
+from model.training.trainer import LanguageModelTrainer, train_until_done_or_stopped
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
 from utils.data.conversations import ConversationDataArguments, hold_out, load_conversations
@@ -66,9 +63,9 @@ FREEZABLE = ("embeddings", "encoder", "decoder")
 
 @dataclass
 class ModelArguments(AttentionArguments):
-    model_name_or_path: str = field(default="model_save/pretrain", metadata={
+    model_name_or_path: str = field(default="model_save/pretrain", metadata={"identity": False,
         "help": "Pretrained model directory (pre_train.py output, or any HF T5 / Llama checkpoint)."})
-    tokenizer_name_or_path: str | None = field(default=None, metadata={
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"identity": False,
         "help": "Tokenizer directory with the toolkit's chat template; default: the one in --model_name_or_path."})
     freeze: str = field(default="auto", metadata={
         "help": "Comma-separated parts kept frozen: embeddings (tied to the LM head), encoder, decoder (T5 only); "
@@ -88,10 +85,12 @@ class DataArguments(ConversationDataArguments):
     max_length: int = field(default=1024, metadata={"help": "Llama conversation limit (tokens)."})
     overlong: str = field(default="truncate", metadata={
         "help": "What to do with examples over the limits: truncate or drop (both counted in the log)."})
-    eval_samples: int = field(default=3, metadata={
+    eval_samples: int = field(default=3, metadata={"identity": False,
         "help": "Validation prompts answered by the model and logged at each evaluation (0 = none)."})
-    sample_max_new_tokens: int = field(default=64, metadata={"help": "Reply length of those samples (tokens)."})
-    preprocessing_num_workers: int = field(default=1, metadata={"help": "Processes for tokenisation."})
+    sample_max_new_tokens: int = field(default=64, metadata={"identity": False,
+                                                             "help": "Reply length of those samples (tokens)."})
+    preprocessing_num_workers: int = field(default=1, metadata={"identity": False,
+                                                                "help": "Processes for tokenisation."})
 
     def __post_init__(self):
         super().__post_init__()

@@ -49,7 +49,8 @@ from transformers.optimization import Adafactor, AdafactorSchedule
 
 import train_tokenizer  # noqa: E402  (bench/common puts the repo on sys.path)
 from model.build import build_model, count_parameters, model_config  # noqa: E402
-from model.training.trainer import LanguageModelTrainer, TrainArguments  # noqa: E402
+from model.training.arguments import TrainArguments  # noqa: E402
+from model.training.trainer import LanguageModelTrainer  # noqa: E402
 from pre_train import DataArguments, build_datasets  # noqa: E402
 
 TRAIN_FILES = ("my_train_dataset_3k.parquet", "my_test_dataset_2k.parquet")

@@ -105,7 +105,7 @@ def check_precision(value: str, flag: str) -> None:
 class AttentionArguments:
     """The attention kernel flag of every training stage (mixed into its ModelArguments)."""
 
-    attn_implementation: str = field(default="sdpa", metadata={
+    attn_implementation: str = field(default="sdpa", metadata={"identity": False,
         "help": f"Attention kernel: {', '.join(ATTENTION)} (the same function). sdpa: PyTorch's fused kernels (T5's "
                 "position bias enters as an additive mask, so no flash kernel serves T5). flex_attention: the "
                 "bias as a FlexAttention score_mod in a compiled kernel; CUDA only for training (PyTorch has no "

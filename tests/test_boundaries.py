@@ -32,7 +32,7 @@ import grpo_train
 import pre_train
 import reward_train
 import sft_train
-from model.training.runs import FINISHED_FILE
+from model.training.outputs import FINISHED_FILE
 
 STEPS = 3
 SAVE = ["--max_steps", STEPS, "--save_strategy", "steps", "--save_steps", 2]  # checkpoints at 2 and 3 (the end)

@@ -165,7 +165,7 @@ def test_recipe_values_of_the_wrong_type_name_file_line_and_field(line, expected
 
 
 def test_recipe_values_for_hf_training_arguments(tmp_path):
-    from model.training.trainer import TrainArguments
+    from model.training.arguments import TrainArguments
 
     recipe = write(tmp_path / "r.yaml", f"output_dir: {tmp_path}\nreport_to: none\neval_strategy: steps\n"
                                         "eval_steps: 10\nwarmup_steps: 0.1\nlr_scheduler_kwargs: {min_lr: 0.1}\n"
@@ -182,7 +182,7 @@ def test_recipe_values_for_hf_training_arguments(tmp_path):
 def test_torch_compile_auto_true_false_and_a_saved_config(tmp_path):
     """--torch_compile auto is on with CUDA, off here; true / false as before; a saved config.yaml (YAML
     booleans) reloads. --use_liger_kernel on CPU is one clear error, before any work."""
-    from model.training.trainer import TrainArguments
+    from model.training.arguments import TrainArguments
 
     base = ["--config", "none", "--output_dir", str(tmp_path), "--report_to", "none"]
     values = {value: parse_config([TrainArguments], [*base, "--torch_compile", value])[0].torch_compile

@@ -28,7 +28,7 @@ from model.training.dpo import (
     tokenize_preference,
 )
 from model.training.lora import LoraArguments
-from model.training.runs import holds_model
+from model.training.outputs import holds_model
 from utils.config import parse_config
 from utils.data.conversations import load_preferences
 from utils.errors import UserError

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
 from model.build import build_model, model_config
-from model.training.trainer import TrainArguments
+from model.training.arguments import TrainArguments
 
 
 def all_values(tree):

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 import pre_train
 from model.build import load_model
-from model.training.trainer import latest_checkpoint
+from model.training.outputs import latest_checkpoint
 from utils.errors import UserError
 from utils.examples.pretrain_data import PackedBlocks, SpanCorruptionBlocks, TokenStream, span_corruption_lengths
 
@@ -415,7 +415,7 @@ def test_bad_adafactor_options_are_refused(tiny_corpus, tiny_tokenizer, tmp_path
         with pytest.raises(UserError, match=message):
             pre_train.main(common(tiny_corpus, tiny_tokenizer, "t5-tiny", tmp_path / "x", "--max_steps", "1",
                                   "--optim", "adafactor", "--optim_args", bad))
-    from model.training.trainer import TrainArguments  # other optimizers' optim_args are HF's to read, untouched
+    from model.training.arguments import TrainArguments  # other optimizers' optim_args are HF's to read, untouched
 
     assert TrainArguments(output_dir=str(tmp_path / "g"), optim="galore_adafactor", optim_args="rank=64",
                           report_to=[]).optim_args == "rank=64"

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 import pre_train
 import sft_train
-from model.training.runs import RUN_FILE
+from model.training.outputs import RUN_FILE
 from utils.errors import UserError
 from utils.examples.pretrain_data import PackedBlocks, SpanCorruptionBlocks, TokenStream
 

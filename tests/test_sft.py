@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 import sft_train
-from model.training.trainer import latest_checkpoint
+from model.training.outputs import latest_checkpoint
 from utils.config import parse_config
 from utils.errors import UserError
 from utils.examples.sft_data import OVERLONG, seq2seq_examples, tokenize_conversations

@@ -18,6 +18,7 @@ TRL's configs) plug in unchanged.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import enum
@@ -27,6 +28,7 @@ import types
 import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -44,6 +46,8 @@ OUTPUT_FIELDS = ("output_dir", "output")  # checked for writability before a sta
 # Actions of one command, not settings of a run: never saved into a config.yaml, and refused as true in a recipe
 # (a saved `overwrite_output_dir: true` rerun to extend a run would delete the run it extends).
 ONE_COMMAND_ACTIONS = ("overwrite_output_dir", "overwrite", "no_resume", "resume_from_checkpoint")
+# Field metadata that says whether a setting counts in a training run's identity (model/training/runs.py).
+IDENTITY_KEY = "identity"
 _BOOL_WORDS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")  # what --flag VALUE accepts
 _NO = object()  # "the value does not fit the type"
 
@@ -103,6 +107,18 @@ def load_recipe(path: str | Path, dataclass_types: Sequence[type]) -> dict[str, 
     return checked
 
 
+class ArgumentParser(HfArgumentParser):
+    """HF's parser, which hands a field's metadata to argparse: the keys that are not argparse's (run identity's
+    `identity`, model/training/runs.py) are left out."""
+
+    @staticmethod
+    def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field):
+        if IDENTITY_KEY in field.metadata:
+            field = copy.copy(field)
+            field.metadata = MappingProxyType({k: v for k, v in field.metadata.items() if k != IDENTITY_KEY})
+        HfArgumentParser._parse_dataclass_field(parser, field)
+
+
 def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = None, *,
                  default_recipe: str | Path | None = None, description: str | None = None) -> tuple:
     """Parse `argv` (default: `sys.argv[1:]`) into one instance of each dataclass type.
@@ -110,7 +126,7 @@ def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
     `--config PATH` names a YAML recipe; without it `default_recipe` is used when it exists
     (`--config none` starts from the dataclass defaults alone).
     """
-    parser = HfArgumentParser(list(dataclass_types), description=description, allow_abbrev=False,
+    parser = ArgumentParser(list(dataclass_types), description=description, allow_abbrev=False,
                               exit_on_error=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None,
                         help=f"YAML recipe with defaults for any flag below; flags given on the command "

@@ -23,7 +23,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     if torch is not None and not torch.cuda.is_available():
         # DeepSpeed, imported by accelerate on the first unwrap, warns "Setting accelerator to CPU" on every CPU
         # run when it has to detect the accelerator itself; without CUDA the toolkit trains on the CPU anyway
-        # (model/training/trainer.py RunArguments)
+        # (model/training/arguments.py RunArguments)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import datasets
     import transformers
@@ -32,6 +32,6 @@ def setup_logging(level: int = logging.INFO) -> None:
     datasets.utils.logging.set_verbosity(max(level, logging.WARNING))
     if not sys.stderr.isatty():
         # a log file or a pipe: tqdm redraws a bar with carriage returns, which there glue it to the log lines;
-        # the trainer's progress line (model/training/trainer.py) logs the progress instead
+        # the trainer's progress line (model/training/callbacks.py) logs the progress instead
         transformers.utils.logging.disable_progress_bar()
         datasets.disable_progress_bars()

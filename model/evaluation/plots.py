@@ -15,7 +15,7 @@ from utils.io import write_bytes_atomic
 def find_trainer_state(run_dir: str | Path) -> Path:
     """`trainer_state.json` of a run: in `run_dir` itself, else in its latest `checkpoint-N` (also one
     level down, e.g. DPO's `adapter/` directory)."""
-    from model.training.trainer import latest_checkpoint
+    from model.training.outputs import latest_checkpoint
 
     root = Path(run_dir)
     if not root.is_dir():

@@ -43,7 +43,10 @@ from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.utils import FusedCausalLMOutput
 
 from model.build import is_seq2seq
-from model.training.trainer import AtomicCheckpointMixin, ExactEvalLossMixin, RunArguments
+from model.training.arguments import TRAINING_IDENTITY, RunArguments
+from model.training.checkpoints import AtomicCheckpointMixin
+from model.training.losses import ExactEvalLossMixin
+from model.training.runs import counts_in_identity
 from utils.errors import UserError
 from utils.tokenization.chat_format import answer_ids, render_prompt
 
@@ -52,6 +55,7 @@ logger = logging.getLogger(__name__)
 _LOGPROB_CHUNK = 32768  # vocabulary columns per tile of the chunked LM head (TRL's default)
 
 
+@counts_in_identity(*TRAINING_IDENTITY, "beta", "loss_type", "loss_weights", "label_smoothing")
 @dataclass
 class DPOArguments(RunArguments, DPOConfig):
     """TRL's `DPOConfig` plus the toolkit's `--no_resume` / `--precision` / `--overwrite_output_dir`."""

@@ -22,7 +22,9 @@ from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
 from model.training.rewards import RULE_REWARDS
-from model.training.trainer import AtomicCheckpointMixin, RunArguments
+from model.training.arguments import TRAINING_IDENTITY, RunArguments
+from model.training.checkpoints import AtomicCheckpointMixin
+from model.training.runs import counts_in_identity
 from utils.data.conversations import ConversationDataArguments, hold_out, load_answered_prompts
 from utils.errors import UserError
 from utils.tokenization.chat_format import render_prompt
@@ -34,6 +36,7 @@ T5_REFUSAL = ("GRPO supports decoder-only models (Llama), not encoder-decoders: 
               "model does not have")
 
 
+@counts_in_identity(*TRAINING_IDENTITY, "beta", "loss_type")
 @dataclass
 class GRPOArguments(RunArguments, GRPOConfig):
     """TRL's `GRPOConfig` plus the toolkit's `--no_resume` / `--precision` / `--overwrite_output_dir`."""

@@ -6,7 +6,7 @@ plain model.
     python sft_train.py --peft qlora                    # the same on a 4-bit NF4 base (CUDA + bitsandbytes)
     python pre_train.py --model_name_or_path BASE --tokenizer_name_or_path EXTENDED --peft lora   # Chinese-LLaMA
 
-Output (as DPO always wrote it): the merged model in --output_dir, loading with plain AutoModelForCausalLM /
+Output: the merged model in --output_dir, loading with plain AutoModelForCausalLM /
 AutoModelForSeq2SeqLM; the adapter (`adapter_config.json`, `adapter_model.safetensors`) and the checkpoints in
 --output_dir/adapter.
 
@@ -46,7 +46,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_
 from transformers import BitsAndBytesConfig, PreTrainedModel, Trainer
 
 from model.build import is_seq2seq, load_model
-from model.training.trainer import save_final
+from model.training.checkpoints import save_final
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)

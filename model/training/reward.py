@@ -29,7 +29,10 @@ from trl.trainer.reward_trainer import suppress_seqcls_warning
 
 from model.build import check_tokenizer_keeps_ids, is_seq2seq
 from model.training.dpo import prepare_preferences
-from model.training.trainer import AtomicCheckpointMixin, ExactEvalLossMixin, RunArguments
+from model.training.arguments import TRAINING_IDENTITY, RunArguments
+from model.training.checkpoints import AtomicCheckpointMixin
+from model.training.losses import ExactEvalLossMixin
+from model.training.runs import counts_in_identity
 from utils.errors import UserError
 from utils.tokenization.chat_format import answer_ids, render_prompt
 from utils.tokenization.tokenizer import load_tokenizer
@@ -39,6 +42,7 @@ logger = logging.getLogger(__name__)
 SUPPORTED = ("llama", "t5")  # families whose sequence classifier is tested with the toolkit's chat format
 
 
+@counts_in_identity(*TRAINING_IDENTITY)
 @dataclass
 class RewardArguments(RunArguments, RewardConfig):
     """TRL's `RewardConfig` plus the toolkit's `--no_resume` / `--precision` / `--overwrite_output_dir`."""

@@ -15,6 +15,11 @@ anything is written, `claim_output_dir` compares the stored identity with the ne
 - another identity, or a model / checkpoints with no `run.json`: refused, naming every difference, unless
   `--overwrite_output_dir` (which removes the old run's checkpoints and model files, nothing else).
 
+Which settings count is said where they are declared: every field of a stage's model / data / LoRA dataclasses
+counts unless its metadata says `"identity": False` (where a model or tokenizer is, worker counts), and of the
+training arguments only the fields an arguments class marks with `counts_in_identity` (those that decide the
+data order and how the optimizer moves: `model.training.arguments.TRAINING_IDENTITY`, plus DPO's beta, ...).
+
 A run that trains an adapter writes its checkpoints into `--output_dir/adapter` and its merged model into
 `--output_dir`; both directories are checked.
 
@@ -30,43 +35,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
+import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import fields, is_dataclass
+from types import MappingProxyType
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
 from model.training.machines import one_outcome, settle_storage
-from utils.config import CONFIG_FILENAME
+from model.training.outputs import FINISHED_FILE, RUN_FILE, checkpoints, clear_run, holds_model
+from utils.config import CONFIG_FILENAME, IDENTITY_KEY as IDENTITY
 from utils.errors import UserError
 from utils.io import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
-MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-               "adapter_config.json", "adapter_model.safetensors")
-# Written last by the final save (`model.training.trainer.save_final`), and removed first when a final model
-# is replaced: a directory holding it holds a complete final model.
-FINISHED_FILE = "training_summary.json"
-# Files a finished stage writes beside the weights (removed with the old model on --overwrite_output_dir).
-OUTPUT_FILES = (*MODEL_FILES, "generation_config.json", FINISHED_FILE, "trainer_state.json", CONFIG_FILENAME,
-                RUN_FILE)
 # What decides when a run is done: the same run with other values goes on (extends) or is refused.
 LENGTH_SETTINGS = ("max_steps", "num_train_epochs")
-# Settings that name where a model or tokenizer is (identified by content instead) or change only speed.
-NOT_IDENTITY = {"model_name_or_path", "tokenizer_name_or_path", "model_config", "model_overrides",
-                "attn_implementation", "preprocessing_num_workers", "num_proc", "eval_samples",
-                "sample_max_new_tokens"}
-# Training settings that decide which examples each step sees and how the optimizer moves.
-TRAINING_IDENTITY = ("seed", "data_seed", "train_sampling_strategy", "optim", "optim_args", "learning_rate",
-                     "lr_scheduler_type", "lr_scheduler_kwargs", "weight_decay", "adam_beta1", "adam_beta2",
-                     "adam_epsilon", "warmup_steps", "max_grad_norm", "label_smoothing_factor",
-                     "beta", "loss_type", "loss_weights", "label_smoothing", "rpo_alpha")
 SAMPLE_BYTES = 2**20  # a data file counts in the identity by its size, first and last MiB
 VOLATILE_CONFIG = {"transformers_version", "dtype", "torch_dtype", "architectures", "use_cache"}
 
@@ -123,21 +110,34 @@ def global_batch(args) -> int:
     return args.train_batch_size * args.gradient_accumulation_steps * args.world_size
 
 
+def counts_in_identity(*names: str):
+    """Class decorator for an arguments dataclass that mixes in HF's / TRL's training arguments: mark the
+    inherited fields `names` as part of a run's identity (field metadata `identity`; the class gets copies of
+    those fields, HF's own stay as they are)."""
+    def mark(cls):
+        for name in names:
+            marked = copy.copy(cls.__dataclass_fields__[name])
+            marked.metadata = MappingProxyType({**marked.metadata, IDENTITY: True})
+            cls.__dataclass_fields__[name] = marked
+        return cls
+    return mark
+
+
 def run_identity(stage: str, model, tokenizer, settings: Sequence[Any], args) -> dict:
-    """The identity of a run: `settings` are the stage's model / data / LoRA dataclasses (every field counts
-    except those in `NOT_IDENTITY`; `*_files` fields count by name, size and content, `_files`), `args` its training
-    arguments (the fields of `TRAINING_IDENTITY` count)."""
+    """The identity of a run: every field of the stage's model / data / LoRA dataclasses `settings` except those
+    whose metadata says `identity: False` (where a model or tokenizer is, worker counts: identified by content or
+    changing only speed), `*_files` fields by name, size and content (`_files`); of the training arguments
+    `args`, the fields marked `identity: True` (`counts_in_identity`: the data order and the optimizer)."""
     config = {k: v for k, v in model.config.to_dict().items() if k not in VOLATILE_CONFIG and not k.startswith("_")}
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocabulary = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     values: dict[str, Any] = {}
     for group in settings:
         for item in fields(group) if is_dataclass(group) else ():
-            if item.name in NOT_IDENTITY:
-                continue
-            value = getattr(group, item.name)
-            values[item.name] = _files(value) if item.name.endswith("_files") and value else _plain(value)
-    training = {name: _plain(getattr(args, name)) for name in TRAINING_IDENTITY if hasattr(args, name)}
+            if item.metadata.get(IDENTITY, True):
+                value = getattr(group, item.name)
+                values[item.name] = _files(value) if item.name.endswith("_files") and value else _plain(value)
+    training = {item.name: _plain(getattr(args, item.name)) for item in fields(args) if item.metadata.get(IDENTITY)}
     split = {"per_device": args.per_device_train_batch_size, "accumulation": args.gradient_accumulation_steps,
              "processes": args.world_size}
     training["global_batch"] = global_batch(args)
@@ -172,30 +172,6 @@ def differences(stored: dict, current: dict) -> list[str]:
         elif old != new:
             out.append(f"{section}: {old} -> {new}")
     return out
-
-
-def holds_model(directory: str | Path) -> bool:
-    """Whether `directory` itself holds a saved model (checkpoint-N/ and adapter/ inside it do not count)."""
-    root = Path(directory)
-    return any((root / name).exists() for name in MODEL_FILES) or any(root.glob("model-*.safetensors"))
-
-
-def checkpoints(directory: str | Path) -> list[Path]:
-    root = Path(directory)
-    if not root.is_dir():
-        return []
-    return [p for p in root.iterdir() if p.is_dir() and (p.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
-                                                           or p.name in (".staging", ".final-staging"))]
-
-
-def clear_run(directory: str | Path, model_files: bool) -> None:
-    """Remove a run's checkpoints (and with `model_files`, its final model and records) from `directory`."""
-    root = Path(directory)
-    for path in checkpoints(root):
-        shutil.rmtree(path)
-    if model_files:
-        for path in [*(root / name for name in OUTPUT_FILES), *root.glob("model-*.safetensors")]:
-            path.unlink(missing_ok=True)
 
 
 def another_run(directory: Path, identity: dict) -> list[str] | None:

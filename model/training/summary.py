@@ -19,7 +19,7 @@ from pathlib import Path
 
 from transformers import Trainer
 
-from model.training.trainer import format_duration
+from model.training.callbacks import format_duration
 
 logger = logging.getLogger(__name__)
 
