@@ -24,7 +24,7 @@ time limit, keeps what it measured.
 Three steps, because the GPU machine has no ../shared, no package registry and no project virtualenv (its python3
 holds a CUDA torch, transformers and accelerate; the rest travels as wheels):
 
-    .venv/bin/python bench/gpu_check.py prepare     # here: data, 32k tokenizer, wheels (~1 min, ~44 MiB)
+    .venv/bin/python bench/gpu_check.py prepare     # here: data, 32k tokenizer, wheels (~1 min, 41 MiB)
     <the device command below>                      # on the GPU machine: < 9 min
     .venv/bin/python bench/gpu_check.py report --results <files_at>/<gpu>.json   # here: docs/BENCHMARKS.md
 

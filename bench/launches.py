@@ -169,9 +169,9 @@ def compare_resume(resumed: dict, reference: dict, stopped_at: int | None) -> di
 
 
 def environment(smoke: bool, gpu_packages: tuple[str, ...]) -> dict:
-    """The device and the library versions. Imports what the runs need, so that a missing or broken wheel shows
-    at once, in the results: a core package that fails ends the check (`error`), one of `gpu_packages` (needed by
-    one stage only) is recorded in `import_errors` and that stage is skipped."""
+    """The device and the library versions. Imports what the runs need, so that a missing or broken wheel shows at
+    once, in the results' `import_errors`: gpu_check.py ends the check on a core package, and skips the one stage
+    that needs a package of `gpu_packages` (on the GPU only)."""
     import torch
 
     gpu = torch.cuda.is_available()
