@@ -92,7 +92,7 @@ def library_versions(packages: Iterable[str]) -> str:
 
 def write_section(script: str, title: str, packages: Iterable[str], body: str, argv: list[str] | None = None,
                   date: str | None = None, machine: str | None = None, libraries: str | None = None,
-                  markdown: Path | None = None) -> Path:
+                  markdown: Path | None = None, python: str = ".venv/bin/python") -> Path:
     """Replace (or append) this script's section of docs/BENCHMARKS.md (or `markdown`: a smoke test's scratch
     file), keeping the other sections.
 
@@ -100,10 +100,10 @@ def write_section(script: str, title: str, packages: Iterable[str], body: str, a
     `body` (tables and interpretation). Sections are delimited by HTML comments naming the script.
     `argv` / `date` (default: this run's `sys.argv[1:]` and now) name the measuring run when a section is
     re-rendered later from saved results; `machine` / `libraries` (default: this machine, the versions
-    installed here) describe a run made on another machine (the lent GPU).
+    installed here) describe a run made on another machine (the lent GPU), `python` how the command was run there.
     """
     argv = sys.argv[1:] if argv is None else argv
-    command = " ".join([".venv/bin/python", f"bench/{script}", *map(shlex.quote, argv)])
+    command = " ".join([python, f"bench/{script}", *map(shlex.quote, argv)])
     date = date or utc_now()
     section = "\n".join([
         f"## {title}", "",

@@ -1,11 +1,18 @@
 """Smoke test of the benchmarks in bench/: each runs end to end with `--quick` (tiny sizes, real data from
-../shared, no docs/BENCHMARKS.md update). Benchmarks are never timed here; their figures are in
-docs/BENCHMARKS.md. bench_pretrain.py --quick takes longer than this file's budget and is not run here."""
+../shared, no docs/BENCHMARKS.md update), the GPU check with `--smoke` on CPU. Benchmarks are never timed here;
+their figures are in docs/BENCHMARKS.md. bench_pretrain.py --quick takes longer than this file's budget and is not
+run here."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO, shared_path
@@ -46,64 +53,97 @@ def test_bench_tokenizer_quick_measures_and_scores():
 
 
 @pytest.fixture(scope="module")
-def quick_input(tmp_path_factory):
-    """`bench/gpu_recipes.py prepare --quick` (tiny corpus and tokenizer): both GPU benches' smoke runs read it."""
-    import gpu_recipes
+def gpu_check_input(tmp_path_factory):
+    """`bench/gpu_check.py prepare --quick` (tiny corpus and tokenizer, no wheels): what its smoke runs read."""
+    import gpu_check
 
-    data = tmp_path_factory.mktemp("gpu_input") / "input"
+    data = tmp_path_factory.mktemp("gpu_check_input") / "input"
     with pytest.MonkeyPatch.context() as env:
         env.setenv("ZHLM_SHARED_DATA", str(shared_path("")))
-        gpu_recipes.main(["prepare", "--quick", "--dir", str(data)])
+        gpu_check.main(["prepare", "--quick", "--dir", str(data)])
     return data
 
 
-def test_gpu_recipes_smoke_interrupts_resumes_and_reports(quick_input, tmp_path):
-    """bench/gpu_recipes.py on CPU: `prepare --quick`, `run --smoke` (tiny presets, plain python, every stage
-    of the GPU run, ctrl+c and resume included) and `report` into a scratch markdown file."""
-    import math
-
-    import gpu_recipes
-
-    data, results, markdown = quick_input, tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
-    gpu_recipes.main(["run", "--smoke", "--input", str(data), "--runs_dir", str(tmp_path / "runs"),
-                      "--out", str(results)])
-    gpu_recipes.main(["report", "--results", str(results), "--markdown", str(markdown)])
-
-    runs = json.loads(results.read_text())["runs"]
-    assert set(runs) == {"t5", "llama", "llama_reference", "sft", "dpo"}
-    assert all(r["finished"] and r["last_step"] == 6 for r in runs.values())
-    for key in ("t5", "llama", "llama_reference"):  # from scratch: about uniform over the vocabulary
-        assert runs[key]["first_loss"] == pytest.approx(runs[key]["ln_vocab"], rel=0.1)
-    assert runs["dpo"]["first_loss"] == pytest.approx(math.log(2), abs=1e-3)  # LoRA starts at the reference
-    llama = runs["llama"]
-    assert llama["stop_exit_code"] == 0 and llama["stopped_at"] < 6
-    assert llama["resumed_from"].endswith(f"checkpoint-{llama['stopped_at']}")
-    assert llama["resume_check"]["identical"]  # one CPU process: the resumed run equals the uninterrupted one
-
-    text = markdown.read_text(encoding="utf-8")
-    assert text.count("<!-- section: gpu_recipes.py -->") == 1
-    for row in ("t5-tiny pretrain", "llama-tiny pretrain, uninterrupted", "llama-tiny pretrain, ctrl+c at step 1 + resume",
-                "t5-tiny SFT", "t5-tiny DPO (LoRA)"):
-        assert f"| {row} |" in text
-    assert "resuming from checkpoint-" in text
-
-
-def test_bench_gpu_smoke_measures_the_default_recipe_and_reports(quick_input, tmp_path):
-    """bench/bench_gpu.py on CPU: `run --smoke` (the default recipe's command with a tiny T5) and `report` into a
-    scratch markdown file."""
-    import bench_gpu
+def test_gpu_check_smoke_runs_every_stage_and_reports(gpu_check_input, tmp_path):
+    """bench/gpu_check.py on CPU: `run --smoke` (tiny presets; every stage: the recipes, ctrl+c and resume, the MFU
+    stage with sdpa, the QLoRA stage's command and merge check with --peft lora, which bitsandbytes' CUDA-only layers
+    leave as the CPU path) and `report` into a scratch markdown file."""
+    import gpu_check
 
     out, markdown = tmp_path / "out", tmp_path / "BENCHMARKS.md"
-    bench_gpu.main(["run", "--smoke", "--input", str(quick_input), "--out_dir", str(out),
+    gpu_check.main(["run", "--smoke", "--input", str(gpu_check_input), "--out_dir", str(out),
                     "--runs_dir", str(tmp_path / "runs")])
-    runs = json.loads((out / "cpu_smoke.json").read_text())["runs"]
-    assert [r["variant"] for r in runs] == ["t5-0.2b default"]
-    for r in runs:
-        assert r["finished"] and r["first_step"] == 1 and r["last_step"] == 4 and r["tokens_per_s"] > 0
-        assert r["first_loss"] == pytest.approx(r["ln_vocab"], rel=0.1)  # from scratch: about uniform
-        assert r["compile"] is None and r["mfu"] is None  # auto: not compiled on CPU; no MFU without a GPU
-        assert (out / "logs" / f"{bench_gpu.device_slug(r['variant'])}.log").is_file()
-    bench_gpu.main(["report", "--results", str(out / "cpu_smoke.json"), "--markdown", str(markdown)])
+    gpu_check.main(["report", "--results", str(out / "cpu_smoke.json"), "--markdown", str(markdown)])
+
+    results = json.loads((out / "cpu_smoke.json").read_text())
+    runs = results["runs"]
+    assert list(runs) == ["t5", "llama", "sft", "dpo", "llama_resumed", "t5_flex", "llama_flex", "qlora"]
+    assert [key for key, r in runs.items() if r.get("finished")] == [key for key in runs if key != "llama_flex"]
+    assert "skipped" in runs["llama_flex"]  # on CPU it would repeat `llama`
+    assert {runs[key]["last_step"] for key in runs if key not in ("llama_flex", "qlora")} == {6}
+    for key in ("t5", "llama", "t5_flex"):  # from scratch: about uniform over the vocabulary
+        assert runs[key]["first_loss"] == pytest.approx(runs[key]["ln_vocab"], rel=0.1)
+    assert runs["dpo"]["first_loss"] == pytest.approx(math.log(2), abs=1e-3)  # LoRA starts at the reference
+    resumed = runs["llama_resumed"]
+    assert resumed["stop_exit_code"] == 0 and resumed["stopped_at"] < 6
+    assert resumed["resumed_from"].endswith(f"checkpoint-{resumed['stopped_at']}")
+    assert results["resume_check"]["identical"]  # one CPU process each: deterministic
+    assert runs["qlora"]["last_step"] == 4 and "--peft" in runs["qlora"]["args"]
+    assert runs["qlora"]["summary"]["trainable_parameters"] < runs["qlora"]["summary"]["parameters"]
+    merged = results["merge_check"]
+    assert merged["method"] == "lora" and merged["top1_agreement_adapter_on_unquantised_base"] == 1.0
+    assert merged["max_abs_logit_diff_adapter_on_unquantised_base"] < 1e-4
+    assert {path.name for path in (out / "logs").iterdir()} == {
+        f"{key}.log" for key in ("t5", "llama", "sft", "dpo", "t5_flex", "qlora")} | {
+        "llama_resumed_stopped.log", "llama_resumed_resumed.log"}
+    assert not (tmp_path / "runs" / "llama_resumed").exists()  # outputs no later launch trains on are removed
+
     text = markdown.read_text(encoding="utf-8")
-    assert text.count("<!-- section: bench_gpu.py -->") == 1
-    assert "| t5-0.2b default | (recipe) | finished |" in text
+    assert text.count("<!-- section: gpu_check.py -->") == 1 and "on one CPU" in text
+    for row in ("t5-tiny pretraining", "llama-tiny pretraining", "t5-tiny SFT", "t5-tiny DPO (LoRA)",
+                "llama-tiny pretraining, ctrl+c at step 2 + the same command", "t5-tiny sdpa, dropout 0",
+                "llama-tiny SFT, --peft lora"):
+        assert f"| {row} |" in text
+    assert "resuming from checkpoint-" in text and "bit-identical" in text and "Merged lora output" in text
+
+
+def test_gpu_check_cut_short_keeps_what_it_measured(gpu_check_input, tmp_path):
+    """A run cut short keeps what it measured: a budget spent during the first launch stops that launch and skips
+    the rest; a run killed from outside (as the device tool kills a command at its time limit) once its first launch
+    logged a step leaves that launch marked running, and `report` measures it from its log."""
+    import gpu_check
+    import psutil
+
+    budget, killed = tmp_path / "budget", tmp_path / "killed"
+    gpu_check.main(["run", "--smoke", "--budget_s", "1", "--input", str(gpu_check_input), "--out_dir", str(budget),
+                    "--runs_dir", str(tmp_path / "budget_runs")])
+    gpu_check.main(["report", "--results", str(budget / "cpu_smoke.json"), "--markdown", str(budget / "BENCHMARKS.md")])
+    runs = json.loads((budget / "cpu_smoke.json").read_text())["runs"]
+    assert runs["t5"]["returncodes"] == [None] and not runs["t5"]["finished"]  # a smoke launch takes seconds
+    assert all("skipped" in r for key, r in runs.items() if key != "t5")
+    text = (budget / "BENCHMARKS.md").read_text(encoding="utf-8")
+    assert "| t5-tiny pretraining | `pre_train.py` `--model_config t5-tiny` | stopped by the time budget" in text
+    assert "| llama-tiny pretraining | `pre_train.py` | skipped: time budget spent |" in text
+
+    check = subprocess.Popen([sys.executable, "bench/gpu_check.py", "run", "--smoke", "--input", str(gpu_check_input),
+                              "--out_dir", str(killed), "--runs_dir", str(tmp_path / "killed_runs")], cwd=REPO,
+                             stdout=subprocess.DEVNULL, start_new_session=True)
+    log = killed / "logs" / "t5.log"
+    deadline = time.monotonic() + 300
+    while check.poll() is None and time.monotonic() < deadline:
+        if log.exists() and "step 1/6 |" in log.read_text(encoding="utf-8"):
+            break
+        time.sleep(0.1)
+    launches = psutil.Process(check.pid).children()  # each in its own process group
+    os.killpg(check.pid, signal.SIGKILL)
+    for launch in launches:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launch.pid, signal.SIGKILL)
+    check.wait()
+    results = killed / "cpu_smoke.json"
+    runs = json.loads(results.read_text())["runs"]
+    assert list(runs) == ["t5"] and runs["t5"]["running"] and runs["t5"]["logs"] == ["logs/t5.log"]
+    gpu_check.main(["report", "--results", str(results), "--markdown", str(killed / "BENCHMARKS.md")])
+    text = (killed / "BENCHMARKS.md").read_text(encoding="utf-8")
+    assert "| t5-tiny pretraining | `pre_train.py` `--model_config t5-tiny` | cut short when the run was stopped, " \
+           "after step " in text

@@ -171,7 +171,7 @@ def test_sigint_then_resume_equals_uninterrupted_run(tiny_llama, sft_file, tmp_p
         assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="QLoRA runs on CUDA (bench/gpu_qlora.py checks it there)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="QLoRA runs on CUDA (bench/gpu_check.py checks it there)")
 @pytest.mark.parametrize("main", [sft_train.main, pre_train.main])
 def test_qlora_is_refused_without_cuda(main, tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
