@@ -98,7 +98,7 @@ def report(args) -> None:
         "SFT continues the T5 pretraining run, DPO the SFT run, QLoRA the Llama run. Tokens/s and MFU: medians over "
         "the progress lines after the first third of the steps (T5 counts encoder input tokens); MFU = training "
         "FLOPs per token (`model/build.flops_per_token`) x tokens/s / the GPU's dense bf16 peak "
-        "(`model/training/trainer.PEAK_FLOPS`); memory: peak allocated by PyTorch; torch.compile: graphs / graph "
+        "(`model/training/callbacks.PEAK_FLOPS`); memory: peak allocated by PyTorch; torch.compile: graphs / graph "
         "breaks / recompilations after the first step. Data (`prepare`): a mixed corpus of the real zhwiki and "
         "ChatLM text in `../shared/data`, the toolkit's tokenizer trained on it with `config/tokenizer.yaml`, "
         f"`{SFT_DATA}` for SFT and `{DPO_DATA}` for DPO.", "",

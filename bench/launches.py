@@ -1,7 +1,7 @@
 """Training commands of bench/gpu_check.py, launched as a user launches them and measured from outside: each runs as
 a child process in its own process group with its output in a log file, is stopped as ctrl+c stops it (SIGINT to
 the group once it logged a given step) or killed at a time limit, and its figures are read from what it logged
-(the progress line of model/training/trainer.ProgressLine) and saved (trainer_state.json, training_summary.json,
+(the progress line of model/training/callbacks.ProgressLine) and saved (trainer_state.json, training_summary.json,
 and for an adapter run its merged model, `check_merge`).
 
 Not run directly. It runs on the GPU machine as well, where bench/common.py cannot (no ../shared), so it imports
