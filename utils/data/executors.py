@@ -172,7 +172,10 @@ def _executor(args: ExecutorArguments, step: Step, logs: Path):
     if args.executor == "local":
         from datatrove.executor import LocalPipelineExecutor
 
-        return LocalPipelineExecutor([step.step], tasks=step.tasks, workers=workers, logging_dir=logging_dir)
+        # fork, as the builtin path's pool: forkserver's workers import this command again (transformers
+        # included), seconds per worker and step
+        return LocalPipelineExecutor([step.step], tasks=step.tasks, workers=workers, logging_dir=logging_dir,
+                                     start_method="fork")
     from datatrove.executor import RayPipelineExecutor
 
     return RayPipelineExecutor([step.step], tasks=step.tasks, workers=workers, logging_dir=logging_dir,
