@@ -16,7 +16,14 @@ import pytest
 from conftest import digest, run_script, shared_path
 from test_prepare_data import prepare, read_corpus, to_traditional
 
+import prepare_data
 from utils.errors import UserError
+
+
+def documented(*args, output):
+    """prepare_data.py as docs/CORPUS_AT_SCALE.md runs it: the default recipe, the executor's flags, --input and
+    --output_dir (the builtin reference's settings are the recipe's)."""
+    return prepare_data.main([*map(str, args), "--output_dir", str(output)])
 
 
 def corpus_rows(directory):
@@ -84,7 +91,7 @@ def test_builtin_reference_drops_the_planted_duplicates(builtin):
 def test_local_executor_writes_the_builtin_corpus(inputs, builtin, tmp_path, capfd):
     """Five tasks for four input files: each task takes every fifth record of each file."""
     out = tmp_path / "corpus"
-    report = prepare("--input", *inputs, "--executor", "local", "--tasks", "5", "--workers", "2", output=out)
+    report = documented("--executor", "local", "--tasks", "5", "--workers", "2", "--input", *inputs, output=out)
     assert corpus_rows(out) == corpus_rows(builtin[0])
     assert stats_without_seconds(out) == stats_without_seconds(builtin[0])
     assert recipe(out) == recipe(builtin[0])
@@ -93,7 +100,7 @@ def test_local_executor_writes_the_builtin_corpus(inputs, builtin, tmp_path, cap
     assert sorted(p.name for p in work.iterdir()) == ["errors", "logs"]  # intermediate files removed, logs kept
     made = digest(out)
     capfd.readouterr()
-    assert prepare("--input", *inputs, "--executor", "local", "--tasks", "5", "--workers", "2", output=out) == report
+    assert documented("--executor", "local", "--tasks", "5", "--workers", "2", "--input", *inputs, output=out) == report
     assert "nothing to do" in capfd.readouterr().err and digest(out) == made
 
 
@@ -112,9 +119,11 @@ def test_the_output_feeds_the_tokenizer_stage(inputs, tmp_path):
 
 
 def test_ray_executor_writes_the_builtin_corpus(inputs, builtin, tmp_path):
-    """A Ray instance started for the run (2 CPUs here; --ray_address names a cluster's head instead)."""
+    """A Ray instance started for the run (RAY_ADDRESS unset: this machine's 2 CPUs); with RAY_ADDRESS (or
+    --ray_address) naming a cluster's head, the same command runs there."""
     out = tmp_path / "corpus"
-    prepare("--input", *inputs, "--executor", "ray", "--tasks", "2", output=out)
+    assert "RAY_ADDRESS" not in os.environ
+    documented("--executor", "ray", "--tasks", "2", "--input", *inputs, output=out)
     assert corpus_rows(out) == corpus_rows(builtin[0])
     assert stats_without_seconds(out) == stats_without_seconds(builtin[0])
 
@@ -161,8 +170,8 @@ def slurm(tmp_path, monkeypatch):
 
 def test_slurm_executor_submits_jobs_that_write_the_builtin_corpus(inputs, builtin, tmp_path, slurm):
     out = tmp_path / "corpus"
-    assert prepare("--input", *inputs, "--executor", "slurm", "--slurm_partition", "cpu", "--tasks", "2",
-                   "--workers", "1", output=out) is None  # submitted; the stand-in ran the jobs already
+    assert documented("--executor", "slurm", "--slurm_partition", "cpu", "--tasks", "2", "--workers", "1",
+                      "--input", *inputs, output=out) is None  # submitted; the stand-in ran the jobs already
     submitted = slurm.read_text()
     assert "#SBATCH --partition=cpu" in submitted and "#SBATCH --array=0-1%1" in submitted
     assert "--dependency=afterok:1" in submitted and "launch_pickled_pipeline" in submitted
