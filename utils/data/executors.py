@@ -1,11 +1,11 @@
 """The corpus stage on a datatrove executor: its steps (`utils/data/corpus_steps.py`) run here
 (LocalPipelineExecutor), on a Slurm cluster (SlurmPipelineExecutor) or on a Ray cluster (RayPipelineExecutor).
 
-    python prepare_data.py --executor local --tasks 4                              # this machine, 4 processes
-    python prepare_data.py --executor slurm --slurm_partition cpu --tasks 256      # sbatch array jobs, chained
-    ray start --head --port 6379                                                   # then, on every other node:
-    ray start --address HEAD:6379                                                  # ... and on the head node:
-    python prepare_data.py --executor ray --ray_address HEAD:6379 --tasks 256
+    python prepare_data.py --executor local --tasks 4 --workers 2                 # this machine
+    python prepare_data.py --executor slurm --slurm_partition cpu --tasks 256 --workers 64   # sbatch array jobs
+    ray start --head --port 6379                                                 # then, on every other node:
+    ray start --address HEAD:6379                                                # ... and on the head node:
+    RAY_ADDRESS=HEAD:6379 python prepare_data.py --executor ray --tasks 256
 
 `--executor builtin` (the default) is the single-machine path of `utils/data/corpus.py`, fastest on one machine.
 Every path the steps touch (inputs, output, `--work_dir`, `--logging_dir`, this repository and its Python
