@@ -5,7 +5,7 @@ shards as the built-in path (`utils/data/corpus.py`), whose code every step call
 1. `CleanAndSign` (N tasks): read a share of the inputs, extract, OpenCC, normalise, filter, decontaminate and
    sign each document (`process_batch`); write the cleaned documents, their MinHash signatures and each LSH
    band's values in datatrove's sorted bucket files.
-2. `BandBuckets` (up to one task per band): datatrove's `MinhashDedupBuckets`: the pairs of documents that share
+2. `BandBuckets` (a task per band or fewer): datatrove's `MinhashDedupBuckets`: the pairs of documents that share
    a band's values, merged from every task's sorted bucket file.
 3. `KeepFirst` (1 task): the documents in some pair are put in input order and run through the built-in path's
    own `NearDuplicateIndex`, which keeps the first of each group above the Jaccard threshold (datatrove itself
@@ -186,7 +186,9 @@ class CleanAndSign(CorpusStep):
             yield batch, keys
 
     def _write_buckets(self, matrix: np.ndarray, rank: int) -> None:
-        """Each band's values and document number, sorted, in datatrove's bucket file format."""
+        """Each band's values and document number, sorted, in datatrove's bucket file format. (datatrove's reader
+        stops at a first value of 2^32 - 1, its end marker: a minimum over a document's shingle hashes is that
+        with odds of 2^-32.)"""
         rows = self.bands.hashes_per_bucket
         dtype = np.dtype([(f"field{i + 1}", "<u4") for i in range(rows)] + [(f"field{rows + 1}", "<u4")])
         for band in range(self.bands.num_buckets):
@@ -200,7 +202,9 @@ class CleanAndSign(CorpusStep):
 
 class BandBuckets(MinhashDedupBuckets):
     """Step 2: datatrove's bucket step, also with fewer tasks than bands (a task then takes bands rank,
-    rank + tasks ...; datatrove's own needs a multiple of the number of bands)."""
+    rank + tasks ...; datatrove's own needs a multiple of the number of bands). One task merges a band's sorted
+    files from every cleaning task: 2.3 CPU µs a document (measured on 800,000 from 4 files), ~1.3 min a band
+    at 33 M documents."""
 
     def __init__(self, work_dir: str, bands: MinhashConfig):
         super().__init__(str(Path(work_dir) / "buckets"), str(Path(work_dir) / "dups"), config=bands)

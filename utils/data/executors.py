@@ -102,20 +102,21 @@ class Step:
     tasks: int
 
 
-def corpus_steps(args: ExecutorArguments, files: list[str], inputs: InputArguments, cleaning: CleaningArguments,
+def corpus_steps(args: ExecutorArguments, files: list[Path], inputs: InputArguments, cleaning: CleaningArguments,
                  dedup: DedupArguments, outputs: OutputArguments, work: Path, destination: Path) -> list[Step]:
-    """The steps of the stage, in order, each with its number of tasks."""
+    """The steps of the stage, in order, each with its number of tasks (`files` as the user named them; the
+    tasks get them as absolute paths)."""
     settings = corpus_settings(cleaning, dedup, outputs.seed)
     bands = band_config(dedup, outputs.seed) if dedup.dedup else None
-    steps = [Step("clean_and_sign", CleanAndSign(str(work), files, inputs, settings, bands), args.tasks)]
-    if bands is not None:
-        per_band = args.tasks // bands.num_buckets
-        steps.append(Step("buckets", BandBuckets(str(work), bands),
-                          bands.num_buckets * per_band if per_band else args.tasks))
+    steps = [Step("clean_and_sign", CleanAndSign(str(work), [str(file.absolute()) for file in files], inputs,
+                                                 settings, bands), args.tasks)]
+    if bands is not None:  # at most a task per band: datatrove's split of a band needs many documents per file
+        steps.append(Step("buckets", BandBuckets(str(work), bands), min(args.tasks, bands.num_buckets)))
     steps += [Step("keep_first", KeepFirst(str(work), inputs, dedup, outputs, args.tasks), 1),
               Step("write_pieces", WritePieces(str(work)), args.tasks),
               Step("gather_shards", GatherShards(str(work)), args.tasks),
-              Step("finish", Finish(str(work), files, (inputs, cleaning, dedup, outputs), str(destination)), 1)]
+              Step("finish", Finish(str(work), [str(file) for file in files], (inputs, cleaning, dedup, outputs),
+                                    str(destination)), 1)]
     return steps
 
 
@@ -127,7 +128,7 @@ def run_corpus_stage(args: ExecutorArguments, inputs: InputArguments, cleaning: 
                         fix="leave --max_docs at -1 with a datatrove executor, or use --executor builtin")
     destination = Path(outputs.output_dir).absolute()
     check_output_dir(destination, outputs.overwrite_output_dir)
-    files = [str(path.absolute()) for path in discover_inputs(inputs.input)]
+    files = discover_inputs(inputs.input)
     work = Path(args.work_dir or f"{destination}.datatrove").absolute()
     logs = Path(args.logging_dir).absolute() if args.logging_dir else work / "logs"
     steps = corpus_steps(args, files, inputs, cleaning, dedup, outputs, work, destination)
