@@ -44,7 +44,7 @@ from utils.io import write_json_atomic
 logger = logging.getLogger(__name__)
 
 STEPS = ("read", "extract", "t2s", "normalize", "filter", "decontam", "minhash", "dedup", "write")
-_STAGING_CHARS = 4_000_000  # kept text buffered before it is staged (the documents can be books)
+STAGING_CHARS = 4_000_000  # kept text buffered before it is staged (the documents can be books)
 _BUCKET_BYTES = 16_000_000  # text per shuffle bucket: write_shards holds about 5x this in memory at once
 _WORKERS_PER_BZ2_THREAD = 2
 _MAX_BUCKETS = 512  # open bucket files at once (under the usual 1,024 file limit); past 8 GB buckets grow
@@ -386,7 +386,7 @@ def prepare_corpus(inputs: InputArguments, cleaning: CleaningArguments, dedup: D
                     rows[name].append(value)
                 kept_docs += 1
                 buffered += len(text)
-                if len(rows["text"]) >= 4096 or buffered >= _STAGING_CHARS:  # bounded in documents and text
+                if len(rows["text"]) >= 4096 or buffered >= STAGING_CHARS:  # bounded in documents and text
                     writer.write_table(pa.table(rows, schema=SCHEMA))
                     rows, buffered = {name: [] for name in SCHEMA.names}, 0
         if rows["text"]:

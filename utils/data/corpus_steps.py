@@ -42,9 +42,9 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets
 from datatrove.utils.hashing import HashConfig
 
-from utils.config import save_config
 from utils.data.corpus import (
     SCHEMA,
+    STAGING_CHARS,
     CleaningArguments,
     CorpusSettings,
     DedupArguments,
@@ -136,7 +136,7 @@ class CleanAndSign(CorpusStep):
     def _clean_and_sign(self, rank: int, world_size: int) -> None:
         stats, started = StepStats(), time.perf_counter()
         rows: dict[str, list] = {name: [] for name in SCHEMA.names}
-        meta, signatures = [], []
+        meta, signatures, buffered = [], [], 0
         with pq.ParquetWriter(self.path("docs", f"{rank:05d}.parquet"), SCHEMA) as writer:
             for batch, keys in self._batches(rank, world_size, stats):
                 with self.track_time():
@@ -146,13 +146,14 @@ class CleanAndSign(CorpusStep):
                     for name, value in zip(SCHEMA.names, (text, title, doc_id, source)):
                         rows[name].append(value)
                     meta.append((keys[position], len(text.encode("utf-8")), len(text)))
+                    buffered += len(text)
                     if signature is not None:
                         signatures.append(signature)
                 self.stat_update("documents", value=len(batch))
                 self.stat_update("kept", value=len(kept))
-                if len(rows["text"]) >= _ROWS:
+                if len(rows["text"]) >= _ROWS or buffered >= STAGING_CHARS:  # as the builtin path stages
                     writer.write_table(pa.table(rows, schema=SCHEMA))
-                    rows = {name: [] for name in SCHEMA.names}
+                    rows, buffered = {name: [] for name in SCHEMA.names}, 0
             if rows["text"]:
                 writer.write_table(pa.table(rows, schema=SCHEMA))
         np.save(self.path("meta", f"{rank:05d}.npy"), np.array(meta, dtype=META))
@@ -371,6 +372,8 @@ class Finish(CorpusStep):
         seconds = sum(shard.pop("seconds") for shard in shards)
         staged = self.work / "staged"
         write_report(staged, stats, [Path(file) for file in self.files], shards, seconds)
+        from utils.config import save_config  # it imports transformers (0.4 s): only in the one task that needs it
+
         save_config(staged, *self.configs)
         self.destination.parent.mkdir(parents=True, exist_ok=True)
         replace_dir(staged, self.destination)
