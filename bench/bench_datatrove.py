@@ -2,7 +2,7 @@
 keeps, recall / precision on planted near-duplicates, and speed and memory on recombined zhwiki dumps, with the
 extrapolation to a corpus of 33 M documents.
 
-    .venv/bin/python bench/bench_datatrove.py               # ~10 min on 2 cores
+    .venv/bin/python bench/bench_datatrove.py               # ~10 min on 2 cores (4 dumps of 50 MB)
     .venv/bin/python bench/bench_datatrove.py --quick       # a minute, no docs update
 
 Quality: bench_dedup.py's planted data (real documents, then copies with 0.5-5% of their characters edited and
@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import pyarrow.parquet as pq
 from bench_corpus import DUMP_SEED, build_dump, run_tree
 from bench_dedup import EDIT_RATES, build_documents, quality_row
-from common import PYTHON, WORK, log, markdown_table, write_section
+from common import PYTHON, WORK, log, markdown_table, utc_now, write_section
 
 TITLE = "The corpus stage on datatrove: same documents, speed, memory, 33 M documents"
 PACKAGES = ["datatrove", "ray", "rensa", "wikiextractor", "opencc", "pyarrow"]
@@ -41,11 +41,12 @@ def prepare(inputs: list[str], output: Path, flags: list[str], label: str, extra
     command = [PYTHON, "prepare_data.py", "--config", "none", "--input", *inputs, "--output_dir", str(output),
                "--overwrite_output_dir", "true", *flags, *extra]
     log(f"{label}: {' '.join(command[2:])}")
+    load = os.getloadavg()[0]
     measured = run_tree(command, WORK / "logs" / f"datatrove-{output.name}.log", env={**os.environ, "RAY_DISABLE"
                                                                                        "_USAGE_STATS": "1"})
     measured["cpu_s"] = max(measured["cpu_s"], measured["cpu_sampled_s"])
     measured["stats"] = json.loads((output / "stats.json").read_text())
-    measured["label"] = label
+    measured["label"], measured["load"] = label, load
     log(f"  {measured['wall_s']:.1f} s wall, {measured['cpu_s']:.1f} CPU s, {measured['stats']['documents']:,} kept, "
         f"peak worker {measured['peak_worker_mb']:,.0f} MB, main {measured['peak_main_mb']:,.0f} MB")
     return measured
@@ -96,17 +97,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--planted_per_rate", type=int, default=400)
     parser.add_argument("--shuffled", type=int, default=1000)
-    parser.add_argument("--part_mb", type=float, default=25, help="XML MB of each recombined dump.")
+    parser.add_argument("--part_mb", type=float, default=50, help="XML MB of each recombined dump.")
     parser.add_argument("--parts", type=int, default=4, help="Recombined dumps (input files).")
     parser.add_argument("--quick", action="store_true", help="Small sizes, no docs update.")
+    parser.add_argument("--render", action="store_true", help="Only rewrite the docs section from results.json.")
     args = parser.parse_args(argv)
+    saved = WORK / "datatrove" / "results.json"
+    if args.render:
+        results = json.loads(saved.read_text())
+        write_section("bench_datatrove.py", TITLE, PACKAGES, render(results), argv=results.get("argv", []),
+                      date=results.get("date"))
+        return
     max_originals = None
     if args.quick:
         args.planted_per_rate, args.shuffled, args.part_mb, max_originals = 10, 20, 2, 300
-    results = {"quality": quality(args.planted_per_rate, args.shuffled, max_originals),
+    results = {"argv": sys.argv[1:] if argv is None else argv, "date": utc_now(),
+               "quality": quality(args.planted_per_rate, args.shuffled, max_originals),
                "speed": speed(args.part_mb, args.parts)}
-    (WORK / "datatrove").mkdir(parents=True, exist_ok=True)
-    (WORK / "datatrove" / "results.json").write_text(json.dumps(results, indent=1))
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(results, indent=1))
     body = render(results)
     print(body)
     if not args.quick:
@@ -122,6 +131,8 @@ def render(results: dict) -> str:
                             "shuffled flagged", "originals flagged", "kept documents unlike the default path's"],
                            [[*q["row"], same[label]] for label, q in quality_results.items()])
     dump_reference = set(runs[0]["kept"])
+    cpu = {name: run["cpu_s"] / runs[0]["cpu_s"] for name, run in zip(("builtin", "local", "ray"), runs)}
+    wall = {name: run["wall_s"] / runs[0]["wall_s"] for name, run in zip(("builtin", "local", "ray"), runs)}
     rows = []
     for run in runs:
         docs = run["stats"]["steps"]["read"]["docs_in"]
@@ -131,11 +142,12 @@ def render(results: dict) -> str:
         rows.append([run["label"], f"{run['input_mb']:,.0f}", f"{docs:,}", f"{run['stats']['documents']:,}",
                      len(set(run["kept"]) ^ dump_reference), f"{run['wall_s']:,.1f}", f"{run['cpu_s']:,.1f}",
                      f"{docs / run['wall_s']:,.0f}", f"{per_core:,.0f}", f"{run['peak_worker_mb']:,.0f}",
-                     f"{run['peak_main_mb']:,.0f}", f"{run['peak_pss_mb']:,.0f}", f"{core_hours:,.1f}", spread])
+                     f"{run['peak_main_mb']:,.0f}", f"{run['peak_pss_mb']:,.0f}", f"{core_hours:,.1f}", spread,
+                     f"{run['load']:.1f}"])
     speed_table = markdown_table(["path", "input MB", "pages read", "documents kept", "kept unlike default",
                                   "wall s", "CPU s (tree)", "docs/s", "docs/s/core", "peak RSS per worker (MB)",
                                   "peak RSS, main (MB)", "peak PSS, tree (MB)", "33 M docs: core-hours",
-                                  "33 M docs: hours on 64 cores"], rows)
+                                  "33 M docs: hours on 64 cores", "load avg"], rows)
     return f"""
 What it measures: `prepare_data.py` on the same inputs through the builtin path (`--executor builtin`, the
 default: worker processes of one machine) and as a datatrove pipeline (`utils/data/corpus_steps.py`) on
@@ -156,6 +168,8 @@ of every process of the run (datatrove's and Ray's included); docs/s/core = page
 throughput per core whatever the number of cores; peak RSS per worker = the largest process other than the
 command's own (a pool worker, a datatrove task, a Ray worker; Ray's daemons left out). 33 M documents: pages read
 / (docs/s/core), in core-hours, and that over 64 cores (the parallel steps scale with tasks; see the reading).
+"load avg": the 1-minute load average of the 2 cores when the run started (other work shares the machine: wall
+times above ~1 are inflated; CPU seconds much less so).
 
 {speed_table}
 
@@ -163,16 +177,20 @@ Reading:
 - Same documents: the datatrove runs keep exactly the default path's documents (0 differences above), on the
   planted data and on the dumps, so recall and precision are the default path's; the tests check shards, splits
   and statistics equal too (tests/test_prepare_data_datatrove.py).
-- Cost: the datatrove path writes every cleaned document and its signature once more (intermediate files) and
-  runs six steps, each started by its executor; on a few hundred MB that overhead is a visible share, and Ray
-  adds its instance and an actor per task. On one machine the builtin path is the fast one; the datatrove path is
-  for corpora past one machine, where its parallel steps (cleaning and signing, about all of the CPU time)
-  spread over as many nodes as there are tasks.
+- Cost per document: the datatrove path on LocalPipelineExecutor takes {cpu['local']:.2f}x the builtin path's CPU
+  seconds, on Ray {cpu['ray']:.2f}x (Ray's own processes and an actor per task, which a run this small does not
+  amortise); wall time {wall['local']:.2f}x and {wall['ray']:.2f}x. The extra work is writing every cleaned
+  document once more (intermediate files), the bucket merge and six steps started one after the other. On one
+  machine the builtin path is the one to use; the datatrove path is for corpora past one machine, where its
+  parallel steps (cleaning and signing: nearly all of the CPU time) spread over as many nodes as there are tasks,
+  the one-task steps (KeepFirst, Finish) being minutes at 33 M documents.
 - Memory per worker is bounded per task: a cleaning task holds its share's signatures (512 bytes per kept
-  document: 33 M documents over 256 tasks, ~66 MB) and one batch; the one-task KeepFirst step holds 24 bytes per
-  document of the whole corpus (input-order key, bytes, characters) plus ~45 bytes of order and places
-  (~2.3 GB at 33 M documents) and the builtin index for the documents that share an LSH band only; the builtin
-  path's index would hold ~730 bytes for every kept document in one process (~24 GB at 33 M).
+  document: 33 M documents over 256 tasks, ~66 MB) and one batch; a gather task one output shard
+  (`--shard_size_mb`); the one-task KeepFirst step holds, for every document of the corpus, its input-order
+  key, size, order and place: 60 bytes a document, measured (a fresh process deciding 4 M synthetic documents
+  grew by 229 MB, in 0.4 CPU s), ~2.0 GB at 33 M documents, plus the builtin index for the documents that share
+  an LSH band only. The builtin path's index holds ~730 bytes for every kept document in one process (~24 GB at
+  33 M: past this 24 GB machine).
 """
 
 
