@@ -131,6 +131,8 @@ def render(results: dict) -> str:
                             "shuffled flagged", "originals flagged", "kept documents unlike the default path's"],
                            [[*q["row"], same[label]] for label, q in quality_results.items()])
     dump_reference = set(runs[0]["kept"])
+    worker = runs[1]["peak_worker_mb"]
+    train_mb = max(shard["chars"] for shard in runs[1]["stats"]["shards"]) * 3 / 1e6  # ~3 UTF-8 bytes a character
     cpu = {name: run["cpu_s"] / runs[0]["cpu_s"] for name, run in zip(("builtin", "local", "ray"), runs)}
     wall = {name: run["wall_s"] / runs[0]["wall_s"] for name, run in zip(("builtin", "local", "ray"), runs)}
     rows = []
@@ -177,16 +179,20 @@ Reading:
 - Same documents: the datatrove runs keep exactly the default path's documents (0 differences above), on the
   planted data and on the dumps, so recall and precision are the default path's; the tests check shards, splits
   and statistics equal too (tests/test_prepare_data_datatrove.py).
-- Cost per document: the datatrove path on LocalPipelineExecutor takes {cpu['local']:.2f}x the builtin path's CPU
-  seconds, on Ray {cpu['ray']:.2f}x (Ray's own processes and an actor per task, which a run this small does not
-  amortise); wall time {wall['local']:.2f}x and {wall['ray']:.2f}x. The extra work is writing every cleaned
-  document once more (intermediate files), the bucket merge and six steps started one after the other. On one
-  machine the builtin path is the one to use; the datatrove path is for corpora past one machine, where its
-  parallel steps (cleaning and signing: nearly all of the CPU time) spread over as many nodes as there are tasks,
-  the one-task steps (KeepFirst, Finish) being minutes at 33 M documents.
+- Cost per document: on LocalPipelineExecutor the datatrove path took {cpu['local']:.2f}x the builtin path's CPU
+  seconds and {wall['local']:.2f}x its wall time: with one input file per task each task decompresses its own
+  `.bz2`, where the builtin path's main process reads for all its workers; what it adds (every cleaned document
+  written once more, the bucket merge, six steps started one after the other) is small at this size. On Ray:
+  {cpu['ray']:.2f}x the CPU and {wall['ray']:.2f}x the wall time (Ray's own processes and an actor per task, which a run
+  this small does not amortise). On tiny inputs the steps' start-up dominates (a Ray run takes ~25 s whatever
+  its size, the tests' runs). The extrapolation to 33 M documents of these pages (about 20 KB of XML each)
+  assumes the parallel steps scale with the tasks (at least as many input files as tasks, see
+  docs/CORPUS_AT_SCALE.md) and adds little for the one-task steps: KeepFirst decides 4 M documents in 0.4 CPU s
+  (below), a bucket task merges a band in 2.3 CPU µs a document (~1.3 min a band at 33 M).
 - Memory per worker is bounded per task: a cleaning task holds its share's signatures (512 bytes per kept
-  document: 33 M documents over 256 tasks, ~66 MB) and one batch; a gather task one output shard
-  (`--shard_size_mb`); the one-task KeepFirst step holds, for every document of the corpus, its input-order
+  document: 33 M documents over 256 tasks, ~66 MB) and one batch; a gather task one output shard and a sorted
+  copy of it (`--shard_size_mb`, 256 MB of text by default: the ~{worker:,.0f} MB peak per worker above is the
+  gather task of this run's ~{train_mb:,.0f} MB train shard; lower `--shard_size_mb` for smaller workers); the one-task KeepFirst step holds, for every document of the corpus, its input-order
   key, size, order and place: 60 bytes a document, measured (a fresh process deciding 4 M synthetic documents
   grew by 229 MB, in 0.4 CPU s), ~2.0 GB at 33 M documents, plus the builtin index for the documents that share
   an LSH band only. The builtin path's index holds ~730 bytes for every kept document in one process (~24 GB at
