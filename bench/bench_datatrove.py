@@ -65,8 +65,8 @@ def quality(planted_per_rate: int, shuffled: int, max_originals: int | None) -> 
     for part in range(4):  # consecutive quarters: the input order stays bench_dedup's (originals first)
         path = folder / f"planted-{part}.jsonl"
         with open(path, "w", encoding="utf-8") as handle:
-            for i in range(part * chunk, min(len(docs), (part + 1) * chunk)):
-                handle.write(json.dumps({"id": str(i), "text": docs[i].text}, ensure_ascii=False) + "\n")
+            handle.writelines(json.dumps({"id": str(i), "text": docs[i].text}, ensure_ascii=False) + "\n"
+                              for i in range(part * chunk, min(len(docs), (part + 1) * chunk)))
         files.append(str(path))
     results = {}
     for label, (name, flags) in RUNS.items():
@@ -75,7 +75,8 @@ def quality(planted_per_rate: int, shuffled: int, max_originals: int | None) -> 
         kept = kept_ids(out)
         flagged = [str(i) not in kept for i in range(len(docs))]
         row, summary = quality_row(SimpleNamespace(name=label), docs, flagged)
-        results[label] = {"row": row, "summary": summary, "kept": sorted(kept)}
+        results[label] = {"row": row, "summary": summary, "kept": sorted(kept), "wall_s": run["wall_s"],
+                          "cpu_s": run["cpu_s"]}
     return {"documents": len(docs), "planted": sum(d.kind == "near-dup" for d in docs), "results": results}
 
 
@@ -192,7 +193,8 @@ Reading:
 - Memory per worker is bounded per task: a cleaning task holds its share's signatures (512 bytes per kept
   document: 33 M documents over 256 tasks, ~66 MB) and one batch; a gather task one output shard and a sorted
   copy of it (`--shard_size_mb`, 256 MB of text by default: the ~{worker:,.0f} MB peak per worker above is the
-  gather task of this run's ~{train_mb:,.0f} MB train shard; lower `--shard_size_mb` for smaller workers); the one-task KeepFirst step holds, for every document of the corpus, its input-order
+  gather task of this run's ~{train_mb:,.0f} MB train shard; lower `--shard_size_mb` for smaller workers); the
+  one-task KeepFirst step holds, for every document of the corpus, its input-order
   key, size, order and place: 60 bytes a document, measured (a fresh process deciding 4 M synthetic documents
   grew by 229 MB, in 0.4 CPU s), ~2.0 GB at 33 M documents, plus the builtin index for the documents that share
   an LSH band only. The builtin path's index holds ~730 bytes for every kept document in one process (~24 GB at

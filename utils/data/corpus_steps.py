@@ -268,7 +268,8 @@ class KeepFirst(CorpusStep):
         place = np.full(len(meta), -1, dtype=np.int64)
         place[in_order] = places
         is_val = kept & (place < num_val)
-        split_bytes = {"validation": int(meta["bytes"][is_val].sum()), "train": int(meta["bytes"][kept & ~is_val].sum())}
+        split_bytes = {"validation": int(meta["bytes"][is_val].sum()),
+                       "train": int(meta["bytes"][kept & ~is_val].sum())}
         layout = ShardLayout.plan(len(in_order), num_val, split_bytes, self.outputs.shard_size_mb)
         for task in range(self.sign_tasks):
             np.save(self.path("places", f"{task:05d}.npy"), place[offsets[task]:offsets[task + 1]])
@@ -368,7 +369,8 @@ class Finish(CorpusStep):
         stats = StepStats()
         for path in sorted((self.work / "stats").glob("*.json")):
             stats.merge(StepStats.from_dict(json.loads(path.read_text(encoding="utf-8"))))
-        shards = [json.loads(path.read_text(encoding="utf-8")) for path in sorted((self.work / "shards").glob("*.json"))]
+        shards = [json.loads(path.read_text(encoding="utf-8"))
+                  for path in sorted((self.work / "shards").glob("*.json"))]
         seconds = sum(shard.pop("seconds") for shard in shards)
         staged = self.work / "staged"
         write_report(staged, stats, [Path(file) for file in self.files], shards, seconds)
