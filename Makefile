@@ -83,6 +83,7 @@ bench: install llama-cpp-python
 	$(PY) bench/bench_pretrain.py
 	$(PY) bench/bench_sft_tokenize.py
 	$(PY) bench/bench_corpus.py
+	$(PY) bench/bench_datatrove.py
 	$(PY) bench/bench_gguf.py
 
 clean-demo:

@@ -120,16 +120,17 @@ class Recombiner:
         return mapped.astype(np.uint32).tobytes().decode("utf-32-le")
 
 
-def build_dump(size_mb: float) -> dict:
-    """bench/_work/corpus/zhwiki-recombined-{size}MB.xml.bz2 of `size_mb` MB of XML (uncompressed);
-    reused when it exists (its sizes recorded beside it)."""
-    path = WORK / "corpus" / f"zhwiki-recombined-{size_mb:g}MB.xml.bz2"
+def build_dump(size_mb: float, seed: int = DUMP_SEED) -> dict:
+    """bench/_work/corpus/zhwiki-recombined-{size}MB.xml.bz2 of `size_mb` MB of XML (uncompressed), pages drawn
+    with `seed` (dumps of other seeds share no page); reused when it exists (its sizes recorded beside it)."""
+    name = f"zhwiki-recombined-{size_mb:g}MB" + ("" if seed == DUMP_SEED else f"-seed{seed}")
+    path = WORK / "corpus" / f"{name}.xml.bz2"
     info_path = path.with_suffix(".json")
     if path.exists() and info_path.exists():
         return json.loads(info_path.read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
     header, pages, texts = source_pages()
-    recombiner = Recombiner(header, pages + texts)
+    recombiner = Recombiner(header, pages + texts, seed)
     start, size, count = time.perf_counter(), 0, 0
     tmp = path.with_suffix(".tmp")
     with bz2.open(tmp, "wt", encoding="utf-8") as handle:
@@ -161,17 +162,25 @@ def folder_bytes(path: Path) -> int:
     return total
 
 
-def run_tree(command: list[str], log_path: Path, watch: Path | None = None, timeout_s: float = 3600) -> dict:
-    """Run `command`; wall seconds, peak RSS of its whole process tree (and of the main process alone) and,
-    with `watch`, the peak growth of that folder (the output's temporary directory lives beside it); CPU seconds
-    of the whole tree."""
-    peak_tree = peak_main = peak_disk = peak_pss = peak_anon = 0
+# Processes of a Ray instance that are not workers (its daemons), left out of the peak memory per worker.
+RAY_DAEMONS = ("gcs_server", "raylet", "dashboard", "monitor.py", "log_monitor", "runtime_env", "client.server",
+               "ray start")
+
+
+def run_tree(command: list[str], log_path: Path, watch: Path | None = None, timeout_s: float = 3600,
+             env: dict | None = None) -> dict:
+    """Run `command`; wall seconds, peak RSS of its whole process tree (and of the main process alone, and of the
+    largest other process that is not a Ray daemon: a worker) and, with `watch`, the peak growth of that folder
+    (the output's temporary directory lives beside it); CPU seconds of the whole tree (reaped children, and the
+    sum of every process's last sampled CPU time, for processes that are never reaped here such as Ray's)."""
+    peak_tree = peak_main = peak_disk = peak_pss = peak_anon = peak_worker = 0
+    cpu_by_pid: dict[int, float] = {}
     disk_before = folder_bytes(watch) if watch is not None else 0
     cpu_before = cpu_seconds(own=False)
     start = last_pss = time.perf_counter()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as out:
-        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
         main = psutil.Process(process.pid)
         last_disk = 0.0
         while process.poll() is None:
@@ -179,12 +188,17 @@ def run_tree(command: list[str], log_path: Path, watch: Path | None = None, time
                 procs = [main, *main.children(recursive=True)]
                 rss = [p.memory_info().rss for p in procs]
                 peak_tree, peak_main = max(peak_tree, sum(rss)), max(peak_main, rss[0])
+                for proc, size in zip(procs[1:], rss[1:]):
+                    times = proc.cpu_times()
+                    cpu_by_pid[proc.pid] = times.user + times.system
+                    if not any(name in " ".join(proc.cmdline()) for name in RAY_DAEMONS):
+                        peak_worker = max(peak_worker, size)
                 if time.perf_counter() - last_pss > 1:  # PSS counts pages shared after fork once (smaps: slower)
                     pss = [_pss(p.pid) for p in procs]
                     peak_pss = max(peak_pss, sum(total for total, _ in pss))
                     peak_anon = max(peak_anon, sum(anon for _, anon in pss))
                     last_pss = time.perf_counter()
-            except psutil.Error:
+            except (psutil.Error, OSError):  # a process that ended while it was being read
                 pass
             if watch is not None and time.perf_counter() - last_disk > 2:
                 peak_disk, last_disk = max(peak_disk, folder_bytes(watch) - disk_before), time.perf_counter()
@@ -197,7 +211,8 @@ def run_tree(command: list[str], log_path: Path, watch: Path | None = None, time
         raise RuntimeError(f"{' '.join(command)} exited {process.returncode}; log {log_path}")
     return {"wall_s": wall, "cpu_s": cpu_seconds(own=False) - cpu_before, "peak_tree_mb": peak_tree / 1e6,
             "peak_main_mb": peak_main / 1e6, "peak_pss_mb": peak_pss / 1e6, "peak_pss_anon_mb": peak_anon / 1e6,
-            "peak_disk_mb": peak_disk / 1e6}
+            "peak_disk_mb": peak_disk / 1e6, "peak_worker_mb": peak_worker / 1e6,
+            "cpu_sampled_s": sum(cpu_by_pid.values())}
 
 
 def _pss(pid: int) -> tuple[int, int]:

@@ -28,6 +28,11 @@ class UserError(Exception):
         self.problem, self.path, self.line, self.field, self.fix = problem, path, line, field, fix
         super().__init__(self.render())
 
+    def __reduce__(self):
+        # picklable (keyword-only arguments), so an error raised in a worker process or a datatrove task
+        # reaches the command boundary as itself
+        return _rebuild, (self.problem, self.path, self.line, self.field, self.fix)
+
     def render(self) -> str:
         where = ""
         if self.path is not None:
@@ -36,6 +41,10 @@ class UserError(Exception):
             where += (", " if where else "") + f"field '{self.field}'"
         message = f"{where}: {self.problem}" if where else self.problem
         return message + (f"\n  fix: {self.fix}" if self.fix else "")
+
+
+def _rebuild(problem: str, path: str | None, line: int | None, field: str | None, fix: str | None) -> UserError:
+    return UserError(problem, path=path, line=line, field=field, fix=fix)
 
 
 def environment_error(err: OSError, path: str | None = None, field: str | None = None) -> UserError | None:

@@ -120,18 +120,25 @@ def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) ->
         raise environment_error(err, path=str(final), field="output_dir") or err
     try:
         yield tmp
-        honour_umask(tmp)
-        old = None
-        if final.exists():
-            old = final.with_name(f"{_temporary_prefix(final)}old")
-            os.replace(final, old)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         # an error inside the hidden temporary folder (or none named: a full disk) is about `output_dir`
         if isinstance(err, OSError) and (err.filename is None or _inside(err.filename, tmp)):
             raise environment_error(err, path=str(final), field="output_dir") or err
         raise
+
+
+def replace_dir(staged: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Put the complete folder `staged` in place of `final` (plain modes, see `honour_umask`): a folder already
+    there is moved aside, the new one renamed in (both renames on one filesystem), and the old one removed."""
+    staged, final = Path(staged), Path(final)
+    honour_umask(staged)
+    old = None
+    if final.exists():
+        old = final.with_name(f"{_temporary_prefix(final)}old")
+        os.replace(final, old)
+    os.replace(staged, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -44,7 +44,7 @@ from utils.io import write_json_atomic
 logger = logging.getLogger(__name__)
 
 STEPS = ("read", "extract", "t2s", "normalize", "filter", "decontam", "minhash", "dedup", "write")
-_STAGING_CHARS = 4_000_000  # kept text buffered before it is staged (the documents can be books)
+STAGING_CHARS = 4_000_000  # kept text buffered before it is staged (the documents can be books)
 _BUCKET_BYTES = 16_000_000  # text per shuffle bucket: write_shards holds about 5x this in memory at once
 _WORKERS_PER_BZ2_THREAD = 2
 _MAX_BUCKETS = 512  # open bucket files at once (under the usual 1,024 file limit); past 8 GB buckets grow
@@ -153,6 +153,13 @@ class StepStats:
             row["chars_out"] += chars_out
         row["seconds"] += seconds
 
+    def add_totals(self, step: str, docs_in: int, chars_in: int, docs_out: int, chars_out: int,
+                   seconds: float) -> None:
+        """`record` for many documents at once (a step that counted them in bulk)."""
+        row = self.table[step]
+        for key, value in zip(self.FIELDS, (docs_in, chars_in, docs_out, chars_out, seconds)):
+            row[key] += value
+
     def merge(self, other: StepStats) -> None:
         for step, row in other.table.items():
             for key, value in row.items():
@@ -164,6 +171,16 @@ class StepStats:
         steps = {step: {k: (round(v, 3) if k == "seconds" else v) for k, v in row.items()}
                  for step, row in self.table.items()}
         return {"steps": steps, "dropped": dict(self.dropped), "decontaminated": dict(self.contaminated)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StepStats:
+        """The statistics `as_dict` saved (a datatrove task's, merged by the last step)."""
+        stats = cls()
+        for step, row in data["steps"].items():
+            stats.table[step].update(row)
+        stats.dropped.update(data["dropped"])
+        stats.contaminated.update(data["decontaminated"])
+        return stats
 
     def format_table(self) -> str:
         header = f"{'step':<10}{'docs in':>12}{'docs out':>12}{'chars in':>16}{'chars out':>16}{'seconds':>10}"
@@ -180,7 +197,9 @@ class StepStats:
 
 
 @dataclass(frozen=True)
-class _WorkerSettings:
+class CorpusSettings:
+    """What cleaning and signing a document needs, sent once to every worker (a process, or a datatrove task)."""
+
     opencc_config: str
     quality: QualityFilter
     decontaminator: Decontaminator | None
@@ -190,10 +209,22 @@ class _WorkerSettings:
     seed: int
 
 
-_settings: _WorkerSettings | None = None
+def corpus_settings(cleaning: CleaningArguments, dedup: DedupArguments, seed: int) -> CorpusSettings:
+    """The settings of one run; reads the evaluation sets of `--decontaminate` (refused here when unusable)."""
+    decontaminator = None
+    if cleaning.decontaminate:
+        decontaminator = Decontaminator.from_paths(cleaning.decontaminate, cleaning.decontaminate_ngram,
+                                                   cleaning.opencc_config)
+        logger.info("decontamination against %s", decontaminator.describe())
+    return CorpusSettings(cleaning.opencc_config,
+                          QualityFilter(cleaning.min_chars, cleaning.max_chars, cleaning.min_cjk_ratio),
+                          decontaminator, dedup.dedup, dedup.shingle_size, dedup.num_perm, seed)
 
 
-def _init_worker(settings: _WorkerSettings) -> None:
+_settings: CorpusSettings | None = None
+
+
+def _init_worker(settings: CorpusSettings) -> None:
     global _settings
     _settings = settings
 
@@ -205,7 +236,7 @@ def _timed(stats: StepStats, step: str, func, text: str) -> str:
     return out
 
 
-def clean_document(record: WikiPage | Document, settings: _WorkerSettings,
+def clean_document(record: WikiPage | Document, settings: CorpusSettings,
                    stats: StepStats) -> tuple[str, np.ndarray | None] | None:
     """Run one record through extract -> t2s -> normalise -> filter -> decontaminate; None when it is dropped,
     else the text and, when decontamination computed them, its code points (MinHash reuses them)."""
@@ -241,25 +272,32 @@ def clean_document(record: WikiPage | Document, settings: _WorkerSettings,
     return text, codes
 
 
-def _process_batch(batch: list[tuple[WikiPage | Document, str]]) -> tuple[list, StepStats]:
-    settings, stats, kept = _settings, StepStats(), []
-    for record, source in batch:
+def process_batch(batch: list[tuple[WikiPage | Document, str]],
+                  settings: CorpusSettings) -> tuple[list[tuple], StepStats]:
+    """Clean and sign a batch of (record, source name): the kept documents as (position in the batch, text,
+    title, id, source, MinHash signature or None), and the batch's statistics."""
+    stats, kept = StepStats(), []
+    for position, (record, source) in enumerate(batch):
         cleaned = clean_document(record, settings, stats)
         if cleaned is None:
             continue
         title = record.title
         if title and settings.opencc_config != "none":
             title = to_simplified(title, settings.opencc_config)
-        kept.append((cleaned[0], title, record.id, source, cleaned[1]))
+        kept.append((position, cleaned[0], title, record.id, source, cleaned[1]))
     if settings.dedup and kept:
         start = time.perf_counter()
-        signatures = minhash_signatures([item[0] for item in kept], settings.shingle_size, settings.num_perm,
-                                        settings.seed, [item[4] for item in kept])
+        signatures = minhash_signatures([item[1] for item in kept], settings.shingle_size, settings.num_perm,
+                                        settings.seed, [item[5] for item in kept])
         seconds = (time.perf_counter() - start) / len(kept)
         for item in kept:
-            stats.record("minhash", len(item[0]), len(item[0]), seconds)
-        return [(*item[:4], signature) for item, signature in zip(kept, signatures)], stats
-    return [(*item[:4], None) for item in kept], stats
+            stats.record("minhash", len(item[1]), len(item[1]), seconds)
+        return [(*item[:5], signature) for item, signature in zip(kept, signatures)], stats
+    return [(*item[:5], None) for item in kept], stats
+
+
+def _process_batch(batch: list[tuple[WikiPage | Document, str]]) -> tuple[list[tuple], StepStats]:
+    return process_batch(batch, _settings)
 
 
 def _batches(files: list[Path], inputs: InputArguments, stats: StepStats, progress: tqdm,
@@ -326,14 +364,7 @@ def prepare_corpus(inputs: InputArguments, cleaning: CleaningArguments, dedup: D
                    outputs: OutputArguments, workdir: Path) -> dict:
     """Run the pipeline, writing shards, `stats.json` into `workdir` (the caller renames it into place)."""
     files = discover_inputs(inputs.input)
-    decontaminator = None
-    if cleaning.decontaminate:
-        decontaminator = Decontaminator.from_paths(cleaning.decontaminate, cleaning.decontaminate_ngram,
-                                                   cleaning.opencc_config)
-        logger.info("decontamination against %s", decontaminator.describe())
-    settings = _WorkerSettings(cleaning.opencc_config,
-                               QualityFilter(cleaning.min_chars, cleaning.max_chars, cleaning.min_cjk_ratio),
-                               decontaminator, dedup.dedup, dedup.shingle_size, dedup.num_perm, outputs.seed)
+    settings = corpus_settings(cleaning, dedup, outputs.seed)
     stats = StepStats()
     index = NearDuplicateIndex(dedup.dedup_threshold, dedup.num_perm, outputs.seed) if dedup.dedup else None
     staging = workdir / "_staging.parquet"
@@ -343,59 +374,113 @@ def prepare_corpus(inputs: InputArguments, cleaning: CleaningArguments, dedup: D
         for batch in _run_workers(files, inputs, outputs, settings, stats):
             if index is not None and batch:
                 start = time.perf_counter()
-                unique = index.add_batch(np.stack([item[4] for item in batch]))
+                unique = index.add_batch(np.stack([item[5] for item in batch]))
                 seconds = (time.perf_counter() - start) / len(batch)
-                for (text, *_), keep in zip(batch, unique):
+                for (_, text, *_), keep in zip(batch, unique):
                     stats.record("dedup", len(text), len(text) if keep else None, seconds)
                 if False in unique:
                     stats.dropped["near_duplicate"] += unique.count(False)
                 batch = [item for item, keep in zip(batch, unique) if keep]
-            for text, title, doc_id, source, _ in batch:
+            for _, text, title, doc_id, source, _ in batch:
                 for name, value in zip(SCHEMA.names, (text, title, doc_id, source)):
                     rows[name].append(value)
                 kept_docs += 1
                 buffered += len(text)
-                if len(rows["text"]) >= 4096 or buffered >= _STAGING_CHARS:  # bounded in documents and text
+                if len(rows["text"]) >= 4096 or buffered >= STAGING_CHARS:  # bounded in documents and text
                     writer.write_table(pa.table(rows, schema=SCHEMA))
                     rows, buffered = {name: [] for name in SCHEMA.names}, 0
         if rows["text"]:
             writer.write_table(pa.table(rows, schema=SCHEMA))
     if kept_docs == 0:
-        raise UserError("no document is left after cleaning and filtering",
-                        path=", ".join(map(str, inputs.input)), field="input",
-                        fix="check that the input holds Chinese text; lower --min_chars / --min_cjk_ratio "
-                            "or check --text_column")
+        raise nothing_left(inputs)
     start = time.perf_counter()
     shards = write_shards(staging, workdir, outputs)
     staging.unlink()
-    stats.record("write", sum(s["chars"] for s in shards), sum(s["chars"] for s in shards),
-                 time.perf_counter() - start)
-    stats.table["write"].update(docs_in=kept_docs, docs_out=kept_docs)
-    report = {**stats.as_dict(), "inputs": [str(p) for p in files], "shards": shards,
-              "documents": kept_docs, "characters": sum(s["chars"] for s in shards)}
+    return write_report(workdir, stats, files, shards, time.perf_counter() - start)
+
+
+def nothing_left(inputs: InputArguments) -> UserError:
+    return UserError("no document is left after cleaning and filtering", path=", ".join(map(str, inputs.input)),
+                     field="input", fix="check that the input holds Chinese text; lower --min_chars / "
+                                        "--min_cjk_ratio or check --text_column")
+
+
+def write_report(workdir: Path, stats: StepStats, files: list[Path], shards: list[dict], write_seconds: float) -> dict:
+    """Record the write step, write `stats.json` into `workdir` and log the statistics table; the report."""
+    documents, characters = sum(s["documents"] for s in shards), sum(s["chars"] for s in shards)
+    stats.add_totals("write", documents, characters, documents, characters, write_seconds)
+    report = {**stats.as_dict(), "inputs": [str(p) for p in files],
+              "shards": sorted(shards, key=lambda shard: (shard["split"] != "validation", shard["file"])),
+              "documents": documents, "characters": characters}
     write_json_atomic(workdir / "stats.json", report)
     logger.info("corpus statistics\n%s", stats.format_table())
     return report
 
 
+def shuffled_places(num_docs: int, outputs: OutputArguments) -> tuple[np.ndarray, int]:
+    """Every kept document's place in the shuffled order (by its position in input order; 4 bytes each), and the
+    number of validation documents: the first `validation_ratio` of the places (at least one when > 0)."""
+    num_val = 0
+    if outputs.validation_ratio > 0 and num_docs > 1:
+        num_val = max(1, round(num_docs * outputs.validation_ratio))
+    return np.random.default_rng(outputs.seed).permutation(num_docs).astype(np.uint32), num_val
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Which places of the shuffled order each output shard holds: validation shards first, then train shards,
+    each a contiguous run of places; shards of a split hold equal numbers of documents (the first ones one
+    more), as many as `shard_size_mb` of text asks."""
+
+    num_docs: int
+    num_val: int
+    num_shards: dict[str, int]  # split -> shards
+
+    @classmethod
+    def plan(cls, num_docs: int, num_val: int, split_bytes: dict[str, int], shard_size_mb: float) -> ShardLayout:
+        counts = {"validation": num_val, "train": num_docs - num_val}
+        return cls(num_docs, num_val, {split: max(1, math.ceil(split_bytes[split] / (shard_size_mb * 1e6)))
+                                       if counts[split] else 0 for split in counts})
+
+    @property
+    def splits(self) -> list[str]:
+        """The split of each shard, by shard number."""
+        return ["validation"] * self.num_shards["validation"] + ["train"] * self.num_shards["train"]
+
+    @property
+    def starts(self) -> np.ndarray:
+        """The first place of each shard, and the number of places at the end."""
+        bounds = [0]
+        for split, first, count in (("validation", 0, self.num_val), ("train", self.num_val,
+                                                                       self.num_docs - self.num_val)):
+            size, extra = divmod(count, max(self.num_shards[split], 1))
+            bounds += [first + (i + 1) * size + min(i + 1, extra) for i in range(self.num_shards[split])]
+        return np.array(bounds, dtype=np.int64)
+
+    def shard_of(self, places: np.ndarray) -> np.ndarray:
+        """The shard number of each place."""
+        return np.searchsorted(self.starts, places, side="right") - 1
+
+    def file(self, shard: int) -> str:
+        split = self.splits[shard]
+        index = shard - (self.num_shards["validation"] if split == "train" else 0)
+        return f"{split}-{index:05d}-of-{self.num_shards[split]:05d}.parquet"
+
+
 def write_shards(staging: Path, workdir: Path, outputs: OutputArguments) -> list[dict]:
     """Shuffle the staged documents and write `train-*` / `validation-*` parquet shards, in bounded memory.
 
-    A seeded permutation gives every document its place in the shuffled order (4 bytes per document).
+    A seeded permutation gives every document its place in the shuffled order (`shuffled_places`).
     One pass spreads the documents over buckets of about `_BUCKET_BYTES` of text, bucket b holding a
-    contiguous range of places; then each bucket in turn is read, put in order and cut into the shards.
-    Memory: one bucket and one batch, whatever the corpus size up to `_MAX_BUCKETS` buckets (8 GB of text;
-    beyond, buckets grow with the corpus); disk: the corpus once more, for a while.
-    The first `validation_ratio` of the places are the validation split.
+    contiguous range of places; then each bucket in turn is read, put in order and cut into the shards
+    (`ShardLayout`). Memory: one bucket and one batch, whatever the corpus size up to `_MAX_BUCKETS` buckets
+    (8 GB of text; beyond, buckets grow with the corpus); disk: the corpus once more, for a while.
     """
     staged = pq.ParquetFile(staging)
     num_docs = staged.metadata.num_rows
     text_bytes = sum(staged.metadata.row_group(i).column(0).total_uncompressed_size
                      for i in range(staged.metadata.num_row_groups))
-    num_val = 0
-    if outputs.validation_ratio > 0 and num_docs > 1:
-        num_val = max(1, round(num_docs * outputs.validation_ratio))
-    places = np.random.default_rng(outputs.seed).permutation(num_docs).astype(np.uint32)
+    places, num_val = shuffled_places(num_docs, outputs)
     num_buckets = max(1, min(num_docs, _MAX_BUCKETS, math.ceil(text_bytes / _BUCKET_BYTES)))
     bucket_dir = workdir / "_buckets"
     bucket_dir.mkdir()
@@ -421,11 +506,10 @@ def write_shards(staging: Path, workdir: Path, outputs: OutputArguments) -> list
         pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed memory for reuse otherwise
     for writer in writers:
         writer.close()
-    counts = {"validation": num_val, "train": num_docs - num_val}
-    num_shards = {split: max(1, math.ceil(split_bytes[split] / (outputs.shard_size_mb * 1e6))) if counts[split]
-                  else 0 for split in counts}
+    layout = ShardLayout.plan(num_docs, num_val, split_bytes, outputs.shard_size_mb)
+    starts = layout.starts
     shards: list[dict] = []
-    current: dict = {}  # the shard being written: split, index, writer, documents, characters
+    current: dict = {}  # the shard being written: its number, file, writer, documents, characters
     for b in range(num_buckets):
         with pa.memory_map(str(bucket_dir / f"{b:05d}.arrow")) as source:
             table = pa.ipc.open_file(source).read_all()
@@ -433,40 +517,37 @@ def write_shards(staging: Path, workdir: Path, outputs: OutputArguments) -> list
         place = table.column("place").to_numpy()
         start = 0
         while start < len(place):
-            split, index, last = _shard_of(int(place[start]), num_val, counts, num_shards)
-            stop = start + int(np.searchsorted(place[start:], last, side="right"))
-            if current.get("key") != (split, index):
-                _close_shard(current, shards)
-                name = f"{split}-{index:05d}-of-{num_shards[split]:05d}.parquet"
-                current = {"key": (split, index), "file": name, "split": split, "documents": 0, "chars": 0,
-                           "writer": pq.ParquetWriter(workdir / name, SCHEMA)}
-            part = table.slice(start, stop - start).drop_columns(["place"])
-            current["writer"].write_table(part)
-            current["documents"] += part.num_rows
-            current["chars"] += int(pc.sum(pc.utf8_length(part.column("text"))).as_py() or 0)
+            shard = int(layout.shard_of(place[start]))
+            stop = int(np.searchsorted(place, starts[shard + 1]))
+            if current.get("shard") != shard:
+                close_shard(current, shards)
+                current = open_shard(workdir, layout, shard)
+            append_to_shard(current, table.slice(start, stop - start).drop_columns(["place"]))
             start = stop
         del table, place
         pa.default_memory_pool().release_unused()
         (bucket_dir / f"{b:05d}.arrow").unlink()
-    _close_shard(current, shards)
+    close_shard(current, shards)
     shutil.rmtree(bucket_dir, ignore_errors=True)
-    return sorted(shards, key=lambda shard: (shard["split"] != "validation", shard["file"]))
+    return shards
 
 
-def _shard_of(place: int, num_val: int, counts: dict, num_shards: dict) -> tuple[str, int, int]:
-    """The split and shard a place in the shuffled order falls into, and that shard's last place (shards of
-    a split hold equal numbers of documents, the first ones one more)."""
-    split, offset = ("validation", 0) if place < num_val else ("train", num_val)
-    count, shards = counts[split], num_shards[split]
-    size, extra = divmod(count, shards)
-    local = place - offset
-    index = next(i for i in range(shards) if local < (i + 1) * size + min(i + 1, extra))
-    first = index * size + min(index, extra)
-    return split, index, offset + first + size + (index < extra) - 1
+def open_shard(folder: Path, layout: ShardLayout, shard: int) -> dict:
+    """A shard being written: its number, file name, split, writer, documents and characters so far."""
+    name = layout.file(shard)
+    return {"shard": shard, "file": name, "split": layout.splits[shard], "documents": 0, "chars": 0,
+            "writer": pq.ParquetWriter(folder / name, SCHEMA)}
 
 
-def _close_shard(current: dict, shards: list[dict]) -> None:
+def append_to_shard(current: dict, part: pa.Table) -> None:
+    current["writer"].write_table(part)
+    current["documents"] += part.num_rows
+    current["chars"] += int(pc.sum(pc.utf8_length(part.column("text"))).as_py() or 0)
+
+
+def close_shard(current: dict, shards: list[dict]) -> None:
+    """Close the shard's file and add its record (file, split, documents, chars) to `shards`."""
     if current:
         current.pop("writer").close()
-        current.pop("key")
+        current.pop("shard")
         shards.append(current)
