@@ -36,8 +36,8 @@ demo: $(STAMP)
 	$(PY) sft_train.py --config config/demo/sft.yaml
 	$(PY) generate_rejected.py --config config/demo/generate_rejected.yaml
 	$(PY) dpo_train.py --config config/demo/dpo.yaml
-	$(PY) evaluate.py --config config/demo/evaluate.yaml
-	$(PY) evaluate.py report --run_dir model_save/demo
+	$(PY) eval_model.py --config config/demo/evaluate.yaml
+	$(PY) eval_model.py report --run_dir model_save/demo
 	$(PY) chat.py --config config/demo/chat.yaml --message "你好！"
 
 # Two workers (pytest-xdist), each taking whole test modules, so a module's fixtures are built once; the 25

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.export import DEFAULT_LLAMA_CPP_DIR, OUTTYPES, export_gguf, ollama_modelfile
+from model.gguf import DEFAULT_LLAMA_CPP_DIR, OUTTYPES, export_gguf, ollama_modelfile
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
 from utils.hub import local_dir

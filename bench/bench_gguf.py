@@ -24,7 +24,7 @@ from common import REPO, WORK, log, markdown_table, run_measured, utc_now, write
 
 import export  # noqa: E402  (bench/common puts the repo on sys.path)
 import utils.tokenization.tokenizer as tokenization  # noqa: E402
-from model.export import round_trip  # noqa: E402
+from model.gguf import round_trip  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "请简单介绍一下中国的首都北京。"}]
 REPLY = "北京是中华人民共和国的首都，是全国的政治中心和文化中心，也是一座有三千多年历史的古都。<|end|>"

@@ -9,7 +9,7 @@ from conftest import REPO
 
 # Lowest first. A module may import its own layer and the layers before it.
 LAYERS = ["utils", "utils.data", "utils.tokenization", "utils.examples", "model", "model.training",
-          "model.inference", "model.export", "model.evaluation"]
+          "model.inference", "model.gguf", "model.evaluation"]
 STAGES = {path.stem for path in REPO.glob("*.py")}
 
 
@@ -54,3 +54,17 @@ def test_the_layer_check_catches_an_upward_import(tmp_path):
     assert [layer(target) for _, target in imports(bad)] == [LAYERS.index("model.training")]
     assert layer("utils.data.sources") < layer("utils.tokenization.chat_format") < layer("model.build")
     assert layer("pre_train") == len(LAYERS) and layer("torch") is None
+
+
+def test_no_module_shadows_an_installed_package_or_a_sibling():
+    """A script at the root is importable by its name from anything run there (`python eval_model.py` puts the
+    root first on sys.path): named like an installed package, it would replace that package for every library
+    that imports it (evaluate.py did, for Hugging Face's `evaluate`). And a library module named like a stage
+    script (model/export.py beside export.py) makes two homes for one word."""
+    import importlib.metadata
+
+    installed = set(importlib.metadata.packages_distributions())
+    assert "transformers" in installed
+    assert sorted(STAGES & installed) == []
+    libraries = {p.stem for top in ("utils", "model") for p in (REPO / top).rglob("*.py")} - {"__init__"}
+    assert sorted(STAGES & libraries) == []

@@ -226,7 +226,7 @@ STAGES = {  # recipe name -> (entry script, its argument dataclasses, writes an 
                                          m.PromptDataArguments, m.GRPOArguments], True),
     "chat": ("chat.py", lambda m: [m.ChatArguments, m.DecodingOptions], False),
     "serve": ("serve.py", lambda m: [m.ServeArguments, m.DecodingOptions], False),
-    "evaluate": ("evaluate.py", lambda m: [m.EvalArguments], True),
+    "evaluate": ("eval_model.py", lambda m: [m.EvalArguments], True),
     "export": ("export.py", lambda m: [m.ExportArguments], False),
 }
 RECIPES = sorted(p.relative_to(REPO) for p in (REPO / "config").rglob("*.yaml") if p.parent.name != "models")

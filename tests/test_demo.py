@@ -69,12 +69,12 @@ def test_demo_pipeline(tmp_path):
     assert (final / "adapter" / "adapter_config.json").exists()
 
     evaluation = tmp_path / "eval"
-    run_script("evaluate.py", "--config", "config/demo/evaluate.yaml", "--model_name_or_path", str(final),
+    run_script("eval_model.py", "--config", "config/demo/evaluate.yaml", "--model_name_or_path", str(final),
                "--bpc_files", str(corpus), "--output_dir", str(evaluation))
     results = json.loads((evaluation / "eval_results.json").read_text())["results"]
     assert {"ceval", "bpc", "generation", "triples"} <= set(results)
     assert results["bpc"]["bpc"] > 0
-    run_script("evaluate.py", "report", "--run_dir", str(final))
+    run_script("eval_model.py", "report", "--run_dir", str(final))
     assert (final / "plots" / "loss.png").exists()
 
     reply = run_script("chat.py", "--config", "config/demo/chat.yaml", "--model_name_or_path", str(final),

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from conftest import REPO, SENTENCES, run_script, shared_path
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-import evaluate
+import eval_model
 from model.evaluation.benchmarks import (
     LETTERS,
     answer_questions,
@@ -107,7 +107,7 @@ def crafted(tiny_llama, tiny_t5, tmp_path_factory):
 
 def test_ceval_accuracy_is_exact_on_a_model_that_always_answers_c(crafted, tmp_path):
     ceval = shared_path("ceval")
-    results = evaluate.main(["--config", "none", "--model_name_or_path", str(crafted["llama_C"]), "--task", "ceval",
+    results = eval_model.main(["--config", "none", "--model_name_or_path", str(crafted["llama_C"]), "--task", "ceval",
                              "--ceval_data", str(ceval), "--ceval_subjects", *CEVAL_SUBJECTS, "--num_shots", "2",
                              "--max_length", "100000",  # the tiny context would leave room for no example
                              "--batch_size", "5", "--output_dir", str(tmp_path)])
@@ -213,7 +213,7 @@ def test_k_shot_without_dev_examples_is_refused(tmp_path):
     args = ["--config", "none", "--model_name_or_path", str(tmp_path / "unused"), "--task", "ceval",
             "--num_shots", "5", "--output_dir", str(tmp_path / "out")]
     with pytest.raises(UserError, match="--num_shots 5 takes solved examples from the 'dev' split") as err:
-        evaluate.main([*args, "--ceval_data", str(no_dev)])
+        eval_model.main([*args, "--ceval_data", str(no_dev)])
     assert err.value.path == str(no_dev / "dev") and err.value.field == "num_shots"
     assert "--num_shots 0" in err.value.fix and "directory is missing" in err.value.problem
     one_lacking = benchmark_copy(tmp_path / "one_lacking", {"computer_network": 5, "high_school_physics": None,
@@ -222,14 +222,14 @@ def test_k_shot_without_dev_examples_is_refused(tmp_path):
         load_benchmark(str(one_lacking), "val", num_shots=1)
     assert err.value.path == str(one_lacking / "dev" / "high_school_physics_dev.csv")
     assert len(load_benchmark(str(one_lacking), "val", num_shots=0)) == 3  # zero-shot needs no dev split
-    result = run_script("evaluate.py", *args, "--ceval_data", str(no_dev), check=False)
+    result = run_script("eval_model.py", *args, "--ceval_data", str(no_dev), check=False)
     assert result.returncode == 2 and "no_dev/dev" in result.stderr and "fix: pass --num_shots 0" in result.stderr
 
 
 def test_shots_that_ran_are_reported_per_subject(tiny_llama, tmp_path):
     data = benchmark_copy(tmp_path / "ceval", {"computer_network": 5, "modern_chinese_history": 1})
     out = tmp_path / "out"
-    results = evaluate.main(["--config", "none", "--model_name_or_path", str(tiny_llama), "--task", "ceval",
+    results = eval_model.main(["--config", "none", "--model_name_or_path", str(tiny_llama), "--task", "ceval",
                              "--ceval_data", str(data), "--num_shots", "3", "--max_questions", "2",
                              "--max_length", "100000", "--output_dir", str(out)])  # no shot cut for length
     subjects = results["ceval"]["subjects"]
@@ -347,10 +347,10 @@ def test_bpc_conversion_defaults_to_the_corpus_stage_default():
     from utils.config import parse_config, recipe_path
     from utils.data.corpus import CleaningArguments
 
-    (args,) = parse_config([evaluate.EvalArguments], ["--task", "bpc", "--bpc_files", "x.txt"],
+    (args,) = parse_config([eval_model.EvalArguments], ["--task", "bpc", "--bpc_files", "x.txt"],
                            default_recipe=recipe_path("evaluate"))
     corpus = yaml.safe_load(recipe_path("prepare_data").read_text())["opencc_config"]
-    assert args.opencc_config == corpus == CleaningArguments().opencc_config == evaluate.EvalArguments().opencc_config
+    assert args.opencc_config == corpus == CleaningArguments().opencc_config == eval_model.EvalArguments().opencc_config
 
 
 def test_generation_metrics_on_known_pairs():
@@ -399,7 +399,7 @@ def test_generation_and_triples_tasks_run_end_to_end(tiny_llama, tmp_path):
     data = tmp_path / "ie.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "out"
-    results = evaluate.main(["--config", "none", "--model_name_or_path", str(tiny_llama), "--task", "generation",
+    results = eval_model.main(["--config", "none", "--model_name_or_path", str(tiny_llama), "--task", "generation",
                              "triples", "--generation_files", str(data), "--triples_files", str(data),
                              "--max_new_tokens", "8", "--batch_size", "2", "--output_dir", str(out)])
     assert results["generation"]["examples"] == results["triples"]["examples"] == 3
@@ -410,7 +410,7 @@ def test_generation_and_triples_tasks_run_end_to_end(tiny_llama, tmp_path):
     # a second run with another task keeps the first run's results in the same file
     text = tmp_path / "text.txt"
     text.write_text("春天来了。\n花开了。\n", encoding="utf-8")
-    evaluate.main(["--config", "none", "--model_name_or_path", str(tiny_llama), "--task", "bpc",
+    eval_model.main(["--config", "none", "--model_name_or_path", str(tiny_llama), "--task", "bpc",
                    "--bpc_files", str(text), "--output_dir", str(out)])
     saved = json.loads((out / "eval_results.json").read_text())
     assert set(saved["results"]) == {"generation", "triples", "bpc"}
@@ -431,7 +431,7 @@ def test_report_plots_a_real_run(tiny_corpus, tiny_tokenizer, tmp_path):
                     "--output_dir", str(run), "--block_size", "32", "--per_device_train_batch_size", "2",
                     "--max_steps", "6", "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "3",
                     "--save_steps", "3", "--report_to", "none", "--preprocessing_num_workers", "1"])
-    written = evaluate.main(["report", "--run_dir", str(run)])
+    written = eval_model.main(["report", "--run_dir", str(run)])
     names = {p.name for p in written}
     assert {"loss.png", "learning_rate.png", "bpc.png"} <= names
     for path in written:
@@ -458,19 +458,19 @@ def evaluate_state(run):
 
 def test_a_missing_bpc_file_or_an_unwritable_output_is_refused_before_any_task_runs(tmp_path, tiny_llama):
     """They were found after the tasks before them had run (C-Eval first: hours on a real model)."""
-    result = run_script("evaluate.py", "--config", "none", "--model_name_or_path", str(tiny_llama), "--task", "ceval",
+    result = run_script("eval_model.py", "--config", "none", "--model_name_or_path", str(tiny_llama), "--task", "ceval",
                         "bpc", "--ceval_data", "data/demo/eval_ceval", "--bpc_files", str(tmp_path / "held_out.jsonl"),
                         "--output_dir", str(tmp_path / "eval"), check=False)
     assert result.returncode == 2 and "Loading weights" not in result.stderr
     assert f"error: {tmp_path / 'held_out.jsonl'}, field 'bpc_files': no such file or directory" in result.stderr
     (tmp_path / "taken").write_text("a file where the output folder would go")
-    result = run_script("evaluate.py", "--config", "none", "--model_name_or_path", str(tiny_llama), "--task", "ceval",
+    result = run_script("eval_model.py", "--config", "none", "--model_name_or_path", str(tiny_llama), "--task", "ceval",
                         "--ceval_data", "data/demo/eval_ceval", "--output_dir", str(tmp_path / "taken" / "eval"),
                         check=False)
     assert result.returncode == 2 and "Loading weights" not in result.stderr
     assert "field 'output_dir': cannot write here" in result.stderr and not (tmp_path / "eval").exists()
     with pytest.raises(UserError, match="must all be .parquet") as err:  # was blamed on pre_train's --train_files
-        evaluate.main(["--config", "none", "--model_name_or_path", str(tiny_llama), "--task", "bpc", "--bpc_files",
+        eval_model.main(["--config", "none", "--model_name_or_path", str(tiny_llama), "--task", "bpc", "--bpc_files",
                        str(REPO / "README.md"), "--output_dir", str(tmp_path / "eval")])
     assert err.value.field == "bpc_files" and not (tmp_path / "eval").exists()
 
@@ -494,23 +494,23 @@ def test_bad_input_is_refused_clearly(tmp_path, tiny_llama):
     assert "dev" in str(err.value) and err.value.field == "cmmlu_split"
     with pytest.raises(UserError, match="unknown subject"):
         load_benchmark(str(shared_path("ceval")), "val", ["no_such_subject"])
-    result = run_script("evaluate.py", "--config", "none", "--model_name_or_path", str(tmp_path / "nothing"),
+    result = run_script("eval_model.py", "--config", "none", "--model_name_or_path", str(tmp_path / "nothing"),
                         "--task", "ceval", "--ceval_data", "data/demo/eval_ceval", check=False)
     assert result.returncode == 2 and "nothing, field 'model_name_or_path': no such file or directory" in result.stderr
-    result = run_script("evaluate.py", "--config", "none", "--task", "bpc", check=False)
+    result = run_script("eval_model.py", "--config", "none", "--task", "bpc", check=False)
     assert result.returncode == 2 and "--bpc_files" in result.stderr
     bare = tmp_path / "bare_model"  # a model directory that was never trained here
     bare.mkdir()
     (bare / "config.json").write_text("{}")
     with pytest.raises(UserError, match="no trainer_state.json"):
-        evaluate.main(["report", "--run_dir", str(bare)])
+        eval_model.main(["report", "--run_dir", str(bare)])
 
 
 def test_help_and_recipes_parse():
-    assert "--ceval_data" in run_script("evaluate.py", "--help").stdout
-    assert "--run_dir" in run_script("evaluate.py", "report", "--help").stdout
+    assert "--ceval_data" in run_script("eval_model.py", "--help").stdout
+    assert "--run_dir" in run_script("eval_model.py", "report", "--help").stdout
     from utils.config import REPO_ROOT, parse_config
 
     for recipe in ("config/evaluate.yaml", "config/demo/evaluate.yaml"):
-        (args,) = parse_config([evaluate.EvalArguments], ["--config", str(REPO_ROOT / recipe)])
+        (args,) = parse_config([eval_model.EvalArguments], ["--config", str(REPO_ROOT / recipe)])
         assert args.task

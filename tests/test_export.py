@@ -1,6 +1,6 @@
 """GGUF export (export.py): llama.cpp's converter on the tiny T5 and Llama, read back with gguf's reader.
 
-The converter comes from `make llama-cpp` (model.export.DEFAULT_LLAMA_CPP_DIR). The llama.cpp round trip
+The converter comes from `make llama-cpp` (model.gguf.DEFAULT_LLAMA_CPP_DIR). The llama.cpp round trip
 (same prompt ids, same greedy continuation as transformers) runs where `llama_cpp` is importable (`make
 llama-cpp-python`); bench/bench_gguf.py runs it on the demo models and records the result.
 """
@@ -18,7 +18,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
 import export
-from model.export import DEFAULT_LLAMA_CPP_DIR, load_converter, round_trip
+from model.gguf import DEFAULT_LLAMA_CPP_DIR, load_converter, round_trip
 from model.inference.generation import context_length
 from utils.errors import UserError
 from utils.tokenization.chat_format import END_OF_TURN
@@ -91,7 +91,8 @@ def test_q8_0_export(tiny_llama, tmp_path, capsys):
                         str(tmp_path / "q8.gguf")])
     # the converter's line per tensor and setting goes to a log beside the file, not to the console
     console, log = capsys.readouterr(), (tmp_path / "q8.convert.log").read_text(encoding="utf-8")
-    assert "hf-to-gguf" not in console.out + console.err and "gguf:" not in console.err, console
+    assert "hf-to-gguf" not in console.out + console.err and "gguf:" not in console.err.replace("model.gguf:", ""), \
+        console
     assert "hf-to-gguf: token_embd.weight" in log and str(tmp_path / "q8.convert.log") in console.err
     gguf, reader, meta = read(path)
     assert meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0

@@ -65,7 +65,7 @@ def test_chinese_llama_recipe_without_its_base_is_refused_at_once(monkeypatch, t
 
 def test_evaluate_defaults_do_not_reach_the_hub(monkeypatch, tmp_path):
     monkeypatch.delenv(HUB_SWITCH, raising=False)
-    result = run_script("evaluate.py", "--output_dir", str(tmp_path / "eval"), check=False)
+    result = run_script("eval_model.py", "--output_dir", str(tmp_path / "eval"), check=False)
     refused_at_once(result, "ceval/ceval-exam", "ceval_data")
     assert not (tmp_path / "eval").exists()
 

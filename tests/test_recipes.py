@@ -100,7 +100,7 @@ def test_sft_rejected_dpo_evaluate_and_chat_recipes(chain, tmp_path):
     assert "has finished already" in again.stderr and digest(final) == before
 
     evaluation = tmp_path / "eval"
-    run_script("evaluate.py", *recipe("evaluate"), "--model_name_or_path", str(final), "--ceval_data",
+    run_script("eval_model.py", *recipe("evaluate"), "--model_name_or_path", str(final), "--ceval_data",
                str(shared_path("ceval")), "--ceval_subjects", "accountant", "advanced_mathematics",
                "--max_questions", "20", "--output_dir", str(evaluation))
     results = json.loads((evaluation / "eval_results.json").read_text())["results"]

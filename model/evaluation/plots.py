@@ -1,5 +1,5 @@
 """Training curves of a run: the HF Trainer's `trainer_state.json` (of the run or its latest checkpoint)
-plotted as PNGs (`evaluate.py report`)."""
+plotted as PNGs (`eval_model.py report`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+from model.training.outputs import latest_checkpoint
 from utils.errors import UserError
 from utils.io import write_bytes_atomic
 
@@ -15,8 +16,6 @@ from utils.io import write_bytes_atomic
 def find_trainer_state(run_dir: str | Path) -> Path:
     """`trainer_state.json` of a run: in `run_dir` itself, else in its latest `checkpoint-N` (also one
     level down, e.g. DPO's `adapter/` directory)."""
-    from model.training.outputs import latest_checkpoint
-
     root = Path(run_dir)
     if not root.is_dir():
         raise UserError("the run directory does not exist", path=str(root), field="run_dir",

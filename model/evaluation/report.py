@@ -1,4 +1,4 @@
-"""The results of `evaluate.py` as markdown tables (printed, and saved as `eval_results.md`)."""
+"""The results of `eval_model.py` as markdown tables (printed, and saved as `eval_results.md`)."""
 
 from __future__ import annotations
 

@@ -87,6 +87,12 @@ class RenderedPrompt:
         return bool(self.dropped_messages or self.truncated_tokens)
 
 
+def prompt_text(tokenizer, messages: list[dict]) -> str:
+    """The generation prompt of `messages` as text, whole: what another runtime (llama.cpp, `model.gguf`) is
+    given to tokenise, to compare with the ids `render_prompt` gives transformers."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 def render_prompt(tokenizer, messages: list[dict], max_prompt_tokens: int) -> RenderedPrompt:
     """`messages` rendered with the chat template plus the assistant generation prompt, and what was trimmed.
 

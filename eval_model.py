@@ -1,13 +1,13 @@
 """Evaluate a trained model: C-Eval / CMMLU accuracy, bits per character, generation BLEU / ROUGE-L and
 repetition (share of repeated 4-grams, distinct-1/2), triple extraction F1; or plot a run's training curves.
 
-    python evaluate.py --task ceval cmmlu --ceval_data ../shared/data/ceval --cmmlu_data ../shared/data/cmmlu \
+    python eval_model.py --task ceval cmmlu --ceval_data ../shared/data/ceval --cmmlu_data ../shared/data/cmmlu \
         --cmmlu_split dev --num_shots 5                     # model_save by default
-    python evaluate.py --model_name_or_path model_save/sft --task bpc --bpc_files data/corpus
-    python evaluate.py --task bpc --bpc_files held_out_zh_tw.jsonl --opencc_config tw2sp    # traditional text
-    python evaluate.py --task generation --generation_files data/sft/test.jsonl
-    python evaluate.py --task triples --triples_files data/ie/test.json
-    python evaluate.py report --run_dir model_save/sft      # loss / eval loss / learning-rate PNGs
+    python eval_model.py --model_name_or_path model_save/sft --task bpc --bpc_files data/corpus
+    python eval_model.py --task bpc --bpc_files held_out_zh_tw.jsonl --opencc_config tw2sp    # traditional text
+    python eval_model.py --task generation --generation_files data/sft/test.jsonl
+    python eval_model.py --task triples --triples_files data/ie/test.json
+    python eval_model.py report --run_dir model_save/sft      # loss / eval loss / learning-rate PNGs
 
 Results are merged into `<output_dir>/eval_results.json` (default output_dir: `<model>/eval`) and
 printed as markdown tables (also saved as `eval_results.md`). Runs on one GPU if there is one, else CPU.

@@ -35,7 +35,7 @@ from utils.errors import UserError
 from utils.hub import local_dir
 from utils.io import atomic_output_file
 from utils.logging import FORMAT
-from utils.tokenization.chat_format import END_OF_TURN, gguf_chat_template, ollama_template
+from utils.tokenization.chat_format import END_OF_TURN, gguf_chat_template, ollama_template, prompt_text, render_prompt
 from utils.tokenization.tokenizer import llama_cpp_pre_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -303,8 +303,8 @@ def round_trip(model_dir: str | Path, gguf_file: str | Path, messages: list[dict
     to an end-of-generation token or `max_new_tokens`) by the model in transformers (fp32) and by its
     export in llama.cpp; and `reply` after the prompt, teacher-forced through both."""
     model, tokenizer = load_for_inference(str(model_dir), device="cpu", dtype="fp32")
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt = prompt_text(tokenizer, messages)
+    prompt_ids = render_prompt(tokenizer, messages, max_prompt_tokens=sys.maxsize).ids
     reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
     seq2seq = model.config.is_encoder_decoder
     config = GenerationConfig.from_dict({**model.generation_config.to_dict(), "do_sample": False, "num_beams": 1,
