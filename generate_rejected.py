@@ -30,7 +30,7 @@ from transformers import set_seed
 from model.inference.generation import InferenceArguments, context_length, generate_replies, load_for_inference
 from utils.cli import run_main
 from utils.config import ONE_COMMAND_ACTIONS, parse_config, recipe_path, run_config
-from utils.data.conversations import FORMATS, load_answered_prompts
+from utils.data.conversations import DataFormat, load_answered_prompts
 from utils.data.sources import PROGRESS_SUFFIX
 from utils.errors import UserError
 from utils.io import check_output_file, write_json_atomic
@@ -48,7 +48,7 @@ class GenerateArguments(InferenceArguments):
     input: list[str] = field(default_factory=lambda: ["data/sft"], metadata={
         "help": "Instruction or preference data (files, directories or hub dataset names) whose prompts are answered."})
     output: str = field(default="data/dpo/rejected.jsonl", metadata={"help": "JSON lines of prompt/chosen/rejected."})
-    data_format: str = field(default="auto", metadata={"help": f"One of {', '.join(FORMATS)} (auto: per file)."})
+    data_format: DataFormat = field(default="auto", metadata={"help": "The rows' format (auto: per file)."})
     dataset_split: str = field(default="train", metadata={"help": "Split of hub datasets."})
     system_prompt: str | None = field(default=None, metadata={
         "help": "System turn put first in prompts that have none (use the one SFT used)."})

@@ -23,6 +23,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from transformers import DataCollatorForSeq2Seq, default_data_collator, set_seed
 
@@ -51,7 +52,7 @@ from utils.logging import setup_logging
 from utils.tokenization.tokenizer import load_tokenizer
 
 logger = logging.getLogger("pre_train")
-OBJECTIVES = ("auto", "causal_lm", "span_corruption", "text_to_text", "mix")
+Objective = Literal["auto", "causal_lm", "span_corruption", "text_to_text", "mix"]
 
 
 @dataclass
@@ -90,7 +91,7 @@ class DataArguments:
         "help": "T5 text-to-text data: files with 'prompt' and 'response' columns."})
     validation_pair_files: list[str] = field(default_factory=list, metadata={
         "help": "Held-out prompt/response pairs for the text-to-text objective."})
-    objective: str = field(default="auto", metadata={
+    objective: Objective = field(default="auto", metadata={
         "help": "causal_lm (Llama), span_corruption, text_to_text or mix (T5); auto = causal_lm for decoders, "
                 "span_corruption for T5 (mix when --pair_files are given too)."})
     mix_weights: list[float] = field(default_factory=lambda: [1.0, 1.0], metadata={
@@ -104,8 +105,6 @@ class DataArguments:
         "help": "Processes for tokenisation."})
 
     def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, not '{self.objective}'")
         if not 0 < self.noise_density < 1:
             raise ValueError(f"--noise_density must be in (0, 1), not {self.noise_density}")
 

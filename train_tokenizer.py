@@ -27,7 +27,7 @@ from utils.hub import local_dir
 from utils.io import atomic_output_dir, check_output_dir, write_json_atomic
 from utils.logging import setup_logging
 from utils.tokenization.tokenizer import (
-    MODEL_TYPES,
+    ModelType,
     TOKENIZER_FILES,
     extend_tokenizer,
     format_scores,
@@ -63,7 +63,7 @@ class TokenizerArguments:
                 ".parquet/.jsonl/.json/.txt files."})
     output_dir: str = field(default="data/tokenizer", metadata={"help": "Where the tokenizer is written."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing output directory."})
-    model_type: str = field(default="gguf_bpe", metadata={
+    model_type: ModelType = field(default="gguf_bpe", metadata={
         "help": "gguf_bpe (character-level BPE with byte fallback, pre-tokenised as llama.cpp does: exports to "
                 "GGUF, see export.py), bpe (the same BPE split into Han / letter / digit / punctuation runs by a "
                 "regex llama.cpp lacks: not exportable), byte_bpe (byte-level BPE) or sentencepiece."})
@@ -91,8 +91,6 @@ class TokenizerArguments:
     seed: int = field(default=42, metadata={"help": "Seed of the corpus sample."})
 
     def __post_init__(self):
-        if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"--model_type must be one of {', '.join(MODEL_TYPES)}, not '{self.model_type}'")
         if self.vocab_size < 64:
             raise ValueError(f"--vocab_size must be at least 64, not {self.vocab_size}")
         if not 0 < self.character_coverage <= 1:

@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import yaml
@@ -91,30 +91,23 @@ def model_config(name_or_path: str, tokenizer: PreTrainedTokenizerBase,
                         fix="check the keys against the HF config class of this model type") from None
 
 
-ATTENTION = ("sdpa", "eager", "flex_attention")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # auto = bf16 on GPUs that support it, else fp32
-
-
-def check_precision(value: str, flag: str) -> None:
-    """Refuse a --precision / --dtype outside `PRECISIONS` (in a dataclass's __post_init__)."""
-    if value not in PRECISIONS:
-        raise ValueError(f"--{flag} must be one of {', '.join(PRECISIONS)}, not '{value}'")
+Attention = Literal["sdpa", "eager", "flex_attention"]
+ATTENTION = get_args(Attention)
+Precision = Literal["auto", "bf16", "fp16", "fp32"]  # auto = bf16 on GPUs that support it, else fp32
+PRECISIONS = get_args(Precision)
 
 
 @dataclass
 class AttentionArguments:
     """The attention kernel flag of every training stage (mixed into its ModelArguments)."""
 
-    attn_implementation: str = field(default="sdpa", metadata={"identity": False,
+    attn_implementation: Attention = field(default="sdpa", metadata={"identity": False,
         "help": f"Attention kernel: {', '.join(ATTENTION)} (the same function). sdpa: PyTorch's fused kernels (T5's "
                 "position bias enters as an additive mask, so no flash kernel serves T5). flex_attention: the "
                 "bias as a FlexAttention score_mod in a compiled kernel; CUDA only for training (PyTorch has no "
                 "FlexAttention backward on CPU) and no attention dropout (needs dropout_rate 0)."})
 
     def __post_init__(self):
-        if self.attn_implementation not in ATTENTION:
-            raise ValueError(f"--attn_implementation must be one of {', '.join(ATTENTION)}, "
-                             f"not '{self.attn_implementation}'")
         if self.attn_implementation == "flex_attention" and not torch.cuda.is_available():
             raise ValueError("--attn_implementation flex_attention cannot train on CPU (PyTorch has no FlexAttention "
                              "backward pass there); use --attn_implementation sdpa, or train on a CUDA GPU")

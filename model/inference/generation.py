@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
 
-from model.build import check_precision
+from model.build import Precision
 from utils.errors import UserError
 from utils.hub import local_dir
 from utils.tokenization.chat_format import render_prompt
@@ -26,11 +26,10 @@ class InferenceArguments:
     model_name_or_path: str = field(default="model_save", metadata={
         "help": "Model directory: any toolkit output (T5 or Llama) or a compatible HF model directory."})
     device: str | None = field(default=None, metadata={"help": "cuda, cuda:1, cpu. None = cuda when available."})
-    dtype: str = field(default="auto", metadata={
+    dtype: Precision = field(default="auto", metadata={
         "help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32."})
 
     def __post_init__(self):
-        check_precision(self.dtype, "dtype")
         check_device(self.device)
 
 

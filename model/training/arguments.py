@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from transformers import Seq2SeqTrainingArguments
 
-from model.build import check_precision
+from model.build import Precision
 from model.training.runs import counts_in_identity
 from utils.errors import UserError
 
@@ -32,7 +32,7 @@ class RunArguments:
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Replace another run's model and checkpoints in --output_dir (default: refuse; see "
                 "model/training/runs.py)."})
-    precision: str = field(default="auto", metadata={
+    precision: Precision = field(default="auto", metadata={
         "help": "auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32. Sets --bf16/--fp16."})
     # HF's bool field, widened to take auto; true/false and True/False (a saved config.yaml) stay accepted.
     torch_compile: Literal["auto", "true", "false", True, False] = field(default=False, metadata={
@@ -41,7 +41,6 @@ class RunArguments:
                 "graph breaks and recompilations are logged once, at the first progress line."})
 
     def __post_init__(self):
-        check_precision(self.precision, "precision")
         if self.precision == "auto":
             self.bf16 = bool(self.bf16 or (torch.cuda.is_available() and torch.cuda.is_bf16_supported()))
         else:

@@ -38,6 +38,7 @@ import importlib.util
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -52,8 +53,8 @@ from utils.errors import UserError
 logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
-PEFT_METHODS = ("none", "lora", "qlora")
-EMBEDDING_MODES = ("rows", "all", "none")
+PeftMethod = Literal["none", "lora", "qlora"]
+EmbeddingMode = Literal["rows", "all", "none"]
 # Attention and feed-forward projections; lm_head is left out (TRL reads its weight directly).
 LORA_TARGETS = {
     "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],  # wi_0/wi_1: gated-GELU feed-forward
@@ -101,21 +102,16 @@ class LoraArguments:
 class PeftArguments(LoraArguments):
     """`--peft` for the stages that can also train every weight (SFT, continued pretraining)."""
 
-    peft: str = field(default="none", metadata={
+    peft: PeftMethod = field(default="none", metadata={
         "help": "none (train the weights themselves), lora (LoRA adapters on the frozen base) or qlora (the same "
                 "on a 4-bit NF4 base; CUDA and bitsandbytes only). The output is always a merged plain model."})
-    lora_embeddings: str = field(default="rows", metadata={
+    lora_embeddings: EmbeddingMode = field(default="rows", metadata={
         "help": "With --peft lora/qlora, which embedding and LM-head weights train beside the adapters: rows (those "
                 "of the tokens an extended tokenizer added, and in SFT of the chat tokens), all (both whole "
                 "matrices), none."})
 
     def __post_init__(self):
         super().__post_init__()
-        if self.peft not in PEFT_METHODS:
-            raise ValueError(f"--peft must be one of {', '.join(PEFT_METHODS)}, not '{self.peft}'")
-        if self.lora_embeddings not in EMBEDDING_MODES:
-            raise ValueError(f"--lora_embeddings must be one of {', '.join(EMBEDDING_MODES)}, "
-                             f"not '{self.lora_embeddings}'")
         if self.peft == "qlora":
             check_qlora_available()
 

@@ -39,6 +39,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from utils.data.sources import Location, discover_inputs, read_rows
 from utils.errors import UserError
@@ -47,7 +48,8 @@ from utils.hub import from_hub, missing_path
 logger = logging.getLogger(__name__)
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
-FORMATS = ("auto", "prompt_response", "alpaca", "sharegpt", "messages", "implicit_prompt")
+DataFormat = Literal["auto", "prompt_response", "alpaca", "sharegpt", "messages", "implicit_prompt"]
+FORMATS = get_args(DataFormat)
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "bot": "assistant", "model": "assistant"}
 ANSWER_FIELDS = ("chosen", "rejected")
@@ -366,14 +368,12 @@ class ConversationDataArguments:
         "help": "Held-out data in the same formats; default: --validation_ratio of --train_files."})
     validation_ratio: float = field(default=0.0, metadata={
         "help": "Share of the training rows held out for evaluation when no --validation_files (0 = none)."})
-    data_format: str = field(default="auto", metadata={"help": f"One of {', '.join(FORMATS)} (auto: per file)."})
+    data_format: DataFormat = field(default="auto", metadata={"help": "The rows' format (auto: per file)."})
     dataset_split: str = field(default="train", metadata={"help": "Split of hub datasets."})
 
     def __post_init__(self):
         if not 0 <= self.validation_ratio < 1:
             raise ValueError(f"--validation_ratio must be in [0, 1), not {self.validation_ratio}")
-        if self.data_format not in FORMATS:
-            raise ValueError(f"--data_format must be one of {', '.join(FORMATS)}, not '{self.data_format}'")
 
 
 @dataclass

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from utils.data.decontaminate import Decontaminator
 from utils.data.dedup import NearDuplicateIndex, minhash_signatures
 from utils.data.sources import (
-    TXT_SPLITS,
+    TxtSplit,
     Document,
     discover_inputs,
     file_format,
@@ -62,7 +62,7 @@ class InputArguments:
         "help": "Column holding the text in .jsonl/.json/.parquet: a string, or a list of strings (joined by "
                 "newlines). Several columns (`--text_column title paragraphs`, or `title,paragraphs`) are "
                 "joined by newlines; `a.b` is the field b inside an object column a."})
-    txt_split: str = field(default="blank_line", metadata={
+    txt_split: TxtSplit = field(default="blank_line", metadata={
         "help": "How .txt files are cut into documents: 'blank_line' (blocks separated by an empty line) or "
                 "'line' (one document per line)."})
     max_docs: int = field(default=-1, metadata={
@@ -70,8 +70,6 @@ class InputArguments:
 
     def __post_init__(self):
         self.text_column = list(text_columns(self.text_column))
-        if self.txt_split not in TXT_SPLITS:
-            raise ValueError(f"--txt_split must be one of {', '.join(TXT_SPLITS)}, not '{self.txt_split}'")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 import pyarrow.parquet as pq
 
@@ -36,7 +36,7 @@ from utils.errors import UserError
 logger = logging.getLogger(__name__)
 _DOC_HEADER = re.compile(r'<doc id="([^"]*)"(?: url="[^"]*")?(?: title="([^"]*)")?[^>]*>')
 _LEADING_SPACE = "\ufeff \r\n\t"
-TXT_SPLITS = ("blank_line", "line")
+TxtSplit = Literal["blank_line", "line"]
 
 
 @dataclass

@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from tqdm.auto import tqdm
@@ -37,7 +38,8 @@ from utils.tokenization.chat_format import CHAT_TEMPLATE, CHAT_TOKENS
 logger = logging.getLogger(__name__)
 
 PAD, EOS, UNK, BOS = "<pad>", "</s>", "<unk>", "<s>"
-MODEL_TYPES = ("bpe", "gguf_bpe", "byte_bpe", "sentencepiece")
+ModelType = Literal["bpe", "gguf_bpe", "byte_bpe", "sentencepiece"]
+MODEL_TYPES = get_args(ModelType)
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 
 # Pre-tokenisation of the bpe and byte_bpe options: runs of Han characters, runs of other letters
