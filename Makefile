@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # its screenshots legible. Installed with apt-get when missing (sudo when not root).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install browser demo test bench clean-demo llama-cpp llama-cpp-python
+.PHONY: install browser demo test test-fast lint bench clean-demo llama-cpp llama-cpp-python
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,14 @@ demo: $(STAMP)
 TEST_WORKERS ?= 2
 test: install llama-cpp
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=25 tests
+
+# The edit-test loop: the unit tests, without the stage runs (pytest marker `slow`, pyproject.toml); under a
+# minute on 2 cores.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 # llama.cpp for export.py (GGUF): its converter (convert_hf_to_gguf.py's conversion/ and gguf-py/) from the
 # llama-cpp-python source distribution, which vendors llama.cpp; fetched once per machine into a cache.

@@ -34,11 +34,11 @@ from model.build import (
     load_model,
 )
 from model.inference.generation import context_length
+from model.training.callbacks import ProgressLine
 from model.training.dpo import DPOArguments, PreferenceTrainer
 from model.training.lora import LoraArguments, adapter_output_dir, save_trained
 from model.training.runs import claim_output_dir, run_identity
 from model.training.summary import final_evaluation, log_summary
-from model.training.callbacks import ProgressLine
 from model.training.trainer import describe_plan, train_until_done_or_stopped
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path

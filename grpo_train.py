@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from transformers import AutoConfig, set_seed
 
 from model.build import count_parameters, flops_per_token, is_seq2seq, load_model
+from model.training.callbacks import ProgressLine
 from model.training.grpo import (
     T5_REFUSAL,
     GRPOArguments,
@@ -40,7 +41,6 @@ from model.training.reward import RewardModelScore
 from model.training.rewards import rule_rewards
 from model.training.runs import claim_output_dir, run_identity
 from model.training.summary import final_evaluation, log_summary
-from model.training.callbacks import ProgressLine
 from model.training.trainer import describe_plan, train_until_done_or_stopped
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path

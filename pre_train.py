@@ -38,10 +38,10 @@ from model.build import (
     model_config,
 )
 from model.training import lora
-from model.training.runs import claim_output_dir, run_identity
-from model.training.summary import final_evaluation, log_summary
 from model.training.arguments import TrainArguments
 from model.training.callbacks import ProgressLine
+from model.training.runs import claim_output_dir, run_identity
+from model.training.summary import final_evaluation, log_summary
 from model.training.trainer import LanguageModelTrainer, plan_steps, train_until_done_or_stopped
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
@@ -160,7 +160,7 @@ def build_datasets(data: DataArguments, tokenizer, seq2seq: bool, cache_dir: Pat
                                          data.max_source_length, data.max_target_length, workers)
         evals["pairs"], ratios["pairs"] = pairs_eval, pairs_eval.chars_per_token
     train_set = train[0] if len(train) == 1 else WeightedMix(train, data.mix_weights, seed)
-    eval_set = evals["eval"] if "eval" in evals else evals
+    eval_set = evals.get("eval", evals)
     return objective, train_set, eval_set, ratios
 
 

@@ -25,11 +25,11 @@ from transformers import set_seed
 
 from model.build import count_parameters, flops_per_token
 from model.inference.generation import context_length
+from model.training.callbacks import ProgressLine
+from model.training.checkpoints import save_final
 from model.training.reward import RewardArguments, RewardModelTrainer, load_reward_model
 from model.training.runs import claim_output_dir, run_identity
 from model.training.summary import final_evaluation, log_summary
-from model.training.callbacks import ProgressLine
-from model.training.checkpoints import save_final
 from model.training.trainer import describe_plan, train_until_done_or_stopped
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path

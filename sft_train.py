@@ -43,10 +43,10 @@ from model.build import (
 )
 from model.inference.generation import generate_replies
 from model.training import lora
-from model.training.runs import claim_output_dir, run_identity
-from model.training.summary import final_evaluation, log_summary
 from model.training.arguments import TrainArguments
 from model.training.callbacks import ProgressLine
+from model.training.runs import claim_output_dir, run_identity
+from model.training.summary import final_evaluation, log_summary
 from model.training.trainer import LanguageModelTrainer, train_until_done_or_stopped
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path

@@ -27,8 +27,8 @@ from utils.hub import local_dir
 from utils.io import atomic_output_dir, check_output_dir, write_json_atomic
 from utils.logging import setup_logging
 from utils.tokenization.tokenizer import (
-    ModelType,
     TOKENIZER_FILES,
+    ModelType,
     extend_tokenizer,
     format_scores,
     iter_documents,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import bz2
+import contextlib
 import json
 import os
 import random
@@ -155,10 +156,8 @@ def folder_bytes(path: Path) -> int:
     total = 0
     for root, _, files in os.walk(path):
         for name in files:
-            try:
+            with contextlib.suppress(OSError):  # removed meanwhile
                 total += os.path.getsize(os.path.join(root, name))
-            except OSError:
-                pass
     return total
 
 
@@ -417,7 +416,8 @@ def render(results: dict) -> str:
     token_rows = [[t["label"], t["attempt"], t["workers"], f"{t['corpus_mb']:,.0f}", f"{t['wall_s']:,.1f}",
                    f"{t['seconds']:,.1f}", f"{t['tokens']:,}",
                    f"{t['tokens'] / max(t['seconds'], 1e-9) / t['workers']:,.0f}", f"{t['peak_tree_mb']:,.0f}",
-                   f"{t['peak_pss_mb']:,.0f}", f"{t['peak_pss_anon_mb']:,.0f}", f"{t['token_file_mb']:,.1f}", f"{t['datasets_cache_mb']:,.0f}",
+                   f"{t['peak_pss_mb']:,.0f}", f"{t['peak_pss_anon_mb']:,.0f}", f"{t['token_file_mb']:,.1f}",
+                   f"{t['datasets_cache_mb']:,.0f}",
                    "yes" if t["reused"] else "no"] for t in results["tokenize"]]
     tokens = markdown_table(["corpus", "run", "workers", "corpus MB (parquet)", "wall s (with imports)",
                              "TokenStream.build s", "tokens", "tokens/s per worker", "peak RSS, tree (MB)",
@@ -472,7 +472,8 @@ def render(results: dict) -> str:
     page_kb = sum(d["xml_bytes"] for d in dumps) / sum(d["pages"] for d in dumps) / 1e3
     full_xml_mb, full_docs = 12e3, 1.3e6
     full_pss = largest["peak_pss_mb"] + slope(second, largest) * (full_docs - largest["stats"]["documents"]) / 1e3
-    full_pss_high = largest["peak_pss_mb"] + slope(smallest, largest) * (full_docs - largest["stats"]["documents"]) / 1e3
+    full_pss_high = (largest["peak_pss_mb"]
+                     + slope(smallest, largest) * (full_docs - largest["stats"]["documents"]) / 1e3)
     disk = max(r["peak_disk_mb"] / max(r["output_mb"], 1e-9) for r in dump_runs)
     first = [t for t in results["tokenize"] if t["attempt"] == "first run"]
     token_note = "; ".join(f"{t['label']}, {t['workers']} worker{'s' * (t['workers'] > 1)}: "

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, per_token = [], {}
     for model, seq2seq in (("T5", True), ("Llama", False)):
         load = os.getloadavg()[0]
-        wall, (dataset, stats) = best_time(lambda: tokenize_conversations(  # noqa: B023
+        wall, (dataset, stats) = best_time(lambda seq2seq=seq2seq: tokenize_conversations(
             conversations, tokenizer, seq2seq, source_limit, target_limit, length_limit), args.repeats)
         log(f"{model}: {stats.describe()} in {wall:.2f} s")
         rows.append([f"{scope}, {model}", f"{len(conversations):,}", f"{messages:,}", f"{stats.examples:,}",
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         if conversation is None:
             continue
         load = os.getloadavg()[0]
-        wall, examples = best_time(lambda: seq2seq_examples(  # noqa: B023
+        wall, examples = best_time(lambda conversation=conversation: seq2seq_examples(
             conversation, tokenizer, source_limit, target_limit, "truncate"), args.repeats)
         old, speedup = "-", "-"
         if size == 86 and not args.quick:

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         path = work / "results.json"
         results = json.loads(path.read_text())
         # results.json of the first run of this script lacked the run's metadata: it ran with the defaults.
-        mtime = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
+        mtime = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.UTC)
         for key, value in (("argv", []), ("date", mtime.strftime("%Y-%m-%d %H:%M UTC")), ("vocab_size", 32000),
                            ("budget_gb", 1.0), ("held_out_articles", 16),
                            ("load", "4-12 (read with uptime)")):

@@ -133,7 +133,7 @@ def cpu_seconds(own: bool = True) -> float:
 
 
 def utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def fmt_int(value: float) -> str:

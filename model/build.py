@@ -187,7 +187,8 @@ def register_attention(attn_implementation: str) -> str:
     return attn_implementation
 
 
-def build_model(config: PreTrainedConfig, seed: int | None = None, attn_implementation: str = "sdpa") -> PreTrainedModel:
+def build_model(config: PreTrainedConfig, seed: int | None = None,
+                attn_implementation: str = "sdpa") -> PreTrainedModel:
     """A freshly initialised model with `attn_implementation` (PyTorch SDPA by default; T5's relative
     position bias then enters SDPA as an additive mask, which rules out the flash kernels; `flex_attention`
     adds it inside the kernel, see `t5_flex_attention`)."""

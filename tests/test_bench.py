@@ -17,6 +17,8 @@ import time
 import pytest
 from conftest import REPO, shared_path
 
+pytestmark = pytest.mark.slow
+
 sys.path.insert(0, str(REPO / "bench"))
 
 

@@ -34,6 +34,8 @@ import reward_train
 import sft_train
 from model.training.outputs import FINISHED_FILE
 
+pytestmark = pytest.mark.slow
+
 STEPS = 3
 SAVE = ["--max_steps", STEPS, "--save_strategy", "steps", "--save_steps", 2]  # checkpoints at 2 and 3 (the end)
 
@@ -42,7 +44,8 @@ SAVE = ["--max_steps", STEPS, "--save_strategy", "steps", "--save_steps", 2]  # 
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("boundary_data")
     return {"sft": write_jsonl(root / "sft.jsonl", [{"messages": conversation(i)} for i in range(24)]),
-            "pairs": write_jsonl(root / "pairs.jsonl", [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]),
+            "pairs": write_jsonl(root / "pairs.jsonl",
+                                 [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]),
             "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": p, "response": c} for p, c, _ in PAIRS])}
 
 

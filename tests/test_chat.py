@@ -25,6 +25,8 @@ from utils.config import parse_config
 from utils.errors import UserError
 from utils.tokenization.chat_format import render_prompt
 
+pytestmark = pytest.mark.slow
+
 MESSAGES = ["春天的早晨", "他用 Python 写了一个小程序", "老师说：“学习语言最重要的是坚持每天练习。”", "hello 😀"]
 
 

@@ -246,6 +246,7 @@ def test_every_recipe_parses(recipe):
     assert all(parsed)
 
 
+@pytest.mark.slow  # runs a script in a process of its own
 @pytest.mark.parametrize("script,writes_output", [(script, out) for script, _, out in STAGES.values()])
 def test_entry_scripts_answer_help(script, writes_output):
     result = run_script(script, "--help")
@@ -276,6 +277,7 @@ def unwritable(request, tmp_path):
         folder.chmod(0o755)
 
 
+@pytest.mark.slow  # runs a script in a process of its own
 @pytest.mark.parametrize("script,args", [
     ("prepare_data.py", ["--input", "nothing.jsonl"]),
     ("train_tokenizer.py", ["--input", "nothing.jsonl"]),

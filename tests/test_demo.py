@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
+import pytest
 from conftest import digest, run_script
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from utils.data.conversations import load_preferences
+
+pytestmark = pytest.mark.slow
 
 
 def test_demo_pipeline(tmp_path):

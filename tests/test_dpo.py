@@ -34,6 +34,8 @@ from utils.data.conversations import load_preferences
 from utils.errors import UserError
 from utils.tokenization.chat_format import END_OF_TURN
 
+pytestmark = pytest.mark.slow
+
 # Original preference pairs: a question, a fitting answer (chosen) and an off-topic one (rejected).
 PAIRS = [
     ("春天的河边有什么？", "河边的柳树发出了嫩绿的新芽。", "这家工厂主要生产竹制家具。"),
@@ -235,7 +237,8 @@ def test_bad_rows_are_refused_with_file_and_line(line, problem, tmp_path):
     good = {"prompt": PAIRS[0][0], "chosen": PAIRS[0][1], "rejected": PAIRS[0][2]}
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(good, ensure_ascii=False) + "\n"
-                    + (line if isinstance(line, str) else json.dumps(line, ensure_ascii=False)) + "\n", encoding="utf-8")
+                    + (line if isinstance(line, str) else json.dumps(line, ensure_ascii=False)) + "\n",
+                    encoding="utf-8")
     with pytest.raises(UserError, match=problem) as error:
         dpo_train.main(dpo_args(tmp_path / "no_model", path, tmp_path / "out"))
     assert error.value.path == str(path) and error.value.line == 2

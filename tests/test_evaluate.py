@@ -44,6 +44,8 @@ from model.inference.generation import load_for_inference
 from utils.data.text import to_simplified
 from utils.errors import UserError
 
+pytestmark = pytest.mark.slow
+
 CEVAL_SUBJECTS = ["computer_network", "high_school_physics", "modern_chinese_history"]
 CMMLU_SUBJECTS = ["agronomy", "ancient_chinese", "high_school_physics"]
 

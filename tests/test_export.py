@@ -24,6 +24,8 @@ from utils.errors import UserError
 from utils.tokenization.chat_format import END_OF_TURN
 from utils.tokenization.tokenizer import build_tokenizer
 
+pytestmark = pytest.mark.slow
+
 PROMPT = [{"role": "user", "content": "图书馆里很安静，学生们在做什么？"}]
 REPLY = "学生们在认真地阅读和做笔记。<|end|>"
 
@@ -53,7 +55,7 @@ def test_gguf_holds_the_model_tokenizer_and_chat_format(exported, name):
         == (1024 if name == "t5" else 256)
     # every weight of the checkpoint, same number of values (T5: plus the scaled LM head of its tied embeddings)
     with safe_open(model_dir / "model.safetensors", "pt") as weights:
-        shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
+        shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}  # noqa: SIM118 (safe_open)
     hf_values = sum(math.prod(shape) for shape in shapes.values())
     gguf_values = sum(int(t.n_elements) for t in reader.tensors)
     embedding = [t for t in reader.tensors if t.name == "token_embd.weight"][0]

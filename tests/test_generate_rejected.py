@@ -19,6 +19,8 @@ from utils.config import parse_config
 from utils.data.conversations import load_answered_prompts, load_preferences
 from utils.errors import UserError
 
+pytestmark = pytest.mark.slow
+
 
 def write_inputs(directory, answers=None, rows=6):
     """An instruction file and a preference file (whose own `rejected` is ignored), `rows` each."""

@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import SummaryTable, run_script
 from peft import PeftModel
 from safetensors.torch import load_file
-from conftest import SummaryTable, run_script
 from test_dpo import PAIRS, lora_deltas, write_jsonl
 from test_reward import reward_args
 from transformers import AutoModelForCausalLM, AutoTokenizer, T5Config
@@ -20,6 +20,8 @@ import grpo_train
 import reward_train
 from model.training.rewards import answer_matches, rule_rewards
 from utils.errors import UserError
+
+pytestmark = pytest.mark.slow
 
 
 def grpo_args(model, prompts, output, *extra):

@@ -5,8 +5,8 @@ and the flag, never a minute of network retries."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_script
+
 from utils.hub import HUB_SWITCH, from_hub, looks_like_hub_id
 
 
@@ -38,6 +38,7 @@ def refused_at_once(result, name: str, field: str | None):
     return error
 
 
+@pytest.mark.slow  # runs a script in a process of its own
 @pytest.mark.parametrize("script, output_flag", [
     ("sft_train.py", "--output_dir"), ("grpo_train.py", "--output_dir"), ("chat.py", None),
     ("serve.py", None), ("export.py", "--output"), ("generate_rejected.py", "--output")])
@@ -54,6 +55,7 @@ def test_a_missing_model_is_refused_by_every_stage(monkeypatch, tmp_path, tiny_t
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # runs a script in a process of its own
 def test_chinese_llama_recipe_without_its_base_is_refused_at_once(monkeypatch, tmp_path, tiny_corpus, tiny_tokenizer):
     monkeypatch.delenv(HUB_SWITCH, raising=False)
     out = tmp_path / "pretrain"
@@ -63,6 +65,7 @@ def test_chinese_llama_recipe_without_its_base_is_refused_at_once(monkeypatch, t
     assert not out.exists()
 
 
+@pytest.mark.slow  # runs a script in a process of its own
 def test_evaluate_defaults_do_not_reach_the_hub(monkeypatch, tmp_path):
     monkeypatch.delenv(HUB_SWITCH, raising=False)
     result = run_script("eval_model.py", "--output_dir", str(tmp_path / "eval"), check=False)
@@ -70,6 +73,7 @@ def test_evaluate_defaults_do_not_reach_the_hub(monkeypatch, tmp_path):
     assert not (tmp_path / "eval").exists()
 
 
+@pytest.mark.slow  # runs a script in a process of its own
 def test_missing_data_that_looks_like_a_hub_dataset(monkeypatch, tmp_path, tiny_llama):
     monkeypatch.delenv(HUB_SWITCH, raising=False)
     result = run_script("dpo_train.py", "--model_name_or_path", str(tiny_llama), "--train_files", "nowhere/pairs",
@@ -78,6 +82,7 @@ def test_missing_data_that_looks_like_a_hub_dataset(monkeypatch, tmp_path, tiny_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # runs a script in a process of its own
 def test_with_the_hub_allowed_a_hub_id_that_cannot_be_fetched_is_one_error(monkeypatch, tmp_path):
     """Offline (as here) or a repository that does not exist: either way one error naming the id and the flag."""
     monkeypatch.setenv(HUB_SWITCH, "0")

@@ -21,6 +21,8 @@ import torch
 from conftest import REPO, run_until_interrupted
 from safetensors.torch import load_file
 
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
 PYTHON = (sys.executable,)
 ACCELERATE = (sys.executable, "-m", "accelerate.commands.launch")
 # name -> (launcher, per-device batch, accumulation)

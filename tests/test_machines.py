@@ -24,6 +24,8 @@ import pytest
 from conftest import REPO, digest
 from safetensors.torch import load_file
 
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
 ACCELERATE = (sys.executable, "-m", "accelerate.commands.launch")
 PER_LAUNCH_S = 600  # a bound, not a timing: no launch may hang the suite
 

@@ -25,6 +25,8 @@ from utils.cli import run_main
 from utils.errors import UserError
 from utils.tokenization.chat_format import CHAT_TOKENS
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def sft_file(tmp_path_factory):

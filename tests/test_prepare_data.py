@@ -264,6 +264,7 @@ def test_decontamination_removes_real_ceval_and_cmmlu_questions_and_keeps_common
     assert (err.value.path, err.value.line, err.value.field) == (str(not_questions), 2, "decontaminate")
 
 
+@pytest.mark.slow  # runs a script in a process of its own
 def test_an_evaluation_set_that_can_match_nothing_is_refused(tmp_path):
     """An empty --decontaminate folder was blamed on --input, and one without questions only logged: each is
     one error naming the folder and --decontaminate, and nothing is written."""
@@ -336,6 +337,7 @@ def test_bad_input_is_refused_and_existing_output_survives(case, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".corpus")], "temporary output left behind"
 
 
+@pytest.mark.slow  # runs a script in a process of its own
 def test_truncated_bz2_fails_from_the_command_line(zhwiki_xml, tmp_path):
     data = bz2.compress(zhwiki_xml.read_bytes())
     truncated = tmp_path / "zhwiki.xml.bz2"
@@ -389,13 +391,13 @@ def test_private_files_get_plain_modes(tmp_path):
 
 def test_full_disk_while_writing_names_the_output_dir(tmp_path):
     out = tmp_path / "corpus"
-    with pytest.raises(UserError, match="No space left on device") as err:
-        with atomic_output_dir(out):
-            raise OSError(errno.ENOSPC, "No space left on device")  # what a write() on a full disk raises
+    with pytest.raises(UserError, match="No space left on device") as err, atomic_output_dir(out):
+        raise OSError(errno.ENOSPC, "No space left on device")  # what a write() on a full disk raises
     assert f"{out}, field 'output_dir'" in str(err.value) and "free some disk space" in str(err.value)
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # runs a script in a process of its own
 def test_killed_run_leaves_a_temporary_that_the_next_run_removes(tmp_path):
     """`kill -9` of prepare_data.py mid-run leaves its hidden temporary output folder; the next run
     removes it (its owner is dead) and writes the complete corpus."""
@@ -418,6 +420,7 @@ def test_killed_run_leaves_a_temporary_that_the_next_run_removes(tmp_path):
     assert len(read_corpus(out)) == report["documents"] == 5000
 
 
+@pytest.mark.slow  # runs a script in a process of its own
 def test_only_temporaries_of_dead_owners_on_this_host_are_removed(tmp_path):
     out = tmp_path / "corpus"
     holder = subprocess.Popen(  # a live run, in the middle of writing `out`

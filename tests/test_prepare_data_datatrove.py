@@ -19,6 +19,8 @@ from test_prepare_data import prepare, read_corpus, to_traditional
 import prepare_data
 from utils.errors import UserError
 
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
 
 def documented(*args, output):
     """prepare_data.py as docs/CORPUS_AT_SCALE.md runs it: the default recipe, the executor's flags, --input and

@@ -24,6 +24,8 @@ from transformers import (
 
 from model.build import added_token_ids, load_model
 
+pytestmark = pytest.mark.slow
+
 STEPS = ["--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1"]
 
 

@@ -9,13 +9,15 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from conftest import SummaryTable
+from safetensors.torch import load_file
 from test_dpo import PAIRS, write_jsonl
 from transformers import AutoModelForSequenceClassification
 
 import reward_train
 from model.training.reward import RewardModelScore
+
+pytestmark = pytest.mark.slow
 
 
 def reward_args(model, pairs, output, *extra):

@@ -19,6 +19,8 @@ from model.training.outputs import RUN_FILE
 from utils.errors import UserError
 from utils.examples.pretrain_data import PackedBlocks, SpanCorruptionBlocks, TokenStream
 
+pytestmark = pytest.mark.slow
+
 
 def pretrain_args(corpus, tokenizer, output, preset="llama-tiny", *extra):
     return ["--config", "none", "--model_config", preset, "--tokenizer_name_or_path", str(tokenizer),
@@ -54,7 +56,8 @@ def test_another_run_is_refused_and_left_as_it_was(llama_run, tiny_corpus, tiny_
             pre_train.main(args)
         assert line in str(error.value) and "--overwrite_output_dir" in error.value.fix
     sft_data = tmp_path / "sft.jsonl"  # outside the run's directory, whose files are compared below
-    sft_data.write_text(json.dumps({"prompt": "你好", "response": "你好！"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    sft_data.write_text(json.dumps({"prompt": "你好", "response": "你好！"}, ensure_ascii=False) + "\n",
+                        encoding="utf-8")
     with pytest.raises(UserError, match="holds another run") as error:  # another stage
         sft_train.main(["--config", "none", "--model_name_or_path", str(tiny_llama), "--train_files",
                         str(sft_data), "--validation_ratio", "0", "--output_dir", str(llama_run), "--report_to",
@@ -158,7 +161,7 @@ def test_pretraining_datasets_end_where_their_length_says(tiny_corpus, tiny_toke
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
     stream = TokenStream.build([str(tiny_corpus)], "train", tokenizer, tmp_path, 1)
     for dataset in (PackedBlocks(stream, 64), SpanCorruptionBlocks(stream, tokenizer, 64, 0.15, 3.0, seed=1)):
-        items = [x for x in dataset]  # Python's sequence protocol: __getitem__ until IndexError
+        items = [x for x in dataset]  # noqa: C416 (Python's sequence protocol: __getitem__ until IndexError)
         assert len(items) == len(dataset)
         assert torch.equal(torch.as_tensor(dataset[-1]["input_ids"]), torch.as_tensor(items[-1]["input_ids"]))
         with pytest.raises(IndexError):

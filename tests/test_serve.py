@@ -28,6 +28,8 @@ from model.inference.service import DecodingOptions
 from model.inference.streaming import generate_reply
 from serve import ServeArguments, create_app, running_in_thread
 
+pytestmark = pytest.mark.slow
+
 KEY = "sk-test-key"
 
 

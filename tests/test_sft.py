@@ -21,6 +21,8 @@ from utils.errors import UserError
 from utils.examples.sft_data import OVERLONG, seq2seq_examples, tokenize_conversations
 from utils.tokenization.chat_format import ChatPrompts, RenderedPrompt, render_prompt
 
+pytestmark = pytest.mark.slow
+
 SYSTEM = "你是一个复述助手。"
 
 

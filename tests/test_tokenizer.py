@@ -48,7 +48,8 @@ def test_default_bpe_round_trips_any_text_without_unknowns(tiny_tokenizer):
     # spaces are stored as ▁ and only newlines cut the text, as in llama.cpp's sarvam-moe tokenizer
     backend = tokenizer.backend_tokenizer
     assert backend.normalizer.normalize_str("你 好") == "你▁好"
-    assert [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str("你▁好。\n\n再见")] == ["你▁好。", "\n\n", "再见"]
+    pieces = [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str("你▁好。\n\n再见")]
+    assert pieces == ["你▁好。", "\n\n", "再见"]
     assert llama_cpp_pre_tokenizer(json.loads((tiny_tokenizer / "tokenizer.json").read_text())) == LLAMA_CPP_PRE
 
 
@@ -186,6 +187,7 @@ def test_bad_tokenizer_input_is_refused(tmp_path, tiny_corpus):
         train(tmp_path, tiny_corpus, "--extend", tmp_path / "empty")
 
 
+@pytest.mark.slow  # runs a script in a process of its own
 def test_what_would_fail_after_training_is_refused_before_the_corpus_is_read(tmp_path, tiny_corpus):
     """A missing reference tokenizer was found only after training, and a taken output directory at the end."""
     out = tmp_path / "tok"

@@ -20,6 +20,8 @@ from model.inference.generation import load_for_inference
 from model.inference.service import DecodingOptions
 from serve import ServeArguments, create_app, running_in_thread
 
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
 KEY = "sk-web-test"
 CHROMIUM = os.environ.get("ZHLM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # Flags Chromium needs as root in a container, without network side traffic.

@@ -37,7 +37,10 @@ def atomic_output_file(path: str | os.PathLike, field: str | None = None) -> Ite
         remove_stale_temporaries(path)
         fd, name = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     except OSError as err:
-        raise (field and environment_error(err, path=str(path), field=field)) or err
+        refused = field and environment_error(err, path=str(path), field=field)
+        if not refused:
+            raise
+        raise refused from err
     os.close(fd)
     tmp = Path(name)
     try:
@@ -47,9 +50,10 @@ def atomic_output_file(path: str | os.PathLike, field: str | None = None) -> Ite
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if field and isinstance(err, OSError):
-            raise environment_error(err, path=str(path), field=field) or err
-        raise
+        refused = field and isinstance(err, OSError) and environment_error(err, path=str(path), field=field)
+        if not refused:
+            raise
+        raise refused from err
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -117,16 +121,21 @@ def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) ->
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(final), suffix=".tmp", dir=final.parent))
     except OSError as err:
-        raise environment_error(err, path=str(final), field="output_dir") or err
+        refused = environment_error(err, path=str(final), field="output_dir")
+        if refused is None:
+            raise
+        raise refused from err
     try:
         yield tmp
         replace_dir(tmp, final)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         # an error inside the hidden temporary folder (or none named: a full disk) is about `output_dir`
-        if isinstance(err, OSError) and (err.filename is None or _inside(err.filename, tmp)):
-            raise environment_error(err, path=str(final), field="output_dir") or err
-        raise
+        refused = isinstance(err, OSError) and (err.filename is None or _inside(err.filename, tmp)) \
+            and environment_error(err, path=str(final), field="output_dir")
+        if not refused:
+            raise
+        raise refused from err
 
 
 def replace_dir(staged: str | os.PathLike, final: str | os.PathLike) -> None:

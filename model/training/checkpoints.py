@@ -17,8 +17,15 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from model.training.callbacks import format_duration
 from model.training.machines import share_files
-from model.training.outputs import (FINAL_STAGING_DIR, FINISHED_FILE, RUN_FILE, STAGING_DIR, checkpoint_name,
-                                    checkpoint_step, latest_checkpoint)
+from model.training.outputs import (
+    FINAL_STAGING_DIR,
+    FINISHED_FILE,
+    RUN_FILE,
+    STAGING_DIR,
+    checkpoint_name,
+    checkpoint_step,
+    latest_checkpoint,
+)
 from utils.config import save_config
 from utils.errors import UserError
 from utils.io import honour_umask

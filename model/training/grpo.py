@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from model.training.rewards import RULE_REWARDS
 from model.training.arguments import TRAINING_IDENTITY, RunArguments
 from model.training.checkpoints import AtomicCheckpointMixin
+from model.training.rewards import RULE_REWARDS
 from model.training.runs import counts_in_identity
 from utils.data.conversations import ConversationDataArguments, hold_out, load_answered_prompts
 from utils.errors import UserError

@@ -38,8 +38,8 @@ import importlib.util
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import torch
 from accelerate import PartialState

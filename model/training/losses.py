@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example sums of the cross-entropy over label tokens (-100 ignored) and the number of those tokens.
     `shift`: causal LMs predict token i+1 at position i (labels are the inputs)."""

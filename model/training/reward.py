@@ -28,9 +28,9 @@ from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import suppress_seqcls_warning
 
 from model.build import check_tokenizer_keeps_ids, is_seq2seq
-from model.training.dpo import prepare_preferences
 from model.training.arguments import TRAINING_IDENTITY, RunArguments
 from model.training.checkpoints import AtomicCheckpointMixin
+from model.training.dpo import prepare_preferences
 from model.training.losses import ExactEvalLossMixin
 from model.training.runs import counts_in_identity
 from utils.errors import UserError

@@ -32,21 +32,22 @@ two machines keep their copies in different places).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
-import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import fields, is_dataclass
-from types import MappingProxyType
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
 
 from model.training.machines import one_outcome, settle_storage
 from model.training.outputs import FINISHED_FILE, RUN_FILE, checkpoints, clear_run, holds_model
-from utils.config import CONFIG_FILENAME, IDENTITY_KEY as IDENTITY
+from utils.config import CONFIG_FILENAME
+from utils.config import IDENTITY_KEY as IDENTITY
 from utils.errors import UserError
 from utils.io import write_json_atomic
 
