@@ -7,7 +7,7 @@
 Works with any toolkit output directory (T5 or Llama) whose tokenizer was trained with the default
 `--model_type gguf_bpe` or with `sentencepiece` (pre-tokenised as llama.cpp does; the `bpe` option's regex
 is refused with that fix). The conversion is llama.cpp's own converter, fetched once by `make llama-cpp`
-(see README "Running the model in llama.cpp and ollama").
+(see docs/EXPORT.md).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ or continue pretraining an HF checkpoint, with the HF Trainer.
     python pre_train.py                                          # config/pretrain.yaml (t5-0.2b)
     python pre_train.py --model_config llama-demo --max_steps 200 --output_dir model_save/llama_demo
     accelerate launch --config_file accelerate.yaml pre_train.py  # 2 GPUs, DeepSpeed ZeRO-2
-    python pre_train.py --config config/chinese_llama/pretrain.yaml   # continue a base with LoRA (README)
+    python pre_train.py --config config/chinese_llama/pretrain.yaml   # continue a base with LoRA (docs/PEFT.md)
 
 Continued pretraining (--model_name_or_path) can train LoRA adapters instead of every weight (`--peft lora`,
 or `qlora` on a 4-bit base, CUDA): with an extended tokenizer the new tokens' embedding and LM-head rows

@@ -136,7 +136,7 @@ def test_grpo_recipe(tiny_llama, tmp_path):
     assert not any("lora" in n for n, _ in AutoModelForCausalLM.from_pretrained(output).named_parameters())
 
 
-# The Chinese-LLaMA recipe (config/chinese_llama/, README "The Chinese-LLaMA recipe") on a tiny Llama of our own
+# The Chinese-LLaMA recipe (config/chinese_llama/, docs/PEFT.md "The Chinese-LLaMA recipe") on a tiny Llama of our own
 # standing in for the public base: a small tokenizer that spells most Chinese characters as bytes, and an
 # untied LM head, as Llama-2 has.
 SYSTEM_PROMPT = "You are a helpful assistant. 你是一个乐于助人的助手。"

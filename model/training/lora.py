@@ -17,7 +17,7 @@ rows of the new tokens, in the input embeddings and the LM head, through PEFT's 
 the base's own rows stay bit-equal, and on a 7B Llama extended by 18k tokens this trains 148M embedding
 parameters instead of the 410M of both whole matrices (`all`, PEFT's `modules_to_save`, Chinese-LLaMA's
 choice: 6.6 GB of fp32 weights, gradients and Adam moments instead of 2.4 GB, which is what decides whether
-LoRA fits a 24 GB card; README "The Chinese-LLaMA recipe"). `none` keeps them frozen. SFT adds the chat
+LoRA fits a 24 GB card; docs/PEFT.md "The Chinese-LLaMA recipe"). `none` keeps them frozen. SFT adds the chat
 format's role and end-of-turn tokens to those rows: pretraining text never holds them, so their vectors are
 still the ones they started with, and they are the tokens SFT teaches. T5 ties one `shared` matrix into
 encoder, decoder and LM head, which PEFT's trainable rows and module copies do not keep tied through the
