@@ -86,13 +86,13 @@ llama-cpp-python: llama-cpp
 	$(PY) -m pip install --quiet $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
 
 bench: install llama-cpp-python
-	$(PY) bench/bench_dedup.py
-	$(PY) bench/bench_tokenizer.py
-	$(PY) bench/bench_pretrain.py
-	$(PY) bench/bench_sft_tokenize.py
-	$(PY) bench/bench_corpus.py
-	$(PY) bench/bench_datatrove.py
-	$(PY) bench/bench_gguf.py
+	$(PY) -m bench.bench_dedup
+	$(PY) -m bench.bench_tokenizer
+	$(PY) -m bench.bench_pretrain
+	$(PY) -m bench.bench_sft_tokenize
+	$(PY) -m bench.bench_corpus
+	$(PY) -m bench.bench_datatrove
+	$(PY) -m bench.bench_gguf
 
 clean-demo:
 	rm -rf data/demo_run model_save/demo

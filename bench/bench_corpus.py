@@ -2,9 +2,9 @@
 from the real pages of ../shared/data at several sizes, and on chinese-poetry; then pre_train.py's tokenisation
 of a corpus into its memory-mapped token file, and a restart that reuses it.
 
-    .venv/bin/python bench/bench_corpus.py                     # 30, 100, 300, 1000 MB dumps (~25 min, 2 cores)
-    .venv/bin/python bench/bench_corpus.py --sizes_mb 10 30 90   # smaller, for a quick look at the growth
-    .venv/bin/python bench/bench_corpus.py --quick              # seconds, no docs update
+    .venv/bin/python -m bench.bench_corpus                     # 30, 100, 300, 1000 MB dumps (~25 min, 2 cores)
+    .venv/bin/python -m bench.bench_corpus --sizes_mb 10 30 90   # smaller, for a quick look at the growth
+    .venv/bin/python -m bench.bench_corpus --quick              # seconds, no docs update
 
 The dump: the <siteinfo> and the 33 pages of zhwiki_xml/zhwiki-test-pages.xml (real wikitext: templates,
 <ref>, conversion markup; 23 articles, the rest project pages and redirects, skipped as in a real dump) and
@@ -36,7 +36,8 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 import psutil
-from common import (
+
+from bench.common import (
     PYTHON,
     REPO,
     WIKI_DOC,
@@ -51,7 +52,6 @@ from common import (
     utc_now,
     write_section,
 )
-
 from utils.data.sources import read_records
 
 DUMP_SEED = 13
@@ -263,7 +263,6 @@ import json, logging, os, sys, time
 os.environ["HF_DATASETS_CACHE"] = sys.argv[3] + "/hf-datasets"  # the map's Arrow cache, counted as disk
 logging.basicConfig(level=logging.INFO)
 from pathlib import Path
-sys.path.insert(0, ".")
 from transformers import AutoTokenizer
 from utils.examples.pretrain_data import TokenStream
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[2])

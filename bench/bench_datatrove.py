@@ -2,8 +2,8 @@
 keeps, recall / precision on planted near-duplicates, and speed and memory on recombined zhwiki dumps, with the
 extrapolation to a corpus of 33 M documents.
 
-    .venv/bin/python bench/bench_datatrove.py               # ~10 min on 2 cores (4 dumps of 50 MB)
-    .venv/bin/python bench/bench_datatrove.py --quick       # a minute, no docs update
+    .venv/bin/python -m bench.bench_datatrove               # ~10 min on 2 cores (4 dumps of 50 MB)
+    .venv/bin/python -m bench.bench_datatrove --quick       # a minute, no docs update
 
 Quality: bench_dedup.py's planted data (real documents, then copies with 0.5-5% of their characters edited and
 character-shuffled documents), written as 4 JSON-lines files with an id per document, through `prepare_data.py`
@@ -23,9 +23,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow.parquet as pq
-from bench_corpus import DUMP_SEED, build_dump, run_tree
-from bench_dedup import EDIT_RATES, build_documents, quality_row
-from common import PYTHON, WORK, log, markdown_table, utc_now, write_section
+
+from bench.bench_corpus import DUMP_SEED, build_dump, run_tree
+from bench.bench_dedup import EDIT_RATES, build_documents, quality_row
+from bench.common import PYTHON, WORK, log, markdown_table, utc_now, write_section
 
 TITLE = "The corpus stage on datatrove: same documents, speed, memory, 33 M documents"
 PACKAGES = ["datatrove", "ray", "rensa", "wikiextractor", "opencc", "pyarrow"]

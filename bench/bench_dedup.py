@@ -2,8 +2,8 @@
 (`utils/data/dedup.py`: MinHash LSH over character 5-gram shingles, rensa) against the character-SET MinHash
 of ChatLM-mini-Chinese, on planted near-duplicates of real text.
 
-    .venv/bin/python bench/bench_dedup.py            # about a minute on 2 cores
-    .venv/bin/python bench/bench_dedup.py --quick    # seconds (smoke test; no docs)
+    .venv/bin/python -m bench.bench_dedup            # about a minute on 2 cores
+    .venv/bin/python -m bench.bench_dedup --quick    # seconds (smoke test; no docs)
 
 Quality: the real documents (zhwiki articles and ChatLM-mini-Chinese pretraining pairs from ../shared,
 at least 50 characters, as prepare_data.py's default --min_chars) are added to the index first; then
@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import rensa
-from common import (
+
+from bench.common import (
     POETRY_PACKAGE,
     MixSpec,
     cpu_seconds,
@@ -42,7 +43,6 @@ from common import (
     poetry_package,
     write_section,
 )
-
 from utils.data.dedup import NearDuplicateIndex, minhash_signature, minhash_signatures
 from utils.data.sources import read_records
 from utils.data.text import normalize_text, to_simplified

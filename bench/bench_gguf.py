@@ -1,8 +1,8 @@
 """GGUF export benchmark (issue 15): does llama.cpp run the exported model as transformers does, and what did
 making the tokenizer llama.cpp's cost?
 
-    .venv/bin/python bench/bench_gguf.py                 # demo-size T5 and Llama, ~15-30 min on 2 cores
-    .venv/bin/python bench/bench_gguf.py --steps 60      # shorter pretraining (the command is recorded)
+    .venv/bin/python -m bench.bench_gguf                 # demo-size T5 and Llama, ~15-30 min on 2 cores
+    .venv/bin/python -m bench.bench_gguf --steps 60      # shorter pretraining (the command is recorded)
 
 1. Pre-tokeniser: the `bpe` option (text split into Han / letter / digit / punctuation runs by a
    regex llama.cpp does not implement) and `gguf_bpe` (llama.cpp's `sarvam-moe`: spaces as ▁, split at
@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench_tokenizer import split_real_texts
-from common import REPO, WORK, log, markdown_table, run_measured, utc_now, write_section
-
-import export  # noqa: E402  (bench/common puts the repo on sys.path)
-import utils.tokenization.tokenizer as tokenization  # noqa: E402
-from model.gguf import round_trip  # noqa: E402
+import export
+import utils.tokenization.tokenizer as tokenization
+from bench.bench_tokenizer import split_real_texts
+from bench.common import REPO, WORK, log, markdown_table, run_measured, utc_now, write_section
+from model.gguf import round_trip
 
 PROMPT = [{"role": "user", "content": "请简单介绍一下中国的首都北京。"}]
 REPLY = "北京是中华人民共和国的首都，是全国的政治中心和文化中心，也是一座有三千多年历史的古都。<|end|>"

@@ -1,8 +1,8 @@
 """GRPO demo-sized check (issue 14): does GRPO with the exact-answer reward raise a tiny Llama's held-out accuracy
 on simple arithmetic?
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_grpo_arithmetic.py   # a few minutes; writes docs/BENCHMARKS.md
-    .venv/bin/python bench/bench_grpo_arithmetic.py --quick                # a smoke run (no docs update)
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_grpo_arithmetic   # a few minutes; writes docs/BENCHMARKS.md
+    .venv/bin/python -m bench.bench_grpo_arithmetic --quick                # a smoke run (no docs update)
 
 The data is written here (our own text, seeded): questions `{a}加{b}等于多少？` with answer `{a+b}`, a and b in
 0..--max_operand, split into SFT sums, GRPO prompts (--rl_share; GRPO sees their answers only as the reward's
@@ -22,15 +22,15 @@ import random
 import shutil
 import time
 
-from common import WORK, log, markdown_table, write_section
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, set_seed
 
-import grpo_train  # noqa: E402  (bench/common puts the repo on sys.path)
-import pre_train  # noqa: E402
-import sft_train  # noqa: E402
-import train_tokenizer  # noqa: E402
-from model.inference.generation import generate_replies  # noqa: E402
-from model.training.rewards import answer_matches  # noqa: E402
+import grpo_train
+import pre_train
+import sft_train
+import train_tokenizer
+from bench.common import WORK, log, markdown_table, write_section
+from model.inference.generation import generate_replies
+from model.training.rewards import answer_matches
 
 SEED = 1234
 

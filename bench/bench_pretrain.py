@@ -1,9 +1,9 @@
 """Pretraining benchmark (issue 3, CPU): our T5 recipe against the ChatLM-mini-Chinese recipe on the same
 model, data and machine, in one run.
 
-    .venv/bin/python bench/bench_pretrain.py                  # ~10 min on 2 idle cores
-    .venv/bin/python bench/bench_pretrain.py --budget_s 300   # longer training budget per recipe
-    .venv/bin/python bench/bench_pretrain.py --quick          # t5-tiny, seconds (smoke test; no docs)
+    .venv/bin/python -m bench.bench_pretrain                  # ~10 min on 2 idle cores
+    .venv/bin/python -m bench.bench_pretrain --budget_s 300   # longer training budget per recipe
+    .venv/bin/python -m bench.bench_pretrain --quick          # t5-tiny, seconds (smoke test; no docs)
 
 Recipes (all on the `t5-demo` model from the same initial weights, batch 16, fp32, this process's threads):
 - ours / span corruption: pre_train.py's default T5 objective on packed blocks of the training text
@@ -35,7 +35,6 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 import transformers
-from common import CHATLM_SFT, WORK, fmt_int, log, markdown_table, shared_path, write_section
 from torch.utils.data import Dataset
 from transformers import (
     AutoTokenizer,
@@ -47,11 +46,12 @@ from transformers import (
 )
 from transformers.optimization import Adafactor, AdafactorSchedule
 
-import train_tokenizer  # noqa: E402  (bench/common puts the repo on sys.path)
-from model.build import build_model, count_parameters, model_config  # noqa: E402
-from model.training.arguments import TrainArguments  # noqa: E402
-from model.training.trainer import LanguageModelTrainer  # noqa: E402
-from pre_train import DataArguments, build_datasets  # noqa: E402
+import train_tokenizer
+from bench.common import CHATLM_SFT, WORK, fmt_int, log, markdown_table, shared_path, write_section
+from model.build import build_model, count_parameters, model_config
+from model.training.arguments import TrainArguments
+from model.training.trainer import LanguageModelTrainer
+from pre_train import DataArguments, build_datasets
 
 TRAIN_FILES = ("my_train_dataset_3k.parquet", "my_test_dataset_2k.parquet")
 HELD_OUT_FILE = "my_valid_dataset_1k.parquet"

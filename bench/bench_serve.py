@@ -24,12 +24,12 @@ import statistics
 import time
 
 import torch
-from common import WIKI_JSONL, WORK, log, markdown_table, shared_path, write_section
 
-import train_tokenizer  # noqa: E402  (bench/common puts the repo on sys.path)
-from model.build import build_model, model_config  # noqa: E402
-from model.inference.service import ChatService, DecodingOptions  # noqa: E402
-from utils.tokenization.chat_format import default_generation_config  # noqa: E402
+import train_tokenizer
+from bench.common import WIKI_JSONL, WORK, log, markdown_table, shared_path, write_section
+from model.build import build_model, model_config
+from model.inference.service import ChatService, DecodingOptions
+from utils.tokenization.chat_format import default_generation_config
 
 
 def tokenizer_dir(quick: bool):

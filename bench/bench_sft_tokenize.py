@@ -2,8 +2,8 @@
 ShareGPT sample, T5 (one example per answer, the conversation before it as the prompt) and Llama, and the
 T5 examples of its 86- and 330-message conversations alone.
 
-    .venv/bin/python bench/bench_sft_tokenize.py            # about a minute on 2 cores
-    .venv/bin/python bench/bench_sft_tokenize.py --quick    # seconds (smoke test; no docs)
+    .venv/bin/python -m bench.bench_sft_tokenize            # about a minute on 2 cores
+    .venv/bin/python -m bench.bench_sft_tokenize --quick    # seconds (smoke test; no docs)
 
 The tokenizer is trained on the fly from real zhwiki text (`train_tokenizer.py` with the demo recipe's
 vocabulary and sentinels) into bench/_work/. Limits are the default SFT recipe's (config/sft.yaml). The old
@@ -20,13 +20,13 @@ import time
 
 import datasets
 import yaml
-from common import REPO, WIKI_DOC, WIKI_JSONL, WORK, log, markdown_table, shared_path, write_section
 from transformers import AutoTokenizer
 
-import train_tokenizer  # noqa: E402  (bench/common puts the repo on sys.path)
-from utils.data.conversations import load_conversations  # noqa: E402
-from utils.examples.sft_data import seq2seq_examples, tokenize_conversations  # noqa: E402
-from utils.tokenization.chat_format import ChatPrompts, rerender_prompt  # noqa: E402
+import train_tokenizer
+from bench.common import REPO, WIKI_DOC, WIKI_JSONL, WORK, log, markdown_table, shared_path, write_section
+from utils.data.conversations import load_conversations
+from utils.examples.sft_data import seq2seq_examples, tokenize_conversations
+from utils.tokenization.chat_format import ChatPrompts, rerender_prompt
 
 SHAREGPT = "sft/medicalgpt_sharegpt_zh_1K_format.jsonl"
 # Old figures, measured by the issue's reporter on the same file (issue 11, item 8).

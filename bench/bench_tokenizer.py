@@ -2,8 +2,8 @@
 size, with and without the memory budget, and compression on held-out real wiki text beside the two
 reference tokenizers in ../shared/anchors.
 
-    .venv/bin/python bench/bench_tokenizer.py                 # 25 / 100 / 200 MB, ~10-15 min on 2 cores
-    .venv/bin/python bench/bench_tokenizer.py --quick         # tiny sizes, seconds (smoke test; no docs)
+    .venv/bin/python -m bench.bench_tokenizer                 # 25 / 100 / 200 MB, ~10-15 min on 2 cores
+    .venv/bin/python -m bench.bench_tokenizer --quick         # tiny sizes, seconds (smoke test; no docs)
 
 Each training runs as its own process (`common.run_measured`), so its peak RSS is its own. The corpora are
 synthetic mixes of the real text (`common.build_mixed_corpus`, cached in bench/_work/); a quarter of the
@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from common import (
+from bench.common import (
     PYTHON,
     REPO,
     WIKI_JSONL,
@@ -35,9 +35,8 @@ from common import (
     utc_now,
     write_section,
 )
-
-from train_tokenizer import BYTES_PER_TRAIN_CHAR, FIXED_BYTES, chars_for_budget  # noqa: E402  (bench/common puts the repo on sys.path)
-from utils.io import write_text_atomic  # noqa: E402
+from train_tokenizer import BYTES_PER_TRAIN_CHAR, FIXED_BYTES, chars_for_budget
+from utils.io import write_text_atomic
 
 HELD_OUT_EVERY = 4  # every 4th article of the wiki JSONL is held out of the training mix
 

@@ -1,10 +1,10 @@
 """Shared helpers of the benchmarks in bench/: real text from ../shared, the synthetic mixed corpus built
 from it, peak-RSS measurement of a child process, machine/library description, and docs/BENCHMARKS.md.
 
-Not run directly; every benchmark imports it (`from common import ...`, bench/ is on sys.path when a
-script in bench/ runs). The real data is read at run time through ZHLM_SHARED_DATA / ZHLM_SHARED_ANCHORS
-(defaults `../shared/data`, `../shared/anchors` next to the repository) and never copied into the
-repository; working files go to bench/_work/ (git-ignored).
+Not run directly; every benchmark imports it (`from bench.common import ...`: the benchmarks run as modules
+from the repository root, `.venv/bin/python -m bench.<script>`). The real data is read at run time through
+ZHLM_SHARED_DATA / ZHLM_SHARED_ANCHORS (defaults `../shared/data`, `../shared/anchors` next to the
+repository) and never copied into the repository; working files go to bench/_work/ (git-ignored).
 """
 
 from __future__ import annotations
@@ -29,12 +29,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from utils.data.sources import read_records
+from utils.io import write_text_atomic
 
-from utils.data.sources import read_records  # noqa: E402
-from utils.io import write_text_atomic  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 WORK = REPO / "bench" / "_work"
 BENCHMARKS_MD = REPO / "docs" / "BENCHMARKS.md"
@@ -96,14 +94,15 @@ def write_section(script: str, title: str, packages: Iterable[str], body: str, a
     """Replace (or append) this script's section of docs/BENCHMARKS.md (or `markdown`: a smoke test's scratch
     file), keeping the other sections.
 
-    The section starts with the exact command, the machine, the date and the library versions, then
-    `body` (tables and interpretation). Sections are delimited by HTML comments naming the script.
-    `argv` / `date` (default: this run's `sys.argv[1:]` and now) name the measuring run when a section is
-    re-rendered later from saved results; `machine` / `libraries` (default: this machine, the versions
-    installed here) describe a run made on another machine (the lent GPU), `python` how the command was run there.
+    The section starts with the exact command (`<python> -m bench.<script> <argv>`, run from the repository
+    root), the machine, the date and the library versions, then `body` (tables and interpretation). Sections
+    are delimited by HTML comments naming the script. `argv` / `date` (default: this run's `sys.argv[1:]` and
+    now) name the measuring run when a section is re-rendered later from saved results; `machine` /
+    `libraries` (default: this machine, the versions installed here) describe a run made on another machine
+    (the lent GPU), `python` how the command was run there.
     """
     argv = sys.argv[1:] if argv is None else argv
-    command = " ".join([python, f"bench/{script}", *map(shlex.quote, argv)])
+    command = " ".join([python, "-m", f"bench.{script.removesuffix('.py')}", *map(shlex.quote, argv)])
     date = date or utc_now()
     section = "\n".join([
         f"## {title}", "",

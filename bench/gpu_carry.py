@@ -34,7 +34,7 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
 
 def prepare(args) -> None:
     """`prepare`: the carried folder (default `INPUT`, `INPUT_QUICK` with --quick)."""
-    from common import MixSpec, build_mixed_corpus, load_real_texts, log, shared_path
+    from bench.common import MixSpec, build_mixed_corpus, load_real_texts, log, shared_path
 
     out = Path(args.dir or (INPUT_QUICK if args.quick else INPUT))
     out.mkdir(parents=True, exist_ok=True)

@@ -24,22 +24,23 @@ time limit, keeps what it measured.
 Three steps, because the GPU machine has no ../shared, no package registry and no project virtualenv (its python3
 holds a CUDA torch, transformers and accelerate; the rest travels as wheels):
 
-    .venv/bin/python bench/gpu_check.py prepare     # here: data, 32k tokenizer, wheels (~1 min, 41 MiB)
+    .venv/bin/python -m bench.gpu_check prepare     # here: data, 32k tokenizer, wheels (~1 min, 41 MiB)
     <the device command below>                      # on the GPU machine: < 9 min
-    .venv/bin/python bench/gpu_check.py report --results <files_at>/<gpu>.json   # here: docs/BENCHMARKS.md
+    .venv/bin/python -m bench.gpu_check report --results <files_at>/<gpu>.json   # here: docs/BENCHMARKS.md
 
 The device command, for the `run` tool with carry ["bench/_work/gpu_check/input"] and timeout_s 600:
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site bench/_work/gpu_check/input/wheels/*.whl && PYTHONPATH=/tmp/site python3 bench/gpu_check.py run --out_dir $OUT
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site bench/_work/gpu_check/input/wheels/*.whl && PYTHONPATH=/tmp/site python3 -m bench.gpu_check run --out_dir $OUT
 
-`report` copies the results file into bench/results/ and writes the GPU's section of docs/BENCHMARKS.md.
+It runs in the carried repository's root, so `-m` puts that root first on the path (bench/ and the toolkit import
+from it) and PYTHONPATH adds the wheels. `report` copies the results file into bench/results/ and writes the GPU's section of docs/BENCHMARKS.md.
 
 CPU check of the same stages (tiny presets and sizes; tests/test_bench.py runs it): flex_attention and QLoRA have
 no CPU path, so there the MFU stage runs SDPA (its T5 launch; the Llama one would repeat stage 1) and the QLoRA
 stage runs `--peft lora`, the same command and merge check on an unquantised base:
 
-    .venv/bin/python bench/gpu_check.py prepare --quick
-    .venv/bin/python bench/gpu_check.py run --smoke --out_dir /tmp/gpu_check
+    .venv/bin/python -m bench.gpu_check prepare --quick
+    .venv/bin/python -m bench.gpu_check run --smoke --out_dir /tmp/gpu_check
 """
 
 from __future__ import annotations
@@ -54,14 +55,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO))
-
-from gpu_carry import GPU_PACKAGES, INPUT, INPUT_QUICK, ROOT, prepare  # noqa: E402
-from gpu_report import report  # noqa: E402
-from launches import (  # noqa: E402
+from bench.gpu_carry import GPU_PACKAGES, INPUT, INPUT_QUICK, REPO, ROOT, prepare
+from bench.gpu_report import report
+from bench.launches import (
     RESUMED_LINE,
     STOPPED_LINE,
     Launch,
@@ -72,8 +68,7 @@ from launches import (  # noqa: E402
     execute,
     measure,
 )
-
-from utils.io import write_text_atomic  # noqa: E402
+from utils.io import write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -278,7 +273,7 @@ def run(args) -> None:
     sizes = SMOKE if args.smoke else FULL
     data = Path(args.input or (INPUT_QUICK if args.smoke else INPUT))
     if not (data / "tokenizer").is_dir():
-        sys.exit(f"error: {data / 'tokenizer'} not found; run `bench/gpu_check.py prepare"
+        sys.exit(f"error: {data / 'tokenizer'} not found; run `.venv/bin/python -m bench.gpu_check prepare"
                  f"{' --quick' if args.smoke else ''}` first (and carry its folder to this machine)")
     runs = Path(args.runs_dir or ROOT / "runs" / (time.strftime("%Y%m%d-%H%M%S") + ("-smoke" if args.smoke else "")))
     runs.mkdir(parents=True, exist_ok=False)  # fresh output directories: the stages refuse another run's

@@ -10,9 +10,8 @@ import json
 import math
 from pathlib import Path
 
-from gpu_carry import DPO_DATA, SFT_DATA
-from launches import PROMPTS, Launch, Process, measure
-
+from bench.gpu_carry import DPO_DATA, SFT_DATA
+from bench.launches import PROMPTS, Launch, Process, measure
 from utils.io import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
@@ -54,7 +53,7 @@ SHOWN_FLAGS = ("--model_config", "--attn_implementation", "--model_overrides", "
 
 
 def report(args) -> None:
-    import common
+    from bench import common
 
     path = Path(args.results)
     results = json.loads(path.read_text())

@@ -1,7 +1,7 @@
 """Smoke test of the benchmarks in bench/: each runs end to end with `--quick` (tiny sizes, real data from
 ../shared, no docs/BENCHMARKS.md update), the GPU check with `--smoke` on CPU. Benchmarks are never timed here;
-their figures are in docs/BENCHMARKS.md. bench_pretrain.py --quick takes longer than this file's budget and is not
-run here."""
+their figures are in docs/BENCHMARKS.md. `bench.bench_pretrain --quick` takes longer than this file's budget and is
+not run here."""
 
 from __future__ import annotations
 
@@ -19,8 +19,6 @@ from conftest import REPO, shared_path
 
 pytestmark = pytest.mark.slow
 
-sys.path.insert(0, str(REPO / "bench"))
-
 
 @pytest.fixture(autouse=True)
 def shared_data(monkeypatch):
@@ -29,7 +27,7 @@ def shared_data(monkeypatch):
 
 
 def test_bench_dedup_quick_keeps_shuffled_documents(capsys):
-    import bench_dedup
+    from bench import bench_dedup
 
     bench_dedup.main(["--quick"])
     out = capsys.readouterr().out
@@ -42,8 +40,8 @@ def test_bench_dedup_quick_keeps_shuffled_documents(capsys):
 
 
 def test_bench_tokenizer_quick_measures_and_scores():
-    import bench_tokenizer
-    from common import WORK
+    from bench import bench_tokenizer
+    from bench.common import WORK
 
     bench_tokenizer.main(["--quick"])
     results = json.loads((WORK / "tokenizer_quick" / "results.json").read_text())
@@ -56,8 +54,9 @@ def test_bench_tokenizer_quick_measures_and_scores():
 
 @pytest.fixture(scope="module")
 def gpu_check_input(tmp_path_factory):
-    """`bench/gpu_check.py prepare --quick` (tiny corpus and tokenizer, no wheels): what its smoke runs read."""
-    import gpu_check
+    """`python -m bench.gpu_check prepare --quick` (tiny corpus and tokenizer, no wheels): what its smoke runs
+    read."""
+    from bench import gpu_check
 
     data = tmp_path_factory.mktemp("gpu_check_input") / "input"
     with pytest.MonkeyPatch.context() as env:
@@ -67,10 +66,10 @@ def gpu_check_input(tmp_path_factory):
 
 
 def test_gpu_check_smoke_runs_every_stage_and_reports(gpu_check_input, tmp_path):
-    """bench/gpu_check.py on CPU: `run --smoke` (tiny presets; every stage: the recipes, ctrl+c and resume, the MFU
+    """bench.gpu_check on CPU: `run --smoke` (tiny presets; every stage: the recipes, ctrl+c and resume, the MFU
     stage with sdpa, the QLoRA stage's command and merge check with --peft lora, which bitsandbytes' CUDA-only layers
     leave as the CPU path) and `report` into a scratch markdown file."""
-    import gpu_check
+    from bench import gpu_check
 
     out, markdown = tmp_path / "out", tmp_path / "BENCHMARKS.md"
     gpu_check.main(["run", "--smoke", "--input", str(gpu_check_input), "--out_dir", str(out),
@@ -113,8 +112,9 @@ def test_gpu_check_cut_short_keeps_what_it_measured(gpu_check_input, tmp_path):
     """A run cut short keeps what it measured: a budget spent during the first launch stops that launch and skips
     the rest; a run killed from outside (as the device tool kills a command at its time limit) once its first launch
     logged a step leaves that launch marked running, and `report` measures it from its log."""
-    import gpu_check
     import psutil
+
+    from bench import gpu_check
 
     budget, killed = tmp_path / "budget", tmp_path / "killed"
     gpu_check.main(["run", "--smoke", "--budget_s", "1", "--input", str(gpu_check_input), "--out_dir", str(budget),
@@ -127,9 +127,10 @@ def test_gpu_check_cut_short_keeps_what_it_measured(gpu_check_input, tmp_path):
     assert "| t5-tiny pretraining | `pre_train.py` `--model_config t5-tiny` | stopped by the time budget" in text
     assert "| llama-tiny pretraining | `pre_train.py` | skipped: time budget spent |" in text
 
-    check = subprocess.Popen([sys.executable, "bench/gpu_check.py", "run", "--smoke", "--input", str(gpu_check_input),
-                              "--out_dir", str(killed), "--runs_dir", str(tmp_path / "killed_runs")], cwd=REPO,
-                             stdout=subprocess.DEVNULL, start_new_session=True)
+    check = subprocess.Popen([sys.executable, "-m", "bench.gpu_check", "run", "--smoke", "--input",
+                              str(gpu_check_input), "--out_dir", str(killed), "--runs_dir",
+                              str(tmp_path / "killed_runs")], cwd=REPO, stdout=subprocess.DEVNULL,
+                             start_new_session=True)
     log = killed / "logs" / "t5.log"
     deadline = time.monotonic() + 300
     while check.poll() is None and time.monotonic() < deadline:
