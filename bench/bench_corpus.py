@@ -22,34 +22,28 @@ from __future__ import annotations
 
 import argparse
 import bz2
-import contextlib
 import json
 import os
 import random
 import re
+import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from xml.sax.saxutils import escape
 
 import numpy as np
-import psutil
 
-from bench.common import (
+from bench.corpora import WIKI_DOC, WIKI_JSONL, WIKI_XML, poetry_package, shared_path
+from bench.harness import (
     PYTHON,
-    REPO,
-    WIKI_DOC,
-    WIKI_JSONL,
-    WIKI_XML,
     WORK,
-    cpu_seconds,
+    folder_bytes,
     log,
     markdown_table,
-    poetry_package,
-    shared_path,
-    utc_now,
+    recorded_run,
+    run_command,
+    timed,
     write_section,
 )
 from utils.data.sources import read_records
@@ -132,9 +126,9 @@ def build_dump(size_mb: float, seed: int = DUMP_SEED) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     header, pages, texts = source_pages()
     recombiner = Recombiner(header, pages + texts, seed)
-    start, size, count = time.perf_counter(), 0, 0
+    size, count = 0, 0
     tmp = path.with_suffix(".tmp")
-    with bz2.open(tmp, "wt", encoding="utf-8") as handle:
+    with timed() as building, bz2.open(tmp, "wt", encoding="utf-8") as handle:
         handle.write(header)
         while size < size_mb * 1e6:
             page = next(recombiner)
@@ -143,7 +137,7 @@ def build_dump(size_mb: float, seed: int = DUMP_SEED) -> dict:
         handle.write("</mediawiki>\n")
     tmp.rename(path)
     info = {"path": str(path), "pages": count, "xml_bytes": size, "bz2_bytes": path.stat().st_size,
-            "build_s": round(time.perf_counter() - start, 1)}
+            "build_s": round(building.wall_s, 1)}
     info_path.write_text(json.dumps(info))
     log(f"built {path.name}: {count:,} pages, {size / 1e6:,.0f} MB XML, {info['bz2_bytes'] / 1e6:,.0f} MB bz2 "
         f"({info['build_s']} s)")
@@ -152,87 +146,13 @@ def build_dump(size_mb: float, seed: int = DUMP_SEED) -> dict:
 
 # ------------------------------------------------------------------------------------------ measuring
 
-def folder_bytes(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):  # removed meanwhile
-                total += os.path.getsize(os.path.join(root, name))
-    return total
-
-
-# Processes of a Ray instance that are not workers (its daemons), left out of the peak memory per worker.
-RAY_DAEMONS = ("gcs_server", "raylet", "dashboard", "monitor.py", "log_monitor", "runtime_env", "client.server",
-               "ray start")
-
-
-def run_tree(command: list[str], log_path: Path, watch: Path | None = None, timeout_s: float = 3600,
-             env: dict | None = None) -> dict:
-    """Run `command`; wall seconds, peak RSS of its whole process tree (and of the main process alone, and of the
-    largest other process that is not a Ray daemon: a worker) and, with `watch`, the peak growth of that folder
-    (the output's temporary directory lives beside it); CPU seconds of the whole tree (reaped children, and the
-    sum of every process's last sampled CPU time, for processes that are never reaped here such as Ray's)."""
-    peak_tree = peak_main = peak_disk = peak_pss = peak_anon = peak_worker = 0
-    cpu_by_pid: dict[int, float] = {}
-    disk_before = folder_bytes(watch) if watch is not None else 0
-    cpu_before = cpu_seconds(own=False)
-    start = last_pss = time.perf_counter()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as out:
-        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
-        main = psutil.Process(process.pid)
-        last_disk = 0.0
-        while process.poll() is None:
-            try:
-                procs = [main, *main.children(recursive=True)]
-                rss = [p.memory_info().rss for p in procs]
-                peak_tree, peak_main = max(peak_tree, sum(rss)), max(peak_main, rss[0])
-                for proc, size in zip(procs[1:], rss[1:]):
-                    times = proc.cpu_times()
-                    cpu_by_pid[proc.pid] = times.user + times.system
-                    if not any(name in " ".join(proc.cmdline()) for name in RAY_DAEMONS):
-                        peak_worker = max(peak_worker, size)
-                if time.perf_counter() - last_pss > 1:  # PSS counts pages shared after fork once (smaps: slower)
-                    pss = [_pss(p.pid) for p in procs]
-                    peak_pss = max(peak_pss, sum(total for total, _ in pss))
-                    peak_anon = max(peak_anon, sum(anon for _, anon in pss))
-                    last_pss = time.perf_counter()
-            except (psutil.Error, OSError):  # a process that ended while it was being read
-                pass
-            if watch is not None and time.perf_counter() - last_disk > 2:
-                peak_disk, last_disk = max(peak_disk, folder_bytes(watch) - disk_before), time.perf_counter()
-            if time.perf_counter() - start > timeout_s:
-                process.kill()
-                raise RuntimeError(f"{command} ran past {timeout_s} s (log {log_path})")
-            time.sleep(0.2)
-    wall = time.perf_counter() - start
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} exited {process.returncode}; log {log_path}")
-    return {"wall_s": wall, "cpu_s": cpu_seconds(own=False) - cpu_before, "peak_tree_mb": peak_tree / 1e6,
-            "peak_main_mb": peak_main / 1e6, "peak_pss_mb": peak_pss / 1e6, "peak_pss_anon_mb": peak_anon / 1e6,
-            "peak_disk_mb": peak_disk / 1e6, "peak_worker_mb": peak_worker / 1e6,
-            "cpu_sampled_s": sum(cpu_by_pid.values())}
-
-
-def _pss(pid: int) -> tuple[int, int]:
-    """A process's PSS and the anonymous part of it, in bytes (smaps_rollup): the rest is file pages mapped in,
-    such as memory-mapped Arrow files, which the kernel can drop and read again."""
-    values = {}
-    with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as handle:
-        for line in handle:
-            name, _, rest = line.partition(":")
-            if name in ("Pss", "Pss_Anon"):
-                values[name] = int(rest.split()[0]) * 1024
-    return values.get("Pss", 0), values.get("Pss_Anon", 0)
-
-
-
 def prepare(inputs: list[str], output: Path, num_proc: int, extra: list[str], label: str) -> dict:
     output.parent.mkdir(parents=True, exist_ok=True)
     command = [PYTHON, "prepare_data.py", "--config", "none", "--input", *inputs, "--output_dir", str(output),
                "--overwrite_output_dir", "true", "--num_proc", str(num_proc), *extra]
     log(f"{label}: prepare_data.py --num_proc {num_proc}")
-    measured = run_tree(command, WORK / "logs" / f"{output.name}.log", watch=output.parent)
+    measured = run_command(command, WORK / "logs" / f"{output.name}.log", timeout_s=3600, sample_tree=True,
+                           watch=output.parent).figures()
     stats = json.loads((output / "stats.json").read_text())
     measured.update(stats=stats, output_mb=folder_bytes(output) / 1e6, num_proc=num_proc, label=label)
     log(f"  {measured['wall_s']:.0f} s, peak RSS {measured['peak_tree_mb']:,.0f} MB (tree), "
@@ -259,16 +179,17 @@ def step_rows(run: dict) -> list[list[str]]:
 
 
 TOKENIZE = """
-import json, logging, os, sys, time
+import json, logging, os, sys
 os.environ["HF_DATASETS_CACHE"] = sys.argv[3] + "/hf-datasets"  # the map's Arrow cache, counted as disk
 logging.basicConfig(level=logging.INFO)
 from pathlib import Path
 from transformers import AutoTokenizer
+from bench.harness import timed
 from utils.examples.pretrain_data import TokenStream
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[2])
-start = time.perf_counter()
-stream = TokenStream.build([sys.argv[1]], "train", tokenizer, Path(sys.argv[3]), int(sys.argv[4]))
-print(json.dumps({"seconds": time.perf_counter() - start, **stream.meta}))
+with timed() as building:
+    stream = TokenStream.build([sys.argv[1]], "train", tokenizer, Path(sys.argv[3]), int(sys.argv[4]))
+print(json.dumps({"seconds": building.wall_s, **stream.meta}))
 """
 
 
@@ -277,16 +198,16 @@ def tokenisation(corpus: Path, label: str, workers: int) -> list[dict]:
     (the second run is a restart that must reuse the cache)."""
     tokenizer = WORK / "corpus" / "tokenizer-8k"
     if not (tokenizer / "tokenizer.json").exists():
-        subprocess.run([PYTHON, "train_tokenizer.py", "--config", "none", "--input", str(corpus), "--vocab_size",
-                        "8000", "--output_dir", str(tokenizer), "--max_train_chars", "20000000"], cwd=REPO,
-                       check=True, capture_output=True)
+        run_command([PYTHON, "train_tokenizer.py", "--config", "none", "--input", str(corpus), "--vocab_size",
+                     "8000", "--output_dir", str(tokenizer), "--max_train_chars", "20000000"],
+                    WORK / "logs" / "tokenizer-8k.log")
     cache = WORK / "corpus" / f"token-cache-{label.replace(' ', '')}-w{workers}"
-    subprocess.run(["rm", "-rf", str(cache)], check=True)
+    shutil.rmtree(cache, ignore_errors=True)
     runs = []
     for attempt in ("first run", "restart"):
         log_path = WORK / "logs" / f"tokenize-{label.replace(' ', '')}-w{workers}-{attempt.replace(' ', '_')}.log"
-        measured = run_tree([PYTHON, "-c", TOKENIZE, str(corpus), str(tokenizer), str(cache), str(workers)],
-                            log_path)
+        measured = run_command([PYTHON, "-c", TOKENIZE, str(corpus), str(tokenizer), str(cache), str(workers)],
+                               log_path, timeout_s=3600, sample_tree=True).figures()
         result = json.loads(log_path.read_text().strip().splitlines()[-1])
         measured.update(result, attempt=attempt, workers=workers, label=label, corpus_mb=folder_bytes(corpus) / 1e6,
                         token_file_mb=sum(f.stat().st_size for f in cache.glob("*.bin")) / 1e6,
@@ -356,8 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         write_section("bench_corpus.py", TITLE, PACKAGES, render(results), argv=results.get("argv"),
                       date=results.get("date"))
         return
-    results: dict = {"dumps": [], "runs": [], "tokenize": [], "argv": sys.argv[1:] if argv is None else argv,
-                     "date": utc_now()}
+    results: dict = {"dumps": [], "runs": [], "tokenize": [], **recorded_run(argv)}
     for size in args.sizes_mb:
         info = build_dump(size)
         results["dumps"].append(info)
@@ -390,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     save(results)
     print(json.dumps({k: len(v) for k, v in results.items()}))
     if not args.quick:
-        write_section("bench_corpus.py", TITLE, PACKAGES, render(results))
+        write_section("bench_corpus.py", TITLE, PACKAGES, render(results), argv=results["argv"], date=results["date"])
 
 
 def render(results: dict) -> str:

@@ -10,23 +10,22 @@ character-shuffled documents), written as 4 JSON-lines files with an id per docu
 with filters off (`--min_chars 1 --min_cjk_ratio 0 --validation_ratio 0`), so only near-duplicate removal
 drops documents; a planted copy missing from the output counts as found. Speed: `--parts` recombined dumps
 (bench_corpus.py's, one seed each, so no page repeats across them) through each path, measured from outside
-(bench_corpus.run_tree: wall, CPU of the whole process tree, peak RSS per process).
+(`harness.run_command` with the process tree sampled: wall, CPU of the whole tree, peak RSS per process).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 
-from bench.bench_corpus import DUMP_SEED, build_dump, run_tree
+from bench.bench_corpus import DUMP_SEED, build_dump
 from bench.bench_dedup import EDIT_RATES, build_documents, quality_row
-from bench.common import PYTHON, WORK, log, markdown_table, utc_now, write_section
+from bench.harness import PYTHON, WORK, log, markdown_table, recorded_run, run_command, write_section
 
 TITLE = "The corpus stage on datatrove: same documents, speed, memory, 33 M documents"
 PACKAGES = ["datatrove", "ray", "rensa", "wikiextractor", "opencc", "pyarrow"]
@@ -42,12 +41,11 @@ def prepare(inputs: list[str], output: Path, flags: list[str], label: str, extra
     command = [PYTHON, "prepare_data.py", "--config", "none", "--input", *inputs, "--output_dir", str(output),
                "--overwrite_output_dir", "true", *flags, *extra]
     log(f"{label}: {' '.join(command[2:])}")
-    load = os.getloadavg()[0]
-    measured = run_tree(command, WORK / "logs" / f"datatrove-{output.name}.log", env={**os.environ, "RAY_DISABLE"
-                                                                                       "_USAGE_STATS": "1"})
+    measured = run_command(command, WORK / "logs" / f"datatrove-{output.name}.log", timeout_s=3600, sample_tree=True,
+                           env={"RAY_DISABLE_USAGE_STATS": "1"}).figures()
     measured["cpu_s"] = max(measured["cpu_s"], measured["cpu_sampled_s"])
     measured["stats"] = json.loads((output / "stats.json").read_text())
-    measured["label"], measured["load"] = label, load
+    measured["label"] = label
     log(f"  {measured['wall_s']:.1f} s wall, {measured['cpu_s']:.1f} CPU s, {measured['stats']['documents']:,} kept, "
         f"peak worker {measured['peak_worker_mb']:,.0f} MB, main {measured['peak_main_mb']:,.0f} MB")
     return measured
@@ -113,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     max_originals = None
     if args.quick:
         args.planted_per_rate, args.shuffled, args.part_mb, max_originals = 10, 20, 2, 300
-    results = {"argv": sys.argv[1:] if argv is None else argv, "date": utc_now(),
+    results = {**recorded_run(argv),
                "quality": quality(args.planted_per_rate, args.shuffled, max_originals),
                "speed": speed(args.part_mb, args.parts)}
     saved.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     body = render(results)
     print(body)
     if not args.quick:
-        write_section("bench_datatrove.py", TITLE, PACKAGES, body)
+        write_section("bench_datatrove.py", TITLE, PACKAGES, body, argv=results["argv"], date=results["date"])
 
 
 def render(results: dict) -> str:

@@ -25,24 +25,14 @@ import random
 import re
 import resource
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import rensa
 
-from bench.common import (
-    POETRY_PACKAGE,
-    MixSpec,
-    cpu_seconds,
-    load_real_texts,
-    log,
-    markdown_table,
-    mixed_documents,
-    poetry_package,
-    write_section,
-)
+from bench.corpora import POETRY_PACKAGE, MixSpec, load_real_texts, mixed_documents, poetry_package
+from bench.harness import Measured, log, markdown_table, timed, write_section
 from utils.data.dedup import NearDuplicateIndex, minhash_signature, minhash_signatures
 from utils.data.sources import read_records
 from utils.data.text import normalize_text, to_simplified
@@ -169,22 +159,20 @@ def rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def throughput(texts: list[str], processes: int, method: Method = DEFAULT) -> tuple[float, float]:
-    """Documents per wall second and per CPU second of prepare_data's dedup work: signatures (in
-    `processes` workers when > 1) and the LSH index in this process, in batches of 64 as prepare_data.py
-    sends them."""
+def throughput(texts: list[str], processes: int, method: Method = DEFAULT) -> Measured:
+    """Wall and CPU time of prepare_data's dedup work on `texts`: signatures (in `processes` workers when > 1)
+    and the LSH index in this process, in batches of 64 as prepare_data.py sends them."""
     index = method.index()
     batches = [texts[i:i + 64] for i in range(0, len(texts), 64)]
-    start, cpu_start = time.perf_counter(), cpu_seconds()
-    if processes == 1:
-        for batch in batches:
-            index.add_batch(method.signatures(batch))
-    else:
-        with multiprocessing.get_context("fork").Pool(processes) as pool:
-            for signatures in pool.imap(method.signatures, batches, chunksize=1):
-                index.add_batch(signatures)
-    wall = time.perf_counter() - start
-    return len(texts) / wall, len(texts) / (cpu_seconds() - cpu_start)
+    with timed() as measured:
+        if processes == 1:
+            for batch in batches:
+                index.add_batch(method.signatures(batch))
+        else:
+            with multiprocessing.get_context("fork").Pool(processes) as pool:
+                for signatures in pool.imap(method.signatures, batches, chunksize=1):
+                    index.add_batch(signatures)
+    return measured
 
 
 def _index_growth(method: Method, count: int, queue) -> None:
@@ -250,15 +238,14 @@ def poetry_rows(docs: list[str], truth: list[float]) -> list[list[str]]:
     rows = []
     duplicates = sum(score >= 0.95 for score in truth)
     for method in POETRY_METHODS:
-        start = time.perf_counter()
-        flagged = flags(method, [Doc(d, "poem") for d in docs])
-        seconds = time.perf_counter() - start
+        with timed() as flagging:
+            flagged = flags(method, [Doc(d, "poem") for d in docs])
         hits = sum(f for f, score in zip(flagged, truth) if score >= 0.95)
         right = sum(f for f, score in zip(flagged, truth) if score >= 0.8)
         wrong = [(docs[i], score) for i, (f, score) in enumerate(zip(flagged, truth)) if f and score < 0.8]
         rows.append([method.name, f"{right / max(sum(flagged), 1):.3f}", f"{hits / max(duplicates, 1):.3f}",
-                     f"{sum(flagged):,}", f"{len(wrong):,}", f"{len(docs) / seconds:,.0f}"])
-        log(f"poetry, {method.name}: {seconds:.1f} s, {len(wrong)} flagged without an 0.8-similar poem")
+                     f"{sum(flagged):,}", f"{len(wrong):,}", f"{len(docs) / flagging.wall_s:,.0f}"])
+        log(f"poetry, {method.name}: {flagging.wall_s:.1f} s, {len(wrong)} flagged without an 0.8-similar poem")
     return rows
 
 
@@ -279,21 +266,21 @@ def main(argv: list[str] | None = None) -> None:
     log(f"{len(docs):,} documents: {counts}")
     rows, summary = [], {}
     for method in METHODS:
-        start = time.perf_counter()
-        flagged = flags(method, docs)
+        with timed() as flagging:
+            flagged = flags(method, docs)
         row, summary[method.name] = quality_row(method, docs, flagged)
         rows.append(row)
-        log(f"{method.name}: {time.perf_counter() - start:.1f} s")
+        log(f"{method.name}: {flagging.wall_s:.1f} s")
     quality = markdown_table(["method", "precision", "recall", *(f"recall @{r:.1%} edits" for r in EDIT_RATES),
                               "shuffled flagged", "originals flagged"], rows)
     print(quality)
 
     poetry = ""
     if not args.quick:
-        start = time.perf_counter()
-        poems = poetry_documents()
-        truth = poetry_truth(poems)
-        log(f"chinese-poetry: {len(poems):,} poems, ground truth in {time.perf_counter() - start:.0f} s")
+        with timed() as reading:
+            poems = poetry_documents()
+            truth = poetry_truth(poems)
+        log(f"chinese-poetry: {len(poems):,} poems, ground truth in {reading.wall_s:.0f} s")
         poetry = markdown_table(["method", "precision (flagged with an earlier >= 0.8-similar poem)",
                                  "recall (of poems with an earlier >= 0.95-similar one)", "flagged",
                                  "flagged, no 0.8-similar poem", "docs/s"], poetry_rows(poems, truth))
@@ -308,13 +295,13 @@ def main(argv: list[str] | None = None) -> None:
     speed_rows = []
     for method, processes in ((DEFAULT, 1), (DEFAULT, 2), (OLD_DEFAULT, 1), (ours(3, 0.7, 64), 1),
                               (ours(3, 0.7, 256), 1)):
-        load = os.getloadavg()[0]
-        docs_s, docs_cpu_s = throughput(synthetic, processes, method)
+        measured = throughput(synthetic, processes, method)
+        docs_s, docs_cpu_s = len(synthetic) / measured.wall_s, len(synthetic) / measured.cpu_s
         per_doc = float("nan") if args.quick else index_growth(method)[0]  # spawns: too slow for --quick
         log(f"{method.name}, {processes} process(es): {docs_s:,.0f} docs/s, {docs_cpu_s:,.0f} docs per CPU-s, "
             f"{per_doc:,.0f} B/doc")
         speed_rows.append([method.name, processes, f"{docs_s:,.0f}", f"{docs_s * mean_chars / 1e6:.2f}",
-                           f"{docs_cpu_s:,.0f}", f"{per_doc:,.0f}", f"{load:.1f}"])
+                           f"{docs_cpu_s:,.0f}", f"{per_doc:,.0f}", f"{measured.load:.1f}"])
     speed = markdown_table(["method", "processes", "docs/s", "Mchars/s", "docs per CPU-s",
                             "index bytes per kept doc", "load avg"], speed_rows)
     print(speed)
@@ -383,7 +370,6 @@ the ~1.3 M articles a full zhwiki dump keeps) grew by {full_per_doc * full_docs 
 moment); see the dump-scale section (bench_corpus.py) for the whole pipeline.
 """
     write_section("bench_dedup.py", "Near-duplicate removal (MinHash): quality and speed", ["rensa"], body)
-    log("wrote the bench_dedup.py section of docs/BENCHMARKS.md")
 
 
 if __name__ == "__main__":

@@ -17,12 +17,11 @@ making the tokenizer llama.cpp's cost?
 from __future__ import annotations
 
 import argparse
-import time
 
 import export
 import utils.tokenization.tokenizer as tokenization
 from bench.bench_tokenizer import split_real_texts
-from bench.common import REPO, WORK, log, markdown_table, run_measured, utc_now, write_section
+from bench.harness import REPO, WORK, log, markdown_table, run_command, timed, utc_now, write_section
 from model.gguf import round_trip
 
 PROMPT = [{"role": "user", "content": "请简单介绍一下中国的首都北京。"}]
@@ -38,12 +37,11 @@ def compare_pre_tokenizers() -> str:
     rows = []
     for vocab_size in VOCAB_SIZES:
         for name, model_type in (("bpe: regex", "bpe"), ("gguf_bpe (default): llama.cpp sarvam-moe", "gguf_bpe")):
-            start = time.perf_counter()
-            tokenizer = tokenization.train_bpe(train, model_type, vocab_size, 100, 2, 0.9995, 16)
-            seconds = time.perf_counter() - start
+            with timed() as training:
+                tokenizer = tokenization.train_bpe(train, model_type, vocab_size, 100, 2, 0.9995, 16)
             tokens = sum(len(tokenizer.encode(text).ids) for text in held)
             lossless = all(tokenizer.decode(tokenizer.encode(text).ids) == text for text in held)
-            rows.append([f"{vocab_size:,}", name, f"{chars / tokens:.3f}", f"{tokens:,}", f"{seconds:.0f}",
+            rows.append([f"{vocab_size:,}", name, f"{chars / tokens:.3f}", f"{tokens:,}", f"{training.wall_s:.0f}",
                          "yes" if lossless else "no"])
             log(f"vocab {vocab_size}: {name}: {chars / tokens:.3f} chars/token")
     return (f"Trained on {sum(map(len, train)):,} characters of real text, scored on {len(held)} held-out wiki "
@@ -59,19 +57,19 @@ def demo_models(steps: int) -> dict[str, object]:
     corpus, tokenizer = root / "corpus", root / "tokenizer"
     python = str(REPO / ".venv/bin/python")
     if not (tokenizer / "tokenizer.json").is_file():
-        run_measured([python, "prepare_data.py", "--config", "config/demo/prepare_data.yaml",
-                      "--output_dir", str(corpus)], root / "prepare_data.log")
-        run_measured([python, "train_tokenizer.py", "--config", "config/demo/tokenizer.yaml", "--input", str(corpus),
-                      "--output_dir", str(tokenizer), "--model_type", "gguf_bpe"], root / "tokenizer.log")
+        run_command([python, "prepare_data.py", "--config", "config/demo/prepare_data.yaml",
+                     "--output_dir", str(corpus)], root / "prepare_data.log")
+        run_command([python, "train_tokenizer.py", "--config", "config/demo/tokenizer.yaml", "--input", str(corpus),
+                     "--output_dir", str(tokenizer), "--model_type", "gguf_bpe"], root / "tokenizer.log")
     models = {}
     for preset in ("t5-demo", "llama-demo"):
         output = root / f"{preset}-{steps}"
         if not (output / "model.safetensors").is_file():
             log(f"pretraining {preset} for {steps} steps")
-            run_measured([python, "pre_train.py", "--config", "config/demo/pretrain.yaml", "--model_config", preset,
-                          "--tokenizer_name_or_path", str(tokenizer), "--train_files", str(corpus),
-                          "--output_dir", str(output), "--max_steps", str(steps), "--eval_strategy", "no",
-                          "--save_strategy", "no", "--report_to", "none"], root / f"{preset}.log")
+            run_command([python, "pre_train.py", "--config", "config/demo/pretrain.yaml", "--model_config", preset,
+                         "--tokenizer_name_or_path", str(tokenizer), "--train_files", str(corpus),
+                         "--output_dir", str(output), "--max_steps", str(steps), "--eval_strategy", "no",
+                         "--save_strategy", "no", "--report_to", "none"], root / f"{preset}.log")
         models[preset] = output
     return models
 
@@ -92,9 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     for preset, model_dir in demo_models(args.steps).items():
         for outtype in ("f16", "q8_0"):
             path = WORK / "gguf" / "export" / f"{preset}-{outtype}.gguf"
-            start = time.perf_counter()
-            export.main(["--model_name_or_path", str(model_dir), "--outtype", outtype, "--output", str(path)])
-            exports.append([preset, outtype, f"{path.stat().st_size / 1e6:.1f}", f"{time.perf_counter() - start:.1f}"])
+            with timed() as exporting:
+                export.main(["--model_name_or_path", str(model_dir), "--outtype", outtype, "--output", str(path)])
+            exports.append([preset, outtype, f"{path.stat().st_size / 1e6:.1f}", f"{exporting.wall_s:.1f}"])
             if llama_cpp is not None:
                 result = round_trip(model_dir, path, PROMPT, REPLY, NEW_TOKENS)
                 trips.append([preset, outtype, "yes" if result.same_prompt else "no",

@@ -20,7 +20,6 @@ import argparse
 import json
 import random
 import shutil
-import time
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, set_seed
 
@@ -28,7 +27,7 @@ import grpo_train
 import pre_train
 import sft_train
 import train_tokenizer
-from bench.common import WORK, log, markdown_table, write_section
+from bench.harness import WORK, log, markdown_table, timed, write_section
 from model.inference.generation import generate_replies
 from model.training.rewards import answer_matches
 
@@ -82,42 +81,39 @@ def main(argv: list[str] | None = None) -> None:
     text = write_jsonl(work / "text.jsonl", [{"text": f"{r['prompt']}{r['response']}"} for r in train])
     log(f"{len(train)} SFT sums, {len(rl)} GRPO prompts, {len(held)} held out (a, b in 0..{args.max_operand})")
     common = ["--config", "none", "--report_to", "none", "--seed", str(SEED), "--logging_steps", "10"]
-    timings = {}
 
-    began = time.perf_counter()
-    train_tokenizer.main(["--config", "none", "--input", str(text), "--output_dir", str(work / "tokenizer"),
-                          "--vocab_size", "512", "--num_sentinels", "0", "--min_frequency", "1"])
-    pre_train.main([*common, "--model_config", "llama-tiny", "--tokenizer_name_or_path", str(work / "tokenizer"),
-                    "--train_files", str(text), "--output_dir", str(work / "pretrain"), "--block_size", "64",
-                    "--per_device_train_batch_size", "16", "--max_steps", str(args.pretrain_steps),
-                    "--learning_rate", "3e-3", "--eval_strategy", "no", "--save_strategy", "no",
-                    "--preprocessing_num_workers", "1"])
-    sft_train.main([*common, "--model_name_or_path", str(work / "pretrain"), "--train_files", str(train_file),
-                    "--output_dir", str(work / "sft"), "--max_source_length", "32", "--max_target_length", "16",
-                    "--max_length", "48", "--per_device_train_batch_size", "32", "--learning_rate", "3e-3",
-                    "--max_steps", str(args.sft_steps), "--eval_strategy", "no", "--save_strategy", "no",
-                    "--eval_samples", "0"])
-    timings["pretrain + SFT"] = time.perf_counter() - began
+    with timed() as before_grpo:
+        train_tokenizer.main(["--config", "none", "--input", str(text), "--output_dir", str(work / "tokenizer"),
+                              "--vocab_size", "512", "--num_sentinels", "0", "--min_frequency", "1"])
+        pre_train.main([*common, "--model_config", "llama-tiny", "--tokenizer_name_or_path", str(work / "tokenizer"),
+                        "--train_files", str(text), "--output_dir", str(work / "pretrain"), "--block_size", "64",
+                        "--per_device_train_batch_size", "16", "--max_steps", str(args.pretrain_steps),
+                        "--learning_rate", "3e-3", "--eval_strategy", "no", "--save_strategy", "no",
+                        "--preprocessing_num_workers", "1"])
+        sft_train.main([*common, "--model_name_or_path", str(work / "pretrain"), "--train_files", str(train_file),
+                        "--output_dir", str(work / "sft"), "--max_source_length", "32", "--max_target_length", "16",
+                        "--max_length", "48", "--per_device_train_batch_size", "32", "--learning_rate", "3e-3",
+                        "--max_steps", str(args.sft_steps), "--eval_strategy", "no", "--save_strategy", "no",
+                        "--eval_samples", "0"])
     sft_accuracy = accuracy(work / "sft", held)
     log(f"SFT model: held-out accuracy {sft_accuracy:.3f}")
 
-    began = time.perf_counter()
-    trainer = grpo_train.main([*common, "--model_name_or_path", str(work / "sft"), "--train_files", str(rl_file),
-                               "--output_dir", str(work / "grpo"), "--rewards", "exact_answer", "--max_prompt_length",
-                               "32", "--max_completion_length", "8", "--num_generations", "8",
-                               "--per_device_train_batch_size", "32", "--learning_rate", str(args.learning_rate),
-                               "--lr_scheduler_type", "constant", "--temperature", "1.0", "--lora_r", "16",
-                               "--max_steps", str(args.grpo_steps), "--save_strategy", "no",
-                               "--activation_checkpointing", "false", "--logging_steps", "1"])
-    timings["GRPO"] = time.perf_counter() - began
+    with timed() as grpo:
+        trainer = grpo_train.main([*common, "--model_name_or_path", str(work / "sft"), "--train_files", str(rl_file),
+                                   "--output_dir", str(work / "grpo"), "--rewards", "exact_answer", "--max_prompt_length",
+                                   "32", "--max_completion_length", "8", "--num_generations", "8",
+                                   "--per_device_train_batch_size", "32", "--learning_rate", str(args.learning_rate),
+                                   "--lr_scheduler_type", "constant", "--temperature", "1.0", "--lora_r", "16",
+                                   "--max_steps", str(args.grpo_steps), "--save_strategy", "no",
+                                   "--activation_checkpointing", "false", "--logging_steps", "1"])
     grpo_accuracy = accuracy(work / "grpo", held)
     log(f"GRPO model: held-out accuracy {grpo_accuracy:.3f}")
 
     rewards = [h["rewards/exact_answer/mean"] for h in trainer.state.log_history if "rewards/exact_answer/mean" in h]
     tenth = max(len(rewards) // 10, 1)
-    rows = [["SFT (before GRPO)", f"{len(held)}", f"{100 * sft_accuracy:.1f}%", "", f"{timings['pretrain + SFT']:.0f}"],
+    rows = [["SFT (before GRPO)", f"{len(held)}", f"{100 * sft_accuracy:.1f}%", "", f"{before_grpo.wall_s:.0f}"],
             [f"GRPO, {args.grpo_steps} steps", f"{len(held)}", f"{100 * grpo_accuracy:.1f}%",
-             f"{sum(rewards[:tenth]) / tenth:.3f} -> {sum(rewards[-tenth:]) / tenth:.3f}", f"{timings['GRPO']:.0f}"]]
+             f"{sum(rewards[:tenth]) / tenth:.3f} -> {sum(rewards[-tenth:]) / tenth:.3f}", f"{grpo.wall_s:.0f}"]]
     table = markdown_table(["model", "held-out sums", "held-out accuracy (greedy)",
                             "training reward (first -> last tenth of steps)", "seconds"], rows)
     print(table)

@@ -47,7 +47,8 @@ from transformers import (
 from transformers.optimization import Adafactor, AdafactorSchedule
 
 import train_tokenizer
-from bench.common import CHATLM_SFT, WORK, fmt_int, log, markdown_table, shared_path, write_section
+from bench.corpora import CHATLM_SFT, shared_path
+from bench.harness import WORK, fmt_int, log, markdown_table, write_section
 from model.build import build_model, count_parameters, model_config
 from model.training.arguments import TrainArguments
 from model.training.trainer import LanguageModelTrainer
@@ -500,7 +501,6 @@ Goals (issue 3, CPU):
         return
     write_section("bench_pretrain.py", "Pretraining on CPU: our recipe vs ChatLM-mini-Chinese's",
                   ["torch", "transformers", "accelerate", "datasets", "tokenizers"], body)
-    log("wrote the bench_pretrain.py section of docs/BENCHMARKS.md")
 
 
 if __name__ == "__main__":

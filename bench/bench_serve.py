@@ -26,7 +26,8 @@ import time
 import torch
 
 import train_tokenizer
-from bench.common import WIKI_JSONL, WORK, log, markdown_table, shared_path, write_section
+from bench.corpora import WIKI_JSONL, shared_path
+from bench.harness import WORK, log, markdown_table, write_section
 from model.build import build_model, model_config
 from model.inference.service import ChatService, DecodingOptions
 from utils.tokenization.chat_format import default_generation_config

@@ -15,15 +15,14 @@ quoted from the issue for the whole file and the 330-message conversation (minut
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
 import datasets
 import yaml
 from transformers import AutoTokenizer
 
 import train_tokenizer
-from bench.common import REPO, WIKI_DOC, WIKI_JSONL, WORK, log, markdown_table, shared_path, write_section
+from bench.corpora import WIKI_DOC, WIKI_JSONL, shared_path
+from bench.harness import REPO, WORK, fastest, log, markdown_table, write_section
 from utils.data.conversations import load_conversations
 from utils.examples.sft_data import seq2seq_examples, tokenize_conversations
 from utils.tokenization.chat_format import ChatPrompts, rerender_prompt
@@ -45,16 +44,6 @@ def old_sources(tokenizer, messages: list[dict], max_source_length: int) -> list
                 source = rerender_prompt(tokenizer, messages[:index], max_source_length).ids
             sources.append(list(source))
     return sources
-
-
-def best_time(work, repeats: int) -> tuple[float, object]:
-    """Shortest wall time of `repeats` runs of `work()` (the machine is shared) and the last result."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = work()
-        times.append(time.perf_counter() - start)
-    return min(times), result
 
 
 def seconds(value: float) -> str:
@@ -89,32 +78,31 @@ def main(argv: list[str] | None = None) -> None:
 
     rows, per_token = [], {}
     for model, seq2seq in (("T5", True), ("Llama", False)):
-        load = os.getloadavg()[0]
-        wall, (dataset, stats) = best_time(lambda seq2seq=seq2seq: tokenize_conversations(
+        measured, (dataset, stats) = fastest(lambda seq2seq=seq2seq: tokenize_conversations(
             conversations, tokenizer, seq2seq, source_limit, target_limit, length_limit), args.repeats)
-        log(f"{model}: {stats.describe()} in {wall:.2f} s")
+        log(f"{model}: {stats.describe()} in {measured.wall_s:.2f} s")
         rows.append([f"{scope}, {model}", f"{len(conversations):,}", f"{messages:,}", f"{stats.examples:,}",
-                     ISSUE_OLD["file"] if seq2seq else "(renders once; unchanged)", "-", seconds(wall), "-",
-                     f"{load:.1f}"])
+                     ISSUE_OLD["file"] if seq2seq else "(renders once; unchanged)", "-", seconds(measured.wall_s), "-",
+                     f"{measured.load:.1f}"])
 
     for size in (86, 330):
         conversation = next((c for c in conversations if len(c) == size), None)
         if conversation is None:
             continue
-        load = os.getloadavg()[0]
-        wall, examples = best_time(lambda conversation=conversation: seq2seq_examples(
+        measured, examples = fastest(lambda conversation=conversation: seq2seq_examples(
             conversation, tokenizer, source_limit, target_limit, "truncate"), args.repeats)
+        wall = measured.wall_s
         old, speedup = "-", "-"
         if size == 86 and not args.quick:
-            old_wall, sources = best_time(lambda: old_sources(tokenizer, conversation, source_limit), 1)  # noqa: B023
+            old_run, sources = fastest(lambda: old_sources(tokenizer, conversation, source_limit))  # noqa: B023
             if sources != [e["input_ids"] for e in examples]:
                 raise AssertionError("the new T5 prompts differ from the old algorithm's")
-            old, speedup = seconds(old_wall), f"{old_wall / wall:,.0f}x"
+            old, speedup = seconds(old_run.wall_s), f"{old_run.wall_s / wall:,.0f}x"
         log(f"{size} messages: {len(examples)} examples in {seconds(wall)} (old here: {old})")
         tokens = ChatPrompts(tokenizer, conversation).length(len(conversation))
         per_token[size] = wall / tokens
         rows.append([f"{size}-message conversation ({tokens:,} tokens), T5", "1", str(size), str(len(examples)),
-                     ISSUE_OLD[size], old, seconds(wall), speedup, f"{load:.1f}"])
+                     ISSUE_OLD[size], old, seconds(wall), speedup, f"{measured.load:.1f}"])
 
     scaling = ", ".join(f"{value * 1e6:.1f} µs per token of the {size}-message conversation"
                         for size, value in per_token.items())
@@ -142,7 +130,7 @@ message boundaries (binary search for the oldest turn that fits), with the same 
 86-message conversation against the old algorithm). "old (issue)" is the reporter's figure (another
 machine and tokenizer); "old (here)" runs the old algorithm here. Llama renders each conversation once
 (labels from the assistant mask) and did not have the problem; its row is for comparison. The machine has
-2 cores shared with other engineers' tests ("load avg": 1-minute load average when the row started), so
+2 cores shared with other engineers' tests ("load avg": 1-minute load average when the row's fastest run started), so
 wall times are upper bounds.
 
 {table}

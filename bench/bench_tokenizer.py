@@ -5,8 +5,8 @@ reference tokenizers in ../shared/anchors.
     .venv/bin/python -m bench.bench_tokenizer                 # 25 / 100 / 200 MB, ~10-15 min on 2 cores
     .venv/bin/python -m bench.bench_tokenizer --quick         # tiny sizes, seconds (smoke test; no docs)
 
-Each training runs as its own process (`common.run_measured`), so its peak RSS is its own. The corpora are
-synthetic mixes of the real text (`common.build_mixed_corpus`, cached in bench/_work/); a quarter of the
+Each training runs as its own process (`harness.run_command`), so its peak RSS is its own. The corpora are
+synthetic mixes of the real text (`corpora.build_mixed_corpus`, cached in bench/_work/); a quarter of the
 zhwiki articles of zhwiki_text/jastfkjg_wiki_00.jsonl is held out of that mix and used for the
 compression table. Also checks train_tokenizer.py's BYTES_PER_TRAIN_CHAR against the measured peak RSS
 per training character of the runs without a budget.
@@ -17,24 +17,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
-from bench.common import (
-    PYTHON,
-    REPO,
-    WIKI_JSONL,
-    WORK,
-    build_mixed_corpus,
-    load_real_texts,
-    log,
-    markdown_table,
-    run_measured,
-    shared_path,
-    utc_now,
-    write_section,
-)
+from bench.corpora import WIKI_JSONL, build_mixed_corpus, load_real_texts, shared_path
+from bench.harness import PYTHON, REPO, WORK, log, markdown_table, recorded_run, run_command, write_section
 from train_tokenizer import BYTES_PER_TRAIN_CHAR, FIXED_BYTES, chars_for_budget
 from utils.io import write_text_atomic
 
@@ -104,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                            ("load", "4-12 (read with uptime)")):
             results.setdefault(key, value)
     else:
-        results = measure(args, work)
+        results = measure(args, work, argv)
         (work / "results.json").write_text(json.dumps(results, indent=2))
     table, score_table, body = render(results)
     print(table)
@@ -114,16 +101,15 @@ def main(argv: list[str] | None = None) -> None:
     write_section("bench_tokenizer.py", "Tokenizer training: memory, time, compression",
                   ["tokenizers", "transformers", "sentencepiece", "pyarrow"], body, argv=results["argv"],
                   date=results["date"])
-    log("wrote the bench_tokenizer.py section of docs/BENCHMARKS.md")
 
 
-def measure(args, work: Path) -> dict:
+def measure(args, work: Path, argv: list[str] | None) -> dict:
     texts, held_out = split_real_texts()
     held_out_path = work / "held_out_wiki.jsonl"
     write_text_atomic(held_out_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in held_out))
     log(f"{len(texts):,} real texts in the mix ({sum(map(len, texts)):,} characters); {len(held_out)} wiki "
         f"articles held out ({sum(len(r['text']) for r in held_out):,} characters)")
-    runs, loads = [], [os.getloadavg()[0]]
+    runs, loads = [], []
     previous = json.loads((work / "results.json").read_text())["runs"] if args.budget_only else []
     largest = max(args.sizes_mb)
     for size in sorted(args.sizes_mb):
@@ -138,24 +124,20 @@ def measure(args, work: Path) -> dict:
             out = work / f"tok_{size:g}MB_budget{budget:g}"
             log(f"train: {corpus.mb:.0f} MB corpus, budget {budget:g} GB ...")
             max_chars = corpus.chars // 3 if args.quick and budget > 0 else -1
-            measured = run_measured(train_command(corpus.path, out, args.vocab_size, budget,
+            measured = run_command(train_command(corpus.path, out, args.vocab_size, budget,
                                                   held_out_path if score else None, max_chars),
                                     out.with_suffix(".log"))
             chars = sampled_chars(measured.log_text, corpus.chars)
-            loads.append(os.getloadavg()[0])
+            loads.append(measured.load)
             runs.append({"size_mb": corpus.mb, "chars": corpus.chars, "budget_gb": budget, "train_chars": chars,
                          "wall_s": measured.wall_s, "cpu_s": measured.cpu_s, "peak_rss_mb": measured.peak_rss_mb})
             log(f"  peak RSS {measured.peak_rss_mb:,.0f} MB, wall {measured.wall_s:.1f} s, trained on "
                 f"{chars:,} characters")
     report_path = work / f"tok_{largest:g}MB_budget{args.budget_gb:g}" / "tokenizer_report.json"
-    return {"argv": sys.argv[1:] if argv_is_cli() else [], "date": utc_now(), "vocab_size": args.vocab_size,
+    return {**recorded_run(argv), "vocab_size": args.vocab_size,
             "budget_gb": args.budget_gb, "held_out_articles": len(held_out), "runs": runs,
             "load": f"{min(loads):.1f}-{max(loads):.1f}",
             "scores": json.loads(report_path.read_text())["scores"]}
-
-
-def argv_is_cli() -> bool:
-    return Path(sys.argv[0]).name == "bench_tokenizer.py"
 
 
 def render(results: dict) -> tuple[str, str, str]:
@@ -192,7 +174,7 @@ def render(results: dict) -> tuple[str, str, str]:
 What it measures: `train_tokenizer.py` (default `bpe`: character-level BPE with byte fallback,
 vocabulary {results['vocab_size']:,}) run as a separate process per row; peak RSS is that process's own
 (`wait4` `ru_maxrss`), wall and CPU time are the whole command (reading, sampling, training, saving).
-Corpora: synthetic parquet files built by `bench/common.build_mixed_corpus` from the real text in
+Corpora: synthetic parquet files built by `bench/corpora.build_mixed_corpus` from the real text in
 `../shared/data` (zhwiki articles + ChatLM-mini-Chinese pretraining pairs) cut into 2-32 character slices
 and glued into documents, so the pre-token table keeps growing with size as in a large real corpus (a check
 on the 4.4 MB of real text itself gave the same peak RSS as a mix of the same size: 816 vs 799 MB).

@@ -16,9 +16,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-ROOT = HERE / "_work" / "gpu_check"
+from bench.harness import PYTHON, REPO, WORK, folder_bytes, log, run_command
+
+ROOT = WORK / "gpu_check"
 INPUT, INPUT_QUICK = ROOT / "input", ROOT / "input_quick"
 SFT_DATA = "sft/llamafactory_alpaca_zh_demo.json"
 DPO_DATA = "dpo/medicalgpt_dpo_zh_500.jsonl"
@@ -34,7 +34,7 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
 
 def prepare(args) -> None:
     """`prepare`: the carried folder (default `INPUT`, `INPUT_QUICK` with --quick)."""
-    from bench.common import MixSpec, build_mixed_corpus, load_real_texts, log, shared_path
+    from bench.corpora import MixSpec, build_mixed_corpus, load_real_texts, shared_path  # pyarrow: here only
 
     out = Path(args.dir or (INPUT_QUICK if args.quick else INPUT))
     out.mkdir(parents=True, exist_ok=True)
@@ -46,9 +46,9 @@ def prepare(args) -> None:
     shutil.copyfile(corpus.path, out / "train.parquet")
     shutil.copyfile(held_out.path, out / "validation.parquet")
     vocab = ["--vocab_size", "2048"] if args.quick else []
-    subprocess.run([sys.executable, "train_tokenizer.py", "--config", "config/tokenizer.yaml", "--input",
-                    str(out / "train.parquet"), "--eval_files", str(out / "validation.parquet"), "--output_dir",
-                    str(out / "tokenizer"), "--overwrite_output_dir", *vocab], cwd=REPO, check=True)
+    run_command([PYTHON, "train_tokenizer.py", "--config", "config/tokenizer.yaml", "--input", str(out / "train.parquet"),
+                 "--eval_files", str(out / "validation.parquet"), "--output_dir", str(out / "tokenizer"),
+                 "--overwrite_output_dir", *vocab], ROOT / "logs" / f"tokenizer{'_quick' if args.quick else ''}.log")
 
     rows = 200 if args.quick else None  # the quick copies keep tokenisation in the smoke run short
     (out / "sft").mkdir(exist_ok=True)
@@ -62,16 +62,12 @@ def prepare(args) -> None:
     info = {"quick": args.quick, "corpus_mb": corpus.mb, "validation_mb": held_out.mb, "sft_rows": len(sft),
             "dpo_pairs": len(pairs), "wheels": wheels}
     (out / "prepared.json").write_text(json.dumps(info, indent=2) + "\n")
-    carried = folder_mib(out)
+    carried = folder_bytes(out) / 2**20
     repository = sum((REPO / name).stat().st_size for name in tracked_files()) / 2**20
     log(f"prepared {out}: {carried:.1f} MiB, with the repository's {repository:.1f} MiB "
         f"{carried + repository:.1f} of the {CARRY_LIMIT_MIB} MiB a device call carries")
     if carried + repository > CARRY_LIMIT_MIB:
         sys.exit(f"error: {out} does not fit a device call; make the corpus smaller (--corpus_mb)")
-
-
-def folder_mib(folder: Path) -> float:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
 
 
 def tracked_files() -> list[str]:

@@ -55,18 +55,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.gpu_carry import GPU_PACKAGES, INPUT, INPUT_QUICK, REPO, ROOT, prepare
+from bench.gpu_carry import GPU_PACKAGES, INPUT, INPUT_QUICK, ROOT, prepare
 from bench.gpu_report import report
+from bench.harness import REPO, Measured, log, recorded_run, run_command
 from bench.launches import (
     RESUMED_LINE,
     STOPPED_LINE,
     Launch,
-    Process,
     check_merge,
     compare_resume,
     environment,
-    execute,
     measure,
+    step_logged,
 )
 from utils.io import write_text_atomic
 
@@ -106,10 +106,6 @@ SMOKE = Sizes("t5-tiny", "llama-tiny", steps=6, interrupt_at=2, eval_save_every=
 STAGES = (("recipes", ("t5", "llama", "sft", "dpo")), ("resume", ("llama_resumed",)),
           ("mfu", ("t5_flex", "llama_flex")), ("qlora", ("qlora",)))
 ON_CPU_A_REPEAT = ("llama_flex",)  # with sdpa instead of flex_attention and no compilation: stage 1's `llama` again
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def plan(data: Path, runs: Path, sizes: Sizes) -> dict[str, Launch]:
@@ -171,7 +167,7 @@ class Check:
         self.results["runs"][launch.key] = {"name": launch.name, "script": launch.script, "skipped": reason}
         self.save()
 
-    def execute(self, launch: Launch, interrupt_at: int | None = None, part: str = "") -> Process | None:
+    def execute(self, launch: Launch, interrupt_at: int | None = None, part: str = "") -> Measured | None:
         """Run `launch` (one of its commands: `part` names its log), or return None where the budget is spent."""
         left = self.left()
         if left <= 0 or left < self.min_launch_s:
@@ -183,9 +179,10 @@ class Check:
         self.results["runs"][launch.key] = {"name": launch.name, "script": launch.script, "recipe": launch.recipe,
                                             "args": list(launch.args), "logs": logs, "running": True}
         self.save()
-        return execute(command, self.path.parent / logs[-1], left, interrupt_at, self.env)
+        return run_command(command, self.path.parent / logs[-1], env=self.env, timeout_s=left, check=False,
+                           interrupt_when=None if interrupt_at is None else step_logged(interrupt_at))
 
-    def record(self, launch: Launch, processes: list[Process], **extra) -> dict:
+    def record(self, launch: Launch, processes: list[Measured], **extra) -> dict:
         result = {**measure(launch, processes), **extra}
         result["logs"] = self.results["runs"][launch.key]["logs"]
         self.results["runs"][launch.key] = result
@@ -220,11 +217,11 @@ def run_resume(check: Check, launch: Launch, sizes: Sizes) -> None:
     if stopped is None:
         check.skip(launch, "time budget spent")
         return
-    stop = STOPPED_LINE.search(stopped.log)
+    stop = STOPPED_LINE.search(stopped.log_text)
     processes = [stopped]
     if stop and (resumed := check.execute(launch, part="_resumed")):
         processes.append(resumed)
-    resume = RESUMED_LINE.search(processes[-1].log) if len(processes) == 2 else None
+    resume = RESUMED_LINE.search(processes[-1].log_text) if len(processes) == 2 else None
     result = check.record(launch, processes, stopped_at=int(stop.group(1)) if stop else None,
                           stop_exit_code=stopped.returncode, resumed_from=resume.group(1) if resume else None)
     reference = check.results["runs"].get("llama", {})
@@ -337,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--notes", default=None, help="markdown file with interpretation appended to the section")
     p.add_argument("--markdown", default=None, help="write into this file instead of docs/BENCHMARKS.md")
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.argv = recorded_run(argv)["argv"]
     {"prepare": prepare, "run": run, "report": report}[args.command](args)
 
 

@@ -11,10 +11,9 @@ import math
 from pathlib import Path
 
 from bench.gpu_carry import DPO_DATA, SFT_DATA
-from bench.launches import PROMPTS, Launch, Process, measure
+from bench.harness import REPO, Measured, markdown_table, write_section
+from bench.launches import PROMPTS, Launch, measure
 from utils.io import write_text_atomic
-
-HERE = Path(__file__).resolve().parent
 
 
 def fmt(value, spec: str) -> str:
@@ -25,7 +24,7 @@ def cut_short(entry: dict, folder: Path) -> dict:
     """A launch the run was running when something stopped the run itself (the device tool's time limit): measured
     from its logs in `folder`, which come back with the results file."""
     logs = [folder / name for name in entry["logs"]]
-    processes = [Process(None, 0.0, log.read_text(encoding="utf-8", errors="replace")) for log in logs if log.exists()]
+    processes = [Measured(returncode=None, log_path=log) for log in logs if log.exists()]
     launch = Launch("", entry["name"], entry["script"], entry["recipe"], tuple(entry["args"]), folder / "(gone)")
     return {**measure(launch, processes), "wall_s": None, "cut_short": True}
 
@@ -53,8 +52,6 @@ SHOWN_FLAGS = ("--model_config", "--attn_implementation", "--model_overrides", "
 
 
 def report(args) -> None:
-    from bench import common
-
     path = Path(args.results)
     results = json.loads(path.read_text())
     env, runs = results["environment"], results["runs"]
@@ -101,8 +98,8 @@ def report(args) -> None:
         "breaks / recompilations after the first step. Data (`prepare`): a mixed corpus of the real zhwiki and "
         "ChatLM text in `../shared/data`, the toolkit's tokenizer trained on it with `config/tokenizer.yaml`, "
         f"`{SFT_DATA}` for SFT and `{DPO_DATA}` for DPO.", "",
-        common.markdown_table(["run", "command", "status", "first loss", "expected start", "last loss", "tokens/s",
-                               "MFU", "peak memory (GiB)", "torch.compile", "wall s"], rows), "",
+        markdown_table(["run", "command", "status", "first loss", "expected start", "last loss", "tokens/s", "MFU",
+                        "peak memory (GiB)", "torch.compile", "wall s"], rows), "",
         *lines,
         *([] if env["smoke"] else ["", f"Raw results: `bench/results/{path.name}`; the logs came back in the run's "
                                        "`$OUT/logs/`."]),
@@ -111,14 +108,14 @@ def report(args) -> None:
         body += "\n\n" + Path(args.notes).read_text(encoding="utf-8").strip()
     print(body)
     if not env["smoke"] and args.markdown is None:  # the raw results beside the figures, cut-short runs measured
-        write_text_atomic(HERE / "results" / path.name, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(REPO / "bench" / "results" / path.name, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     machine = (f"1x {env['device']} (lent GPU machine, {env['cpu_cores']} CPU cores), Python {env['python']}"
                if not env["smoke"] else None)
     libraries = ", ".join(f"{name} {version}" for name, version in env["versions"].items() if version)
-    common.write_section("gpu_check.py", f"The GPU check: recipes, resume, MFU, QLoRA on one {env['device']}", [],
-                         body, argv=results["argv"], date=env["date"], machine=machine, libraries=libraries,
-                         markdown=Path(args.markdown) if args.markdown else None,
-                         python=".venv/bin/python" if env["smoke"] else "PYTHONPATH=/tmp/site python3")
+    write_section("gpu_check.py", f"The GPU check: recipes, resume, MFU, QLoRA on one {env['device']}", [], body,
+                  argv=results["argv"], date=env["date"], machine=machine, libraries=libraries,
+                  markdown=Path(args.markdown) if args.markdown else None,
+                  python=".venv/bin/python" if env["smoke"] else "PYTHONPATH=/tmp/site python3")
 
 
 def resume_line(results: dict) -> str:

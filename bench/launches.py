@@ -1,11 +1,11 @@
-"""Training commands of bench/gpu_check.py, launched as a user launches them and measured from outside: each runs as
-a child process in its own process group with its output in a log file, is stopped as ctrl+c stops it (SIGINT to
-the group once it logged a given step) or killed at a time limit, and its figures are read from what it logged
-(the progress line of model/training/callbacks.ProgressLine) and saved (trainer_state.json, training_summary.json,
-and for an adapter run its merged model, `check_merge`).
+"""Training commands of bench/gpu_check.py, launched as a user launches them and measured from outside: each runs
+through `harness.run_command` (a child process in its own process group with its output in a log file, stopped as
+ctrl+c stops it, SIGINT to the group once it logged a given step, or killed at a time limit), and its figures are
+read from what it logged (the progress line of model/training/callbacks.ProgressLine) and saved (trainer_state.json,
+training_summary.json, and for an adapter run its merged model, `check_merge`).
 
-Not run directly. It runs on the GPU machine as well, where bench/common.py cannot (no ../shared), so it imports
-only the standard library at the top; `environment` and `check_merge` import torch and the toolkit.
+Not run directly. It runs on the GPU machine as well, where bench/corpora.py cannot (no ../shared), so it imports
+only the standard library and the harness at the top; `environment` and `check_merge` import torch and the toolkit.
 """
 
 from __future__ import annotations
@@ -16,15 +16,12 @@ import math
 import os
 import platform
 import re
-import signal
 import statistics
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.harness import Measured, utc_now
 
 # `step 40/60 | loss 8.1234 | lr ... | 312.4k tok/s | mfu 44.1% | mem 21.3GiB | eta ...` (mfu and mem on GPUs only).
 LINE = re.compile(r"step (\d+)/(\d+) \| loss ([\d.]+) \| lr \S+ \| ([\d.]+k?) tok/s(?: \| mfu ([\d.]+)%)?"
@@ -51,41 +48,6 @@ class Launch:
 
     def command(self) -> list[str]:
         return [sys.executable, self.script, "--config", self.recipe, *self.args]
-
-
-@dataclass(frozen=True)
-class Process:
-    returncode: int | None  # None: killed at its time limit
-    wall_s: float
-    log: str
-
-
-def execute(command: list[str], log_path: Path, timeout_s: float, interrupt_at: int | None = None,
-            env: dict[str, str] | None = None) -> Process:
-    """Run `command` from the repository root in its own process group with its output in `log_path`; once it
-    logged step `interrupt_at`, SIGINT the group (as ctrl+c does, tests/conftest.run_until_interrupted); kill the
-    group after `timeout_s`."""
-    started = time.perf_counter()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w+", encoding="utf-8") as log:
-        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-        signalled = interrupt_at is None
-        while process.poll() is None and time.perf_counter() - started < timeout_s:
-            if not signalled:
-                log.seek(0)
-                if re.search(rf"step {interrupt_at}/\d+ \|", log.read()):
-                    os.killpg(process.pid, signal.SIGINT)
-                    signalled = True
-            time.sleep(0.05)
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            returncode = None
-        else:
-            returncode = process.returncode
-        log.seek(0)
-        return Process(returncode, round(time.perf_counter() - started, 1), log.read())
 
 
 def tokens_per_second(text: str) -> float:
@@ -120,10 +82,15 @@ def compile_report(log: str) -> dict | None:
             "break_reasons": reasons, "recompilations": int(recompilations)}
 
 
-def measure(launch: Launch, processes: list[Process]) -> dict:
+def step_logged(step: int) -> str:
+    """What `harness.run_command(interrupt_when=...)` waits for to send ctrl+c: the progress line of `step`."""
+    return rf"step {step}/\d+ \|"
+
+
+def measure(launch: Launch, processes: list[Measured]) -> dict:
     """Figures of one launch, finished or not; `processes` are its commands in order (two after a ctrl+c). What a
     run that did not finish logged (its progress lines) still counts: a run cut short keeps its first steps."""
-    logs = "\n".join(p.log for p in processes)
+    logs = "\n".join(p.log_text for p in processes)
     lines = progress(logs)
     losses = logged_losses(launch.output) or {line["step"]: line["loss"] for line in lines}
     config = launch.output / "config.json"
@@ -149,7 +116,7 @@ def measure(launch: Launch, processes: list[Process]) -> dict:
             k.startswith(("eval_", "train_")) or k in ("parameters", "trainable_parameters", "num_input_tokens_seen"))},
     }
     if not summary:
-        result["log_tail"] = processes[-1].log[-3000:] if processes else ""
+        result["log_tail"] = processes[-1].log_text[-3000:] if processes else ""
     return result
 
 
@@ -187,7 +154,7 @@ def environment(smoke: bool, gpu_packages: tuple[str, ...]) -> dict:
             failed[name] = f"{type(err).__name__}: {err}"
     return {"device": torch.cuda.get_device_name() if gpu else "CPU", "gpus": torch.cuda.device_count(),
             "cpu_cores": os.cpu_count(), "python": platform.python_version(), "versions": versions,
-            "import_errors": failed, "smoke": smoke, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "import_errors": failed, "smoke": smoke, "date": utc_now()}
 
 
 def check_merge(base: Path, output: Path, quantized: bool) -> dict:

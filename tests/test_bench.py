@@ -41,7 +41,7 @@ def test_bench_dedup_quick_keeps_shuffled_documents(capsys):
 
 def test_bench_tokenizer_quick_measures_and_scores():
     from bench import bench_tokenizer
-    from bench.common import WORK
+    from bench.harness import WORK
 
     bench_tokenizer.main(["--quick"])
     results = json.loads((WORK / "tokenizer_quick" / "results.json").read_text())
