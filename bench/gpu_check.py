@@ -33,7 +33,8 @@ The device command, for the `run` tool with carry ["bench/_work/gpu_check/input"
     python3 -m pip install -q --no-index --no-deps --target /tmp/site bench/_work/gpu_check/input/wheels/*.whl && PYTHONPATH=/tmp/site python3 -m bench.gpu_check run --out_dir $OUT
 
 It runs in the carried repository's root, so `-m` puts that root first on the path (bench/ and the toolkit import
-from it) and PYTHONPATH adds the wheels. `report` copies the results file into bench/results/ and writes the GPU's section of docs/BENCHMARKS.md.
+from it) and PYTHONPATH adds the wheels. `report` copies the results file into bench/results/ and writes the GPU's
+section of docs/BENCHMARKS.md.
 
 CPU check of the same stages (tiny presets and sizes; tests/test_bench.py runs it): flex_attention and QLoRA have
 no CPU path, so there the MFU stage runs SDPA (its T5 launch; the Llama one would repeat stage 1) and the QLoRA

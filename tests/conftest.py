@@ -23,7 +23,7 @@ import pytest
 from safetensors.torch import load_file
 from transformers import GenerationConfig
 
-REPO = Path(__file__).resolve().parent.parent  # on sys.path through pyproject.toml's `pythonpath`
+REPO = Path(__file__).resolve().parent.parent  # its modules import through pytest's `pythonpath` (pyproject.toml)
 # One intra-op thread per process, the scripts the tests start included (they inherit it): the tiny models gain
 # nothing from more, and `make test` runs two pytest workers (pytest-xdist) that share the machine's cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
