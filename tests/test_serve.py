@@ -26,7 +26,8 @@ from transformers import AutoTokenizer
 from model.inference.generation import context_length, load_for_inference
 from model.inference.service import DecodingOptions
 from model.inference.streaming import generate_reply
-from serve import ServeArguments, create_app, running_in_thread
+from model.serving.app import ServeArguments, create_app
+from model.serving.listening import running_in_thread
 
 KEY = "sk-test-key"
 
@@ -262,7 +263,9 @@ def test_a_client_that_disconnects_stops_its_generation(t5_server):
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (host.encode(), port.encode(), len(body), body))
+        deadline = time.monotonic() + 30
         while app.state.service.active == 0:
+            assert time.monotonic() < deadline, "the request did not start generating"
             time.sleep(0.01)
     reply = wait_for_reply(app, before)
     assert reply.finish_reason == "cancelled" and reply.completion_tokens < 1000
@@ -324,11 +327,13 @@ CHAT = json.dumps({"model": "model", "messages": [{"role": "user", "content": "�
 
 @contextlib.contextmanager
 def another_server(server, path, host="127.0.0.1", **settings):
-    """A second app over `server`'s model with other settings, bound to `host`; yields its URL on 127.0.0.1."""
+    """A second app over `server`'s model with other settings, configured as if bound to `host`; yields its URL.
+    It listens on 127.0.0.1 whatever `host` says: what `host` changes is the app's checks, and a test server is
+    never reachable from off this machine."""
     args = ServeArguments(model_name_or_path=str(path), host=host, **settings)
     app = create_app(server.model, server.tokenizer, args, DecodingOptions(max_new_tokens=4))
-    with running_in_thread(app, host=host) as url:
-        yield "http://127.0.0.1:" + url.rsplit(":", 1)[1]
+    with running_in_thread(app) as url:
+        yield url
 
 
 def test_keyless_server_refuses_forms_text_plain_and_foreign_origins(t5_server):
@@ -446,8 +451,8 @@ def test_stop_strings_cut_whole_and_streamed_replies_alike(llama_server):
     stop = full[4:6]  # from the middle of the reply: the reply ends before its first occurrence
     assert len(full) > 8 and stop.strip()
     cut = full[:full.find(stop)]
-    plain = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=16, stop=[stop, "不会出现"],
-                                           extra_body={"repetition_penalty": 1.0})
+    plain = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=16,
+                                           stop=[stop, "不会出现"], extra_body={"repetition_penalty": 1.0})
     assert (plain.choices[0].message.content, plain.choices[0].finish_reason) == (cut, "stop")
     chunks = list(client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=16, stop=stop,
                                                  stream=True, extra_body={"repetition_penalty": 1.0}))
