@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 from model.build import count_parameters
 from model.inference.generation import InferenceArguments, load_for_inference
+from model.inference.reply import Reply, why_empty
 from model.inference.service import ChatService, DecodingOptions, PromptTooLong, ReplyTooLong
-from model.inference.streaming import Reply, why_empty
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
 from utils.errors import UserError

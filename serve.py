@@ -18,9 +18,10 @@ Other web pages may not drive the server through a visitor's browser: API bodies
 `Content-Type: application/json`, a request from a page whose Origin is neither the server's own nor in
 --allowed_origins is refused, and bound to loopback the Host must be localhost, 127.0.0.1 or [::1] at the
 bound port (DNS rebinding). Bound off loopback, the API key is the protection.
-Each request gets its own stream and cancel flag; at most --max_concurrent generate at once (the rest wait in
-line), in batches on one worker thread (--batching, the default) or each in a thread of its own, and a reply
-stops when its client disconnects. A batched reply equals the reply its request gets alone.
+Each request gets its own stream; at most --max_concurrent generate at once (the rest wait in line), in one
+continuous batch on a worker thread (--batching, the default: a request joins the running batch at its next
+step and leaves it when its reply ends) or each in a thread of its own, and a reply stops when its client
+disconnects. A batched reply equals the reply its request gets alone.
 
 The HTTP layer is `model/serving/` (schema, guards, app, listening); the work it calls is
 `model.inference.service.ChatService`.

@@ -23,8 +23,8 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from model.inference.generation import InferenceArguments
+from model.inference.reply import Reply
 from model.inference.service import ChatService, DecodingOptions, PreparedReply, PromptTooLong, ReplyTooLong
-from model.inference.streaming import Reply
 from model.serving.guards import API_KEY_ENV, APIKeyCheck, CrossSiteGuard, canonical_origin, read_json
 from model.serving.schema import (
     APIError,
@@ -59,8 +59,8 @@ class ServeArguments(InferenceArguments):
         "help": "Generations running at once; further requests wait in line (their streams start when served). "
                 "With --batching, the largest batch."})
     batching: bool = field(default=True, metadata={
-        "help": "Generate concurrent requests together in batches (one worker thread; much more throughput "
-                "with many clients). false = each request in a thread of its own."})
+        "help": "Generate concurrent requests together in one continuous batch (one worker thread; much more "
+                "throughput with many clients). false = each request in a thread of its own."})
     max_body_bytes: int = field(default=1_000_000, metadata={"help": "Largest request body accepted, in bytes."})
     allowed_origins: list[str] = field(default_factory=list, metadata={
         "help": "Web origins (scheme://host[:port], e.g. http://localhost:5173) whose pages may call the API "

@@ -17,8 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from model.inference.reply import Reply
 from model.inference.scoring import TokenScore
-from model.inference.streaming import Reply
 
 
 class APIError(Exception):
