@@ -26,7 +26,6 @@ import collections
 import contextlib
 import copy
 import logging
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -40,7 +39,7 @@ from model.inference.decoding import ModelRows
 from model.inference.generation import context_length
 from model.inference.reply import Reply
 from model.inference.scoring import TokenScore, score_tokens
-from model.inference.streaming import ReplyStream
+from model.inference.streaming import AsyncReplyStream, ReplyStream
 from utils.errors import UserError
 from utils.tokenization.chat_format import render_prompt
 
@@ -145,46 +144,6 @@ class PreparedReply:
     trimmed: bool  # whether the oldest turns were left out to fit
     budget: int  # tokens the prompt could use
     stop: tuple[str, ...] = ()  # the reply ends before the first of these strings
-
-
-class AsyncReplyStream:
-    """A `ReplyStream` read from async code: the generating thread rings the event loop when a piece is
-    queued, so that no thread waits per reader."""
-
-    def __init__(self, stream: ReplyStream):
-        self._stream = stream
-        self._ready = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        def ring():
-            with contextlib.suppress(RuntimeError):  # the loop closed: nobody reads any more
-                loop.call_soon_threadsafe(self._ready.set)
-
-        stream.streamer.wake = ring
-
-    def cancel(self) -> None:
-        self._stream.cancel()
-
-    @property
-    def reply(self) -> Reply | None:
-        return self._stream.reply
-
-    async def __aiter__(self) -> AsyncIterator[str]:
-        self._stream.start()
-        pieces = self._stream.streamer.text_queue
-        while True:
-            self._ready.clear()  # before looking: a piece queued after the look rings again
-            try:
-                piece = pieces.get_nowait()
-            except queue.Empty:
-                await self._ready.wait()
-                continue
-            if piece is None:  # the end: the reply (or error) is final
-                break
-            if piece:
-                yield piece
-        if self._stream.error is not None:
-            raise self._stream.error
 
 
 class ChatService:

@@ -6,6 +6,7 @@
     stream.reply.finish_reason                                 # stop / length / cancelled
     reply = generate_reply(model, tokenizer, prompt_ids, config)  # the same reply, at once
     ReplyStream(..., batcher=batcher)                          # generated in a continuous batch with others
+    async for piece in AsyncReplyStream(stream): ...           # the same, read from an event loop
 
 A stream is the reader's handle on a `LiveReply` (the reply's state machine, `model.inference.reply`): its own
 text decoder, stop strings and cancel, so replies generated in one batch never see each other's text, stop
@@ -16,8 +17,11 @@ generate (decoding options, prompt within the context) is `model.inference.servi
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 from transformers import GenerationConfig
 
@@ -103,6 +107,46 @@ class ReplyStream:
             self.done.wait()
         if self.error is not None:
             raise self.error
+
+
+class AsyncReplyStream:
+    """A `ReplyStream` read from async code: the generating thread rings the event loop when a piece is
+    queued, so that no thread waits per reader."""
+
+    def __init__(self, stream: ReplyStream):
+        self._stream = stream
+        self._ready = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def ring():
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody reads any more
+                loop.call_soon_threadsafe(self._ready.set)
+
+        stream.streamer.wake = ring
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+    @property
+    def reply(self) -> Reply | None:
+        return self._stream.reply
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        self._stream.start()
+        pieces = self._stream.streamer.text_queue
+        while True:
+            self._ready.clear()  # before looking: a piece queued after the look rings again
+            try:
+                piece = pieces.get_nowait()
+            except queue.Empty:
+                await self._ready.wait()
+                continue
+            if piece is None:  # the end: the reply (or error) is final
+                break
+            if piece:
+                yield piece
+        if self._stream.error is not None:
+            raise self._stream.error
 
 
 def generate_reply(model, tokenizer, prompt_ids: list[int], config: GenerationConfig,
