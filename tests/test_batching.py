@@ -193,24 +193,34 @@ def requests(model, tokenizer):
 
 @pytest.fixture
 def logits_of(monkeypatch):
-    """{reply: [the float32 logits its tokens were chosen from]}, as `choose_tokens` receives them."""
-    by_choice: dict[decoding.TokenChoice, list[torch.Tensor]] = {}
-    owner: dict[decoding.TokenChoice, LiveReply] = {}
-    choose, join = decoding.choose_tokens, ModelRows.join
+    """reply -> [the float32 logits each of its tokens was chosen from], as `choose_tokens` receives them."""
+    seen: dict[LiveReply, list[torch.Tensor]] = {}  # the replies themselves: their ids could be reused
+    last: list[torch.Tensor] = []
+    choose, join, step = decoding.choose_tokens, ModelRows.join, ModelRows.step
 
-    def recording(logits, contexts, lengths, choices):
-        for row, choice in enumerate(choices):
-            by_choice.setdefault(choice, []).append(logits[row].clone())
-        return choose(logits, contexts, lengths, choices)
+    def recording(logits, *rest):
+        last[:] = [logits.clone()]
+        return choose(logits, *rest)
+
+    def record(replies):
+        for row, reply in enumerate(replies):
+            seen.setdefault(reply, []).append(last[0][row])
 
     def joining(self, replies):
         tokens = join(self, replies)
-        owner.update(zip(self.choices[-len(replies):], replies))
+        record(replies)  # the pass's rows are the joining replies
+        return tokens
+
+    def stepping(self):
+        replies = list(self.replies)
+        tokens = step(self)
+        record(replies)
         return tokens
 
     monkeypatch.setattr(decoding, "choose_tokens", recording)
     monkeypatch.setattr(ModelRows, "join", joining)
-    return lambda reply: next(logits for choice, logits in by_choice.items() if owner[choice] is reply)
+    monkeypatch.setattr(ModelRows, "step", stepping)
+    return seen.__getitem__
 
 
 @pytest.mark.parametrize("kind", ["llama", "t5"])

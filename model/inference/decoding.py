@@ -50,9 +50,8 @@ POSITION_FREE = (RepetitionPenaltyLogitsProcessor, SuppressTokensLogitsProcessor
 
 def decoding_key(config) -> str:
     """Replies with equal keys choose tokens the same way: equal generation configs but for max_new_tokens."""
-    options = config.to_dict()
-    options.pop("max_new_tokens", None)
-    return repr(sorted(options.items(), key=lambda item: item[0]))
+    return repr(sorted((name, value) for name, value in vars(config).items()
+                       if not name.startswith("_") and name != "max_new_tokens"))
 
 
 class TokenChoice:
@@ -61,7 +60,7 @@ class TokenChoice:
     greedy or sampling."""
 
     def __init__(self, model, config, context_length: int, encoder_ids: torch.Tensor | None = None):
-        config = copy.deepcopy(config)
+        config = copy.copy(config)  # the preparation below sets attributes; it changes none in place
         # transformers' own preparation and processor list (private helpers: the toolkit pins transformers)
         model._prepare_special_tokens(config, True, device=model.device, batch_size=1)
         self.processors = model._get_logits_processor(config, input_ids_seq_length=context_length,
@@ -69,6 +68,20 @@ class TokenChoice:
         self.sample = bool(config.do_sample)
         self.position_free = all(isinstance(p, POSITION_FREE) for p in self.processors)
         self.key = decoding_key(config) if self.position_free else str(id(self))
+
+
+def token_choice(model, config, context_length: int, encoder_ids: torch.Tensor | None = None,
+                 shared: dict[str, TokenChoice] | None = None) -> TokenChoice:
+    """A reply's `TokenChoice`; a position-free one is built once per decoding options and kept in `shared`."""
+    key = decoding_key(config)
+    if shared is not None and key in shared:
+        return shared[key]
+    choice = TokenChoice(model, config, context_length, encoder_ids)
+    if shared is not None and choice.position_free:
+        if len(shared) >= 64:  # requests may each bring options of their own: keep only recent ones
+            shared.clear()
+        shared[key] = choice
+    return choice
 
 
 def choose_tokens(logits: torch.Tensor, contexts: torch.Tensor, lengths: torch.Tensor,
@@ -119,6 +132,7 @@ class ModelRows:
         self.keep_last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.replies: list[LiveReply] = []
         self.choices: list[TokenChoice] = []
+        self.shared: dict[str, TokenChoice] = {}  # position-free choices by decoding options
         self.cache = self.mask = self.contexts = self.lengths = None
         self.encoder_states = self.encoder_mask = None  # T5: the encoded prompts, padded on the right
 
@@ -142,7 +156,7 @@ class ModelRows:
                                use_cache=True)
                 new["encoder_states"], new["encoder_mask"] = encoded.last_hidden_state, mask
                 mask = torch.ones_like(contexts, dtype=torch.bool)
-                choices = [TokenChoice(model, r.config, 1, torch.tensor([r.prompt_ids], device=device))
+                choices = [token_choice(model, r.config, 1, torch.tensor([r.prompt_ids], device=device), self.shared)
                            for r in replies]
             else:
                 positions = mask.long().cumsum(-1) - 1
@@ -150,7 +164,7 @@ class ModelRows:
                                use_cache=True, **({"logits_to_keep": 1} if self.keep_last_logits else {}))
                 first = ids.gather(1, (~mask).sum(1, keepdim=True))
                 contexts = torch.where(mask, ids, first)  # padded with each row's first token
-                choices = [TokenChoice(model, r.config, len(r.prompt_ids)) for r in replies]
+                choices = [token_choice(model, r.config, len(r.prompt_ids), shared=self.shared) for r in replies]
             logits = output.logits[:, -1].to(copy=True, dtype=torch.float32)
         lengths = mask.sum(1)
         tokens = choose_tokens(logits, contexts, lengths, choices)
