@@ -24,6 +24,7 @@ import inspect
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (
     EpsilonLogitsWarper,
     EtaLogitsWarper,
@@ -117,6 +118,33 @@ def pad_to(x: torch.Tensor, width: int, dim: int, left: bool, filler: torch.Tens
     pad = (filler.view(-1, *[1] * (x.dim() - 1)).expand(shape) if isinstance(filler, torch.Tensor) else
            x.new_full(shape, filler))
     return torch.cat([pad, x] if left else [x, pad], dim=dim)
+
+
+class AppendingLayer(DynamicLayer):
+    """A self-attention cache layer that appends each step's keys and values into room it keeps beyond them
+    (doubled when full) instead of concatenating the whole cache every step, as `DynamicLayer` does: at 32 rows
+    that copy was an eighth of a step. `keys` / `values` are views of the room; the rows' joining and leaving
+    replace them with new tensors, and the next step makes room again."""
+
+    room: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def taking_over(cls, layer: DynamicLayer) -> AppendingLayer:
+        appending = cls()
+        appending.__dict__.update(layer.__dict__)
+        return appending
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        width, new = self.keys.shape[-2], key_states.shape[-2]
+        keys = self.room[0] if self.room is not None else None
+        if (keys is None or keys.data_ptr() != self.keys.data_ptr() or keys.shape[:-2] != self.keys.shape[:-2]
+                or keys.shape[-2] < width + new):
+            shape = (*self.keys.shape[:-2], 2 * (width + new), self.keys.shape[-1])
+            self.room = (self.keys.new_empty(shape), self.values.new_empty(shape))
+            self.room[0][..., :width, :], self.room[1][..., :width, :] = self.keys, self.values
+        self.room[0][..., width:width + new, :], self.room[1][..., width:width + new, :] = key_states, value_states
+        self.keys, self.values = self.room[0][..., :width + new, :], self.room[1][..., :width + new, :]
+        return self.keys, self.values
 
 
 class ModelRows:
@@ -222,6 +250,8 @@ class ModelRows:
 
     def _merge(self, new: dict) -> None:
         """Add the rows of a prefill (`new`: its cache, mask, contexts, lengths and T5's encoder states)."""
+        layers = (new["cache"].self_attention_cache if self.seq2seq else new["cache"]).layers
+        layers[:] = [AppendingLayer.taking_over(layer) for layer in layers]
         if self.cache is None:
             for name, value in new.items():
                 setattr(self, name, value)
