@@ -13,14 +13,15 @@ prompt is built with the tokenizer's chat template.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from model.build import count_parameters
 from model.inference.generation import InferenceArguments, load_for_inference
+from model.inference.reply import Reply, why_empty
 from model.inference.service import ChatService, DecodingOptions, PromptTooLong, ReplyTooLong
-from model.inference.streaming import Reply, why_empty
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
 from utils.errors import UserError
@@ -83,10 +84,8 @@ def print_reply(session: ChatSession, text: str) -> None:
 
 def interact(session: ChatSession) -> None:
     """The read-reply loop until /exit, ctrl+d or ctrl+c at the prompt."""
-    try:
+    with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
     while True:
         try:
             text = input("user> ").strip()

@@ -9,7 +9,7 @@ from conftest import REPO
 
 # Lowest first. A module may import its own layer and the layers before it.
 LAYERS = ["utils", "utils.data", "utils.tokenization", "utils.examples", "model", "model.training",
-          "model.inference", "model.gguf", "model.evaluation"]
+          "model.inference", "model.serving", "model.gguf", "model.evaluation"]
 STAGES = {path.stem for path in REPO.glob("*.py")}
 
 
@@ -36,6 +36,9 @@ def imports(path) -> list[tuple[int, str]]:
 def test_layers_import_only_downwards():
     modules = sorted(p for top in ("utils", "model") for p in (REPO / top).rglob("*.py"))
     assert len(modules) > 20
+    # every package of the core is a layer of its own (a new one must be placed in LAYERS, not fall into its parent)
+    packages = {".".join(p.parent.relative_to(REPO).parts) for p in modules}
+    assert packages <= set(LAYERS), f"packages missing from LAYERS: {sorted(packages - set(LAYERS))}"
     upward = []
     for path in modules:
         name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
@@ -53,6 +56,10 @@ def test_the_layer_check_catches_an_upward_import(tmp_path):
     bad.write_text("def f():\n    from model.training.trainer import save_final\n")
     assert [layer(target) for _, target in imports(bad)] == [LAYERS.index("model.training")]
     assert layer("utils.data.sources") < layer("utils.tokenization.chat_format") < layer("model.build")
+    # the HTTP adapter sits on the inference service; inference never imports it
+    assert layer("model.inference.service") < layer("model.serving.app") < layer("serve")
+    bad.write_text("from model.serving.schema import APIError\n")
+    assert [layer(target) for _, target in imports(bad)] == [LAYERS.index("model.serving")]
     assert layer("pre_train") == len(LAYERS) and layer("torch") is None
 
 
@@ -68,3 +75,13 @@ def test_no_module_shadows_an_installed_package_or_a_sibling():
     assert sorted(STAGES & installed) == []
     libraries = {p.stem for top in ("utils", "model") for p in (REPO / top).rglob("*.py")} - {"__init__"}
     assert sorted(STAGES & libraries) == []
+
+
+def test_the_tree_is_ruff_clean():
+    """`make lint` as a test, so CI holds the rule set of pyproject.toml: ruff reads its configuration there."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise", "."],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -19,8 +19,9 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 import chat
 from model.inference.generation import load_for_inference
+from model.inference.reply import why_empty
 from model.inference.service import ChatService, DecodingOptions, PromptTooLong, ReplyTooLong
-from model.inference.streaming import ReplyStream, generate_reply, why_empty
+from model.inference.streaming import ReplyStream, generate_reply
 from utils.config import parse_config
 from utils.errors import UserError
 from utils.tokenization.chat_format import render_prompt
@@ -288,7 +289,8 @@ def test_an_empty_reply_says_why(tiny_llama, tmp_path, capsys):
             (only_special, r"\[empty reply: the model wrote only special tokens \(<.+>\) until the limit of 5 new "
                            r"tokens \(max_new_tokens\)\]\n"),
             (only_end, r"\[empty reply: the model ended its turn at once\]\n")):
-        chat.main(["--config", "none", "--model_name_or_path", str(model), "--message", "你好", "--max_new_tokens", "5"])
+        chat.main(["--config", "none", "--model_name_or_path", str(model), "--message", "你好",
+                   "--max_new_tokens", "5"])
         shown = capsys.readouterr().out
         assert re.fullmatch(expected, shown), shown
 
@@ -365,11 +367,11 @@ def test_generation_threads_end_before_the_process_does(models, monkeypatch):
 
     batched = ChatService(model, tokenizer, DecodingOptions(max_new_tokens=8), max_concurrent=2, batched=True)
     assert asyncio.run(batched.complete(prepared)).text == expected
-    worker = batched.scheduler._thread
+    worker = batched.batcher._thread
     assert worker is not None and worker.is_alive()
-    batched.scheduler.close()
+    batched.batcher.close()
     assert not worker.is_alive()
-    batched.scheduler.close()  # closing again has nothing to stop
+    batched.batcher.close()  # closing again has nothing to stop
 
 
 def test_a_device_torch_cannot_use_is_refused_before_the_model_loads(tiny_t5):

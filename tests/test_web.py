@@ -18,7 +18,8 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from model.inference.generation import load_for_inference
 from model.inference.service import DecodingOptions
-from serve import ServeArguments, create_app, running_in_thread
+from model.serving.app import ServeArguments, create_app
+from model.serving.listening import running_in_thread
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 

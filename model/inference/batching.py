@@ -1,160 +1,181 @@
-"""Dynamic batching: concurrent replies generated together, each with its own stream, stop and cancel.
+"""Continuous batching: concurrent replies decode together, one token each per step; a reply that arrives
+while the batch is decoding joins it at the next step, and one that ends leaves at once.
 
-    scheduler = BatchScheduler(model, tokenizer, max_batch=16)
-    stream = ReplyStream(model, tokenizer, prompt_ids, config, scheduler=scheduler)
-    for piece in stream: ...                    # generated in a batch with whatever else is waiting
+    batcher = ContinuousBatcher(ModelRows(model, tokenizer), max_batch=16)
+    batcher.submit(reply)                     # a LiveReply: QUEUED until the next step takes it in
+    decode_alone(ModelRows(model, tokenizer), reply)   # the same loop for one reply, in the caller's thread
 
-One worker thread owns the model. Streams that arrive while it is busy, or soon after the first one when it
-is idle (within `wait_s`, or up to `max_wait_s` while streams that were announced, i.e. admitted to a slot
-but not yet asked to generate, are still on their way: a burst of requests starts as one batch), form the
-next batch: replies with the same decoding options (all but max_new_tokens) go into
-one `model.generate` over the padded prompts (`run_batch`), where each row stops on its own. A batch runs
-until its longest reply ends; streams arriving meanwhile wait for the next one (static batches, no joining
-mid-flight). Beam search runs one reply at a time.
+One worker thread owns the model. Each turn of its loop: replies asked to stop leave; the queued replies (up
+to `max_batch` rows in all) are admitted and their prompts read in one forward pass, which gives each its
+first token; then one decoding step gives every row its next token. The model's side (caches, token choice)
+is `model.inference.decoding.ModelRows`; the reply's side (phases, finish reasons, text) is
+`model.inference.reply.LiveReply`. Anything with `replies`, `join`, `step` and `leave` can stand in for
+`ModelRows` (the tests' fake model). Replies with different decoding options (temperature, top_p,
+repetition_penalty, ...) share the batch; each row's next token is chosen with its own.
 
 Why not transformers' continuous batching (`generate_batch`, `init_continuous_batching`): its manager takes
 one generation config for every request (no per-request temperature, top_p or repetition_penalty, which the
 API lets each request choose), it supports decoder-only models only (not T5), and its paged attention
-computes a reply differently from `model.generate`, so a batched reply would not equal the same request
-generated alone.
+computes a reply differently from `model.generate`, whose greedy replies the ones here equal.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import queue
 import threading
-import time
+from typing import Protocol
 
-from model.inference.streaming import ReplyStream, run_batch
+from model.inference.reply import LiveReply
 
 logger = logging.getLogger(__name__)
 
 
-def batch_key(stream: ReplyStream) -> str:
-    """Streams with equal keys can share one `model.generate`: equal decoding options but max_new_tokens.
-    Beam search never shares."""
-    if (stream.config.num_beams or 1) > 1:
-        return f"beams-{id(stream)}"
-    options = stream.config.to_dict()
-    options.pop("max_new_tokens", None)
-    return repr(sorted(options.items(), key=lambda item: item[0]))
+class Rows(Protocol):
+    """The model's side of a running batch (`ModelRows`, or a test's fake)."""
+
+    replies: list[LiveReply]
+
+    def join(self, replies: list[LiveReply]) -> list[int]: ...
+
+    def step(self) -> list[int]: ...
+
+    def leave(self, keep: list[int]) -> None: ...
 
 
-class BatchScheduler:
-    """Generates submitted `ReplyStream`s in batches of at most `max_batch` on one worker thread.
+class RunningBatch:
+    """The loop's moves on `rows`: admit and join replies, step, and let finished replies leave."""
 
-    `context` (the model's positions; None for an encoder-decoder) keeps a decoder-only batch within it: a
-    left-padded batch is as wide as its longest prompt plus its longest reply. `batches` counts the
-    `model.generate` calls run and `largest` the most streams one of them took.
+    def __init__(self, rows: Rows):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows.replies)
+
+    def join(self, replies: list[LiveReply]) -> int:
+        """Admit `replies` (those cancelled while queued are finished already) and give each its first token;
+        how many were admitted."""
+        admitted = [reply for reply in replies if reply.admit()]
+        if not admitted:
+            return 0
+        try:
+            tokens = self.rows.join(admitted)
+        except Exception as err:
+            if len(admitted) == 1:
+                admitted[0].fail(err)
+            else:  # read alone, so that one bad prompt fails only its own reply
+                for reply in admitted:
+                    self._join_alone(reply)
+            self.retire()
+            return len(admitted)
+        for reply, token in zip(admitted, tokens):
+            reply.take(token)
+        self.retire()
+        return len(admitted)
+
+    def _join_alone(self, reply: LiveReply) -> None:
+        try:
+            token = self.rows.join([reply])[0]
+        except Exception as err:
+            reply.fail(err)
+        else:
+            reply.take(token)
+
+    def step(self) -> None:
+        """Replies asked to stop leave; every other row gets its next token; rows whose reply ended leave."""
+        self.retire()
+        if not self.rows.replies:
+            return
+        try:
+            tokens = self.rows.step()
+        except Exception as err:
+            for reply in self.rows.replies:
+                reply.fail(err)
+            self.rows.leave([])
+            return
+        for reply, token in zip(self.rows.replies, tokens):
+            reply.take(token)
+        self.retire()
+
+    def retire(self) -> None:
+        keep = [row for row, reply in enumerate(self.rows.replies) if not reply.end_if_cancelled()]
+        if len(keep) < len(self.rows.replies):
+            self.rows.leave(keep)
+
+
+def decode_alone(rows: Rows, reply: LiveReply) -> None:
+    """Generate `reply` by itself (blocking): the batch loop with one row."""
+    batch = RunningBatch(rows)
+    batch.join([reply])
+    while batch:
+        batch.step()
+
+
+class ContinuousBatcher:
+    """Generates submitted replies in one continuous batch of at most `max_batch` rows on a worker thread.
+
+    `steps` counts decoding steps, `largest` the most rows one step decoded, `joined_running` the replies
+    that joined a batch already decoding (rather than starting one).
     """
 
-    def __init__(self, model, tokenizer, max_batch: int, wait_s: float = 0.005, max_wait_s: float = 0.05,
-                 context: int | None = None):
+    def __init__(self, rows: Rows, max_batch: int):
         assert max_batch >= 1
-        self.model, self.tokenizer, self.max_batch, self.context = model, tokenizer, max_batch, context
-        self.wait_s, self.max_wait_s = wait_s, max_wait_s
-        self._announced = 0  # streams admitted that have not been submitted (nor withdrawn) yet
-        self._queue: queue.Queue[ReplyStream] = queue.Queue()
+        self.batch, self.max_batch = RunningBatch(rows), max_batch
+        self._queue: queue.Queue[LiveReply | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self.batches = 0
-        self.largest = 0
+        self.steps = self.largest = self.joined_running = 0
 
-    def announce(self, stream: ReplyStream) -> None:
-        """A stream was admitted and will be submitted soon (or withdrawn): a batch may wait for it."""
+    def submit(self, reply: LiveReply) -> None:
         with self._lock:
-            self._announced += 1
-        stream.announced = True
-
-    def withdraw(self, stream: ReplyStream) -> None:
-        """An announced stream will not be submitted (its client left first)."""
-        with self._lock:
-            if stream.announced:
-                stream.announced = False
-                self._announced -= 1
-
-    def submit(self, stream: ReplyStream) -> None:
-        with self._lock:
-            if stream.announced:
-                stream.announced = False
-                self._announced -= 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="batches", daemon=True)
                 self._thread.start()
                 atexit.register(self.close)
-        self._queue.put(stream)
+        self._queue.put(reply)
 
     def close(self) -> None:
-        """Stop the worker once the batch it runs is done (at exit: streams end before `generate` returns,
-        and a process that exits under a thread still inside torch aborts)."""
+        """Stop the worker once the replies it holds are done (at exit: a process that exits under a thread
+        still inside torch aborts)."""
         with self._lock:
             thread = self._thread
         if thread is not None and thread.is_alive():
             self._queue.put(None)
             thread.join()
 
-    def _gather(self) -> list[ReplyStream] | None:
-        """The next streams to generate: the first waits for the worker, the rest arrived with it or are
-        announced and on their way. None once `close` asked the worker to stop."""
-        first = self._queue.get()
-        if first is None:
-            return None
-        waiting = [first]
-        began = time.monotonic()
-        while len(waiting) < self.max_batch:
-            limit = self.max_wait_s if self._announced > 0 else self.wait_s
-            try:
-                stream = self._queue.get(timeout=max(0.0, began + limit - time.monotonic()))
-            except queue.Empty:
-                if self._announced <= 0 or time.monotonic() - began >= self.max_wait_s:
-                    break
-                continue
-            if stream is None:  # closing: run what was gathered, then stop
-                self._queue.put(None)
-                break
-            waiting.append(stream)
-        return waiting
-
-    def group(self, streams: list[ReplyStream]) -> list[list[ReplyStream]]:
-        """`streams` (in arrival order) as batches that can run together, the oldest stream's first."""
-        groups: dict[str, list[list[ReplyStream]]] = {}
-        order: list[list[ReplyStream]] = []
-        for stream in streams:
-            batches = groups.setdefault(batch_key(stream), [])
-            batch = batches[-1] if batches else None
-            if batch is None or not self._fits(batch + [stream]):
-                batch = []
-                batches.append(batch)
-                order.append(batch)
-            batch.append(stream)
-        return order
-
-    def _fits(self, batch: list[ReplyStream]) -> bool:
-        if self.context is None:
-            return True
-        return max(len(s.prompt_ids) for s in batch) + max(s.max_new_tokens for s in batch) <= self.context
-
     def _work(self) -> None:
-        while True:
-            streams = self._gather()
-            if streams is None:
-                return
+        waiting: collections.deque[LiveReply] = collections.deque()
+        closing = False
+        while not (closing and not self.batch and not waiting):
             try:
-                live = []
-                for stream in streams:
-                    if not stream.claim():  # cancelled (and finished) while it waited
-                        continue
-                    if stream.cancel_event.is_set():  # its client left while it waited
-                        stream.finish("cancelled")
-                    else:
-                        live.append(stream)
-                for batch in self.group(live):
-                    self.batches += 1
-                    self.largest = max(self.largest, len(batch))
-                    run_batch(self.model, self.tokenizer, batch)
+                closing = self._gather(waiting, block=not self.batch and not waiting) or closing
+                room = self.max_batch - len(self.batch)
+                joining = [waiting.popleft() for _ in range(min(room, len(waiting)))]
+                if joining:
+                    running = bool(self.batch)
+                    admitted = self.batch.join(joining)
+                    self.joined_running += admitted if running else 0
+                if self.batch:
+                    self.largest = max(self.largest, len(self.batch))
+                    self.steps += 1
+                    self.batch.step()
             except BaseException as err:  # never leave a reader waiting, never let the worker die
                 logger.exception("batch failed")
-                for stream in streams:
-                    stream.finish(error=err)
+                for reply in [*self.batch.rows.replies, *waiting]:
+                    reply.fail(err)
+                waiting.clear()
+                self.batch.rows.leave([])
+
+    def _gather(self, waiting: collections.deque, block: bool) -> bool:
+        """Move what was submitted into `waiting` (waiting for the first when `block`); True once closed."""
+        try:
+            item = self._queue.get(block=block)
+            while True:
+                if item is None:
+                    return True
+                waiting.append(item)
+                item = self._queue.get_nowait()
+        except queue.Empty:
+            return False

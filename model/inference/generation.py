@@ -86,8 +86,9 @@ def padded_batch(prompts: Sequence[list[int]], pad: int, left: bool, device) -> 
     return torch.tensor(rows, device=device), torch.tensor(masks, device=device)
 
 
-def generate_replies(model, tokenizer, conversations: list[list[dict]], generation_config: GenerationConfig | None = None,
-                     batch_size: int = 8, max_prompt_tokens: int | None = None, progress: bool = True) -> list[str]:
+def generate_replies(model, tokenizer, conversations: list[list[dict]],
+                     generation_config: GenerationConfig | None = None, batch_size: int = 8,
+                     max_prompt_tokens: int | None = None, progress: bool = True) -> list[str]:
     """The model's reply to each conversation (each ends with a user turn), generated in batches.
 
     Prompts go through the chat template (`render_prompt`); decoder-only models are left-padded so

@@ -15,8 +15,8 @@
 A reply may be as long as the model's context (a decoder-only model keeps 8 positions for a prompt); a
 reply length nobody asked for is the model's default, at most half the context of a decoder-only model,
 and the prompt gets what the reply leaves. With `batched=True` (the server) concurrent replies are generated
-together in batches (`model.inference.batching`); each still equals the reply it would get alone. No HTTP
-here: serve.py frames these calls as routes.
+together in one continuous batch (`model.inference.batching`); each still equals the reply it would get
+alone. No HTTP here: `model.serving` frames these calls as routes.
 """
 
 from __future__ import annotations
@@ -34,10 +34,12 @@ from dataclasses import dataclass, field, fields
 import anyio
 from transformers import GenerationConfig
 
-from model.inference.batching import BatchScheduler
+from model.inference.batching import ContinuousBatcher
+from model.inference.decoding import ModelRows
 from model.inference.generation import context_length
+from model.inference.reply import Reply
 from model.inference.scoring import TokenScore, score_tokens
-from model.inference.streaming import Reply, ReplyStream
+from model.inference.streaming import AsyncReplyStream, ReplyStream
 from utils.errors import UserError
 from utils.tokenization.chat_format import render_prompt
 
@@ -144,33 +146,14 @@ class PreparedReply:
     stop: tuple[str, ...] = ()  # the reply ends before the first of these strings
 
 
-class AsyncReplyStream:
-    """A `ReplyStream` read from async code: each piece is awaited from a worker thread."""
-
-    def __init__(self, stream: ReplyStream):
-        self._stream = stream
-
-    def cancel(self) -> None:
-        self._stream.cancel()
-
-    @property
-    def reply(self) -> Reply | None:
-        return self._stream.reply
-
-    async def __aiter__(self) -> AsyncIterator[str]:
-        pieces = iter(self._stream)
-        while (piece := await anyio.to_thread.run_sync(next, pieces, None)) is not None:
-            yield piece
-
-
 class ChatService:
     """Replies of one model to conversations: decoding options, reply and prompt lengths, prompt rendering,
     and generation, whole or streamed, at most `max_concurrent` at once (the rest wait in line).
 
     `active`, `peak_active` and `recent` (finished `Reply`s, newest last) count the generations run
     through `complete` and `stream`. Raises `ReplyTooLong` when `defaults` ask for a reply longer than the
-    model can give. `batched`: generate concurrent replies in batches of up to `max_concurrent` (one worker
-    thread) rather than each in a thread of its own.
+    model can give. `batched`: generate concurrent replies in one continuous batch of up to `max_concurrent`
+    rows (one worker thread, `batcher`) rather than each in a thread of its own.
     """
 
     def __init__(self, model, tokenizer, defaults: DecodingOptions | None = None, max_concurrent: int = 1,
@@ -183,8 +166,7 @@ class ChatService:
         self.reply_limit = self.context_length if self.seq2seq else self.context_length - 8
         self._check_reply_length(self.defaults.max_new_tokens)
         self.slots = asyncio.Semaphore(max_concurrent)
-        self.scheduler = BatchScheduler(model, tokenizer, max_concurrent,
-                                        context=None if self.seq2seq else self.context_length) if batched else None
+        self.batcher = ContinuousBatcher(ModelRows(model, tokenizer), max_concurrent) if batched else None
         self.active = 0  # generations running now
         self.peak_active = 0  # the most that ever ran at once
         self.recent: collections.deque[Reply] = collections.deque(maxlen=256)
@@ -235,35 +217,28 @@ class ChatService:
         """The reply's pieces for a synchronous caller (the terminal chat): no slot, not counted."""
         return ReplyStream(self.model, self.tokenizer, prepared.ids, prepared.config, stop=prepared.stop)
 
-    def _stream_of(self, prepared: PreparedReply, cancel: threading.Event | None, began: float) -> ReplyStream:
-        stream = ReplyStream(self.model, self.tokenizer, prepared.ids, prepared.config, cancel, stop=prepared.stop,
-                             on_done=lambda reply: self._ended(reply, began), scheduler=self.scheduler)
-        if self.scheduler is not None:
-            self.scheduler.announce(stream)  # a batch about to start may wait for it
-        return stream
+    def _stream_of(self, prepared: PreparedReply, began: float) -> ReplyStream:
+        return ReplyStream(self.model, self.tokenizer, prepared.ids, prepared.config, stop=prepared.stop,
+                           on_done=lambda reply: self._ended(reply, began), batcher=self.batcher)
 
     async def complete(self, prepared: PreparedReply,
                        disconnected: Callable[[], Awaitable[bool]] | None = None) -> Reply:
-        """The whole reply, generated in a worker thread once a slot is free. `disconnected` is polled
-        meanwhile; when it answers True (the client went away) the generation stops."""
-        cancel = threading.Event()
-
+        """The whole reply, once a slot is free. `disconnected` is polled meanwhile; when it answers True (the
+        client went away) the generation stops."""
         async def watch():
-            while not cancel.is_set():
-                if await disconnected():
-                    cancel.set()
+            while not await disconnected():
                 await asyncio.sleep(0.1)
+            stream.cancel()
 
-        async with self.slots:
-            began = self._began()
-            stream = self._stream_of(prepared, cancel, began)
+        async with self.stream(prepared) as stream:
             watcher = asyncio.create_task(watch()) if disconnected is not None else None
             try:
-                return await anyio.to_thread.run_sync(stream.wait)
+                async for _ in stream:
+                    pass
             finally:
                 if watcher is not None:
                     watcher.cancel()
-                self._never_started(stream, began)
+            return stream.reply
 
     async def score(self, ids: list[int], top: int = 0) -> list[TokenScore]:
         """The log-probability of each of `ids` after the first given those before it, and the `top` most
@@ -278,7 +253,7 @@ class ChatService:
         generation; it is counted until its thread ends."""
         async with self.slots:
             began = self._began()
-            stream = self._stream_of(prepared, None, began)
+            stream = self._stream_of(prepared, began)
             try:
                 yield AsyncReplyStream(stream)
             finally:
@@ -288,8 +263,6 @@ class ChatService:
     def _never_started(self, stream: ReplyStream, began: float) -> None:
         """Bookkeeping of a stream left before it was asked to generate (its generation never ends)."""
         if not stream.started:
-            if self.scheduler is not None:
-                self.scheduler.withdraw(stream)
             self._ended(None, began)
 
     def _began(self) -> float:
