@@ -179,6 +179,16 @@ def test_service_reply_and_prompt_lengths(models):
     with pytest.raises(PromptTooLong) as caught:
         service.prepare([system, {"role": "user", "content": "很长的消息" * 40}], config)
     assert caught.value.budget == 56 and caught.value.prompt_tokens > 56
+    # A system message that fits alone but not with the last message is refused too, not dropped: a reply
+    # without it would ignore the instructions (or rag_chat.py's passages) it holds.
+    long_system = {"role": "system", "content": "资料：图书馆里很安静。" * 6}
+    last = {"role": "user", "content": "安静吗"}
+    assert len(tokenizer.apply_chat_template([last], add_generation_prompt=True, return_dict=False)) <= 56
+    needed = len(tokenizer.apply_chat_template([long_system, last], add_generation_prompt=True, return_dict=False))
+    assert needed > 56
+    with pytest.raises(PromptTooLong, match="the system message with the last message needs") as caught:
+        service.prepare([long_system, *turns[:3], last], config)
+    assert (caught.value.prompt_tokens, caught.value.budget) == (needed, 56)
     t5 = ChatService(*models["t5"])
     assert t5.prompt_budget(200) == t5.context_length == t5.reply_limit  # an encoder reads the whole context
 

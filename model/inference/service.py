@@ -26,6 +26,7 @@ import collections
 import contextlib
 import copy
 import logging
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -128,11 +129,12 @@ class ReplyTooLong(ValueError):
 
 
 class PromptTooLong(ValueError):
-    """The newest message alone (with the chat template) does not fit in the prompt budget."""
+    """The newest message alone (with the chat template), or with the system message, does not fit in the
+    prompt budget."""
 
-    def __init__(self, prompt_tokens: int, budget: int):
-        self.prompt_tokens, self.budget = prompt_tokens, budget
-        super().__init__(f"the last message needs {prompt_tokens} tokens but the prompt may use at most {budget}")
+    def __init__(self, prompt_tokens: int, budget: int, what: str = "the last message alone"):
+        self.prompt_tokens, self.budget, self.what = prompt_tokens, budget, what
+        super().__init__(f"{what} needs {prompt_tokens} tokens but the prompt may use at most {budget}")
 
 
 @dataclass
@@ -196,13 +198,18 @@ class ChatService:
         return self.context_length if self.seq2seq else self.context_length - max_new_tokens
 
     def prepare(self, messages: list[dict], config: GenerationConfig, stop: Sequence[str] = ()) -> PreparedReply:
-        """The prompt of `messages` within the budget `config` leaves: oldest turns go first and a system
-        message stays while it fits (`render_prompt`). Raises `PromptTooLong` when the newest message does
-        not fit even alone, rather than cutting it. The reply ends before the first of the `stop` strings."""
+        """The prompt of `messages` within the budget `config` leaves: oldest turns go first, the system
+        message stays (`render_prompt`). Raises `PromptTooLong` when the newest message does not fit even
+        alone, rather than cutting it, or not with the system message, rather than answering without the
+        instructions (or, retrieval-augmented, the passages) it holds. The reply ends before the first of
+        the `stop` strings."""
         budget = self.prompt_budget(config.max_new_tokens)
         prompt = render_prompt(self.tokenizer, messages, budget)
         if prompt.truncated_tokens:
             raise PromptTooLong(len(prompt.ids) + prompt.truncated_tokens, budget)
+        if len(messages) > 1 and messages[0]["role"] == "system" and prompt.dropped_messages == len(messages) - 1:
+            needed = render_prompt(self.tokenizer, [messages[0], messages[-1]], sys.maxsize).ids
+            raise PromptTooLong(len(needed), budget, "the system message with the last message")
         return PreparedReply(prompt.ids, config, prompt.trimmed, budget, tuple(stop))
 
     def prepare_prompt(self, ids: list[int], config: GenerationConfig, stop: Sequence[str] = ()) -> PreparedReply:

@@ -115,7 +115,7 @@ def prepare_reply(service: ChatService, prompt: list[dict] | list[int], override
     try:
         prepared = service.prepare(prompt, config, stop) if chat else service.prepare_prompt(prompt, config, stop)
     except PromptTooLong as err:
-        what = "the last message alone needs" if chat else "the prompt has"
+        what = f"{err.what} needs" if chat else "the prompt has"
         raise APIError(400, f"This model's maximum context length is {service.context_length} tokens; {what} "
                             f"{err.prompt_tokens} tokens and the prompt may use {err.budget} with max_tokens "
                             f"{config.max_new_tokens}. Shorten the {'message' if chat else 'prompt'} or lower "
