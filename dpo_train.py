@@ -42,7 +42,7 @@ from model.training.summary import final_evaluation, log_summary
 from model.training.trainer import describe_plan, train_until_done_or_stopped
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
-from utils.data.conversations import PreferenceDataArguments, load_preference_splits
+from utils.data.conversations import RANKING_PAIRS_HELP, PreferenceDataArguments, RankingPairs, load_preference_splits
 from utils.errors import UserError
 from utils.hub import local_dir
 from utils.logging import setup_logging
@@ -59,7 +59,10 @@ class ModelArguments(AttentionArguments):
 
 @dataclass
 class DataArguments(PreferenceDataArguments):
-    """The preference pairs DPO trains on (fields shared with reward_train.py)."""
+    """The preference pairs DPO trains on (fields shared with reward_train.py). From a ranking, DPO takes the best
+    answer against each other one (each pair one example); the reward model takes every pair."""
+
+    ranking_pairs: RankingPairs = field(default="best_vs_rest", metadata={"help": RANKING_PAIRS_HELP})
 
 
 def check_lengths(data: DataArguments, args: DPOArguments, model, tokenizer, seq2seq: bool) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -104,7 +106,7 @@ def test_preference_formats_give_the_same_triples(tmp_path):
     }
     paths = [write_jsonl(tmp_path / f"{name}.jsonl", [row]) for name, row in rows.items()]
     pairs = load_preferences(paths)
-    assert pairs == [{"prompt": prompt, "chosen": ANSWER, "rejected": "随便泡。"}] * len(rows)
+    assert pairs == [{"prompt": prompt, "chosen": ANSWER, "rejected": "随便泡。", "weight": 1.0}] * len(rows)
     # rejected-answer generation reads prompts + chosen answers from either kind of file, every format
     sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": QUESTION, "response": ANSWER}])
     assert load_answered_prompts([*paths, sft]) == [{"prompt": prompt, "chosen": ANSWER}] * (len(rows) + 1)
@@ -125,7 +127,7 @@ def test_multi_turn_preference_formats_keep_history_and_system(tmp_path):
          "rejected": [*history, {"role": "assistant", "content": "不知道。"}]},
     ]
     paths = [write_jsonl(tmp_path / f"{i}.jsonl", [row]) for i, row in enumerate(rows)]
-    assert load_preferences(paths) == [{"prompt": history, "chosen": ANSWER, "rejected": "不知道。"}] * 3
+    assert load_preferences(paths) == [{"prompt": history, "chosen": ANSWER, "rejected": "不知道。", "weight": 1.0}] * 3
     assert load_preferences([paths[2]], fmt="implicit_prompt") == load_preferences([paths[2]])  # declared
 
 
@@ -150,6 +152,60 @@ def test_real_public_samples_load():
     assert sum(p["prompt"][0]["role"] == "system" for p in medical) == 84
 
 
+RANKINGS = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("pairs, counts", [("all", [6, 3, 1, 10, 3, 6]), ("best_vs_rest", [3, 2, 1, 4, 2, 3]),
+                                           ("adjacent", [3, 2, 1, 4, 2, 3])])
+def test_rankings_best_first_become_pairs_weighted_once_per_ranking(pairs, counts):
+    """LLaMA-Factory's older ranking rows (alpaca `output`, best first, 2 to 5 answers): K(K-1)/2 pairs with `all`,
+    K-1 with the others; every pair puts the better answer first, and the weights of a ranking sum to 1."""
+    path = str(RANKINGS / "ranking_alpaca_zh.json")
+    rankings = json.loads((RANKINGS / "ranking_alpaca_zh.json").read_text(encoding="utf-8"))
+    rows = load_preferences([path], pairs=pairs)
+    assert len(rows) == sum(counts)
+    start = 0
+    for ranking, count in zip(rankings, counts):
+        group, start = rows[start:start + count], start + count
+        assert {row["prompt"][-1]["content"].split("\n")[0] for row in group} == {ranking["instruction"]}
+        assert math.fsum(row["weight"] for row in group) == pytest.approx(1, abs=1e-12)
+        order = ranking["output"]
+        assert all(order.index(row["chosen"]) < order.index(row["rejected"]) for row in group)
+        if pairs == "best_vs_rest":
+            assert {row["chosen"] for row in group} == {order[0]}
+        if pairs == "adjacent":
+            assert all(order.index(row["rejected"]) == order.index(row["chosen"]) + 1 for row in group)
+    # instruction data readers take the best answer as the reference
+    assert [row["chosen"] for row in load_answered_prompts([path])] == [r["output"][0] for r in rankings]
+
+
+def test_rankings_by_rank_or_score_order_answers_and_ties_make_no_pair():
+    """`answers` with OpenAssistant-style `ranks` (lower is better) or `scores` (higher is better); answers
+    that tie (scores 6 and 6) are never paired with each other."""
+    path = str(RANKINGS / "ranking_answers_zh.jsonl")
+    ranked, scored, best_first = [json.loads(line) for line in
+                                  (RANKINGS / "ranking_answers_zh.jsonl").read_text(encoding="utf-8").splitlines()]
+    a = ranked["answers"]
+    by_ranks = {(a[1], a[2]), (a[1], a[0]), (a[2], a[0])}
+    s = scored["answers"]
+    by_scores = {"all": {(s[0], s[1]), (s[0], s[2]), (s[0], s[3]), (s[1], s[3]), (s[2], s[3])},
+                 "best_vs_rest": {(s[0], s[1]), (s[0], s[2]), (s[0], s[3])},
+                 "adjacent": {(s[0], s[1]), (s[0], s[2]), (s[1], s[3]), (s[2], s[3])}}
+    for pairs, expected in by_scores.items():
+        rows = load_preferences([path], pairs=pairs)
+        got = [{(r["chosen"], r["rejected"]) for r in rows if r["prompt"][-1]["content"] == row["prompt"]}
+               for row in (ranked, scored, best_first)]
+        assert got[1] == expected and got[2] == {tuple(best_first["answers"])}
+        assert got[0] == (by_ranks if pairs == "all" else {(a[1], a[2]), (a[1], a[0])} if pairs == "best_vs_rest"
+                          else {(a[1], a[2]), (a[2], a[0])})
+        assert [r["weight"] for r in rows if r["prompt"][-1]["content"] == scored["prompt"]] == [
+            1 / len(expected)] * len(expected)
+    assert load_answered_prompts([path])[0]["chosen"] == a[1]  # rank 0 is the best
+    with pytest.raises(UserError, match="unknown ranking_pairs 'best'") as error:
+        load_preferences([path], pairs="best")
+    assert error.value.field == "ranking_pairs"
+
+
 @pytest.mark.parametrize("content, loader, match, line, field", [
     ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "d", "rejected": "e"}\n',
      load_preferences, "missing field 'chosen'", 2, "chosen"),
@@ -171,6 +227,14 @@ def test_real_public_samples_load():
     ('{"chosen": [{"role": "user", "content": "你好"}], "rejected": [{"role": "user", "content": "你好"}]}\n',
      load_answered_prompts, "ending with the assistant's answer", 1, "chosen"),
     ('{"chosen": "好", "rejected": "不好"}\n', load_preferences, "non-empty list of turns", 1, "chosen"),
+    ('{"prompt": "你好", "answers": ["好"]}\n', load_preferences, "two or more answers", 1, "answers"),
+    ('{"prompt": "你好", "answers": ["好", "不好"], "ranks": [0]}\n', load_preferences, "list of 2 numbers", 1,
+     "ranks"),
+    ('{"prompt": "你好", "answers": ["好", "不好"], "scores": [3, 3]}\n', load_preferences, "same score", 1,
+     "scores"),
+    ('{"prompt": "你好", "answers": ["好", "不好"], "ranks": [0, 1], "scores": [1, 0]}\n', load_preferences,
+     "both 'ranks' and 'scores'", 1, "scores"),
+    ('{"prompt": "你好", "answers": ["好", " "]}\n', load_preferences, "empty answer", 1, "answers[1]"),
 ])
 def test_bad_rows_are_refused_with_file_line_and_field(tmp_path, content, loader, match, line, field):
     path = tmp_path / "bad.jsonl"

@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,6 +204,18 @@ def test_shared_preference_data_tokenizes_within_limits(name, tiny_tokenizer):
     for row in data:
         assert len(row["prompt_ids"]) <= 128 and row["prompt_ids"][-len(assistant):] == assistant
         assert 0 < len(row["chosen_ids"]) <= 96 and 0 < len(row["rejected_ids"]) <= 96
+
+
+def test_rankings_give_dpo_the_best_answer_against_each_other_one(tiny_llama, tmp_path):
+    """LLaMA-Factory's ranking rows (2 to 5 answers, best first): by default DPO takes the best answer against
+    each other one, 15 pairs from 6 rankings (`--ranking_pairs all` would make 29), and the run records it."""
+    rankings = Path(__file__).parent / "data" / "ranking_alpaca_zh.json"
+    trainer = dpo_train.main(dpo_args(tiny_llama, rankings, tmp_path / "dpo", "--max_steps", "1",
+                                      "--max_prompt_length", "96", "--max_completion_length", "160"))
+    assert len(trainer.train_dataset) == 15
+    best = {row["output"][0] for row in json.loads(rankings.read_text(encoding="utf-8"))}
+    assert {trainer.processing_class.decode(ids[:-1]) for ids in trainer.train_dataset["chosen_ids"]} == best
+    assert json.loads((tmp_path / "dpo" / "run.json").read_text())["settings"]["ranking_pairs"] == "best_vs_rest"
 
 
 def adapter_losses(output, step):

@@ -2,9 +2,10 @@
 through processes and DeepSpeed): 1 process x batch 4, 1 x batch 1 x accumulation 4, 2 processes x 2 (DDP
 over gloo) and 2 processes x 2 under DeepSpeed ZeRO-2 launched from the project's `accelerate.yaml`. Logged
 losses, evaluation loss and bits per character agree to 1e-3 (relative), and each final weight tensor
-to 1e-3 of the distance training moved it (see `assert_same`), for pretraining (T5 and Llama), SFT (T5) and
-DPO (Llama). And ctrl+c under DeepSpeed (pretraining and SFT):
-stopped at a checkpoint and resumed by the same command, the run ends bit-identical to the uninterrupted one.
+to 1e-3 of the distance training moved it (see `assert_same`), for pretraining (T5 and Llama), SFT (T5), DPO
+(Llama) and the reward model on rankings (Llama; pairs weighted per ranking over the global batch). And ctrl+c
+under DeepSpeed (pretraining and SFT): stopped at a checkpoint and resumed by the same command, the run ends
+bit-identical to the uninterrupted one.
 
 DeepSpeed runs on the CPU accelerator here (gloo); its shared-memory op is compiled once per machine
 (~3 minutes, cached under ~/.cache/torch_extensions)."""
@@ -60,14 +61,23 @@ def outcome(output) -> dict:
     summary = json.loads((output / "training_summary.json").read_text())
     return {"losses": [h["loss"] for h in state["log_history"] if "loss" in h],
             "eval": {k: v for k, v in summary.items() if k.startswith("eval_") and k.split("_")[-1] in
-                     ("loss", "bpc", "accuracies", "margins")},
+                     ("loss", "bpc", "accuracies", "margins", "accuracy", "margin")},
             "tokens": summary.get("num_input_tokens_seen"),
             "weights": load_file(output / "model.safetensors")}
 
 
 def start_weights(stage: str, arch: str, request) -> dict:
-    """The weights a run starts from: the fixture model SFT and DPO train on, or pretraining's initialisation
-    (pre_train.py builds the model from its preset with the run's seed, 11)."""
+    """The weights a run starts from: the fixture model SFT, DPO and the reward model train on, or pretraining's
+    initialisation (pre_train.py builds the model from its preset with the run's seed, 11)."""
+    if stage == "reward":  # the fixture model and a score head drawn with the run's seed, as reward_train.py does
+        from transformers import set_seed
+
+        from model.training.reward import load_reward_model
+        from utils.tokenization.tokenizer import load_tokenizer
+
+        base = str(request.getfixturevalue(f"tiny_{arch}"))
+        set_seed(11)
+        return load_reward_model(base, load_tokenizer(base, "model_name_or_path")).state_dict()
     if stage != "pretrain":
         return load_file(request.getfixturevalue(f"tiny_{arch}") / "model.safetensors")
     from transformers import AutoTokenizer
@@ -135,6 +145,12 @@ def stage_args(stage, arch, data, request, output) -> tuple[str, list[str]]:
                                 str(data["sft"]), "--max_source_length", "64", "--max_target_length", "48",
                                 "--max_length", "128", "--learning_rate", "1e-3", "--validation_ratio", "0.2",
                                 "--eval_samples", "0", "--freeze", "none"]
+    if stage == "reward":  # 6 rankings of 2 to 5 answers: 29 pairs weighted 1 / (pairs of their ranking)
+        rankings = REPO / "tests" / "data" / "ranking_alpaca_zh.json"
+        return "reward_train.py", [*common, "--model_name_or_path", str(model), "--train_files", str(rankings),
+                                   "--validation_files", str(rankings), "--max_prompt_length", "96",
+                                   "--max_completion_length", "160", "--learning_rate", "3e-3",
+                                   "--activation_checkpointing", "false", "--dataset_num_proc", "1"]
     # 8 pairs and an evaluation batch of 2: no pair is repeated to even out processes (see PreferenceTrainer)
     return "dpo_train.py", [*common, "--model_name_or_path", str(model), "--train_files", str(data["pairs"]),
                             "--validation_files", str(data["pairs"]), "--max_prompt_length", "48",
@@ -144,7 +160,8 @@ def stage_args(stage, arch, data, request, output) -> tuple[str, list[str]]:
 
 
 @pytest.mark.parametrize("stage,arch,interrupt", [("pretrain", "t5", True), ("pretrain", "llama", False),
-                                                  ("sft", "t5", True), ("dpo", "llama", False)])
+                                                  ("sft", "t5", True), ("dpo", "llama", False),
+                                                  ("reward", "llama", False)])
 def test_numbers_do_not_depend_on_how_the_batch_is_split(stage, arch, interrupt, conversations, tiny_corpus,
                                                         request, tmp_path):
     data = {"corpus": tiny_corpus, "sft": conversations / "sft.jsonl", "pairs": conversations / "pairs.jsonl"}
@@ -155,7 +172,7 @@ def test_numbers_do_not_depend_on_how_the_batch_is_split(stage, arch, interrupt,
                                   "--gradient_accumulation_steps", str(accumulation)])
         results[name] = outcome(tmp_path / name)
     reference, start = results.pop("1x4"), start_weights(stage, arch, request)
-    if stage != "dpo":  # the loss must be a language-model loss, not a multiple of one
+    if stage in ("pretrain", "sft"):  # the loss must be a language-model loss, not a multiple of one
         assert 3 < reference["losses"][0] < 9
     for name, result in results.items():
         assert_same(result, reference, start, f"{stage}/{arch} {name}")

@@ -74,12 +74,14 @@ def tokenize_preference(example: dict, tokenizer, max_prompt_length: int, max_co
 
 
 def prepare_preferences(dataset: Dataset, tokenizer, max_prompt_length: int, max_completion_length: int,
-                        name: str, num_proc: int | None = None) -> Dataset:
+                        name: str, num_proc: int | None = None, keep: tuple[str, ...] = ()) -> Dataset:
     """Tokenise preference pairs (`tokenize_preference`), log how many were cut, and drop pairs whose chosen
-    and rejected answers are the same tokens (they carry no preference)."""
+    and rejected answers are the same tokens (they carry no preference). `keep`: columns to carry over (the
+    reward model keeps each pair's `weight`; DPO trains every pair as one example)."""
     if "prompt_ids" in dataset.column_names:
         return dataset
-    dataset = dataset.map(tokenize_preference, remove_columns=dataset.column_names, num_proc=num_proc,
+    dropped = [column for column in dataset.column_names if column not in keep]
+    dataset = dataset.map(tokenize_preference, remove_columns=dropped, num_proc=num_proc,
                           desc=f"Tokenizing {name} pairs",
                           fn_kwargs={"tokenizer": tokenizer, "max_prompt_length": max_prompt_length,
                                      "max_completion_length": max_completion_length})

@@ -11,8 +11,17 @@ Which token is scored. Llama's sequence classifier scores the last non-padding t
 the decoder state at the tokenizer's EOS, which every sequence must hold once: the small extension for
 T5 is to append EOS to what it reads (`scored_ids`). TRL's trainer is otherwise used as it is.
 
+Rankings. A prompt ranked with K answers gives up to K(K-1)/2 pairs (`utils.data.conversations.expand_rankings`),
+each weighted 1 / (pairs of its ranking). The loss is sum(weight x pair loss) / sum(weight) over the global
+batch: InstructGPT's reward model averages the K(K-1)/2 comparisons of a prompt as one group, so that a prompt
+ranked with 6 answers does not count 15 times as much as a pair. Pair data has weight 1 everywhere, which is
+TRL's pair mean. The sum of weights is taken over every micro-batch of the optimizer step and every process
+(`_get_num_items_in_batch`, as HF does for token-weighted losses), so the loss and its gradients are the same
+however the global batch is split.
+
 Evaluation reports the pairwise loss and accuracy (chosen scored above rejected) as exact means over
-every held-out pair (TRL averages one figure per evaluation batch).
+every held-out pair, weighted the same way (TRL averages one figure per evaluation batch): for rankings, the
+mean over rankings of each ranking's share of correctly ordered pairs.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 from trl import RewardConfig, RewardTrainer
-from trl.trainer.reward_trainer import suppress_seqcls_warning
+from trl.trainer.reward_trainer import DataCollatorForPreference, suppress_seqcls_warning
 
 from model.build import check_tokenizer_keeps_ids, is_seq2seq
 from model.training.arguments import TRAINING_IDENTITY, RunArguments
@@ -84,21 +93,41 @@ def scored_ids(tokenizer, model_config, prompt_ids: list[int], answer: list[int]
     return ids + [tokenizer.eos_token_id] if is_seq2seq(model_config) else ids
 
 
-class RewardModelTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, RewardTrainer):
-    """TRL's `RewardTrainer` with atomic checkpoints, the toolkit's chat-template tokenisation and exact
-    evaluation figures. Pass datasets of `{prompt: [messages], chosen: str, rejected: str}` rows."""
+class WeightedPreferenceCollator(DataCollatorForPreference):
+    """TRL's preference batches plus `weight`, each pair's weight (1 for a row without one)."""
 
-    def __init__(self, *, max_prompt_length: int, max_completion_length: int, **kwargs):
+    def torch_call(self, examples: list[dict]) -> dict:
+        batch = super().torch_call(examples)
+        batch["weight"] = torch.tensor([example.get("weight", 1.0) for example in examples], dtype=torch.float32)
+        return batch
+
+
+class RewardModelTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, RewardTrainer):
+    """TRL's `RewardTrainer` with atomic checkpoints, the toolkit's chat-template tokenisation, pairs weighted
+    by ranking over the global batch and exact evaluation figures (see the module docstring). Pass datasets of
+    `{prompt: [messages], chosen: str, rejected: str}` rows, optionally with a `weight` (default 1)."""
+
+    loss_is_scaled_for_ga = True  # compute_loss divides by the weight of the whole global batch
+
+    def __init__(self, *, max_prompt_length: int, max_completion_length: int, data_collator=None, **kwargs):
         self.max_prompt_length, self.max_completion_length = max_prompt_length, max_completion_length
         self._model_config = kwargs["model"].config
         self._eval_correct: list[torch.Tensor] | None = None
-        super().__init__(**kwargs)
+        if data_collator is None:
+            data_collator = WeightedPreferenceCollator(kwargs["processing_class"].pad_token_id,
+                                                       pad_to_multiple_of=kwargs["args"].pad_to_multiple_of)
+        super().__init__(data_collator=data_collator, **kwargs)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if "weight" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "weight"]
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if "chosen_ids" in dataset.column_names:
             return dataset
         pairs = prepare_preferences(dataset, processing_class, self.max_prompt_length, self.max_completion_length,
-                                    dataset_name, args.dataset_num_proc)
+                                    dataset_name, args.dataset_num_proc, keep=("weight",))
 
         def join(row):
             return {key: scored_ids(processing_class, self._model_config, row["prompt_ids"], row[key])
@@ -106,12 +135,33 @@ class RewardModelTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, RewardTraine
 
         return pairs.map(join, remove_columns=["prompt_ids"], num_proc=args.dataset_num_proc)
 
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
+        """The weight of the optimizer step's global batch: every micro-batch's pair weights, on every process."""
+        total = sum(batch["weight"].double().sum() for batch in batch_samples).to(device)
+        return self.accelerator.gather(total.reshape(1)).sum() if self.accelerator.num_processes > 1 else total
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        """sum(weight x pair loss) of this micro-batch over the global batch's weight `num_items_in_batch`, times
+        the process count (DDP and DeepSpeed average gradients over processes); in evaluation (no
+        `num_items_in_batch`), this batch's weighted mean. TRL's forward and logged metrics are kept."""
+        weights = inputs["weight"]
+        _, outputs = super().compute_loss(model, {k: v for k, v in inputs.items() if k != "weight"},
+                                          return_outputs=True)
+        chosen, rejected = outputs.logits.float().squeeze(-1).chunk(2)
+        pair_losses = -F.logsigmoid(chosen - rejected - inputs["margin"] if "margin" in inputs else chosen - rejected)
+        if self.args.center_rewards_coefficient is not None:
+            pair_losses = pair_losses + self.args.center_rewards_coefficient * (chosen + rejected) ** 2
+        weights = weights.to(pair_losses)
+        if num_items_in_batch is None:
+            loss = (weights * pair_losses).sum() / weights.sum()
+        else:
+            loss = (weights * pair_losses).sum() / num_items_in_batch * self.accelerator.num_processes
         if self._eval_correct is not None:
-            chosen, rejected = outputs.logits.detach().float().squeeze(-1).chunk(2)
-            self.record_eval_loss(-F.logsigmoid(chosen - rejected), torch.ones_like(chosen))
-            self._eval_correct.append(self.accelerator.gather_for_metrics((chosen > rejected).double()).cpu())
+            chosen, rejected = chosen.detach(), rejected.detach()
+            self.record_eval_loss(weights * -F.logsigmoid(chosen - rejected), weights)
+            correct = torch.stack([weights * (chosen > rejected), weights], dim=1).double()
+            # gathered per pair (gather_for_metrics drops the pairs repeated to even out processes), then summed
+            self._eval_correct.append(self.accelerator.gather_for_metrics(correct).sum(0).cpu())
         return (loss, outputs) if return_outputs else loss
 
     def evaluation_loop(self, *args, **kwargs):
@@ -122,7 +172,8 @@ class RewardModelTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, RewardTraine
             correct, self._eval_correct = self._eval_correct, None
         if correct:
             # TRL's log() adds the mean of what `_metrics` holds: one exact figure over every pair
-            self._metrics["eval"]["accuracy"] = [torch.cat(correct).mean().item()]
+            right, weight = torch.stack(correct).sum(0).tolist()
+            self._metrics["eval"]["accuracy"] = [right / weight]
         return output
 
 

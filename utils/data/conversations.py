@@ -20,6 +20,15 @@ Preference rows, in the shapes the peers write them:
 - LLaMA-Factory's alpaca pairwise rows: `{instruction, input, output: [chosen, rejected], history}`;
 - `implicit_prompt`, TRL's implicit-prompt rows `{chosen: [messages], rejected: [messages]}`: two whole
   conversations, the same up to their last turn, which is the answer.
+Rankings, two or more answers to one prompt (OpenAssistant ranks the replies to a message; InstructGPT's
+labellers ranked 4 to 9 answers):
+- LLaMA-Factory's older ranking rows: alpaca `output: [best, second, ..., worst]`;
+- `answers: [...]` added to any prompt shape, best first, or in any order with `ranks` (one number per answer,
+  lower is better: OpenAssistant's `rank`, 0 = best) or `scores` (higher is better); equal ranks or scores tie.
+A pair is a ranking of two answers. `ranking_pairs` turns a ranking into (better, worse) pairs: `all` (every
+pair of answers that do not tie: K(K-1)/2 of K), `best_vs_rest` (the best answer against each other one: K-1)
+or `adjacent` (each answer against the next worse: K-1); each pair carries the weight 1 / (pairs of its
+ranking), so that a ranking counts once however many answers it has (InstructGPT's reward model).
 
 Files: `.jsonl`, `.json` (an array or JSON lines), `.parquet`, `.csv`; a directory means every file in
 it. A hub id (`org/name`, not a local path) is a Hugging Face hub dataset (`datasets.load_dataset(name,
@@ -35,6 +44,7 @@ the log. The first user turn (the prompt) and every answer must be non-empty.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +63,12 @@ FORMATS = get_args(DataFormat)
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "bot": "assistant", "model": "assistant"}
 ANSWER_FIELDS = ("chosen", "rejected")
+RankingPairs = Literal["all", "best_vs_rest", "adjacent"]
+RANKING_PAIRS_HELP = ("Pairs taken from a ranking of K answers: all = every better/worse pair (K(K-1)/2), "
+                      "best_vs_rest = the best answer against each other one (K-1), adjacent = each answer against "
+                      "the next worse one (K-1). A row with one chosen and one rejected answer is one pair whatever "
+                      "this says.")
+Ranking = list[tuple[str, int]]  # answers best first, each with its tier: 0 = best, equal tiers tie
 
 
 def iter_rows(name: str, split: str = "train") -> Iterator[tuple[dict, Location]]:
@@ -222,24 +238,60 @@ def _implicit_prompt(row: dict, chosen: list[Message], location: Location) -> li
     return chosen[:-1]
 
 
-def preference_answers(row: dict, fmt: str, location: Location) -> tuple[str, str]:
-    """(chosen, rejected) of a preference row in format `fmt` (see the module docstring)."""
+def ranked_answers(row: dict, fmt: str, location: Location) -> Ranking:
+    """The answers of a preference row in format `fmt`, best first, each with its tier (0 = best; equal tiers
+    tie): `[(chosen, 0), (rejected, 1)]` for a pair (see the module docstring)."""
     if fmt == "implicit_prompt":
-        return (_answer({"chosen": row["chosen"][-1]}, "chosen", location),
-                _answer({"rejected": row["rejected"][-1]}, "rejected", location))
+        return [(_answer({"chosen": row["chosen"][-1]}, "chosen", location), 0),
+                (_answer({"rejected": row["rejected"][-1]}, "rejected", location), 1)]
     if fmt == "alpaca" and "chosen" not in row and isinstance(row.get("output"), list):
         output = row["output"]
-        if len(output) != 2:
+        if len(output) < 2:
             raise location.error(f"a pairwise 'output' holds [chosen, rejected], not {len(output)} answers",
-                                 field="output", fix="write \"output\": [\"better answer\", \"worse answer\"]")
-        return (_answer({"output[0]": output[0]}, "output[0]", location),
-                _answer({"output[1]": output[1]}, "output[1]", location))
-    return _answer(row, "chosen", location), _answer(row, "rejected", location)
+                                 field="output", fix="write \"output\": [\"better answer\", \"worse answer\"] "
+                                                     "(or a longer ranking, best first)")
+        return [(_answer({f"output[{i}]": text}, f"output[{i}]", location), i) for i, text in enumerate(output)]
+    if "answers" in row and "chosen" not in row:
+        return _ranking(row, location)
+    return [(_answer(row, "chosen", location), 0), (_answer(row, "rejected", location), 1)]
+
+
+def _ranking(row: dict, location: Location) -> Ranking:
+    """An `answers` row: best first, or ordered by its `ranks` (lower is better) or `scores` (higher is better)."""
+    answers = row["answers"]
+    if not isinstance(answers, list) or len(answers) < 2:
+        raise location.error("'answers' must be a list of two or more answers", field="answers",
+                             fix="write \"answers\": [\"best answer\", \"next\", ...], best first (or add 'ranks')")
+    texts = [_answer({f"answers[{i}]": text}, f"answers[{i}]", location) for i, text in enumerate(answers)]
+    keys = [key for key in ("ranks", "scores") if row.get(key) is not None]
+    if len(keys) > 1:
+        raise location.error("has both 'ranks' and 'scores'", field="scores", fix="keep one of them")
+    if not keys:
+        return [(text, i) for i, text in enumerate(texts)]
+    key, values = keys[0], row[keys[0]]
+    if not (isinstance(values, list) and len(values) == len(texts) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+        raise location.error(f"'{key}' must be a list of {len(texts)} numbers, one per answer", field=key,
+                             fix="ranks: lower is better (0 or 1 = best); scores: higher is better")
+    order = values if key == "ranks" else [-v for v in values]
+    levels = sorted(set(order))
+    if len(levels) < 2:
+        raise location.error(f"all {len(texts)} answers have the same {key[:-1]}: no preference", field=key,
+                             fix="rank the answers, or remove the row")
+    tier = {level: i for i, level in enumerate(levels)}
+    return [(text, tier[level]) for text, level in sorted(zip(texts, order), key=lambda pair: pair[1])]
+
+
+def ranking_pairs(ranking: Ranking, pairs: str) -> list[tuple[str, str]]:
+    """(better, worse) answer pairs of a ranking (`ranked_answers`) as `pairs` says (see the module docstring;
+    answers that tie make no pair)."""
+    return [(better, worse) for better, high in ranking for worse, low in ranking if low > high and (
+        pairs == "all" or (pairs == "best_vs_rest" and high == 0) or (pairs == "adjacent" and low == high + 1))]
 
 
 def is_preference_row(row: dict, fmt: str) -> bool:
-    """Whether a row holds a preference pair rather than one answered conversation."""
-    return "chosen" in row or (fmt == "alpaca" and isinstance(row.get("output"), list))
+    """Whether a row holds a preference pair or ranking rather than one answered conversation."""
+    return "chosen" in row or "answers" in row or (fmt == "alpaca" and isinstance(row.get("output"), list))
 
 
 def _answer(row: dict, key: str, location: Location) -> str:
@@ -307,11 +359,11 @@ def load_conversations(paths: Sequence[str], fmt: str = "auto", split: str = "tr
     return conversations
 
 
-def load_preferences(paths: Sequence[str], fmt: str = "auto", split: str = "train",
-                     field: str = "train_files") -> list[dict]:
-    """Preference data as `{"prompt": [messages ending with a user turn], "chosen": str, "rejected": str}`
-    (`field`: as in `load_conversations`)."""
-    pairs = []
+def load_rankings(paths: Sequence[str], fmt: str = "auto", split: str = "train",
+                  field: str = "train_files") -> list[dict]:
+    """Preference data as `{"prompt": [messages ending with a user turn], "answers": Ranking}`, one per row: a
+    pair is a ranking of two answers (`ranked_answers`; `field`: as in `load_conversations`)."""
+    rankings = []
     for row, row_fmt, location in _rows(paths, fmt, split):
         column = _conversation_field(row_fmt)
         prompt = row_messages(row, row_fmt, location, with_answer=False)
@@ -319,26 +371,55 @@ def load_preferences(paths: Sequence[str], fmt: str = "auto", split: str = "trai
             raise location.error("the prompt must end with a user turn", field=column,
                                  fix="put the answers in 'chosen' and 'rejected', not in the conversation")
         _check_prompt(prompt, location, column)
-        chosen, rejected = preference_answers(row, row_fmt, location)
-        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    if not pairs:
+        rankings.append({"prompt": prompt, "answers": ranked_answers(row, row_fmt, location)})
+    if not rankings:
         raise UserError("no preference pairs found", path=", ".join(paths), field=field,
                         fix="pass files with prompt, chosen and rejected")
-    logger.info("loaded %d preference pairs from %s", len(pairs), ", ".join(paths))
-    return pairs
+    longer = [len(r["answers"]) for r in rankings if len(r["answers"]) > 2]
+    if longer:
+        logger.info("loaded %d rankings from %s: %d of 3 to %d answers, %d pairs", len(rankings), ", ".join(paths),
+                    len(longer), max(longer), len(rankings) - len(longer))
+    else:
+        logger.info("loaded %d preference pairs from %s", len(rankings), ", ".join(paths))
+    return rankings
+
+
+def expand_rankings(rankings: list[dict], pairs: str) -> list[dict]:
+    """`{"prompt", "chosen", "rejected", "weight"}` rows: the pairs of each ranking (`ranking_pairs`), each
+    weighted 1 / (pairs of its ranking), so that the weights of a ranking sum to 1 (a pair row: one pair of
+    weight 1)."""
+    if pairs not in get_args(RankingPairs):
+        raise UserError(f"unknown ranking_pairs '{pairs}'", field="ranking_pairs",
+                        fix=f"use one of {', '.join(get_args(RankingPairs))}")
+    rows = []
+    for ranking in rankings:
+        found = ranking_pairs(ranking["answers"], pairs)
+        rows += [{"prompt": ranking["prompt"], "chosen": better, "rejected": worse, "weight": 1 / len(found)}
+                 for better, worse in found]
+    if len(rows) > len(rankings):
+        logger.info("%d rankings -> %d pairs (ranking_pairs %s)", len(rankings), len(rows), pairs)
+    return rows
+
+
+def load_preferences(paths: Sequence[str], fmt: str = "auto", split: str = "train", field: str = "train_files",
+                     pairs: str = "all") -> list[dict]:
+    """Preference data as `{"prompt": [messages ending with a user turn], "chosen": str, "rejected": str,
+    "weight": float}` pairs, rankings expanded as `pairs` says (`expand_rankings`; `field`: as in
+    `load_conversations`)."""
+    return expand_rankings(load_rankings(paths, fmt, split, field), pairs)
 
 
 def load_answered_prompts(paths: Sequence[str], fmt: str = "auto", split: str = "train",
                           system_prompt: str | None = None, field: str = "train_files") -> list[dict]:
     """`{"prompt": [messages ending with a user turn], "chosen": answer}` from instruction data (the last
-    answer of each conversation) or preference data (its chosen answer), decided per row
+    answer of each conversation) or preference data (its chosen or best answer), decided per row
     (`is_preference_row`; `field`: as in `load_conversations`)."""
     items = []
     for row, row_fmt, location in _rows(paths, fmt, split):
         if is_preference_row(row, row_fmt):
             prompt = row_messages(row, row_fmt, location, with_answer=False)
             _check_prompt(prompt, location, _conversation_field(row_fmt))
-            chosen = preference_answers(row, row_fmt, location)[0]
+            chosen = ranked_answers(row, row_fmt, location)[0][0]
         else:
             finished = _finish_conversation(row_messages(row, row_fmt, location), row_fmt, location)
             if finished is None:
@@ -387,6 +468,7 @@ class PreferenceDataArguments(ConversationDataArguments):
         "help": "Prompt tokens (T5: encoder input); longer conversations lose their oldest turns."})
     max_completion_length: int = field(default=256, metadata={
         "help": "Tokens of each answer including <|end|>; longer answers are cut (and counted)."})
+    ranking_pairs: RankingPairs = field(default="all", metadata={"help": RANKING_PAIRS_HELP})
 
     def __post_init__(self):
         super().__post_init__()
@@ -395,16 +477,18 @@ class PreferenceDataArguments(ConversationDataArguments):
 
 
 def load_preference_splits(data: PreferenceDataArguments, seed: int):
-    """(train, validation) pairs as `datasets.Dataset`s: --validation_files, else a seeded --validation_ratio
-    share (None if 0)."""
+    """(train, validation) pairs as `datasets.Dataset`s of `expand_rankings` rows: --validation_files, else a
+    seeded --validation_ratio share of the rankings (None if 0). Rankings are held out whole: no answer is on
+    both sides."""
     from datasets import Dataset
 
-    pairs = load_preferences(data.train_files, data.data_format, data.dataset_split)
+    rankings = load_rankings(data.train_files, data.data_format, data.dataset_split)
     if data.validation_files:
-        held = load_preferences(data.validation_files, data.data_format, "validation", "validation_files")
+        held = load_rankings(data.validation_files, data.data_format, "validation", "validation_files")
     else:
-        pairs, held = hold_out(pairs, data.validation_ratio, seed)
-    return Dataset.from_list(pairs), Dataset.from_list(held) if held else None
+        rankings, held = hold_out(rankings, data.validation_ratio, seed)
+    train = Dataset.from_list(expand_rankings(rankings, data.ranking_pairs))
+    return train, Dataset.from_list(expand_rankings(held, data.ranking_pairs)) if held else None
 
 
 def hold_out(rows: list, ratio: float, seed: int) -> tuple[list, list]:
