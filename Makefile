@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # its screenshots legible. Installed with apt-get when missing (sudo when not root).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install browser demo test test-fast lint bench clean-demo llama-cpp llama-cpp-python
+.PHONY: install browser slurm demo test test-fast lint bench clean-demo llama-cpp llama-cpp-python
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,11 +21,19 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet --no-build-isolation -r requirements.txt -r requirements-dev.txt
 	touch $(STAMP)
 
-install: $(STAMP) browser
+install: $(STAMP) browser slurm
 
 browser:
 	{ command -v chromium && fc-list :lang=zh family | grep -q .; } >/dev/null 2>&1 || { $(SUDO) apt-get update && \
 		$(SUDO) apt-get install -y chromium fonts-wqy-microhei; }
+
+# tests/test_prepare_data_datatrove.py runs the corpus stage on a real single-node Slurm cluster that it starts on
+# loopback (tests/local_slurm.py): Debian's Slurm and munge packages, installed with apt-get when missing. No
+# daemon is enabled or started system-wide; the test starts its own, with every file in a temporary folder.
+slurm:
+	{ PATH="$$PATH:/usr/sbin:/sbin"; for p in sbatch srun scontrol squeue sinfo scancel slurmctld slurmd munged \
+		mungekey; do command -v $$p || exit 1; done; } >/dev/null 2>&1 || { $(SUDO) apt-get update && \
+		$(SUDO) apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge; }
 
 # The whole pipeline on the built-in demo data, chained through data/demo_run/ and ending in model_save/demo:
 # corpus -> tokenizer -> pretraining -> SFT -> rejected answers -> DPO -> evaluation -> one chat reply.
@@ -43,8 +51,9 @@ demo: $(STAMP)
 # Two workers (pytest-xdist), each taking whole test modules, so a module's fixtures are built once; the 25
 # slowest tests are listed at the end (the CI run has a ~20 minute budget).
 TEST_WORKERS ?= 2
+# ZHLM_MAKE_TEST: what `make install` installs (Slurm) must be there; a test skips for its absence only outside.
 test: install llama-cpp
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=25 tests
+	ZHLM_MAKE_TEST=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=25 tests
 
 # The edit-test loop: the unit tests, without the stage runs (pytest marker `slow`, pyproject.toml); under a
 # minute on 2 cores.

@@ -1,19 +1,18 @@
 """The corpus stage as a datatrove pipeline (`prepare_data.py --executor local|slurm|ray`) writes what the builtin
 path writes, on real zhwiki data with planted duplicates: the same documents, splits and shards, traditional and
 simplified copies of one article removed after OpenCC, evaluation questions removed; its output feeds the next
-stage; bad executor settings are one error. Ray runs on a local instance (2 CPUs), Slurm through stand-ins for
-sbatch / srun / scontrol that run each array job at once on this machine, as a cluster would."""
+stage; bad executor settings are one error. Ray runs on a local instance (2 CPUs), Slurm on a real single-node
+cluster the tests start on this machine's loopback (tests/local_slurm.py)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
-import stat
-import sys
 
 import pytest
 from conftest import digest, run_script, shared_path
+from local_slurm import local_slurm, missing_programs
 from test_prepare_data import prepare, read_corpus, to_traditional
 
 import prepare_data
@@ -130,53 +129,37 @@ def test_ray_executor_writes_the_builtin_corpus(inputs, builtin, tmp_path):
     assert stats_without_seconds(out) == stats_without_seconds(builtin[0])
 
 
-FAKE_SBATCH = """#!{python}
-# sbatch as a cluster would run it, at once: every task of the array job (SLURM_ARRAY_TASK_ID) on this machine.
-import os, re, subprocess, sys
-script = open(sys.argv[-1]).read()
-first, last = map(int, re.search(r"--array=(\\d+)-(\\d+)", script).group(1, 2)) if "--array" in script else (0, 0)
-env = dict(os.environ, SLURM_JOB_ID="1", SLURM_NODELIST="localhost", SLURM_NODEID="0")
-for option in sys.argv[1:-1]:
-    if option.startswith("--export=ALL,"):
-        env.update(item.split("=", 1) for item in option.removeprefix("--export=ALL,").split(","))
-with open({log!r}, "a") as log:
-    log.write(" ".join(sys.argv[1:-1]) + "\\n" + script + "\\n")
-    for task in range(first, last + 1):
-        done = subprocess.run(["bash", sys.argv[-1]], env=dict(env, SLURM_ARRAY_TASK_ID=str(task)), stdout=log,
-                              stderr=subprocess.STDOUT)
-        if done.returncode:
-            sys.exit(f"array task {{task}} failed")
-print("Submitted batch job 1")
-"""
-FAKE_SRUN = """#!/bin/bash
-# srun -l -n 1 COMMAND...: run COMMAND
-while [[ "$1" == -* ]]; do [[ "$1" == -n ]] && shift; shift; done
-exec "$@"
-"""
-FAKE_SCONTROL = "#!/bin/bash\necho localhost\n"
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A real single-node Slurm cluster (munged, slurmctld, slurmd) on this machine's loopback, partition `cpu`:
+    tests/local_slurm.py. `make install` installs Slurm; without it this module's Slurm test is skipped, but not
+    under `make test`, where a missing Slurm is a failure."""
+    missing = missing_programs()
+    if missing and not os.environ.get("ZHLM_MAKE_TEST"):
+        pytest.skip(f"Slurm is not installed ({', '.join(missing)} not found): `make install` installs it")
+    with local_slurm(tmp_path_factory.mktemp("slurm"), partition="cpu") as cluster:
+        yield cluster
 
 
-@pytest.fixture
-def slurm(tmp_path, monkeypatch):
-    """sbatch, srun and scontrol stand-ins on PATH; the submitted job scripts are logged in sbatch.log."""
-    bin_dir = tmp_path / "slurm-bin"
-    bin_dir.mkdir()
-    log = tmp_path / "sbatch.log"
-    for name, text in (("sbatch", FAKE_SBATCH.format(python=sys.executable, log=str(log))), ("srun", FAKE_SRUN),
-                       ("scontrol", FAKE_SCONTROL)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]]))
-    return log
-
-
-def test_slurm_executor_submits_jobs_that_write_the_builtin_corpus(inputs, builtin, tmp_path, slurm):
+def test_slurm_executor_submits_jobs_that_write_the_builtin_corpus(inputs, builtin, tmp_path, slurm, monkeypatch):
+    """The command submits one array job per step, each after the one before, and returns; Slurm runs them (the
+    tasks through srun, one at a time for --workers 1) and the last one writes what the builtin path writes."""
+    monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
     out = tmp_path / "corpus"
-    assert documented("--executor", "slurm", "--slurm_partition", "cpu", "--tasks", "2", "--workers", "1",
-                      "--input", *inputs, output=out) is None  # submitted; the stand-in ran the jobs already
-    submitted = slurm.read_text()
-    assert "#SBATCH --partition=cpu" in submitted and "#SBATCH --array=0-1%1" in submitted
-    assert "--dependency=afterok:1" in submitted and "launch_pickled_pipeline" in submitted
+    assert documented("--executor", "slurm", "--slurm_partition", slurm.partition, "--tasks", "2", "--workers", "1",
+                      "--input", *inputs, output=out) is None  # submitted: sbatch returns at once
+    slurm.wait_for_jobs(timeout=120)
+    jobs = slurm.jobs()
+    assert {state for _, _, state in jobs} == {"COMPLETED"}, f"{jobs}\n{slurm.logs()}"
+    tasks = {"clean_and_sign": 2, "buckets": 2, "keep_first": 1, "write_pieces": 2, "gather_shards": 2, "finish": 1}
+    # each step's array tasks, and the job datatrove submits after them to merge their stats
+    assert sorted(name for _, name, _ in jobs) == sorted(f"prepare_data_{step}" for step, count in tasks.items()
+                                                         for _ in range(count + 1))
+    logs = tmp_path / "corpus.datatrove" / "logs"
+    for step, count in tasks.items():
+        script = (logs / step / "launch_script.slurm").read_text()
+        assert "#SBATCH --partition=cpu" in script and f"#SBATCH --array=0-{count - 1}%1" in script
+        assert "\nsrun " in script and " launch_pickled_pipeline " in script  # each task a job step
     assert corpus_rows(out) == corpus_rows(builtin[0])
     assert stats_without_seconds(out) == stats_without_seconds(builtin[0])
 
