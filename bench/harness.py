@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from utils.io import write_text_atomic
+from utils.io import cpu_model, write_text_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "bench" / "_work"  # working files (git-ignored)
@@ -280,12 +280,7 @@ def fmt_int(value: float) -> str:
 
 def machine_description() -> str:
     """Cores, RAM and CPU model of this machine (from /proc), plus the OS and Python."""
-    cpu = "unknown CPU"
-    with open("/proc/cpuinfo", encoding="utf-8") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     ram_kb = 0
     with open("/proc/meminfo", encoding="utf-8") as handle:
         for line in handle:

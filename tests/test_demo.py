@@ -8,6 +8,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 from conftest import digest, run_script
+from huggingface_hub import ModelCard
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from utils.data.conversations import load_preferences
@@ -70,6 +71,10 @@ def test_demo_pipeline(tmp_path):
     merged = AutoModelForSeq2SeqLM.from_pretrained(final)  # a plain model again, LoRA merged in
     assert not any("lora" in name for name, _ in merged.named_parameters())
     assert (final / "adapter" / "adapter_config.json").exists()
+    card = ModelCard.load(final / "README.md")  # the model card, with the demo's chain of stages as its lineage
+    assert card.data.pipeline_tag == "text2text-generation" and "| dpo |" in card.text
+    lineage = json.loads((final / "training_summary.json").read_text())["lineage"]
+    assert [entry["stage"] for entry in lineage] == ["pretrain", "sft", "dpo"]
 
     evaluation = tmp_path / "eval"
     run_script("eval_model.py", "--config", "config/demo/evaluate.yaml", "--model_name_or_path", str(final),

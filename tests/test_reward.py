@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SummaryTable
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from test_dpo import PAIRS, write_jsonl
 from transformers import AutoModelForSequenceClassification
@@ -60,6 +61,7 @@ def test_accuracy_on_training_pairs_rises_and_the_model_reloads(trained, pairs):
     assert table["held-out reward accuracy"] == "1.000" and table["held-out loss"] == f"{summary['eval_loss']:.4f}"
     assert table["held-out reward margin"] == f"{summary['eval_margin']:.3f}" and table["model"] == str(output)
 
+    assert ModelCard.load(output / "README.md").data.pipeline_tag == "text-classification"  # its model card
     model = AutoModelForSequenceClassification.from_pretrained(output).eval()  # stock class, no remote code
     assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.num_labels == 1
     trained_state = trainer.model.state_dict()

@@ -2,7 +2,8 @@
 
 Temporary names carry their owner, `.NAME.HOST-PID.XXXXXXXX.tmp` beside `NAME`, so the next write of
 `NAME` removes what a killed run (`kill -9`, a crash) left behind, and never a live run's. Outputs get the
-modes a plain write gets (0644 / 0755 under umask 022), whatever the writer or `mkdtemp` chose.
+modes a plain write gets (0644 / 0755 under umask 022), whatever the writer or `mkdtemp` chose. Also
+`cpu_model`, the machine's CPU as model cards and benchmark tables name it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import re
 import shutil
 import socket
@@ -214,3 +216,15 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"

@@ -16,6 +16,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import rotate_checkpoints
 
 from model.training.callbacks import format_duration
+from model.training.card import base_lineage, lineage_entry, write_model_card
 from model.training.machines import share_files
 from model.training.outputs import (
     FINAL_STAGING_DIR,
@@ -26,7 +27,7 @@ from model.training.outputs import (
     checkpoint_step,
     latest_checkpoint,
 )
-from utils.config import save_config
+from utils.config import run_config, save_config
 from utils.errors import UserError
 from utils.io import honour_umask
 from utils.tokenization.chat_format import default_generation_config
@@ -136,11 +137,19 @@ def save_final(trainer: Trainer, tokenizer, configs: list, summary: dict, output
         if "train_runtime" in summary:
             summary = {**summary, "train_runtime_human": format_duration(summary["train_runtime"])}
         run_record = Path(trainer.args.output_dir) / RUN_FILE
+        stage = "train"
         if run_record.is_file():
             shutil.copy2(run_record, staging / RUN_FILE)
+            stage = json.loads(run_record.read_text(encoding="utf-8")).get("stage", stage)
+        config, steps = run_config(*configs, overrides=config_overrides), trainer.state.global_step
+        summary = {**summary, "lineage": [*base_lineage(config.get("model_name_or_path")),
+                                          lineage_entry(stage, output, summary, steps)]}
         (staging / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         trainer.state.save_to_json(str(staging / "trainer_state.json"))  # the whole run, for plots
         (staging / "training_args.bin").unlink(missing_ok=True)
+        saved = trainer.accelerator.unwrap_model(model)
+        if not hasattr(saved, "peft_config"):  # an adapter keeps the card PEFT writes beside it
+            write_model_card(staging, output, saved, config, summary, stage, steps, trainer.args.world_size)
     trainer.accelerator.wait_for_everyone()
     share_files(staging, trainer.args)
     if saves:
