@@ -8,18 +8,15 @@ answer is `chosen` and the SFT model's own answer is `rejected` (how ChatLM-mini
 Writes JSON lines `{"id", "prompt": [messages], "chosen", "rejected"}` (what dpo_train.py reads; `id` is
 the row's index in the input). Rows where the model's answer equals the dataset's, or is empty, are
 skipped and counted; a run that ends with no pair at all is an error (exit status 2: DPO would have nothing
-to learn from), one where fewer than half the rows gave a pair is warned about. Resumable: each batch is
-appended with one write + fsync, then `OUTPUT.progress.json` records how far the input is done (and the
-resolved configuration); after ctrl+c, kill -9 or a power cut, the same command drops any torn or
-unrecorded lines and continues from the first unfinished batch. The input is read through
+to learn from), one where fewer than half the rows gave a pair is warned about. Resumable after ctrl+c, kill -9
+or a power cut (utils/data/resumable.py): the same command drops any torn or unrecorded lines and continues
+from the first unfinished batch. The input is read through
 utils/data/conversations.py (any SFT or preference format, hub names too).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +26,11 @@ from transformers import set_seed
 
 from model.inference.generation import InferenceArguments, context_length, generate_replies, load_for_inference
 from utils.cli import run_main
-from utils.config import ONE_COMMAND_ACTIONS, parse_config, recipe_path, run_config
+from utils.config import parse_config, recipe_path, run_config
 from utils.data.conversations import DataFormat, load_answered_prompts
-from utils.data.sources import PROGRESS_SUFFIX
+from utils.data.resumable import append_batch, progress_path, resume_point, run_settings
 from utils.errors import UserError
-from utils.io import check_output_file, write_json_atomic
+from utils.io import check_output_file
 from utils.logging import setup_logging
 
 logger = logging.getLogger("generate_rejected")
@@ -69,57 +66,6 @@ class GenerateArguments(InferenceArguments):
             raise ValueError("--batch_size and --max_new_tokens must be at least 1")
 
 
-def progress_path(output: Path) -> Path:
-    return output.with_name(output.name + PROGRESS_SUFFIX)  # a record that data readers skip
-
-
-def run_settings(values: dict) -> dict:
-    """What makes an output this run's: its recorded configuration (`utils.config.run_config`) but --max_rows (a
-    larger one goes on with the same run). Progress records written before actions were left out may hold
-    them: they are dropped here too."""
-    return {key: value for key, value in values.items() if key not in (*ONE_COMMAND_ACTIONS, "max_rows")}
-
-
-def resume_point(output: Path, items: list[dict], settings: dict) -> tuple[int, int, dict]:
-    """(input rows done, pairs kept in the output, the recorded counters). Refuses an output that another run
-    (other `settings`, the resolved configuration) began. Cuts the output back to its last recorded batch: a
-    torn last line (killed mid-write) or lines of a batch whose progress was never recorded (they are
-    generated again)."""
-    if not output.exists():
-        return 0, 0, {}
-    data = output.read_bytes()
-    state = json.loads(progress_path(output).read_text()) if progress_path(output).exists() else {}
-    recorded = run_settings(state.get("config", settings))
-    if changed := [f"{key}: {recorded.get(key, '(unset)')} -> {settings.get(key, '(unset)')}"
-                   for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]:
-        raise UserError("the output was begun by another run; it differs in\n    " + "\n    ".join(changed),
-                        path=str(output), field="output",
-                        fix="run with the settings above to resume it, choose another --output, or pass --overwrite "
-                            "to start over")
-    keep, kept, last, last_line = 0, 0, None, 0
-    for line_no, line in enumerate(data.split(b"\n")[:-1], start=1):  # what follows the last newline is torn
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError("not a JSON line; the output was not written by this script", path=str(output),
-                            line=line_no, fix="pass --overwrite to start over, or choose another --output") from None
-        if "next_index" in state and row.get("id", -1) >= state["next_index"]:
-            break
-        keep, kept, last, last_line = keep + len(line) + 1, kept + 1, row, line_no
-    if last is not None:
-        index = last.get("id")
-        if not isinstance(index, int) or index >= len(items) or items[index]["prompt"] != last.get("prompt"):
-            raise UserError(f"this line does not match row {index} of the input; the output was made from other "
-                            "data", path=str(output), line=last_line,
-                            fix="pass the same --input, or --overwrite to start over")
-    if keep < len(data):
-        logger.warning("dropping %d bytes of unfinished output at the end of %s", len(data) - keep, output)
-        with open(output, "r+b") as handle:
-            handle.truncate(keep)
-    done = state.get("next_index", last["id"] + 1 if last else 0)
-    return min(done, len(items)), kept, state
-
-
 def answer_rows(args: GenerateArguments, items: list[dict], start: int, output: Path, counts: dict,
                 settings: dict) -> bool:
     """Answer `items[start:]` with the SFT model, batch by batch, appending the pairs to `output` and updating
@@ -139,21 +85,18 @@ def answer_rows(args: GenerateArguments, items: list[dict], start: int, output: 
                 batch = items[begin:begin + args.batch_size]
                 replies = generate_replies(model, tokenizer, [item["prompt"] for item in batch], config,
                                            batch_size=len(batch), max_prompt_tokens=max_prompt, progress=False)
-                lines = []
+                rows = []
                 for index, (item, reply) in enumerate(zip(batch, replies), start=begin):
                     if not reply.strip():
                         counts["empty_skipped"] += 1
                     elif reply.strip() == item["chosen"].strip():
                         counts["equal_skipped"] += 1
                     else:
-                        lines.append(json.dumps({"id": index, "prompt": item["prompt"], "chosen": item["chosen"],
-                                                 "rejected": reply}, ensure_ascii=False) + "\n")
-                handle.write("".join(lines).encode("utf-8"))  # one write per batch, on disk before it counts
-                handle.flush()
-                os.fsync(handle.fileno())
-                counts["written"] += len(lines)
-                write_json_atomic(progress_path(output), {"next_index": begin + len(batch), **counts,
-                                                          "rows": len(items), "config": settings})
+                        rows.append({"id": index, "prompt": item["prompt"], "chosen": item["chosen"],
+                                     "rejected": reply})
+                counts["written"] += len(rows)
+                append_batch(handle, output, rows, {"next_index": begin + len(batch), **counts, "rows": len(items),
+                                                    "config": settings})
                 bar.update(len(batch))
     except KeyboardInterrupt:
         logger.warning("interrupted after %d of %d rows; run the same command again to continue", bar.n, len(items))

@@ -16,13 +16,11 @@ does not depend on the model.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import openai
-
+from utils.chat_api import ChatAPI
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
 from utils.data.retrieval import Passage, Retriever
@@ -88,43 +86,13 @@ class RagClient:
 
     def __init__(self, args: RagArguments, retriever: Retriever):
         self.args, self.retriever = args, retriever
-        key = args.api_key or os.environ.get("ZHLM_API_KEY") or "none"
-        self.client = openai.OpenAI(base_url=args.base_url, api_key=key, max_retries=0, timeout=600)
-        self.model = args.model or self._call(lambda: self.client.models.list().data[0].id)
+        self.api = ChatAPI(args.base_url, args.api_key, args.model, context_field="max_context_chars",
+                           context_fix="lower --max_context_chars or --top_k (fewer passages), or --max_tokens")
 
     def ask(self, question: str) -> Answer:
         messages, passages = context_messages(question, self.retriever, self.args)
-        options = {} if self.args.temperature is None else {"temperature": self.args.temperature}
-        reply = self._call(lambda: self.client.chat.completions.create(
-            model=self.model, messages=messages, max_tokens=self.args.max_tokens, **options))
+        reply = self.api.complete(messages, self.args.max_tokens, self.args.temperature)
         return Answer(reply.choices[0].message.content or "", passages, messages)
-
-    def _call(self, request):
-        """The request's result; the server being away, refusing the key or the prompt's length as one error."""
-        try:
-            return request()
-        except openai.APIConnectionError:
-            raise UserError("no OpenAI-compatible server answers there", field="base_url", path=self.args.base_url,
-                            fix="start one (python serve.py --model_name_or_path model_save) or pass --base_url "
-                                "with its address, /v1 included") from None
-        except openai.AuthenticationError:
-            raise UserError("the server refused the API key", field="api_key",
-                            fix="pass --api_key, or set ZHLM_API_KEY, to the key the server was started with") from None
-        except openai.BadRequestError as err:
-            raise request_error(err) from None
-
-
-def request_error(err: openai.BadRequestError) -> UserError:
-    """The server's refusal as the flag to change: a prompt over the context (fewer or shorter passages), a
-    `max_tokens` or another option the model does not take."""
-    body = err.body if isinstance(err.body, dict) else {}
-    message = body.get("message") or err.message
-    if err.code == "context_length_exceeded":
-        return UserError(f"the server refused the prompt: {message}", field="max_context_chars",
-                         fix="lower --max_context_chars or --top_k (fewer passages), or --max_tokens")
-    flag = {"max_tokens": "max_tokens", "temperature": "temperature", "model": "model"}.get(err.param or "")
-    return UserError(f"the server refused the request: {message}", field=flag,
-                     fix=f"change --{flag}" if flag else "check the request settings against the server's")
 
 
 def print_answer(answer: Answer) -> None:

@@ -199,3 +199,18 @@ def lora_deltas(adapter_dir: Path) -> dict:
             module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
             deltas[f"{module}.weight"] = scaling * weights[key.replace(".lora_A.", ".lora_B.")] @ a
     return deltas
+
+
+@pytest.fixture(scope="module")
+def served_tiny_llama(tiny_llama):
+    """serve.py's app for the tiny Llama (a 256-token context) on 127.0.0.1, without an API key: (its /v1 URL,
+    the model, the tokenizer)."""
+    from model.inference.generation import load_for_inference
+    from model.inference.service import DecodingOptions
+    from model.serving.app import ServeArguments, create_app
+    from model.serving.listening import running_in_thread
+
+    model, tokenizer = load_for_inference(str(tiny_llama))
+    app = create_app(model, tokenizer, ServeArguments(model_name_or_path=str(tiny_llama)), DecodingOptions())
+    with running_in_thread(app) as url:
+        yield url + "/v1", model, tokenizer

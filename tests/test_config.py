@@ -229,6 +229,7 @@ STAGES = {  # recipe name -> (entry script, its argument dataclasses, writes an 
     "evaluate": ("eval_model.py", lambda m: [m.EvalArguments], True),
     "export": ("export.py", lambda m: [m.ExportArguments], False),
     "rag": ("rag_chat.py", lambda m: [m.RagArguments], False),
+    "distill": ("distill_data.py", lambda m: [m.DistillArguments], False),
 }
 RECIPES = sorted(p.relative_to(REPO) for p in (REPO / "config").rglob("*.yaml") if p.parent.name != "models")
 

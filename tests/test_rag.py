@@ -78,29 +78,15 @@ def test_a_server_that_is_away_is_one_error():
     assert err.value.field == "base_url" and "serve.py" in err.value.fix
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llama):
-    """serve.py's app for the tiny Llama (a 256-token context) on 127.0.0.1, without an API key."""
-    from model.inference.generation import load_for_inference
-    from model.inference.service import DecodingOptions
-    from model.serving.app import ServeArguments, create_app
-    from model.serving.listening import running_in_thread
-
-    model, tokenizer = load_for_inference(str(tiny_llama))
-    app = create_app(model, tokenizer, ServeArguments(model_name_or_path=str(tiny_llama)), DecodingOptions())
-    with running_in_thread(app) as url:
-        yield url + "/v1", model, tokenizer
-
-
 SMALL = ["--max_passage_chars", "40", "--max_context_chars", "40", "--top_k", "1", "--max_tokens", "8"]
 
 
 @pytest.mark.slow
-def test_the_answer_is_the_served_reply_to_the_retrieved_passages(server, capsys):
+def test_the_answer_is_the_served_reply_to_the_retrieved_passages(served_tiny_llama, capsys):
     from model.inference.service import DecodingOptions
     from model.inference.streaming import generate_reply
 
-    url, model, tokenizer = server
+    url, model, tokenizer = served_tiny_llama
     question = "山海关为什么叫天下第一关？"
     (answer,) = rag_chat.main(["--config", "config/rag.yaml", "--docs", str(DOCS), "--base_url", url,
                                "--question", question, *SMALL])
@@ -116,8 +102,8 @@ def test_the_answer_is_the_served_reply_to_the_retrieved_passages(server, capsys
 
 
 @pytest.mark.slow
-def test_a_prompt_over_the_context_is_refused_with_the_fix(server):
-    url, _, _ = server
+def test_a_prompt_over_the_context_is_refused_with_the_fix(served_tiny_llama):
+    url, _, _ = served_tiny_llama
     recipe = ["--config", "config/rag.yaml", "--docs", str(DOCS), "--base_url", url, "--question", "长城"]
     # the recipe's 256 new tokens leave the tiny model's 256-token context no room for a prompt
     with pytest.raises(UserError, match="max_tokens must be between 1 and 248") as err:
@@ -130,8 +116,8 @@ def test_a_prompt_over_the_context_is_refused_with_the_fix(server):
 
 
 @pytest.mark.slow
-def test_the_command_answers_questions_read_from_its_input(server):
-    url, _, _ = server
+def test_the_command_answers_questions_read_from_its_input(served_tiny_llama):
+    url, _, _ = served_tiny_llama
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "rag_chat.py", "--docs", str(DOCS), "--base_url", url, *SMALL],
                           input="泡绿茶用多少度的水？\n\n复兴号最快能跑多快？\n", cwd=REPO, env=env,

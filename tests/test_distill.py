@@ -1,0 +1,124 @@
+"""Distillation. distill_data.py: the prompts of SFT data answered by a teacher behind an OpenAI-compatible API
+(serve.py on loopback here) become SFT conversations with the teacher's name on every row, each answer the
+teacher's own greedy reply; answers cut at --max_tokens and prompts over the teacher's context are skipped and
+counted; the API key never reaches the disk; a run killed with kill -9 and started again ends with the file an
+uninterrupted run writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO
+from test_dpo import write_jsonl
+from test_rag import free_port
+from test_sft import conversation
+
+import distill_data
+from utils.data.conversations import load_answered_prompts, load_conversations
+from utils.errors import UserError
+
+LONG = "很长的问题。" * 200  # ~1,200 characters: over the tiny Llama's 256-token context
+
+
+def command(url, inputs, output, *extra):
+    return ["--config", str(REPO / "config" / "distill.yaml"), "--base_url", url, "--input", str(inputs),
+            "--output", str(output), "--max_tokens", "8", *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    rows = [{"messages": conversation(i)} for i in range(7)]
+    rows.insert(3, {"messages": [{"role": "user", "content": LONG}, {"role": "assistant", "content": "好。"}]})
+    return write_jsonl(tmp_path_factory.mktemp("distill") / "sft.jsonl", rows)
+
+
+def teacher_replies(served, inputs) -> list:
+    """The served model's greedy replies (8 new tokens) to the prompts of `inputs`, generated in-process."""
+    from model.inference.service import DecodingOptions
+    from model.inference.streaming import generate_reply
+
+    _, model, tokenizer = served
+    config = DecodingOptions(max_new_tokens=8).generation_config(model.generation_config)
+    replies = []
+    for item in load_answered_prompts([str(inputs)]):
+        ids = tokenizer.apply_chat_template(item["prompt"], add_generation_prompt=True, return_dict=False)
+        replies.append(generate_reply(model, tokenizer, ids, config) if len(ids) + 8 <= 256 else None)
+    return replies
+
+
+@pytest.mark.slow
+def test_teacher_answers_become_sft_conversations(served_tiny_llama, inputs, tmp_path):
+    url = served_tiny_llama[0]
+    output = tmp_path / "teacher.jsonl"
+    counts = distill_data.main(command(url, inputs, output, "--keep_cut_answers", "true", "--concurrency", "4",
+                                       "--batch_size", "3", "--api_key", "sk-do-not-store"))
+    replies = teacher_replies(served_tiny_llama, inputs)
+    prompts = [item["prompt"] for item in load_answered_prompts([str(inputs)])]
+    rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    kept = [(i, reply.text.strip()) for i, reply in enumerate(replies) if reply is not None and reply.text.strip()]
+    assert [row["id"] for row in rows] == [i for i, _ in kept] and 3 not in [row["id"] for row in rows]
+    for row, (i, text) in zip(rows, kept):
+        assert row["messages"] == [*prompts[i], {"role": "assistant", "content": text}]
+        assert row["teacher"] == "model"  # the name the server gives the tiny model (its directory)
+    assert counts == {"written": len(kept), "empty_skipped": 7 - len(kept), "cut_skipped": 0, "too_long_skipped": 1}
+    assert len(load_conversations([str(output)])) == len(kept)  # what sft_train.py reads
+    progress = json.loads((tmp_path / "teacher.jsonl.progress.json").read_text())
+    assert progress["config"]["model"] == "model" and "api_key" not in progress["config"]
+    assert not any("sk-do-not-store" in path.read_text() for path in tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_answers_cut_at_max_tokens_are_skipped_by_default(served_tiny_llama, inputs, tmp_path):
+    replies = teacher_replies(served_tiny_llama, inputs)
+    finished = [i for i, reply in enumerate(replies) if reply is not None and reply.text.strip()
+                and reply.finish_reason != "length"]
+    cut = sum(reply is not None and reply.text.strip() != "" and reply.finish_reason == "length" for reply in replies)
+    assert cut > 0  # the tiny model seldom ends a turn within 8 tokens
+    output = tmp_path / "teacher.jsonl"
+    if finished:
+        counts = distill_data.main(command(served_tiny_llama[0], inputs, output))
+        assert counts["cut_skipped"] == cut
+        assert [json.loads(line)["id"] for line in output.read_text().splitlines()] == finished
+    else:
+        with pytest.raises(UserError, match=f"no answer kept of the 8 rows read: .*{cut} cut at --max_tokens") as err:
+            distill_data.main(command(served_tiny_llama[0], inputs, output))
+        assert err.value.field == "max_tokens" and "--keep_cut_answers" in err.value.fix
+
+
+@pytest.mark.slow
+def test_resume_after_kill_equals_an_uninterrupted_run(served_tiny_llama, inputs, tmp_path):
+    url = served_tiny_llama[0]
+    flags = ("--keep_cut_answers", "true", "--batch_size", "2", "--concurrency", "2")
+    reference = tmp_path / "reference.jsonl"
+    distill_data.main(command(url, inputs, reference, *flags))
+    output = tmp_path / "killed.jsonl"
+    progress = tmp_path / "killed.jsonl.progress.json"
+    process = subprocess.Popen([sys.executable, "distill_data.py", *command(url, inputs, output, *flags)],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not progress.exists() and process.poll() is None:
+        time.sleep(0.01)
+    process.kill()
+    assert process.wait() == -9  # killed while answering, not finished
+    done = json.loads(progress.read_text())["next_index"]
+    assert 0 < done < 8
+    with open(output, "ab") as handle:  # a batch written but not recorded, then a line cut by the crash
+        handle.write(json.dumps({"id": done, "messages": [], "teacher": "x"}).encode() + b"\n")
+        handle.write(b'{"id": 99, "messages": [{"ro')
+    distill_data.main(command(url, inputs, output, *flags))
+    assert output.read_bytes() == reference.read_bytes()
+    with pytest.raises(UserError, match="begun by another run") as err:  # another teacher's settings
+        distill_data.main(command(url, inputs, output, *flags, "--temperature", "0.5"))
+    assert err.value.field == "output"
+
+
+def test_a_teacher_that_is_away_is_one_error(tmp_path):
+    away = f"http://127.0.0.1:{free_port()}/v1"
+    inputs = write_jsonl(tmp_path / "sft.jsonl", [{"messages": conversation(0)}])
+    with pytest.raises(UserError, match="no OpenAI-compatible server answers there") as err:
+        distill_data.main(command(away, inputs, tmp_path / "out.jsonl"))
+    assert err.value.field == "base_url" and not (tmp_path / "out.jsonl").exists()
