@@ -40,6 +40,7 @@ from model.build import (
 from model.training import lora
 from model.training.arguments import TrainArguments
 from model.training.callbacks import ProgressLine
+from model.training.distillation import DistillationArguments, load_teacher
 from model.training.runs import claim_output_dir, run_identity
 from model.training.summary import final_evaluation, log_summary
 from model.training.trainer import LanguageModelTrainer, plan_steps, train_until_done_or_stopped
@@ -166,8 +167,9 @@ def build_datasets(data: DataArguments, tokenizer, seq2seq: bool, cache_dir: Pat
 
 def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
     setup_logging()
-    model_args, peft, data, args = parse_config([ModelArguments, lora.PeftArguments, DataArguments, TrainArguments],
-                                                argv, default_recipe=recipe_path("pretrain"), description=__doc__)
+    model_args, peft, kd, data, args = parse_config(
+        [ModelArguments, lora.PeftArguments, DistillationArguments, DataArguments, TrainArguments], argv,
+        default_recipe=recipe_path("pretrain"), description=__doc__)
     if peft.enabled and not model_args.model_name_or_path:
         raise UserError(f"--peft {peft.peft} adapts an existing model, and none is given", field="peft",
                         fix="pass --model_name_or_path BASE to continue pretraining it, or --peft none to train "
@@ -187,7 +189,9 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
                                  gradient_checkpointing=args.activation_checkpointing)
     seq2seq = is_seq2seq(model.config)
     data_objective(data, seq2seq)  # refused before the output directory is claimed
-    settings = [model_args, data, peft] if peft.enabled else [model_args, data]  # runs before --peft stay resumable
+    teacher = load_teacher(kd, model, tokenizer, model_args.attn_implementation)
+    # runs without --peft or a teacher keep the identity they had before those options existed
+    settings = [model_args, data, *([peft] if peft.enabled else []), *([kd] if teacher is not None else [])]
     if claim_output_dir(run_identity("pretrain", model, tokenizer, settings, args), args, output_dir):
         return None
     objective, train_set, eval_set, ratios = build_datasets(data, tokenizer, seq2seq,
@@ -209,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100) if seq2seq \
         else default_data_collator
     trainer = LanguageModelTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                                   teacher=teacher, distillation=kd,
                                    data_collator=collator, processing_class=tokenizer, chars_per_token=ratios,
                                    callbacks=[ProgressLine(flops)])
     result = train_until_done_or_stopped(trainer, args)
@@ -217,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
     metrics = final_evaluation(trainer) if args.eval_strategy != "no" or eval_set else {}
     summary = {"objective": objective, "parameters": count_parameters(model), "peft": peft.peft,
                "trainable_parameters": count_parameters(model, trainable_only=True), **result.metrics, **metrics}
-    log_summary(trainer, summary, lora.save_trained(trainer, tokenizer, [model_args, peft, data, args], summary,
+    log_summary(trainer, summary, lora.save_trained(trainer, tokenizer, [model_args, peft, kd, data, args], summary,
                                                     output_dir, model_args.model_name_or_path))
     return trainer
 

@@ -45,6 +45,7 @@ from model.inference.generation import generate_replies
 from model.training import lora
 from model.training.arguments import TrainArguments
 from model.training.callbacks import ProgressLine
+from model.training.distillation import DistillationArguments, load_teacher
 from model.training.runs import claim_output_dir, run_identity
 from model.training.summary import final_evaluation, log_summary
 from model.training.trainer import LanguageModelTrainer, train_until_done_or_stopped
@@ -154,8 +155,9 @@ class SampleReplies(TrainerCallback):
 
 def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
     setup_logging()
-    model_args, peft, data, args = parse_config([ModelArguments, lora.PeftArguments, DataArguments, TrainArguments],
-                                                argv, default_recipe=recipe_path("sft"), description=__doc__)
+    model_args, peft, kd, data, args = parse_config(
+        [ModelArguments, lora.PeftArguments, DistillationArguments, DataArguments, TrainArguments], argv,
+        default_recipe=recipe_path("sft"), description=__doc__)
     output_dir = lora.adapter_output_dir(args) if peft.enabled else None
     set_seed(args.seed)
     # the data first: a bad file is refused before the model loads and the output directory is claimed
@@ -175,7 +177,9 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
         rows = {*added_token_ids(model_args.model_name_or_path, tokenizer),
                 *(vocab[token] for token in CHAT_TOKENS if token in vocab)}
         model = lora.add_adapter(model, peft, sorted(rows), frozen, args.activation_checkpointing)
-    settings = [model_args, data, peft] if peft.enabled else [model_args, data]  # runs before --peft stay resumable
+    teacher = load_teacher(kd, model, tokenizer, model_args.attn_implementation)
+    # runs without --peft or a teacher keep the identity they had before those options existed
+    settings = [model_args, data, *([peft] if peft.enabled else []), *([kd] if teacher is not None else [])]
     if claim_output_dir(run_identity("sft", model, tokenizer, settings, args), args, output_dir):
         return None
 
@@ -201,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
     samples = SampleReplies(eval_conversations[:data.eval_samples], tokenizer, data.sample_max_new_tokens)
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
     trainer = LanguageModelTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                                   teacher=teacher, distillation=kd,
                                    data_collator=collator, processing_class=tokenizer,
                                    callbacks=[ProgressLine(flops), samples])
     result = train_until_done_or_stopped(trainer, args)
@@ -210,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
     summary = {"model_type": model.config.model_type, "parameters": total, "trainable_parameters": trainable,
                "frozen": frozen, "peft": peft.peft, "data": asdict(stats), "samples": samples.latest,
                **result.metrics, **metrics}
-    log_summary(trainer, summary, lora.save_trained(trainer, tokenizer, [model_args, peft, data, args], summary,
+    log_summary(trainer, summary, lora.save_trained(trainer, tokenizer, [model_args, peft, kd, data, args], summary,
                                                     output_dir, model_args.model_name_or_path))
     return trainer
 

@@ -127,7 +127,8 @@ def counts_in_identity(*names: str):
 def run_identity(stage: str, model, tokenizer, settings: Sequence[Any], args) -> dict:
     """The identity of a run: every field of the stage's model / data / LoRA dataclasses `settings` except those
     whose metadata says `identity: False` (where a model or tokenizer is, worker counts: identified by content or
-    changing only speed), `*_files` fields by name, size and content (`_files`); of the training arguments
+    changing only speed), `*_files` fields and those marked `identity: "content"` (a teacher model) by name, size
+    and content (`_files`); of the training arguments
     `args`, the fields marked `identity: True` (`counts_in_identity`: the data order and the optimizer)."""
     config = {k: v for k, v in model.config.to_dict().items() if k not in VOLATILE_CONFIG and not k.startswith("_")}
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -135,9 +136,13 @@ def run_identity(stage: str, model, tokenizer, settings: Sequence[Any], args) ->
     values: dict[str, Any] = {}
     for group in settings:
         for item in fields(group) if is_dataclass(group) else ():
-            if item.metadata.get(IDENTITY, True):
+            counts = item.metadata.get(IDENTITY, True)
+            if counts:
                 value = getattr(group, item.name)
-                values[item.name] = _files(value) if item.name.endswith("_files") and value else _plain(value)
+                if counts == "content":  # a model directory (a distillation teacher): what it holds
+                    values[item.name] = _files([value])[0] if value else None
+                else:
+                    values[item.name] = _files(value) if item.name.endswith("_files") and value else _plain(value)
     training = {item.name: _plain(getattr(args, item.name)) for item in fields(args) if item.metadata.get(IDENTITY)}
     split = {"per_device": args.per_device_train_batch_size, "accumulation": args.gradient_accumulation_steps,
              "processes": args.world_size}

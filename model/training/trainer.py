@@ -28,6 +28,7 @@ from transformers.trainer_utils import TrainOutput
 from model.training.arguments import TrainArguments, adafactor_options
 from model.training.callbacks import CompileReport, GracefulStop, QuietProgressBar
 from model.training.checkpoints import AtomicCheckpointMixin, resolve_resume, resume_label
+from model.training.distillation import DistillationArguments, distillation_token_losses
 from model.training.losses import ExactEvalLossMixin, token_losses
 from model.training.machines import one_outcome
 from model.training.outputs import checkpoint_step
@@ -83,13 +84,36 @@ class LanguageModelTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, Seq2SeqTra
     all label tokens, whatever the evaluation batch size or process count (HF averages batch means).
     """
 
-    def __init__(self, *args, chars_per_token: dict[str, float] | None = None, **kwargs):
+    def __init__(self, *args, chars_per_token: dict[str, float] | None = None, teacher=None,
+                 distillation: DistillationArguments | None = None, **kwargs):
         model = kwargs.get("model") if "model" in kwargs else args[0]
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         if self.is_encoder_decoder and kwargs.get("compute_loss_func") is None:
             kwargs["compute_loss_func"] = self.token_mean_loss
         super().__init__(*args, **kwargs)
         self.chars_per_token = chars_per_token or {}
+        self.teacher, self.distillation = teacher, distillation  # model.training.distillation
+        if teacher is not None:
+            teacher.to(self.args.device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """With a teacher, the distillation loss (`distillation_token_losses`) over the label tokens of the
+        global batch, scaled by the process count as HF scales the cross-entropy it replaces."""
+        if self.teacher is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        outputs = model(**inputs)
+        with torch.no_grad():
+            teacher_logits = self.teacher(**inputs).logits
+        sums, counts = distillation_token_losses(
+            outputs.logits, teacher_logits, inputs["labels"], not self.is_encoder_decoder,
+            len(self.processing_class), self.distillation.kd_alpha, self.distillation.kd_temperature)
+        if num_items_in_batch is None:
+            loss = sums.sum() / counts.sum().clamp(min=1)
+        else:
+            loss = sums.sum() / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
     def token_mean_loss(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
         """Sum of token losses over the label tokens of the global batch (HF scales it by the process count)."""
