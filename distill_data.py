@@ -24,15 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from utils.chat_api import ChatAPI, PromptOverContext
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path, run_config
 from utils.data.conversations import DataFormat, load_answered_prompts
-from utils.data.resumable import append_batch, progress_path, resume_point, run_settings
+from utils.data.resumable import all_done, progress_path, resume_point, run_settings, start_output, write_batches
 from utils.errors import UserError
-from utils.io import check_output_file
 from utils.logging import setup_logging
 
 logger = logging.getLogger("distill_data")
@@ -94,30 +91,20 @@ def answer_rows(api: ChatAPI, args: DistillArguments, items: list[dict], start: 
                 settings: dict) -> bool:
     """Have the teacher answer `items[start:]`, `--concurrency` at a time, appending each batch's conversations
     to `output` in input order; False when ctrl+c stopped it (what was recorded stays)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(items), initial=start, desc=f"answers of {api.model}", unit="row")
-    try:
-        with open(output, "ab") as handle, ThreadPoolExecutor(args.concurrency) as pool:
-            for begin in range(start, len(items), args.batch_size):
-                batch = items[begin:begin + args.batch_size]
-                rows = []
-                for index, (item, (outcome, text, model)) in enumerate(zip(
-                        batch, pool.map(lambda item: ask(api, args, item["prompt"]), batch)), start=begin):
-                    if outcome != "answer":
-                        counts[f"{outcome}_skipped"] += 1
-                        continue
-                    rows.append({"id": index, "messages": [*item["prompt"], {"role": "assistant", "content": text}],
-                                 "teacher": model})
-                counts["written"] += len(rows)
-                append_batch(handle, output, rows, {"next_index": begin + len(batch), **counts, "rows": len(items),
-                                                    "config": settings})
-                bar.update(len(batch))
-    except KeyboardInterrupt:
-        logger.warning("interrupted after %d of %d rows; run the same command again to continue", bar.n, len(items))
-        return False
-    finally:
-        bar.close()
-    return True
+    def rows_of(begin: int, batch: list[dict]) -> list[dict]:
+        rows = []
+        answers = pool.map(lambda item: ask(api, args, item["prompt"]), batch)
+        for index, (item, (outcome, text, model)) in enumerate(zip(batch, answers), start=begin):
+            if outcome != "answer":
+                counts[f"{outcome}_skipped"] += 1
+                continue
+            rows.append({"id": index, "messages": [*item["prompt"], {"role": "assistant", "content": text}],
+                         "teacher": model})
+        return rows
+
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        return write_batches(output, items, start, args.batch_size, counts, settings, rows_of,
+                             f"answers of {api.model}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -127,25 +114,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.max_rows >= 0:
         items = items[:args.max_rows]
     output = Path(args.output)
-    check_output_file(output, "output")  # an existing file is resumed
+    start_output(output, args.overwrite)  # an existing file is resumed
     api = ChatAPI(args.base_url, args.api_key, args.model, context_field="input",
                   context_fix="such prompts are skipped and counted; to keep them, serve the teacher with a longer "
                               "context")
-    if args.overwrite:
-        output.unlink(missing_ok=True)
-        progress_path(output).unlink(missing_ok=True)
     recorded = {key: value for key, value in run_config(args).items() if key not in NOT_RECORDED}
     settings = run_settings({**recorded, "model": api.model})  # the teacher the server named, not the flag
     start, kept, state = resume_point(output, items, settings, prompt_of=lambda row: row["messages"][:-1])
     counts = {"written": kept, **{f"{outcome}_skipped": state.get(f"{outcome}_skipped", 0)
                                   for outcome in ("empty", "cut", "too_long")}}
-    if start >= len(items):
-        logger.info("all %d rows are answered in %s already: nothing to do", len(items), output)
-    else:
-        if start:
-            logger.info("resuming at row %d of %d (%s)", start, len(items), output)
-        if not answer_rows(api, args, items, start, output, counts, settings):
-            return counts
+    if not all_done(output, start, len(items)) and not answer_rows(api, args, items, start, output, counts, settings):
+        return counts
     logger.info("%d conversations with answers of %s in %s; skipped: %d empty, %d cut at --max_tokens %d, %d over "
                 "the teacher's context", counts["written"], api.model, output, counts["empty_skipped"],
                 counts["cut_skipped"], args.max_tokens, counts["too_long_skipped"])

@@ -21,16 +21,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
 from transformers import set_seed
 
 from model.inference.generation import InferenceArguments, context_length, generate_replies, load_for_inference
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path, run_config
 from utils.data.conversations import DataFormat, load_answered_prompts
-from utils.data.resumable import append_batch, progress_path, resume_point, run_settings
+from utils.data.resumable import all_done, progress_path, resume_point, run_settings, start_output, write_batches
 from utils.errors import UserError
-from utils.io import check_output_file
 from utils.logging import setup_logging
 
 logger = logging.getLogger("generate_rejected")
@@ -77,33 +75,21 @@ def answer_rows(args: GenerateArguments, items: list[dict], start: int, output: 
         config.temperature, config.top_p = args.temperature, args.top_p
     max_prompt = args.max_prompt_tokens if args.max_prompt_tokens > 0 else \
         max(context_length(model, tokenizer) - args.max_new_tokens, 16)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(items), initial=start, desc="generate rejected", unit="row")
-    try:
-        with open(output, "ab") as handle:
-            for begin in range(start, len(items), args.batch_size):
-                batch = items[begin:begin + args.batch_size]
-                replies = generate_replies(model, tokenizer, [item["prompt"] for item in batch], config,
-                                           batch_size=len(batch), max_prompt_tokens=max_prompt, progress=False)
-                rows = []
-                for index, (item, reply) in enumerate(zip(batch, replies), start=begin):
-                    if not reply.strip():
-                        counts["empty_skipped"] += 1
-                    elif reply.strip() == item["chosen"].strip():
-                        counts["equal_skipped"] += 1
-                    else:
-                        rows.append({"id": index, "prompt": item["prompt"], "chosen": item["chosen"],
-                                     "rejected": reply})
-                counts["written"] += len(rows)
-                append_batch(handle, output, rows, {"next_index": begin + len(batch), **counts, "rows": len(items),
-                                                    "config": settings})
-                bar.update(len(batch))
-    except KeyboardInterrupt:
-        logger.warning("interrupted after %d of %d rows; run the same command again to continue", bar.n, len(items))
-        return False
-    finally:
-        bar.close()
-    return True
+
+    def rows_of(begin: int, batch: list[dict]) -> list[dict]:
+        replies = generate_replies(model, tokenizer, [item["prompt"] for item in batch], config,
+                                   batch_size=len(batch), max_prompt_tokens=max_prompt, progress=False)
+        rows = []
+        for index, (item, reply) in enumerate(zip(batch, replies), start=begin):
+            if not reply.strip():
+                counts["empty_skipped"] += 1
+            elif reply.strip() == item["chosen"].strip():
+                counts["equal_skipped"] += 1
+            else:
+                rows.append({"id": index, "prompt": item["prompt"], "chosen": item["chosen"], "rejected": reply})
+        return rows
+
+    return write_batches(output, items, start, args.batch_size, counts, settings, rows_of, "generate rejected")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -115,21 +101,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.max_rows >= 0:
         items = items[:args.max_rows]
     output = Path(args.output)
-    check_output_file(output, "output")  # an existing file is resumed
-    if args.overwrite:
-        output.unlink(missing_ok=True)
-        progress_path(output).unlink(missing_ok=True)
+    start_output(output, args.overwrite)  # an existing file is resumed
     settings = run_settings(run_config(args))
     start, kept, state = resume_point(output, items, settings)
     counts = {"written": kept, "equal_skipped": state.get("equal_skipped", 0),
               "empty_skipped": state.get("empty_skipped", 0)}
-    if start >= len(items):
-        logger.info("all %d rows are answered in %s already: nothing to do", len(items), output)
-    else:
-        if start:
-            logger.info("resuming at row %d of %d (%s)", start, len(items), output)
-        if not answer_rows(args, items, start, output, counts, settings):
-            return counts
+    if not all_done(output, start, len(items)) and not answer_rows(args, items, start, output, counts, settings):
+        return counts
     logger.info("%d pairs in %s; skipped %d rows where the model gave the dataset's answer and %d empty answers",
                 counts["written"], output, counts["equal_skipped"], counts["empty_skipped"])
     if not counts["written"]:

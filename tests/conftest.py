@@ -127,6 +127,19 @@ def run_until_interrupted(args, stop_at: int, cwd=REPO, launcher=(sys.executable
     return process.returncode, log.read()
 
 
+def kill_after_first_batch(script: str, args: list[str], progress: Path) -> int:
+    """Run `script` with `args` and kill -9 it as soon as its progress record `progress` appears (a batch is on
+    disk, the next is being made); returns the record's `next_index`."""
+    process = subprocess.Popen([sys.executable, script, *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not progress.exists() and process.poll() is None:
+        time.sleep(0.01)
+    process.kill()
+    assert process.wait() == -9  # killed while working, not finished
+    return json.loads(progress.read_text())["next_index"]
+
+
 def digest(directory: Path) -> dict[str, str]:
     """{relative path: sha256} of every file under `directory`: equal before and after means nothing changed."""
     return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()

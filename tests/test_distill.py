@@ -9,13 +9,10 @@ split, a teacher of another family is refused."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, kill_after_first_batch
 from safetensors.torch import load_file
 from test_dpo import write_jsonl
 from test_rag import free_port
@@ -103,14 +100,7 @@ def test_resume_after_kill_equals_an_uninterrupted_run(served_tiny_llama, inputs
     distill_data.main(command(url, inputs, reference, *flags))
     output = tmp_path / "killed.jsonl"
     progress = tmp_path / "killed.jsonl.progress.json"
-    process = subprocess.Popen([sys.executable, "distill_data.py", *command(url, inputs, output, *flags)],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not progress.exists() and process.poll() is None:
-        time.sleep(0.01)
-    process.kill()
-    assert process.wait() == -9  # killed while answering, not finished
-    done = json.loads(progress.read_text())["next_index"]
+    done = kill_after_first_batch("distill_data.py", command(url, inputs, output, *flags), progress)
     assert 0 < done < 8
     with open(output, "ab") as handle:  # a batch written but not recorded, then a line cut by the crash
         handle.write(json.dumps({"id": done, "messages": [], "teacher": "x"}).encode() + b"\n")

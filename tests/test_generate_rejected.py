@@ -6,12 +6,9 @@ uninterrupted run."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 
 import pytest
-from conftest import REPO, SENTENCES, run_script
+from conftest import REPO, SENTENCES, kill_after_first_batch, run_script
 
 import generate_rejected
 from model.inference.generation import generate_replies, load_for_inference
@@ -135,15 +132,8 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tiny_t5, tmp_path):
     generate_rejected.main(command(tiny_t5, inputs, reference, "--batch_size", "2", "--max_new_tokens", "24"))
     output = tmp_path / "killed.jsonl"
     progress = tmp_path / "killed.jsonl.progress.json"
-    process = subprocess.Popen([sys.executable, "generate_rejected.py",
-                                *command(tiny_t5, inputs, output, "--batch_size", "2", "--max_new_tokens", "24")],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not progress.exists() and process.poll() is None:
-        time.sleep(0.01)
-    process.kill()
-    assert process.wait() == -9  # killed while generating, not finished
-    done = json.loads(progress.read_text())["next_index"]
+    done = kill_after_first_batch("generate_rejected.py", command(tiny_t5, inputs, output, "--batch_size", "2",
+                                                                   "--max_new_tokens", "24"), progress)
     assert 0 < done < 8
     with open(output, "ab") as handle:  # a batch written but not recorded, then a line cut by the crash
         handle.write(json.dumps({"id": done, "prompt": [], "chosen": "x", "rejected": "y"}).encode() + b"\n")

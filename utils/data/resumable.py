@@ -17,10 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from tqdm.auto import tqdm
+
 from utils.config import ONE_COMMAND_ACTIONS
 from utils.data.sources import PROGRESS_SUFFIX
 from utils.errors import UserError
-from utils.io import write_json_atomic
+from utils.io import check_output_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -84,3 +86,45 @@ def append_batch(handle: IO[bytes], output: Path, rows: list[dict], record: dict
     handle.flush()
     os.fsync(handle.fileno())
     write_json_atomic(progress_path(output), record)
+
+
+def start_output(output: Path, overwrite: bool) -> None:
+    """Refuse an `output` that is not a file path; with `overwrite`, forget what a run wrote there (an existing
+    output is otherwise resumed)."""
+    check_output_file(output, "output")
+    if overwrite:
+        output.unlink(missing_ok=True)
+        progress_path(output).unlink(missing_ok=True)
+
+
+def all_done(output: Path, start: int, rows: int) -> bool:
+    """Whether the output holds every row already (logged: the same command again has nothing to do)."""
+    if start >= rows:
+        logger.info("all %d rows are done in %s already: nothing to do", rows, output)
+    return start >= rows
+
+
+def write_batches(output: Path, items: list[dict], start: int, batch_size: int, counts: dict, settings: dict,
+                  rows_of: Callable[[int, list[dict]], list[dict]], desc: str) -> bool:
+    """Make and append the rows of `items[start:]`, `batch_size` items at a time: `rows_of(begin, batch)` returns a
+    batch's rows (`id` = index in `items`) and adds what it skipped to `counts`; `counts["written"]` and the
+    progress record follow each batch. False when ctrl+c stopped it (what was recorded stays)."""
+    if start:
+        logger.info("resuming at row %d of %d (%s)", start, len(items), output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(items), initial=start, desc=desc, unit="row")
+    try:
+        with open(output, "ab") as handle:
+            for begin in range(start, len(items), batch_size):
+                batch = items[begin:begin + batch_size]
+                rows = rows_of(begin, batch)
+                counts["written"] += len(rows)
+                append_batch(handle, output, rows, {"next_index": begin + len(batch), **counts, "rows": len(items),
+                                                    "config": settings})
+                bar.update(len(batch))
+    except KeyboardInterrupt:
+        logger.warning("interrupted after %d of %d rows; run the same command again to continue", bar.n, len(items))
+        return False
+    finally:
+        bar.close()
+    return True
