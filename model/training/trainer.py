@@ -37,6 +37,14 @@ from utils.errors import UserError
 logger = logging.getLogger(__name__)
 
 
+def router_aux_loss_coef(config) -> float | None:
+    """The weight of a mixture of experts' load-balancing loss in training (`router_aux_loss_coef`), or None
+    for a model that returns none (dense models; an MoE config without `output_router_logits`)."""
+    if not getattr(config, "output_router_logits", False):
+        return None
+    return float(getattr(config, "router_aux_loss_coef", 0.0))
+
+
 def plan_steps(args, examples: int) -> tuple[int, int]:
     """(examples per optimizer step, optimizer steps) for a training set of `examples`: the global batch, and
     --max_steps or else the steps of --num_train_epochs epochs."""
@@ -81,20 +89,41 @@ class LanguageModelTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, Seq2SeqTra
     accumulation 4 on 2 GPUs) and its gradients weighted tokens by micro-batch. T5 therefore gets the
     token-sum loss as `compute_loss_func`. Evaluation sums every example's token losses and divides once by
     all label tokens, whatever the evaluation batch size or process count (HF averages batch means).
+
+    Mixture of experts (Mixtral, `output_router_logits`). HF's Mixtral adds `router_aux_loss_coef x aux` to
+    every micro-batch's loss, so the Trainer's sum over accumulation steps (and its x processes scaling) weighed
+    the load-balancing loss by accumulation x processes. Here the trained and logged `loss` is the LM loss
+    (token-weighted over the global batch, invariant to the split) plus coef x the mean of the micro-batches'
+    load-balancing losses; `aux_loss` (unscaled, mean over the logging window) is logged beside it, so the LM
+    part is `loss - coef * aux_loss`. The load-balancing loss itself is defined per micro-batch (the share of
+    its tokens routed to each expert), so that part does depend on the micro-batch size, as in HF and Megatron.
+    Evaluation losses are LM losses only (comparable with a dense model's).
     """
 
     def __init__(self, *args, chars_per_token: dict[str, float] | None = None, **kwargs):
         model = kwargs.get("model") if "model" in kwargs else args[0]
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-        if self.is_encoder_decoder and kwargs.get("compute_loss_func") is None:
+        self.aux_loss_coef = router_aux_loss_coef(model.config)
+        if (self.is_encoder_decoder or self.aux_loss_coef is not None) and kwargs.get("compute_loss_func") is None:
             kwargs["compute_loss_func"] = self.token_mean_loss
         super().__init__(*args, **kwargs)
         self.chars_per_token = chars_per_token or {}
+        self._aux_window: list[torch.Tensor] = []  # the micro-batches' load-balancing losses since the last log
 
     def token_mean_loss(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-        """Sum of token losses over the label tokens of the global batch (HF scales it by the process count)."""
-        sums, counts = token_losses(outputs["logits"], labels, shift=False)
-        return sums.sum() / (num_items_in_batch if num_items_in_batch is not None else counts.sum().clamp(min=1))
+        """Sum of token losses over the label tokens of the global batch (HF scales it by the process count),
+        plus a mixture of experts' weighted load-balancing loss, scaled so that the step's sum over micro-batches
+        and processes is its mean (see the class docstring)."""
+        sums, counts = token_losses(outputs["logits"], labels, shift=not self.is_encoder_decoder)
+        loss = sums.sum() / (num_items_in_batch if num_items_in_batch is not None else counts.sum().clamp(min=1))
+        aux = outputs.get("aux_loss") if self.aux_loss_coef is not None else None
+        if aux is not None and self.model.training:
+            self._aux_window.append(aux.detach().float())
+            scale = self.current_gradient_accumulation_steps
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                scale *= self.accelerator.num_processes  # HF's compute_loss multiplies the loss by it
+            loss = loss + self.aux_loss_coef * aux.to(loss.device) / scale
+        return loss
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args, model=None):
@@ -133,6 +162,9 @@ class LanguageModelTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, Seq2SeqTra
         return (sums.sum() / counts.sum().clamp(min=1)).detach(), None, None
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._aux_window:  # a training log line, reached by every process together
+            window, self._aux_window = torch.stack(self._aux_window), []
+            logs["aux_loss"] = self.accelerator.gather(window.mean()[None]).mean().item()
         for key in [k for k in logs if k.startswith("eval_") and k.endswith("loss")]:
             name = key[len("eval_"):-len("loss")].rstrip("_") or "eval"
             ratio = self.chars_per_token.get(name) or self.chars_per_token.get("eval")
