@@ -38,11 +38,16 @@ logger = logging.getLogger(__name__)
 
 
 def router_aux_loss_coef(config) -> float | None:
-    """The weight of a mixture of experts' load-balancing loss in training (`router_aux_loss_coef`), or None
-    for a model that returns none (dense models; an MoE config without `output_router_logits`)."""
-    if not getattr(config, "output_router_logits", False):
+    """The weight of a mixture of experts' load-balancing loss in training, or None for a model without one.
+
+    TRL's rule (`DPOTrainer`): a config with an `output_router_logits` field is an MoE, and its
+    `router_aux_loss_coef` (0 = off) weighs the loss. The trainers request the router logits in each training
+    forward, so the saved config can keep `output_router_logits` false, as Mixtral's published checkpoints do:
+    transformers 5.25's `generate` fails with it on (it computes the loss on each decoding step, against the
+    whole attention mask)."""
+    if not hasattr(config, "output_router_logits"):
         return None
-    return float(getattr(config, "router_aux_loss_coef", 0.0))
+    return float(getattr(config, "router_aux_loss_coef", 0.0)) or None
 
 
 def plan_steps(args, examples: int) -> tuple[int, int]:
@@ -90,7 +95,7 @@ class LanguageModelTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, Seq2SeqTra
     token-sum loss as `compute_loss_func`. Evaluation sums every example's token losses and divides once by
     all label tokens, whatever the evaluation batch size or process count (HF averages batch means).
 
-    Mixture of experts (Mixtral, `output_router_logits`). HF's Mixtral adds `router_aux_loss_coef x aux` to
+    Mixture of experts (Mixtral; `router_aux_loss_coef`). HF's Mixtral adds `router_aux_loss_coef x aux` to
     every micro-batch's loss, so the Trainer's sum over accumulation steps (and its x processes scaling) weighed
     the load-balancing loss by accumulation x processes. Here the trained and logged `loss` is the LM loss
     (token-weighted over the global batch, invariant to the split) plus coef x the mean of the micro-batches'
@@ -109,6 +114,11 @@ class LanguageModelTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, Seq2SeqTra
         super().__init__(*args, **kwargs)
         self.chars_per_token = chars_per_token or {}
         self._aux_window: list[torch.Tensor] = []  # the micro-batches' load-balancing losses since the last log
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if self.aux_loss_coef is not None and model.training:
+            inputs = {**inputs, "output_router_logits": True}
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
     def token_mean_loss(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
         """Sum of token losses over the label tokens of the global batch (HF scales it by the process count),
