@@ -1,7 +1,7 @@
 """Mixture of experts against a dense decoder at equal active parameters (issue 25, CPU): pretraining throughput and
 held-out loss on the demo corpus, same data, same steps.
 
-    .venv/bin/python -m bench.bench_moe                 # ~5 min on 2 idle cores
+    .venv/bin/python -m bench.bench_moe                 # ~7 CPU-minutes (25 min wall at load 10 on 2 cores)
     .venv/bin/python -m bench.bench_moe --steps 300     # longer training
     .venv/bin/python -m bench.bench_moe --quick         # a few steps (smoke test; no docs)
 
@@ -133,12 +133,16 @@ corpus's validation split (the LM part only; the MoE trains on it plus 0.01 x it
 
 {table}
 
-Reading: at equal active parameters the MoE ran at {speed:.2f}x the dense model's tokens/s on this CPU and ended
-{abs(gap):.3f} nats/token {'below' if gap < 0 else 'above'} it on held-out text. On a CPU the experts cost more
-than their FLOPs (a loop over experts with gathers and scatters instead of one matrix product), and with 4x the
-feed-forward parameters the MoE also has 4x their optimizer state; what it buys is capacity per active FLOP, which
-shows in loss at equal steps once there are enough tokens to specialise the experts. A GPU run with grouped GEMMs
-is the place to measure speed that matters (`experts_implementation` grouped_mm).
+Reading: at equal active parameters the MoE ran at {speed:.2f}x the dense model's tokens/s
+({moe['tokens'] / moe['cpu_s'] / (dense['tokens'] / dense['cpu_s']):.2f}x its tokens per CPU-second) and ended
+{abs(gap):.3f} nats/token {'below' if gap < 0 else 'above'} it on held-out text. The machine was shared (1-minute
+load average {dense['load']:.0f} and {moe['load']:.0f} on 2 cores at the arms' starts), so the wall-clock rates are
+low and only their ratio says something. On a CPU the experts cost more than their FLOPs: each layer sorts the
+tokens by expert, runs grouped matrix products over uneven groups and scatters the results back, where the
+dense model runs one matrix product; and with 4x the feed-forward parameters the MoE also keeps 4x their
+optimizer state. At {record['steps']} steps of 1,024 tokens both models are early in training (a uniform guess
+over 4,096 tokens is 8.32 nats), where the experts have not yet specialised; MoE's gain in loss at equal active
+compute shows with more tokens than this CPU budget allows (a GPU run: `--model_config mixtral-0.2b`).
 """
 
 
