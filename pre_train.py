@@ -59,8 +59,8 @@ Objective = Literal["auto", "causal_lm", "span_corruption", "text_to_text", "mix
 @dataclass
 class ModelArguments(AttentionArguments):
     model_config: str = field(default="t5-0.2b", metadata={"identity": False,
-        "help": "Preset (t5-tiny, t5-demo, t5-0.2b, llama-tiny, llama-demo, llama-0.2b), a preset YAML or an "
-                "HF config.json. Ignored with --model_name_or_path."})
+        "help": "Preset (t5-tiny, t5-demo, t5-0.2b, llama-tiny, llama-demo, llama-0.2b, mixtral-tiny, "
+                "mixtral-0.2b), a preset YAML or an HF config.json. Ignored with --model_name_or_path."})
     model_overrides: str | None = field(default=None, metadata={"identity": False,
         "help": "JSON object of config keys to override, e.g. '{\"num_layers\": 4, \"d_model\": 512}'."})
     model_name_or_path: str | None = field(default=None, metadata={"identity": False,

@@ -3,7 +3,9 @@
     config = model_config("t5-demo", tokenizer, {"num_layers": 4})
     model = build_model(config)
 
-Presets: t5-tiny, t5-demo, t5-0.2b, llama-tiny, llama-demo, llama-0.2b. A preset name, a preset YAML or
+Presets: t5-tiny, t5-demo, t5-0.2b, llama-tiny, llama-demo, llama-0.2b, and the mixture-of-experts decoder
+mixtral-tiny, mixtral-0.2b (transformers' MixtralForCausalLM: top-2 routing over SwiGLU experts, trained with
+its load-balancing loss; see model/training/trainer.py). A preset name, a preset YAML or
 an HF `config.json` can be given, and any key overridden. The vocabulary comes from the tokenizer,
 rounded up to a multiple of 64, and the special token ids are taken from it.
 """
@@ -65,8 +67,8 @@ def _read_model_config(name_or_path: str) -> dict[str, Any]:
     text = path.read_text(encoding="utf-8")
     values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     if not isinstance(values, dict) or "model_type" not in values:
-        raise UserError("a model config needs a 'model_type' (t5 or llama)", path=str(path), field="model_type",
-                        fix="add 'model_type: t5' or 'model_type: llama'")
+        raise UserError("a model config needs a 'model_type' (t5, llama or mixtral)", path=str(path),
+                        field="model_type", fix="add 'model_type: t5', 'model_type: llama' or 'model_type: mixtral'")
     return values
 
 
@@ -283,7 +285,10 @@ def flops_per_token(config: PreTrainedConfig, seq_len: int, target_len: int | No
     d, layers = config.hidden_size, config.num_hidden_layers
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or d // heads
-    layer = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim + 3 * d * config.intermediate_size
+    # A mixture of experts (Mixtral) runs its router and the num_experts_per_tok experts a token is sent to.
+    experts = getattr(config, "num_experts_per_tok", 1) if hasattr(config, "num_local_experts") else 1
+    router = d * getattr(config, "num_local_experts", 0)
+    layer = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim + 3 * d * config.intermediate_size * experts + router
     matmul = 6 * (layers * layer + d * config.vocab_size)
     attention = 12 * layers * heads * head_dim * seq_len
     return matmul + attention

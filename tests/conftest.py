@@ -175,8 +175,8 @@ def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
 
 
 def pretrain_tiny(preset: str, corpus: Path, tokenizer: Path, output: Path, steps: int = 30, *extra: str) -> Path:
-    """Pretrain a tiny model of `preset` (t5-tiny / llama-tiny) for `steps` steps (`extra`: more flags); returns
-    its directory."""
+    """Pretrain a tiny model of `preset` (t5-tiny / llama-tiny / mixtral-tiny) for `steps` steps (`extra`: more
+    flags); returns its directory."""
     import pre_train
 
     pre_train.main(["--config", "none", "--model_config", preset, "--tokenizer_name_or_path", str(tokenizer),
@@ -199,6 +199,12 @@ def tiny_t5(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
 def tiny_llama(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
     """A tiny pretrained Llama directory (model + tokenizer with the chat template), built once per session."""
     return pretrain_tiny("llama-tiny", tiny_corpus, tiny_tokenizer, tmp_path_factory.mktemp("llama") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
+    """A tiny pretrained mixture-of-experts decoder (mixtral-tiny: 4 experts, top-2), built once per session."""
+    return pretrain_tiny("mixtral-tiny", tiny_corpus, tiny_tokenizer, tmp_path_factory.mktemp("mixtral") / "model")
 
 
 def lora_deltas(adapter_dir: Path) -> dict:

@@ -2,8 +2,8 @@
 it at the next step, a finished or cancelled one leaves without waiting for the rest, a queued one cancelled
 never runs, one bad prompt fails alone. The scheduling is checked on a fake model (a test double of the model's
 next-token function, where nothing depends on the model); what depends on the model (caches padded and merged,
-T5's cross-attention, each row's own decoding options) on the tiny Llama and T5: greedy replies in a batch are
-the tokens of the same request served alone, which are `model.generate`'s."""
+T5's cross-attention, each row's own decoding options) on the tiny Llama, T5 and Mixtral (mixture of experts):
+greedy replies in a batch are the tokens of the same request served alone, which are `model.generate`'s."""
 
 from __future__ import annotations
 
@@ -166,10 +166,11 @@ def test_a_failed_step_fails_its_rows_and_the_batcher_keeps_serving():
 
 
 @pytest.fixture(scope="module")
-def models(tiny_t5, tiny_llama):
+def models(tiny_t5, tiny_llama, tiny_mixtral):
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models gain nothing from intra-op threads
-    yield {"t5": load_for_inference(str(tiny_t5)), "llama": load_for_inference(str(tiny_llama))}
+    yield {"t5": load_for_inference(str(tiny_t5)), "llama": load_for_inference(str(tiny_llama)),
+           "mixtral": load_for_inference(str(tiny_mixtral))}
     torch.set_num_threads(previous)
 
 
@@ -223,7 +224,7 @@ def logits_of(monkeypatch):
     return seen.__getitem__
 
 
-@pytest.mark.parametrize("kind", ["llama", "t5"])
+@pytest.mark.parametrize("kind", ["llama", "t5", "mixtral"])
 def test_alone_a_reply_is_model_generate_bit_for_bit(models, kind, logits_of):
     model, tokenizer = models[kind]
     for ids, config in requests(model, tokenizer)[:3]:
@@ -238,7 +239,7 @@ def test_alone_a_reply_is_model_generate_bit_for_bit(models, kind, logits_of):
         assert all(torch.equal(mine, theirs[0]) for mine, theirs in zip(logits_of(reply), out.logits, strict=True))
 
 
-@pytest.mark.parametrize("kind", ["llama", "t5"])
+@pytest.mark.parametrize("kind", ["llama", "t5", "mixtral"])
 def test_batched_greedy_replies_equal_the_same_requests_alone(models, kind, logits_of):
     """Replies join a running batch at different steps, with their own options and lengths; one is cancelled
     midway. Each is the token sequence it gets alone, and its logits stay within `TOLERANCE` of those alone.
@@ -273,7 +274,7 @@ def test_batched_greedy_replies_equal_the_same_requests_alone(models, kind, logi
     assert replies[4].reply.completion_tokens < alone[4].reply.completion_tokens
 
 
-@pytest.mark.parametrize("kind", ["llama", "t5"])
+@pytest.mark.parametrize("kind", ["llama", "t5", "mixtral"])
 def test_a_request_joins_a_running_batch_and_leaves_before_it_ends(models, kind):
     """Through the service, as the server runs it: a short request sent while a long one streams joins its batch
     at once (it does not wait for the long reply to end), finishes first, and both equal their replies alone."""

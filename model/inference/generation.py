@@ -60,6 +60,8 @@ def load_for_inference(path: str, device: str | None = None, dtype: str = "auto"
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     model = auto.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    if getattr(model.config, "output_router_logits", False):  # an MoE's training switch; generate fails with it
+        model.config.output_router_logits = False
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.chat_template is None:
         raise UserError("the tokenizer has no chat template", path=str(path), field="chat_template",

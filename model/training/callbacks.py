@@ -97,6 +97,7 @@ class ProgressLine(TrainerCallback):
         step_s = elapsed / max(step - self._last[2], 1)
         self._last = (now, tokens, step)
         parts = [f"step {step}/{state.max_steps}", f"loss {logs['loss']:.4f}",
+                 *([f"aux {logs['aux_loss']:.4f}"] if "aux_loss" in logs else []),  # an MoE's load balancing
                  f"lr {logs.get('learning_rate', 0):.1e}",
                  f"{tok_s / 1e3:.1f}k tok/s" if tok_s >= 1e3 else f"{tok_s:.0f} tok/s"]
         if self.peak:

@@ -59,6 +59,9 @@ EmbeddingMode = Literal["rows", "all", "none"]
 LORA_TARGETS = {
     "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],  # wi_0/wi_1: gated-GELU feed-forward
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    # Mixtral's experts are 3-D parameters (gate_up_proj, down_proj: one slice per expert), not nn.Linear, and
+    # its router is a bare weight: LoRA adapts the attention; the experts train in full fine-tuning only.
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 GPU_EXTRAS = "pip install -r requirements-gpu.txt"  # bitsandbytes is pinned there (GPU only)
 
@@ -71,7 +74,8 @@ class LoraArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input (0 = none)."})
     lora_target_modules: list[str] = field(default_factory=list, metadata={
         "help": "Module names to adapt; empty = attention + feed-forward: T5 q k v o wi wo (wi_0 wi_1 when "
-                "gated), Llama q_proj k_proj v_proj o_proj gate_proj up_proj down_proj."})
+                "gated), Llama q_proj k_proj v_proj o_proj gate_proj up_proj down_proj; Mixtral (mixture of "
+                "experts) the attention q_proj k_proj v_proj o_proj."})
 
     def __post_init__(self):
         if self.lora_r < 1:

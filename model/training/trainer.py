@@ -38,6 +38,19 @@ from utils.errors import UserError
 logger = logging.getLogger(__name__)
 
 
+def router_aux_loss_coef(config) -> float | None:
+    """The weight of a mixture of experts' load-balancing loss in training, or None for a model without one.
+
+    TRL's rule (`DPOTrainer`): a config with an `output_router_logits` field is an MoE, and its
+    `router_aux_loss_coef` (0 = off) weighs the loss. The trainers request the router logits in each training
+    forward, so the saved config can keep `output_router_logits` false, as Mixtral's published checkpoints do:
+    transformers 5.25's `generate` fails with it on (it computes the loss on each decoding step, against the
+    whole attention mask)."""
+    if not hasattr(config, "output_router_logits"):
+        return None
+    return float(getattr(config, "router_aux_loss_coef", 0.0)) or None
+
+
 def plan_steps(args, examples: int) -> tuple[int, int]:
     """(examples per optimizer step, optimizer steps) for a training set of `examples`: the global batch, and
     --max_steps or else the steps of --num_train_epochs epochs."""
@@ -82,28 +95,42 @@ class LanguageModelTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, Seq2SeqTra
     accumulation 4 on 2 GPUs) and its gradients weighted tokens by micro-batch. T5 therefore gets the
     token-sum loss as `compute_loss_func`. Evaluation sums every example's token losses and divides once by
     all label tokens, whatever the evaluation batch size or process count (HF averages batch means).
+
+    Mixture of experts (Mixtral; `router_aux_loss_coef`). HF's Mixtral adds `router_aux_loss_coef x aux` to
+    every micro-batch's loss, so the Trainer's sum over accumulation steps (and its x processes scaling) weighed
+    the load-balancing loss by accumulation x processes. Here the trained and logged `loss` is the LM loss
+    (token-weighted over the global batch, invariant to the split) plus coef x the mean of the micro-batches'
+    load-balancing losses; `aux_loss` (unscaled, mean over the logging window) is logged beside it, so the LM
+    part is `loss - coef * aux_loss`. The load-balancing loss itself is defined per micro-batch (the share of
+    its tokens routed to each expert), so that part does depend on the micro-batch size, as in HF and Megatron.
+    Evaluation losses are LM losses only (comparable with a dense model's).
     """
 
     def __init__(self, *args, chars_per_token: dict[str, float] | None = None, teacher=None,
                  distillation: DistillationArguments | None = None, **kwargs):
         model = kwargs.get("model") if "model" in kwargs else args[0]
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-        if self.is_encoder_decoder and kwargs.get("compute_loss_func") is None:
+        self.aux_loss_coef = router_aux_loss_coef(model.config)
+        if (self.is_encoder_decoder or self.aux_loss_coef is not None) and kwargs.get("compute_loss_func") is None:
             kwargs["compute_loss_func"] = self.token_mean_loss
         super().__init__(*args, **kwargs)
         self.chars_per_token = chars_per_token or {}
         self.teacher, self.distillation = teacher, distillation  # model.training.distillation
         if teacher is not None:
             teacher.to(self.args.device)
+        self._aux_window: list[torch.Tensor] = []  # the micro-batches' load-balancing losses since the last log
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """With a teacher, the distillation loss (`distillation_token_losses`) over the label tokens of the
-        global batch, scaled by the process count as HF scales the cross-entropy it replaces."""
+        """A mixture of experts is asked for its router logits in training (see the class docstring). With a
+        teacher, the distillation loss (`distillation_token_losses`) over the label tokens of the global batch,
+        scaled by the process count as HF scales the cross-entropy it replaces."""
+        if self.aux_loss_coef is not None and model.training:
+            inputs = {**inputs, "output_router_logits": True}
         if self.teacher is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         outputs = model(**inputs)
         with torch.no_grad():
-            teacher_logits = self.teacher(**inputs).logits
+            teacher_logits = self.teacher(**{k: v for k, v in inputs.items() if k != "output_router_logits"}).logits
         sums, counts = distillation_token_losses(
             outputs.logits, teacher_logits, inputs["labels"], not self.is_encoder_decoder,
             len(self.processing_class), self.distillation.kd_alpha, self.distillation.kd_temperature)
@@ -113,12 +140,28 @@ class LanguageModelTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, Seq2SeqTra
             loss = sums.sum() / num_items_in_batch
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes
+        loss = self.with_load_balancing(loss, outputs, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
     def token_mean_loss(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-        """Sum of token losses over the label tokens of the global batch (HF scales it by the process count)."""
-        sums, counts = token_losses(outputs["logits"], labels, shift=False)
-        return sums.sum() / (num_items_in_batch if num_items_in_batch is not None else counts.sum().clamp(min=1))
+        """Sum of token losses over the label tokens of the global batch (HF scales it by the process count),
+        plus a mixture of experts' weighted load-balancing loss, scaled so that the step's sum over micro-batches
+        and processes is its mean (see the class docstring)."""
+        sums, counts = token_losses(outputs["logits"], labels, shift=not self.is_encoder_decoder)
+        loss = sums.sum() / (num_items_in_batch if num_items_in_batch is not None else counts.sum().clamp(min=1))
+        return self.with_load_balancing(loss, outputs, num_items_in_batch)
+
+    def with_load_balancing(self, loss: torch.Tensor, outputs, num_items_in_batch=None) -> torch.Tensor:
+        """`loss` plus a mixture of experts' weighted load-balancing loss in training, scaled so that the step's
+        sum over micro-batches and processes is its mean (see the class docstring); `loss` as it is otherwise."""
+        aux = outputs.get("aux_loss") if self.aux_loss_coef is not None else None
+        if aux is not None and self.model.training:
+            self._aux_window.append(aux.detach().float())
+            scale = self.current_gradient_accumulation_steps
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                scale *= self.accelerator.num_processes  # HF's compute_loss multiplies the loss by it
+            loss = loss + self.aux_loss_coef * aux.to(loss.device) / scale
+        return loss
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args, model=None):
@@ -157,6 +200,9 @@ class LanguageModelTrainer(ExactEvalLossMixin, AtomicCheckpointMixin, Seq2SeqTra
         return (sums.sum() / counts.sum().clamp(min=1)).detach(), None, None
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._aux_window:  # a training log line, reached by every process together
+            window, self._aux_window = torch.stack(self._aux_window), []
+            logs["aux_loss"] = self.accelerator.gather(window.mean()[None]).mean().item()
         for key in [k for k in logs if k.startswith("eval_") and k.endswith("loss")]:
             name = key[len("eval_"):-len("loss")].rstrip("_") or "eval"
             ratio = self.chars_per_token.get(name) or self.chars_per_token.get("eval")
