@@ -45,6 +45,7 @@ from model.inference.generation import generate_replies
 from model.training import lora
 from model.training.arguments import TrainArguments
 from model.training.callbacks import ProgressLine
+from model.training.peft_methods import use_loraplus
 from model.training.runs import claim_output_dir, run_identity
 from model.training.summary import final_evaluation, log_summary
 from model.training.trainer import LanguageModelTrainer, train_until_done_or_stopped
@@ -172,9 +173,10 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
     frozen = freeze_parameters(model, model_args.freeze)
     if peft.enabled:
         vocab = tokenizer.get_vocab()  # rows beside LoRA: an extension's new tokens and the chat tokens
-        rows = {*added_token_ids(model_args.model_name_or_path, tokenizer),
-                *(vocab[token] for token in CHAT_TOKENS if token in vocab)}
-        model = lora.add_adapter(model, peft, sorted(rows), frozen, args.activation_checkpointing)
+        added = added_token_ids(model_args.model_name_or_path, tokenizer)
+        rows = {*added, *(vocab[token] for token in CHAT_TOKENS if token in vocab)}
+        model = lora.add_adapter(model, peft, sorted(rows), frozen, args.activation_checkpointing, added,
+                                 tokenizer.name_or_path)
     settings = [model_args, data, peft] if peft.enabled else [model_args, data]  # runs before --peft stay resumable
     if claim_output_dir(run_identity("sft", model, tokenizer, settings, args), args, output_dir):
         return None
@@ -203,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
     trainer = LanguageModelTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                    data_collator=collator, processing_class=tokenizer,
                                    callbacks=[ProgressLine(flops), samples])
+    use_loraplus(trainer, peft.loraplus_lr_ratio)
     result = train_until_done_or_stopped(trainer, args)
     if result is None:
         return trainer

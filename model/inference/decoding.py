@@ -288,7 +288,8 @@ class CancelBeams(StoppingCriteria):
 
 
 def beam_search(model, tokenizer, reply: LiveReply) -> None:
-    """Generate `reply` by beam search in one `model.generate` (blocking); it arrives whole, as one piece."""
+    """Generate `reply` in one `model.generate` (blocking): beam search, or any decoding of a model whose
+    adapter adds virtual tokens (`generation.generates_whole`); it arrives whole, as one piece."""
     if not reply.admit():
         return
     try:
