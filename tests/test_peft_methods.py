@@ -147,17 +147,53 @@ def test_chat_generate_rejected_and_export_as_commands(trained, tmp_path):
     assert done.value.code == 2 and not (tmp_path / "m.gguf").exists()
 
 
+def test_eval_model_scores_a_prompt_tuning_adapter_without_its_virtual_tokens(trained, tmp_path):
+    """eval_model's bits per character on a prompt-tuning Llama: its logits begin with the virtual tokens', which
+    predict no text. The figure equals PEFT's own loss, which pads the labels over the virtual tokens."""
+    import eval_model
+
+    _, output = trained["llama", "prompt"]
+    text = tmp_path / "text.txt"
+    text.write_text("春天的早晨，河边的柳树发出了嫩绿的新芽。\n", encoding="utf-8")
+    results = eval_model.main(["--config", "none", "--model_name_or_path", str(output), "--task", "bpc",
+                               "--bpc_files", str(text), "--output_dir", str(tmp_path / "eval"), "--device", "cpu"])
+    bpc = results["bpc"]
+    model, tokenizer = load_for_inference(str(output), "cpu")
+    ids = torch.tensor([[tokenizer.eos_token_id, *tokenizer(text.read_text().strip())["input_ids"]]])
+    with torch.no_grad():
+        nats = model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+    assert bpc["tokens"] == ids.shape[1] - 1
+    assert bpc["bits"] == pytest.approx(nats / np.log(2), rel=1e-5)  # one window, one fp32 sum order apart
+
+
 def test_loraplus_gives_b_ratio_times_the_learning_rate(tiny_llama, sft_file, tmp_path):
-    trainer = sft_train.main(sft_args(tiny_llama, sft_file, tmp_path / "out", "lora", "--max_steps", "2",
-                                      "--loraplus_lr_ratio", "16", "--learning_rate", "1e-3"))
-    names = {id(p): name for name, p in trainer.model.named_parameters()}
-    rates = {}
-    for group in trainer.optimizer.param_groups:
-        for param in group["params"]:
-            rates[names[id(param)]] = group["lr"]
-    a = {name: lr for name, lr in rates.items() if ".lora_A." in name}
-    b = {name: lr for name, lr in rates.items() if ".lora_B." in name}
+    """The optimizer SFT trains with (`use_loraplus`, checked before the merge removes the adapter): every
+    lora_B at 16 x the learning rate, every lora_A at the learning rate; the Trainer keeps it, and its
+    checkpoint holds the optimizer state of those groups."""
+    args = sft_args(tiny_llama, sft_file, tmp_path / "out", "lora", "--max_steps", "2", "--loraplus_lr_ratio",
+                    "16", "--learning_rate", "1e-3", "--save_strategy", "steps", "--save_steps", "2")
+    seen = {}
+    original = sft_train.use_loraplus
+
+    def recording(trainer, ratio):
+        original(trainer, ratio)
+        names = {id(p): name for name, p in trainer.model.named_parameters()}
+        seen.update({names[id(p)]: group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]})
+        seen["optimizer"] = trainer.optimizer
+        trainer.create_optimizer()
+        assert trainer.optimizer is seen["optimizer"]
+
+    sft_train.use_loraplus = recording
+    try:
+        trainer = sft_train.main(args)
+    finally:
+        sft_train.use_loraplus = original
+    a = {name: lr for name, lr in seen.items() if ".lora_A." in name}
+    b = {name: lr for name, lr in seen.items() if ".lora_B." in name}
     assert len(a) == len(b) == 14 and set(a.values()) == {1e-3} and set(b.values()) == {16 * 1e-3}
+    assert [g["lr"] for g in trainer.optimizer.param_groups if g["params"]] == [1e-3, 16e-3]  # constant schedule
+    state = torch.load(tmp_path / "out" / "adapter" / "checkpoint-2" / "optimizer.pt", weights_only=False)
+    assert [g["lr"] for g in state["param_groups"] if g["params"]] == [1e-3, 16e-3]
 
 
 @pytest.mark.parametrize("flags", [{"use_dora": True}, {"use_rslora": True}, {"lora_init": "pissa"},

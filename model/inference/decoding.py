@@ -283,6 +283,10 @@ class CancelBeams(StoppingCriteria):
     def __init__(self, reply: LiveReply):
         self.reply = reply
 
+    def __deepcopy__(self, memo) -> CancelBeams:
+        """Itself: a copy must watch the same reply (PEFT's T5 prompt tuning deep-copies generate's arguments)."""
+        return self
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         return torch.full((input_ids.shape[0],), self.reply.cancelled, dtype=torch.bool, device=input_ids.device)
 
