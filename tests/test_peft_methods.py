@@ -154,14 +154,17 @@ def test_eval_model_scores_a_prompt_tuning_adapter_without_its_virtual_tokens(tr
 
     _, output = trained["llama", "prompt"]
     text = tmp_path / "text.txt"
-    text.write_text("春天的早晨，河边的柳树发出了嫩绿的新芽。\n", encoding="utf-8")
+    text.write_text("他在山顶上用 Python 统计了湖泊和群山的数量。\n", encoding="utf-8")
     results = eval_model.main(["--config", "none", "--model_name_or_path", str(output), "--task", "bpc",
                                "--bpc_files", str(text), "--output_dir", str(tmp_path / "eval"), "--device", "cpu"])
     bpc = results["bpc"]
     model, tokenizer = load_for_inference(str(output), "cpu")
-    ids = torch.tensor([[tokenizer.eos_token_id, *tokenizer(text.read_text().strip())["input_ids"]]])
+    eos = tokenizer.eos_token_id  # the metric's stream: EOS, then each document and its EOS
+    ids = torch.tensor([[eos, *tokenizer(text.read_text().strip())["input_ids"], eos]])
+    labels = ids.clone()
+    labels[0, 0] = -100  # PEFT's labels would have the last virtual token predict the first real one
     with torch.no_grad():
-        nats = model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+        nats = model(input_ids=ids, labels=labels).loss.item() * (ids.shape[1] - 1)
     assert bpc["tokens"] == ids.shape[1] - 1
     assert bpc["bits"] == pytest.approx(nats / np.log(2), rel=1e-5)  # one window, one fp32 sum order apart
 
