@@ -18,8 +18,11 @@ TRL's `assistant_only_loss` reads too); nothing is frozen by default. One tokeni
 `max_length` without counting, while here the length limits are counted and truncate-or-drop is a choice.
 
 `--peft lora` / `--peft qlora` (4-bit base, CUDA) train LoRA adapters instead of the weights (see
-model/training/lora.py); T5's frozen parts get no adapters. The merged model goes into --output_dir as
-always, the adapter and the checkpoints into --output_dir/adapter.
+model/training/lora.py; DoRA, rsLoRA, PiSSA / OLoRA and LoRA+ are its flags), `--peft ia3` learnt scales;
+T5's frozen parts get none. The merged model goes into --output_dir as always, the adapter and the checkpoints
+into --output_dir/adapter. `--peft prefix|ptuning|prompt` (prefix tuning = P-tuning v2, P-tuning, prompt tuning:
+model/training/peft_methods.py) cannot merge: --output_dir holds the adapter with the tokenizer, which chat,
+serve, eval_model and generate_rejected load.
 
 ctrl+c saves a checkpoint and exits; the same command resumes from it. The output directory loads with
 plain AutoModelForSeq2SeqLM / AutoModelForCausalLM and AutoTokenizer.
