@@ -94,8 +94,8 @@ def run_arm(base: Path, train: Path, held: Path, output: Path, flags: list[str],
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="SFT steps of every arm")
-    parser.add_argument("--pretrain_steps", type=int, default=150, help="pretraining steps of each base")
+    parser.add_argument("--steps", type=int, default=30, help="SFT steps of every arm")
+    parser.add_argument("--pretrain_steps", type=int, default=40, help="pretraining steps of each base")
     parser.add_argument("--quick", action="store_true", help="4 steps per arm, 20 of pretraining; no docs")
     args = parser.parse_args(argv)
     if args.quick:
