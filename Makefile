@@ -102,6 +102,7 @@ bench: install llama-cpp-python
 	$(PY) -m bench.bench_corpus
 	$(PY) -m bench.bench_datatrove
 	$(PY) -m bench.bench_gguf
+	$(PY) -m bench.bench_peft_methods
 
 clean-demo:
 	rm -rf data/demo_run model_save/demo

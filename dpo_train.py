@@ -37,6 +37,7 @@ from model.inference.generation import context_length
 from model.training.callbacks import ProgressLine
 from model.training.dpo import DPOArguments, PreferenceTrainer
 from model.training.lora import LoraArguments, adapter_output_dir, save_trained
+from model.training.peft_methods import use_loraplus
 from model.training.runs import claim_output_dir, run_identity
 from model.training.summary import final_evaluation, log_summary
 from model.training.trainer import describe_plan, train_until_done_or_stopped
@@ -62,7 +63,8 @@ class DataArguments(PreferenceDataArguments):
     """The preference pairs DPO trains on (fields shared with reward_train.py). From a ranking, DPO takes the best
     answer against each other one (each pair one example); the reward model takes every pair."""
 
-    ranking_pairs: RankingPairs = field(default="best_vs_rest", metadata={"help": RANKING_PAIRS_HELP})
+    ranking_pairs: RankingPairs = field(default="best_vs_rest", metadata={"identity": "unless_default",
+                                                                          "help": RANKING_PAIRS_HELP})
 
 
 def check_lengths(data: DataArguments, args: DPOArguments, model, tokenizer, seq2seq: bool) -> int:
@@ -82,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> PreferenceTrainer | None:
     setup_logging()
     model_args, lora, data, args = parse_config([ModelArguments, LoraArguments, DataArguments, DPOArguments], argv,
                                                 default_recipe=recipe_path("dpo"), description=__doc__)
+    lora.check_base_kept("DPO")
     output_dir = adapter_output_dir(args)  # checkpoints and the adapter in output_dir/adapter
     set_seed(args.seed)
     train_set, eval_set = load_preference_splits(data, args.seed)
@@ -108,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> PreferenceTrainer | None:
                 len(trainer.train_dataset), f", {len(trainer.eval_dataset)} held out" if eval_set else "",
                 describe_plan(args, len(trainer.train_dataset), "pairs"))
 
+    use_loraplus(trainer, lora.loraplus_lr_ratio)
     result = train_until_done_or_stopped(trainer, args)
     if result is None:
         return trainer

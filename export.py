@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.gguf import DEFAULT_LLAMA_CPP_DIR, OUTTYPES, export_gguf, ollama_modelfile
+from model.inference.generation import is_adapter_dir
 from utils.cli import run_main
 from utils.config import parse_config, recipe_path
+from utils.errors import UserError
 from utils.hub import local_dir
 from utils.io import check_output_file, write_text_atomic
 from utils.logging import setup_logging
@@ -51,6 +53,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     output = Path(args.output)
     for path in (output, output.with_suffix(".Modelfile")):  # before converting
         check_output_file(path, "output", args.overwrite)
+    if is_adapter_dir(args.model_name_or_path):
+        raise UserError("this is a prefix / P-tuning / prompt-tuning adapter (adapter_config.json, no model): its "
+                        "virtual tokens cannot be merged into the weights, and llama.cpp has no place for them",
+                        path=args.model_name_or_path, field="model_name_or_path",
+                        fix="export a merged model: train with --peft lora or ia3 (merged into --output_dir), or "
+                            "use the adapter with chat.py / serve.py")
     model_dir = local_dir(args.model_name_or_path, "model_name_or_path")
     logger.info(f"converting {args.model_name_or_path} to {output} ({args.outtype}) with llama.cpp's converter")
     export_gguf(model_dir, output, args.outtype, args.llama_cpp_dir)

@@ -37,6 +37,7 @@ from model.training.grpo import (
     load_prompts,
 )
 from model.training.lora import LoraArguments, adapter_output_dir, save_trained
+from model.training.peft_methods import use_loraplus
 from model.training.reward import RewardModelScore
 from model.training.rewards import rule_rewards
 from model.training.runs import claim_output_dir, run_identity
@@ -76,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> PolicyTrainer | None:
     model_args, lora, rewards, data, args = parse_config(
         [ModelArguments, LoraArguments, RewardFunctionArguments, PromptDataArguments, GRPOArguments], argv,
         default_recipe=recipe_path("grpo"), description=__doc__)
+    lora.check_base_kept("GRPO")
     output_dir = adapter_output_dir(args)  # checkpoints and the adapter in output_dir/adapter
     set_seed(args.seed)
     model_dir = local_dir(model_args.model_name_or_path, "model_name_or_path",
@@ -103,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> PolicyTrainer | None:
                 f", {len(eval_set)} held out" if eval_set else "", args.num_generations,
                 describe_plan(args, len(train_set) * args.num_generations, "replies"))
 
+    use_loraplus(trainer, lora.loraplus_lr_ratio)
     result = train_until_done_or_stopped(trainer, args)
     if result is None:
         return trainer

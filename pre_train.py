@@ -41,6 +41,7 @@ from model.training import lora
 from model.training.arguments import TrainArguments
 from model.training.callbacks import ProgressLine
 from model.training.distillation import DistillationArguments, load_teacher
+from model.training.peft_methods import use_loraplus
 from model.training.runs import claim_output_dir, run_identity
 from model.training.summary import final_evaluation, log_summary
 from model.training.trainer import LanguageModelTrainer, plan_steps, train_until_done_or_stopped
@@ -185,8 +186,9 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
                             model_args.attn_implementation)
     check_attention_for_training(model)
     if peft.enabled:
-        model = lora.add_adapter(model, peft, added_token_ids(model_args.model_name_or_path, tokenizer),
-                                 gradient_checkpointing=args.activation_checkpointing)
+        added = added_token_ids(model_args.model_name_or_path, tokenizer)
+        model = lora.add_adapter(model, peft, added, gradient_checkpointing=args.activation_checkpointing,
+                                 added_tokens=added, tokenizer_path=tokenizer.name_or_path)
     seq2seq = is_seq2seq(model.config)
     data_objective(data, seq2seq)  # refused before the output directory is claimed
     teacher = load_teacher(kd, model, tokenizer, model_args.attn_implementation)
@@ -216,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
                                    teacher=teacher, distillation=kd,
                                    data_collator=collator, processing_class=tokenizer, chars_per_token=ratios,
                                    callbacks=[ProgressLine(flops)])
+    use_loraplus(trainer, peft.loraplus_lr_ratio)
     result = train_until_done_or_stopped(trainer, args)
     if result is None:
         return trainer

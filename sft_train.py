@@ -18,8 +18,11 @@ TRL's `assistant_only_loss` reads too); nothing is frozen by default. One tokeni
 `max_length` without counting, while here the length limits are counted and truncate-or-drop is a choice.
 
 `--peft lora` / `--peft qlora` (4-bit base, CUDA) train LoRA adapters instead of the weights (see
-model/training/lora.py); T5's frozen parts get no adapters. The merged model goes into --output_dir as
-always, the adapter and the checkpoints into --output_dir/adapter.
+model/training/lora.py; DoRA, rsLoRA, PiSSA / OLoRA and LoRA+ are its flags), `--peft ia3` learnt scales;
+T5's frozen parts get none. The merged model goes into --output_dir as always, the adapter and the checkpoints
+into --output_dir/adapter. `--peft prefix|ptuning|prompt` (prefix tuning = P-tuning v2, P-tuning, prompt tuning:
+model/training/peft_methods.py) cannot merge: --output_dir holds the adapter with the tokenizer, which chat,
+serve, eval_model and generate_rejected load.
 
 ctrl+c saves a checkpoint and exits; the same command resumes from it. The output directory loads with
 plain AutoModelForSeq2SeqLM / AutoModelForCausalLM and AutoTokenizer.
@@ -46,6 +49,7 @@ from model.training import lora
 from model.training.arguments import TrainArguments
 from model.training.callbacks import ProgressLine
 from model.training.distillation import DistillationArguments, load_teacher
+from model.training.peft_methods import use_loraplus
 from model.training.runs import claim_output_dir, run_identity
 from model.training.summary import final_evaluation, log_summary
 from model.training.trainer import LanguageModelTrainer, train_until_done_or_stopped
@@ -174,9 +178,10 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
     frozen = freeze_parameters(model, model_args.freeze)
     if peft.enabled:
         vocab = tokenizer.get_vocab()  # rows beside LoRA: an extension's new tokens and the chat tokens
-        rows = {*added_token_ids(model_args.model_name_or_path, tokenizer),
-                *(vocab[token] for token in CHAT_TOKENS if token in vocab)}
-        model = lora.add_adapter(model, peft, sorted(rows), frozen, args.activation_checkpointing)
+        added = added_token_ids(model_args.model_name_or_path, tokenizer)
+        rows = {*added, *(vocab[token] for token in CHAT_TOKENS if token in vocab)}
+        model = lora.add_adapter(model, peft, sorted(rows), frozen, args.activation_checkpointing, added,
+                                 tokenizer.name_or_path)
     teacher = load_teacher(kd, model, tokenizer, model_args.attn_implementation)
     # runs without --peft or a teacher keep the identity they had before those options existed
     settings = [model_args, data, *([peft] if peft.enabled else []), *([kd] if teacher is not None else [])]
@@ -208,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
                                    teacher=teacher, distillation=kd,
                                    data_collator=collator, processing_class=tokenizer,
                                    callbacks=[ProgressLine(flops), samples])
+    use_loraplus(trainer, peft.loraplus_lr_ratio)
     result = train_until_done_or_stopped(trainer, args)
     if result is None:
         return trainer

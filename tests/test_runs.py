@@ -166,3 +166,20 @@ def test_pretraining_datasets_end_where_their_length_says(tiny_corpus, tiny_toke
         assert torch.equal(torch.as_tensor(dataset[-1]["input_ids"]), torch.as_tensor(items[-1]["input_ids"]))
         with pytest.raises(IndexError):
             dataset[len(dataset)]
+
+
+def test_options_added_later_count_only_when_set(tiny_llama):
+    """A LoRA run recorded before DoRA, rsLoRA and the PEFT methods existed has none of their fields in run.json:
+    left at their defaults they are not part of the identity (the run still resumes), set they are."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model.training.arguments import TrainArguments
+    from model.training.lora import PeftArguments
+    from model.training.runs import run_identity
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
+    args = TrainArguments(output_dir="unused", report_to="none")
+    plain = run_identity("sft", model, tokenizer, [PeftArguments(peft="lora")], args)["settings"]
+    assert {"lora_r", "peft"} <= set(plain) and not {"use_dora", "num_virtual_tokens", "lora_init"} & set(plain)
+    dora = run_identity("sft", model, tokenizer, [PeftArguments(peft="lora", use_dora=True)], args)["settings"]
+    assert dora == {**plain, "use_dora": True}

@@ -147,7 +147,8 @@ def bits_per_character(model, tokenizer, files: Sequence[str], split: str = "val
             mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in inputs], device=device)
             inputs = torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True, padding_value=eos).to(device)
             labels = torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-100).to(device)
-            logits = model(input_ids=inputs, attention_mask=mask).logits[:, :-1]
+            # [-width:]: a prompt-tuning adapter's virtual tokens come first and have logits of their own
+            logits = model(input_ids=inputs, attention_mask=mask).logits[:, -inputs.shape[1]:-1]
             nats += F.cross_entropy(logits.float().flatten(0, 1), labels[:, 1:].flatten(), reduction="sum").item()
     bits = nats / math.log(2)
     return {"bpc": bits / characters, "bits": bits, "characters": characters, "tokens": len(tokens),

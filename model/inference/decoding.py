@@ -283,12 +283,17 @@ class CancelBeams(StoppingCriteria):
     def __init__(self, reply: LiveReply):
         self.reply = reply
 
+    def __deepcopy__(self, memo) -> CancelBeams:
+        """Itself: a copy must watch the same reply (PEFT's T5 prompt tuning deep-copies generate's arguments)."""
+        return self
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         return torch.full((input_ids.shape[0],), self.reply.cancelled, dtype=torch.bool, device=input_ids.device)
 
 
 def beam_search(model, tokenizer, reply: LiveReply) -> None:
-    """Generate `reply` by beam search in one `model.generate` (blocking); it arrives whole, as one piece."""
+    """Generate `reply` in one `model.generate` (blocking): beam search, or any decoding of a model whose
+    adapter adds virtual tokens (`generation.generates_whole`); it arrives whole, as one piece."""
     if not reply.admit():
         return
     try:

@@ -25,7 +25,8 @@ def score_tokens(model, ids: list[int], top: int = 0) -> list[TokenScore]:
     if model.config.is_encoder_decoder:
         raise ValueError("token log-probabilities of a prompt need a decoder-only model")
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, :-1].float()
+        # [-len(ids):]: a prompt-tuning adapter's virtual tokens come first and have logits of their own
+        logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -len(ids):-1].float()
         logprobs = torch.log_softmax(logits, dim=-1)
         chosen = logprobs.gather(1, torch.tensor(ids[1:], device=logprobs.device).unsqueeze(1)).squeeze(1)
         best = logprobs.topk(top, dim=-1) if top > 0 else None

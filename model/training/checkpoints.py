@@ -131,6 +131,8 @@ def save_final(trainer: Trainer, tokenizer, configs: list, summary: dict, output
         # the module itself, not HF's DeepSpeed state-dict copy: tied weights (T5's shared embeddings and head)
         # keep one storage, so they are saved once
         trainer.accelerator.unwrap_model(model).save_pretrained(staging)
+    if writes and hasattr(trainer.accelerator.unwrap_model(model), "peft_config"):
+        model.generation_config.save_pretrained(staging)  # PEFT saves none; an adapter's consumers stop by it
     if writes:
         tokenizer.save_pretrained(staging)
         save_config(staging, *configs, overrides=config_overrides)

@@ -5,6 +5,15 @@ plain model.
     python sft_train.py --peft lora                     # LoRA adapters on the frozen base
     python sft_train.py --peft qlora                    # the same on a 4-bit NF4 base (CUDA + bitsandbytes)
     python pre_train.py --model_name_or_path BASE --tokenizer_name_or_path EXTENDED --peft lora   # Chinese-LLaMA
+    python sft_train.py --peft lora --use_dora true --lora_init pissa --loraplus_lr_ratio 16     # LoRA variants
+    python sft_train.py --peft prompt                    # also ia3, prefix, ptuning: model/training/peft_methods.py
+
+LoRA variants (flags of every stage with LoRA, DPO and GRPO included): DoRA (`--use_dora`, a learnt magnitude
+per output channel beside LoRA's direction), rsLoRA (`--use_rslora`, updates scaled by alpha / sqrt(r) rather
+than alpha / r, so a large rank still learns), the initialisation of A and B (`--lora_init`: PEFT's default,
+gaussian, or PiSSA / OLoRA, which start the adapter at the principal singular vectors / a QR factor of the base
+weight and take them out of it; the base weights therefore change at the start of training, and the merged model
+is the output to use), and LoRA+ (`--loraplus_lr_ratio`, B's learning rate as a multiple of A's).
 
 Output: the merged model in --output_dir, loading with plain AutoModelForCausalLM /
 AutoModelForSeq2SeqLM; the adapter (`adapter_config.json`, `adapter_model.safetensors`) and the checkpoints in
@@ -48,12 +57,14 @@ from transformers import BitsAndBytesConfig, PreTrainedModel, Trainer
 
 from model.build import is_seq2seq, load_model
 from model.training.checkpoints import save_final
+from model.training.peft_methods import PROMPT_METHODS, PromptMethodArguments, check_method_fits
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
-PeftMethod = Literal["none", "lora", "qlora"]
+PeftMethod = Literal["none", "lora", "qlora", "ia3", "prefix", "ptuning", "prompt"]
+LoraInit = Literal["default", "gaussian", "pissa", "olora"]
 EmbeddingMode = Literal["rows", "all", "none"]
 # Attention and feed-forward projections; lm_head is left out (TRL reads its weight directly).
 LORA_TARGETS = {
@@ -76,12 +87,32 @@ class LoraArguments:
         "help": "Module names to adapt; empty = attention + feed-forward: T5 q k v o wi wo (wi_0 wi_1 when "
                 "gated), Llama q_proj k_proj v_proj o_proj gate_proj up_proj down_proj; Mixtral (mixture of "
                 "experts) the attention q_proj k_proj v_proj o_proj."})
+    use_dora: bool = field(default=False, metadata={"identity": "unless_default",
+        "help": "DoRA: a learnt magnitude per output channel beside LoRA's direction (slower steps)."})
+    use_rslora: bool = field(default=False, metadata={"identity": "unless_default",
+        "help": "rsLoRA: scale updates by lora_alpha / sqrt(lora_r) instead of lora_alpha / lora_r."})
+    lora_init: LoraInit = field(default="default", metadata={"identity": "unless_default",
+        "help": "How A and B start: default (A Kaiming-uniform, B zero), gaussian (A normal), pissa (the base "
+                "weight's principal singular vectors, taken out of the base; exact SVD), olora (a QR factor of "
+                "the base weight, likewise)."})
+    loraplus_lr_ratio: float = field(default=0.0, metadata={"identity": "unless_default",
+        "help": "LoRA+: lora_B's learning rate as a multiple of lora_A's (the paper suggests 16); 0 = off."})
 
     def __post_init__(self):
         if self.lora_r < 1:
             raise ValueError(f"--lora_r must be at least 1, not {self.lora_r}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"--lora_dropout must be in [0, 1), not {self.lora_dropout}")
+        if self.loraplus_lr_ratio < 0:
+            raise ValueError(f"--loraplus_lr_ratio must be 0 (off) or positive, not {self.loraplus_lr_ratio}")
+
+    def check_base_kept(self, stage: str) -> None:
+        """Refuse PiSSA / OLoRA where the base must stay the base: DPO's and GRPO's reference model is the
+        policy with its adapter switched off, which these initialisations change."""
+        if self.lora_init in ("pissa", "olora"):
+            raise UserError(f"--lora_init {self.lora_init} takes the adapter's start out of the base weights, and "
+                            f"{stage}'s reference model is the base with the adapter off", field="lora_init",
+                            fix="use --lora_init default or gaussian here")
 
     def config_for(self, model: PreTrainedModel, frozen: Sequence[str] = ()) -> LoraConfig:
         """The LoRA config for `model`: the given target modules, or the architecture's defaults that exist;
@@ -97,31 +128,44 @@ class LoraArguments:
         skipped = tuple(f"{part}." for part in frozen if part in ("encoder", "decoder"))
         if skipped:  # full module names: a frozen stack gets no adapters
             targets = [name for name in linear if name.rsplit(".", 1)[-1] in targets and not name.startswith(skipped)]
+        init = {"default": True}.get(self.lora_init, self.lora_init)
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=targets, bias="none",
+                          target_modules=targets, bias="none", use_dora=self.use_dora, use_rslora=self.use_rslora,
+                          init_lora_weights=init,
                           task_type=TaskType.SEQ_2_SEQ_LM if is_seq2seq(model.config) else TaskType.CAUSAL_LM)
 
 
 @dataclass
-class PeftArguments(LoraArguments):
+class PeftArguments(PromptMethodArguments, LoraArguments):
     """`--peft` for the stages that can also train every weight (SFT, continued pretraining)."""
 
     peft: PeftMethod = field(default="none", metadata={
-        "help": "none (train the weights themselves), lora (LoRA adapters on the frozen base) or qlora (the same "
-                "on a 4-bit NF4 base; CUDA and bitsandbytes only). The output is always a merged plain model."})
+        "help": "none (train the weights themselves), lora (LoRA adapters on the frozen base), qlora (the same "
+                "on a 4-bit NF4 base; CUDA and bitsandbytes only), ia3 (learnt scales), prefix (prefix tuning = "
+                "P-tuning v2), ptuning (P-tuning v1, a prompt encoder) or prompt (prompt tuning). lora, qlora and "
+                "ia3 give a merged plain model; prefix, ptuning and prompt the adapter itself with the tokenizer."})
     lora_embeddings: EmbeddingMode = field(default="rows", metadata={
         "help": "With --peft lora/qlora, which embedding and LM-head weights train beside the adapters: rows (those "
                 "of the tokens an extended tokenizer added, and in SFT of the chat tokens), all (both whole "
                 "matrices), none."})
 
     def __post_init__(self):
-        super().__post_init__()
+        LoraArguments.__post_init__(self)
+        PromptMethodArguments.__post_init__(self)
         if self.peft == "qlora":
+            if self.lora_init in ("pissa", "olora"):
+                raise ValueError(f"--lora_init {self.lora_init} takes the adapter out of the base weights, which "
+                                 "a 4-bit base cannot hold exactly: use it with --peft lora")
             check_qlora_available()
 
     @property
     def enabled(self) -> bool:
         return self.peft != "none"
+
+    @property
+    def merges(self) -> bool:
+        """Whether the output is a merged plain model (LoRA, QLoRA, IA3) rather than the adapter itself."""
+        return self.peft not in PROMPT_METHODS
 
     def config_for(self, model: PreTrainedModel, frozen: Sequence[str] = (),
                    new_tokens: Sequence[int] = ()) -> LoraConfig:
@@ -188,12 +232,22 @@ def load_base(path: str, tokenizer, peft: PeftArguments, attn_implementation: st
 
 
 def add_adapter(model: PreTrainedModel, peft: PeftArguments, new_tokens: Sequence[int] = (),
-                frozen: Sequence[str] = (), gradient_checkpointing: bool = False) -> PeftModel:
-    """Wrap `model` in a LoRA adapter (`PeftArguments.config_for`); the base weights are frozen."""
+                frozen: Sequence[str] = (), gradient_checkpointing: bool = False, added_tokens: Sequence[int] = (),
+                tokenizer_path: str | None = None) -> PeftModel:
+    """Wrap `model` in the adapter of `--peft` (LoRA: `PeftArguments.config_for`; the others:
+    `method_config`); the base weights are frozen. `new_tokens`: the rows LoRA trains beside it (an
+    extension's `added_tokens`, and SFT's chat tokens); the other methods refuse `added_tokens`
+    (`check_method_fits`) and leave `new_tokens` frozen."""
     if peft.peft == "qlora":  # norms in fp32, inputs requiring grad for checkpointing
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input with grad
+    if peft.peft not in ("lora", "qlora"):
+        check_method_fits(peft.peft, model, added_tokens)
+        if new_tokens:
+            logger.warning("%d token rows stay frozen with --peft %s (only LoRA trains rows beside it): the chat "
+                           "tokens' vectors are those the model has", len(new_tokens), peft.peft)
+        return get_peft_model(model, peft.method_config(peft.peft, model, frozen, tokenizer_path))
     adapted = get_peft_model(model, peft.config_for(model, frozen, new_tokens))
     if adapted.peft_config["default"].trainable_token_indices:
         # The adapter file holds the trained rows themselves (`trainable_tokens_delta`). PEFT's default
@@ -208,9 +262,17 @@ def add_adapter(model: PreTrainedModel, peft: PeftArguments, new_tokens: Sequenc
 def describe_adapter(model: PeftModel) -> str:
     """`lora r=16 alpha 32 on q_proj,v_proj | trained embedding rows: 384 (embed_tokens, lm_head)` for the log."""
     config = model.peft_config["default"]
+    if config.is_prompt_learning:
+        return f"{config.peft_type.value.lower()}: {config.num_virtual_tokens} virtual tokens"
+    if config.peft_type.value == "IA3":
+        return f"ia3 on {','.join(sorted({name.rsplit('.', 1)[-1] for name in config.target_modules}))}"
     targets = config.target_modules if isinstance(config.target_modules, str) else \
         ",".join(sorted({name.rsplit(".", 1)[-1] for name in config.target_modules}))
     text = f"{'qlora' if is_quantized(model) else 'lora'} r={config.r} alpha {config.lora_alpha:g} on {targets}"
+    variants = [name for name, on in (("dora", config.use_dora), ("rslora", config.use_rslora)) if on]
+    if config.init_lora_weights is not True:
+        variants.append(f"init {config.init_lora_weights}")
+    text += f" ({', '.join(variants)})" if variants else ""
     if config.trainable_token_indices:
         rows = next(iter(config.trainable_token_indices.values()))
         text += f" | trained embedding rows: {len(rows):,} tokens ({', '.join(config.trainable_token_indices)})"
@@ -252,12 +314,17 @@ def save_trained(trainer: Trainer, tokenizer, configs: list, summary: dict, outp
     """The final save of a training stage: `save_final` of the trained model when `output_dir` is None (no
     adapter); else the adapter (with `save_final`'s records) into the trainer's --output_dir/adapter, then the
     merged model into `output_dir` (the command's --output_dir, see `adapter_output_dir`, which `config.yaml`
-    records in both). A 4-bit base is merged through `merge_into_unquantised`; any other in memory."""
+    records in both). A 4-bit base is merged through `merge_into_unquantised`; any other in memory. An adapter
+    that cannot merge (prefix, ptuning, prompt: virtual tokens) goes into `output_dir` itself, with the
+    tokenizer and generation config, loading with `model.inference.generation.load_for_inference`."""
     if output_dir is None:
         return save_final(trainer, tokenizer, configs, summary)
     recorded = {"output_dir": str(output_dir)}
     adapter = save_final(trainer, tokenizer, configs, summary, config_overrides=recorded)
     model = trainer.accelerator.unwrap_model(trainer.model)
+    if model.active_peft_config.is_prompt_learning:
+        return save_final(trainer, tokenizer, configs, summary, output_dir=output_dir, model=model,
+                          config_overrides=recorded)
     if not is_quantized(model):
         merged = merge_adapter(model)
     else:  # only the processes that save reload the base

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example sums of the cross-entropy over label tokens (-100 ignored) and the number of those tokens.
-    `shift`: causal LMs predict token i+1 at position i (labels are the inputs)."""
+    `shift`: causal LMs predict token i+1 at position i (labels are the inputs). Logits longer than the labels
+    (prompt tuning and P-tuning put virtual tokens before a causal LM's input) lose their leading positions."""
+    logits = logits[:, logits.shape[1] - labels.shape[1]:]
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
     labels = labels.to(logits.device)

@@ -37,7 +37,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import fields, is_dataclass
+from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -124,11 +124,15 @@ def counts_in_identity(*names: str):
     return mark
 
 
+def _default(item) -> Any:
+    return item.default_factory() if item.default_factory is not MISSING else item.default
+
+
 def run_identity(stage: str, model, tokenizer, settings: Sequence[Any], args) -> dict:
     """The identity of a run: every field of the stage's model / data / LoRA dataclasses `settings` except those
     whose metadata says `identity: False` (where a model or tokenizer is, worker counts: identified by content or
     changing only speed), `*_files` fields and those marked `identity: "content"` (a teacher model) by name, size
-    and content (`_files`); of the training arguments
+    and content (`_files`), those marked `identity: "unless_default"` only when set; of the training arguments
     `args`, the fields marked `identity: True` (`counts_in_identity`: the data order and the optimizer)."""
     config = {k: v for k, v in model.config.to_dict().items() if k not in VOLATILE_CONFIG and not k.startswith("_")}
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -139,6 +143,8 @@ def run_identity(stage: str, model, tokenizer, settings: Sequence[Any], args) ->
             counts = item.metadata.get(IDENTITY, True)
             if counts:
                 value = getattr(group, item.name)
+                if counts == "unless_default" and value == _default(item):
+                    continue  # an option added later: runs made before it, which never set it, stay resumable
                 if counts == "content":  # a model directory (a distillation teacher): what it holds
                     values[item.name] = _files([value])[0] if value else None
                 else:

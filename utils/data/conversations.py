@@ -468,7 +468,7 @@ class PreferenceDataArguments(ConversationDataArguments):
         "help": "Prompt tokens (T5: encoder input); longer conversations lose their oldest turns."})
     max_completion_length: int = field(default=256, metadata={
         "help": "Tokens of each answer including <|end|>; longer answers are cut (and counted)."})
-    ranking_pairs: RankingPairs = field(default="all", metadata={"help": RANKING_PAIRS_HELP})
+    ranking_pairs: RankingPairs = field(default="all", metadata={"identity": "unless_default", "help": RANKING_PAIRS_HELP})
 
     def __post_init__(self):
         super().__post_init__()
