@@ -36,7 +36,8 @@ from model.build import (
 from model.inference.generation import context_length
 from model.training.callbacks import ProgressLine
 from model.training.dpo import DPOArguments, PreferenceTrainer
-from model.training.lora import LoraArguments, adapter_output_dir, save_trained
+from model.training.lora import LoraArguments
+from model.training.merge import adapter_output_dir, save_trained
 from model.training.peft_methods import use_loraplus
 from model.training.runs import claim_output_dir, run_identity
 from model.training.summary import final_evaluation, log_summary

@@ -36,7 +36,8 @@ from model.training.grpo import (
     RewardFunctionArguments,
     load_prompts,
 )
-from model.training.lora import LoraArguments, adapter_output_dir, save_trained
+from model.training.lora import LoraArguments
+from model.training.merge import adapter_output_dir, save_trained
 from model.training.peft_methods import use_loraplus
 from model.training.reward import RewardModelScore
 from model.training.rewards import rule_rewards

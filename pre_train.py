@@ -41,6 +41,7 @@ from model.training import lora
 from model.training.arguments import TrainArguments
 from model.training.callbacks import ProgressLine
 from model.training.distillation import DistillationArguments, load_teacher
+from model.training.merge import adapter_output_dir, save_trained
 from model.training.peft_methods import use_loraplus
 from model.training.runs import claim_output_dir, run_identity
 from model.training.summary import final_evaluation, log_summary
@@ -175,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
         raise UserError(f"--peft {peft.peft} adapts an existing model, and none is given", field="peft",
                         fix="pass --model_name_or_path BASE to continue pretraining it, or --peft none to train "
                             "a new model from scratch")
-    output_dir = lora.adapter_output_dir(args) if peft.enabled else None
+    output_dir = adapter_output_dir(args) if peft.enabled else None
     set_seed(args.seed)
     check_data_files(data)
     tokenizer = load_tokenizer(model_args.tokenizer_name_or_path)
@@ -225,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
     metrics = final_evaluation(trainer) if args.eval_strategy != "no" or eval_set else {}
     summary = {"objective": objective, "parameters": count_parameters(model), "peft": peft.peft,
                "trainable_parameters": count_parameters(model, trainable_only=True), **result.metrics, **metrics}
-    log_summary(trainer, summary, lora.save_trained(trainer, tokenizer, [model_args, peft, kd, data, args], summary,
+    log_summary(trainer, summary, save_trained(trainer, tokenizer, [model_args, peft, kd, data, args], summary,
                                                     output_dir, model_args.model_name_or_path))
     return trainer
 

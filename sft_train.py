@@ -49,6 +49,7 @@ from model.training import lora
 from model.training.arguments import TrainArguments
 from model.training.callbacks import ProgressLine
 from model.training.distillation import DistillationArguments, load_teacher
+from model.training.merge import adapter_output_dir, save_trained
 from model.training.peft_methods import use_loraplus
 from model.training.runs import claim_output_dir, run_identity
 from model.training.summary import final_evaluation, log_summary
@@ -162,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
     model_args, peft, kd, data, args = parse_config(
         [ModelArguments, lora.PeftArguments, DistillationArguments, DataArguments, TrainArguments], argv,
         default_recipe=recipe_path("sft"), description=__doc__)
-    output_dir = lora.adapter_output_dir(args) if peft.enabled else None
+    output_dir = adapter_output_dir(args) if peft.enabled else None
     set_seed(args.seed)
     # the data first: a bad file is refused before the model loads and the output directory is claimed
     conversations = load_conversations(data.train_files, data.data_format, data.dataset_split, data.system_prompt)
@@ -221,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> LanguageModelTrainer | None:
     summary = {"model_type": model.config.model_type, "parameters": total, "trainable_parameters": trainable,
                "frozen": frozen, "peft": peft.peft, "data": asdict(stats), "samples": samples.latest,
                **result.metrics, **metrics}
-    log_summary(trainer, summary, lora.save_trained(trainer, tokenizer, [model_args, peft, kd, data, args], summary,
+    log_summary(trainer, summary, save_trained(trainer, tokenizer, [model_args, peft, kd, data, args], summary,
                                                     output_dir, model_args.model_name_or_path))
     return trainer
 

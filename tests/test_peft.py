@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 import pre_train
 import sft_train
-from model.training.lora import PeftArguments, add_adapter, merge_adapter
+from model.training.lora import PeftArguments, add_adapter
+from model.training.merge import merge_adapter
 from model.training.outputs import OUTPUT_FILES, RUN_FILE, clear_run
 from utils.cli import run_main
 from utils.errors import UserError

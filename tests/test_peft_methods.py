@@ -24,7 +24,8 @@ import sft_train
 from model.inference.generation import generate_replies, generates_whole, load_for_inference
 from model.inference.service import ChatService
 from model.inference.streaming import generate_reply
-from model.training.lora import PeftArguments, add_adapter, merge_adapter
+from model.training.lora import PeftArguments, add_adapter
+from model.training.merge import merge_adapter
 from model.training.outputs import OUTPUT_FILES, RUN_FILE, clear_run
 from utils.cli import run_main
 from utils.errors import UserError

@@ -15,9 +15,7 @@ gaussian, or PiSSA / OLoRA, which start the adapter at the principal singular ve
 weight and take them out of it; the base weights therefore change at the start of training, and the merged model
 is the output to use), and LoRA+ (`--loraplus_lr_ratio`, B's learning rate as a multiple of A's).
 
-Output: the merged model in --output_dir, loading with plain AutoModelForCausalLM /
-AutoModelForSeq2SeqLM; the adapter (`adapter_config.json`, `adapter_model.safetensors`) and the checkpoints in
---output_dir/adapter.
+Output and merge: `model.training.merge`.
 
 Embeddings. With a tokenizer extended by `train_tokenizer.py --extend`, `model.build.load_model` appends rows
 to the embeddings and the LM head, and those rows must learn (LoRA on the attention and feed-forward layers
@@ -34,10 +32,7 @@ merge (merged logits differ from the adapter's), so T5 training rows beside LoRA
 
 QLoRA. The base is loaded in 4-bit NF4 with double quantisation and bf16 compute (bitsandbytes, CUDA only;
 `--peft qlora` on a machine without CUDA is refused); the adapter and the trainable rows stay in higher
-precision. For the output the adapter is *not* merged into the 4-bit weights (the sum would be rounded to
-NF4 again): the base is reloaded unquantised in its own dtype (`dtype="auto"`: bf16 for hub Llamas, fp32
-for the toolkit's models) on the CPU, the saved adapter is applied (`PeftModel.from_pretrained`) and merged
-(`merge_and_unload`), as the QLoRA paper and PEFT's documentation do.
+precision; the output is merged into the base reloaded unquantised (`model.training.merge`).
 """
 
 from __future__ import annotations
@@ -47,22 +42,20 @@ import importlib.util
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 from accelerate import PartialState
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
-from transformers import BitsAndBytesConfig, PreTrainedModel, Trainer
+from transformers import BitsAndBytesConfig, PreTrainedModel
 
 from model.build import is_seq2seq, load_model
-from model.training.checkpoints import save_final
+from model.training.merge import is_quantized
 from model.training.peft_methods import PROMPT_METHODS, PromptMethodArguments, check_method_fits
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"
 PeftMethod = Literal["none", "lora", "qlora", "ia3", "prefix", "ptuning", "prompt"]
 LoraInit = Literal["default", "gaussian", "pissa", "olora"]
 EmbeddingMode = Literal["rows", "all", "none"]
@@ -279,55 +272,3 @@ def describe_adapter(model: PeftModel) -> str:
     elif config.modules_to_save:
         text += f" | trained whole: {', '.join(config.modules_to_save)}"
     return text
-
-
-def adapter_output_dir(args) -> Path:
-    """For a run that trains an adapter: point the trainer at --output_dir/adapter (checkpoints and the adapter).
-    Returns --output_dir, where the merged model goes (`claim_output_dir` checks both)."""
-    output_dir = Path(args.output_dir)
-    args.output_dir = str(output_dir / ADAPTER_DIR)
-    return output_dir
-
-
-def merge_adapter(model: PeftModel) -> PreTrainedModel:
-    """The adapter merged into the base (`merge_and_unload`): a plain model again, without an instance
-    `forward` put on it for training (TRL's fused LM head, or `model.training.dpo`'s for T5)."""
-    merged = model.merge_and_unload()
-    merged.__dict__.pop("forward", None)
-    return merged
-
-
-def is_quantized(model) -> bool:
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    return getattr(base, "hf_quantizer", None) is not None
-
-
-def merge_into_unquantised(base_path: str, tokenizer, adapter_dir: str | Path) -> PreTrainedModel:
-    """The saved adapter applied to the base reloaded in its own dtype (resized for `tokenizer` as in
-    training) and merged: the QLoRA output (see the module docstring)."""
-    base = load_model(base_path, tokenizer, dtype="auto")
-    return merge_adapter(PeftModel.from_pretrained(base, adapter_dir))
-
-
-def save_trained(trainer: Trainer, tokenizer, configs: list, summary: dict, output_dir: Path | None,
-                 base_path: str | None) -> Path:
-    """The final save of a training stage: `save_final` of the trained model when `output_dir` is None (no
-    adapter); else the adapter (with `save_final`'s records) into the trainer's --output_dir/adapter, then the
-    merged model into `output_dir` (the command's --output_dir, see `adapter_output_dir`, which `config.yaml`
-    records in both). A 4-bit base is merged through `merge_into_unquantised`; any other in memory. An adapter
-    that cannot merge (prefix, ptuning, prompt: virtual tokens) goes into `output_dir` itself, with the
-    tokenizer and generation config, loading with `model.inference.generation.load_for_inference`."""
-    if output_dir is None:
-        return save_final(trainer, tokenizer, configs, summary)
-    recorded = {"output_dir": str(output_dir)}
-    adapter = save_final(trainer, tokenizer, configs, summary, config_overrides=recorded)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if model.active_peft_config.is_prompt_learning:
-        return save_final(trainer, tokenizer, configs, summary, output_dir=output_dir, model=model,
-                          config_overrides=recorded)
-    if not is_quantized(model):
-        merged = merge_adapter(model)
-    else:  # only the processes that save reload the base
-        merged = merge_into_unquantised(base_path, tokenizer, adapter) if trainer.args.should_save else model
-    return save_final(trainer, tokenizer, configs, summary, output_dir=output_dir, model=merged,
-                      config_overrides=recorded)
