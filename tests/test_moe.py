@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import SENTENCES
+from conftest import REPO, SENTENCES, run_until_interrupted
 from safetensors import safe_open
+from safetensors.torch import load_file
 from test_dpo import PAIRS, dpo_args
 from test_export import PROMPT, REPLY, read
+from test_pretrain import common
 from test_sft import args_for, conversation
 from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -26,6 +30,7 @@ from model.inference.batching import decode_alone
 from model.inference.decoding import ModelRows
 from model.inference.generation import load_for_inference
 from model.inference.reply import LiveReply
+from model.training.outputs import latest_checkpoint
 from utils.tokenization.chat_format import render_prompt
 
 pytestmark = pytest.mark.slow
@@ -150,3 +155,28 @@ def test_gguf_export_holds_the_experts(stages, tmp_path):
     result = round_trip(model_dir, path, PROMPT, REPLY, max_new_tokens=24)
     assert result.same_prompt and result.identical, result
     assert result.forced_same_argmax == result.forced_tokens and result.max_logit_difference < 0.05, result
+
+
+def test_sigint_then_resume_equals_the_uninterrupted_run(tiny_corpus, tiny_tokenizer, tmp_path):
+    """ctrl+c at step 3 of 10 (accumulation 2), then the same command: every step's loss and aux_loss and the final
+    weights equal the uninterrupted run's bit for bit. transformers 5 saves the experts in the hub's layout (each
+    expert's w1 / w2 / w3 apart) and the Trainer's resume reads the file with a plain load_state_dict, which left
+    every expert and router weight at its initial value (transformers#48805); the loss then left the uninterrupted
+    run's at the first step after the stop."""
+    args = lambda out: common(tiny_corpus, tiny_tokenizer, "mixtral-tiny", out, "--max_steps", "10",  # noqa: E731
+                              "--gradient_accumulation_steps", "2", "--save_steps", "10")
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    subprocess.run([sys.executable, "pre_train.py", *args(reference)], cwd=REPO, check=True, capture_output=True)
+    code, log = run_until_interrupted(args(resumed), stop_at=3)
+    stopped = latest_checkpoint(resumed)
+    assert code == 0 and stopped is not None and 3 <= int(stopped.name.split("-")[1]) < 10, log
+    second = subprocess.run([sys.executable, "pre_train.py", *args(resumed)], cwd=REPO, capture_output=True,
+                            text=True)
+    assert second.returncode == 0 and f"resuming from {stopped}" in second.stderr
+    logged = []
+    for run in (reference, resumed):
+        state = json.loads((run / "checkpoint-10" / "trainer_state.json").read_text())
+        logged.append([(e["step"], e["loss"], e["aux_loss"]) for e in state["log_history"] if "loss" in e])
+    assert len(logged[0]) == 10 and logged[0] == logged[1]
+    before, after = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)

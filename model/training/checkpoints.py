@@ -11,7 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
-from transformers import Trainer
+from safetensors import safe_open
+from transformers import PreTrainedModel, Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import rotate_checkpoints
 
@@ -61,6 +62,9 @@ class AtomicCheckpointMixin:
 
     A run resumed from the checkpoint of its last step (stopped in that step, or killed during the final save)
     trains no further: HF would run one step past `max_steps` (its epoch loop takes a step before it checks).
+
+    A checkpoint whose weights are saved under other names than the model's modules hold them is loaded through
+    `from_pretrained` (`_load_from_checkpoint`).
     """
 
     _staging = False
@@ -70,6 +74,22 @@ class AtomicCheckpointMixin:
             self.control.should_training_stop = True
             return None
         return super()._run_epoch(*args, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """HF's load of a checkpoint's weights, except where the file's layout is not the modules': transformers 5
+        saves a mixture of experts in the hub's layout (Mixtral: each expert's w1 / w2 / w3 apart, the router as
+        `block_sparse_moe.gate`) and converts it back in `from_pretrained`, while the Trainer's resume reads the file
+        with a plain `load_state_dict(strict=False)`, which leaves every expert and router weight at its initial
+        value with only a warning (transformers#48805, 5.25). Such a checkpoint is read by `from_pretrained` and its
+        weights copied in, every one of them (strict)."""
+        target = model if model is not None else self.model
+        saved = checkpoint_weight_names(Path(resume_from_checkpoint))
+        if not isinstance(target, PreTrainedModel) or saved is None or saved <= set(target.state_dict()):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        loaded = type(target).from_pretrained(resume_from_checkpoint, dtype=target.dtype)
+        target.load_state_dict(loaded.state_dict(), strict=True)
+        logger.info("loaded the weights of %s through from_pretrained (saved in the hub's layout)",
+                    resume_from_checkpoint)
 
     def _get_output_dir(self, trial):
         base = super()._get_output_dir(trial)
@@ -98,6 +118,17 @@ class AtomicCheckpointMixin:
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
         self.accelerator.wait_for_everyone()
+
+
+def checkpoint_weight_names(checkpoint: Path) -> set[str] | None:
+    """The weight names of a checkpoint's safetensors file(s), or None when it has none (an adapter's)."""
+    index = checkpoint / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+    if not (checkpoint / "model.safetensors").is_file():
+        return None
+    with safe_open(checkpoint / "model.safetensors", "pt") as weights:
+        return set(weights.keys())
 
 
 def save_final(trainer: Trainer, tokenizer, configs: list, summary: dict, output_dir: str | Path | None = None,
