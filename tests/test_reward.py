@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import SummaryTable
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
@@ -97,7 +98,7 @@ def test_rankings_train_every_pair_with_each_ranking_weighted_once(tiny_llama, t
                                             rankings, "--max_prompt_length", "96", "--max_completion_length", "160"))
     summary = json.loads((output / "training_summary.json").read_text())
     assert summary["pairs"] == len(trainer.train_dataset) == 29
-    assert json.loads((output / "run.json").read_text())["settings"]["ranking_pairs"] == "all"
+    assert yaml.safe_load((output / "config.yaml").read_text())["ranking_pairs"] == "all"  # the resolved config
     score = RewardModelScore(str(output), max_prompt_length=96)
     losses, right = [], []
     for row in json.loads(rankings.read_text(encoding="utf-8")):
