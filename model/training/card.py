@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import ModelCard, ModelCardData
 
+from model.build import count_parameters
 from model.training.callbacks import format_duration
 from model.training.summary import summary_rows
 from utils.hub import looks_like_hub_id
@@ -103,8 +104,9 @@ def model_card(model, output: Path, config: dict, summary: dict, stage: str, ste
                          datasets=hub_datasets or None, tags=[TAG, stage, model.config.model_type])
     figures = [(label, value) for label, value in summary_rows(summary, steps, output)
                if label not in ("model", "steps", "time")]
+    parameters = summary.get("parameters") or count_parameters(model)
     lines = [f"# {output.name}", "",
-             f"A {model.config.model_type} model ({type(model).__name__}, {summary.get('parameters') or _size(model)} "
+             f"A {model.config.model_type} model ({type(model).__name__}, {parameters:,} "
              f"parameters) trained with the zhlm toolkit; this card was written by its `{stage}` stage.", "",
              "License: not chosen yet. Set `license:` in the header above (e.g. `apache-2.0`) and remove "
              "`license_name` before sharing; the licenses of the training data apply too.", "",
@@ -136,10 +138,6 @@ def model_card(model, output: Path, config: dict, summary: dict, stage: str, ste
     else:
         lines += ["A reward model: one score per (prompt, answer); `grpo_train.py --reward_model` reads it.", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
-
-
-def _size(model) -> str:
-    return f"{sum(p.numel() for p in model.parameters()):,}"
 
 
 def write_model_card(folder: Path, output: Path, model, config: dict, summary: dict, stage: str, steps: int,

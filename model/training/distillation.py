@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from model.build import is_seq2seq, load_model
+from model.build import count_parameters, is_seq2seq, load_model
 from utils.errors import UserError
 from utils.hub import local_dir
 from utils.tokenization.tokenizer import load_tokenizer
@@ -74,7 +74,7 @@ def load_teacher(args: DistillationArguments, student, tokenizer, attn_implement
                         path=path, field="teacher_model_name_or_path", fix="pass a teacher of the student's family")
     teacher.requires_grad_(False).eval()
     logger.info("teacher %s: %s, %s parameters | kd_alpha %g, kd_temperature %g", path, type(teacher).__name__,
-                f"{sum(p.numel() for p in teacher.parameters()):,}", args.kd_alpha, args.kd_temperature)
+                f"{count_parameters(teacher):,}", args.kd_alpha, args.kd_temperature)
     return teacher
 
 
