@@ -3,7 +3,7 @@ IA3, prefix tuning (P-tuning v2), P-tuning and prompt tuning on a tiny Llama and
 bit-equal, the loss falls, IA3 merges into a plain model with the adapter's logits, and the prompt methods'
 output directory is an adapter that chat, serve and generate_rejected load and reply with (export refuses it);
 LoRA+ gives B its learning rate, DoRA / rsLoRA / PiSSA / OLoRA reach LoRA's config and still merge exactly,
-and a resumed prompt-tuning run equals the uninterrupted one."""
+and a resumed prompt-tuning, P-tuning or prefix-tuning run equals the uninterrupted one."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from model.inference.service import ChatService
 from model.inference.streaming import generate_reply
 from model.training.lora import PeftArguments, add_adapter
 from model.training.merge import merge_adapter
-from model.training.outputs import OUTPUT_FILES, RUN_FILE, clear_run
+from model.training.outputs import OUTPUT_FILES, PROMPT_ENCODER_FILE, RUN_FILE, clear_run
 from utils.cli import run_main
 from utils.errors import UserError
 
@@ -234,10 +234,14 @@ def test_refusals(tiny_llama):
         add_adapter(model, PeftArguments(peft="prompt"), [500], added_tokens=[500])
 
 
-def test_prompt_tuning_resumed_equals_uninterrupted(tiny_llama, sft_file, tmp_path):
-    """A copy of a finished prompt-tuning run cut back to what a stop at step 2 leaves (checkpoint-2, no final
-    adapter) goes on to the same losses and the same adapter, bit for bit."""
-    args = lambda out: sft_args(tiny_llama, sft_file, out, "prompt", "--max_steps", "6",  # noqa: E731
+@pytest.mark.parametrize("method", [("prompt",), ("ptuning", "--ptuning_encoder", "lstm"),
+                                    ("prefix", "--prefix_projection", "true")], ids=lambda m: "-".join(m))
+def test_prompt_learning_resumed_equals_uninterrupted(tiny_llama, sft_file, tmp_path, method):
+    """A copy of a finished prompt-learning run cut back to what a stop at step 2 leaves (checkpoint-2, no final
+    adapter) goes on to the same losses and the same adapter, bit for bit: for prompt tuning (the virtual tokens
+    are all it trains) and for the methods whose virtual tokens an encoder network makes (P-tuning's LSTM, prefix
+    tuning's MLP), whose checkpoints must hold the encoder and not only its output."""
+    args = lambda out: sft_args(tiny_llama, sft_file, out, *method, "--max_steps", "6",  # noqa: E731
                                 "--save_strategy", "steps", "--save_steps", "2")
     reference, cut = tmp_path / "reference", tmp_path / "cut"
     sft_train.main(args(reference))
@@ -256,3 +260,7 @@ def test_prompt_tuning_resumed_equals_uninterrupted(tiny_llama, sft_file, tmp_pa
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     checkpoint = load_file(reference / "adapter" / "checkpoint-2" / "adapter_model.safetensors")
     assert any(not torch.equal(checkpoint[k], before[k]) for k in before)  # the virtual tokens moved
+    encoded = method[0] != "prompt"  # prompt tuning's saved vectors are its whole encoder
+    assert (reference / "adapter" / "checkpoint-2" / PROMPT_ENCODER_FILE).is_file() == encoded
+    model, _ = load_for_inference(str(cut), "cpu")  # the output (PEFT's file of virtual tokens) loads to reply
+    assert generates_whole(model) and model.active_peft_config.inference_mode

@@ -51,7 +51,7 @@ from transformers import BitsAndBytesConfig, PreTrainedModel
 
 from model.build import is_seq2seq, load_model
 from model.training.merge import is_quantized
-from model.training.peft_methods import PROMPT_METHODS, PromptMethodArguments, check_method_fits
+from model.training.peft_methods import PROMPT_METHODS, PromptMethodArguments, check_method_fits, keep_prompt_encoder
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -240,7 +240,10 @@ def add_adapter(model: PreTrainedModel, peft: PeftArguments, new_tokens: Sequenc
         if new_tokens:
             logger.warning("%d token rows stay frozen with --peft %s (only LoRA trains rows beside it): the chat "
                            "tokens' vectors are those the model has", len(new_tokens), peft.peft)
-        return get_peft_model(model, peft.method_config(peft.peft, model, frozen, tokenizer_path))
+        adapted = get_peft_model(model, peft.method_config(peft.peft, model, frozen, tokenizer_path))
+        if adapted.peft_config["default"].is_prompt_learning:
+            keep_prompt_encoder(adapted)
+        return adapted
     adapted = get_peft_model(model, peft.config_for(model, frozen, new_tokens))
     if adapted.peft_config["default"].trainable_token_indices:
         # The adapter file holds the trained rows themselves (`trainable_tokens_delta`). PEFT's default

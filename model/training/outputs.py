@@ -30,9 +30,11 @@ MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json
 # Written last by the final save, and removed first when a final model is replaced: a directory holding it
 # holds a complete final model.
 FINISHED_FILE = "training_summary.json"
+# A prompt-learning adapter's whole prompt encoder, which PEFT's adapter file leaves out (keep_prompt_encoder)
+PROMPT_ENCODER_FILE = "prompt_encoder.safetensors"
 # Files a finished stage writes beside the weights (removed with the old model on --overwrite_output_dir).
-OUTPUT_FILES = (*MODEL_FILES, "generation_config.json", FINISHED_FILE, "trainer_state.json", CONFIG_FILENAME,
-                RUN_FILE)
+OUTPUT_FILES = (*MODEL_FILES, PROMPT_ENCODER_FILE, "generation_config.json", FINISHED_FILE, "trainer_state.json",
+                CONFIG_FILENAME, RUN_FILE)
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 

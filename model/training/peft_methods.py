@@ -29,12 +29,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
 from peft import (
     IA3Config,
     PeftConfig,
+    PeftModel,
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptEncoderReparameterizationType,
@@ -47,9 +49,11 @@ from peft.utils.constants import (
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
 )
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, Trainer
 
 from model.build import is_seq2seq
+from model.training.outputs import PROMPT_ENCODER_FILE
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -134,6 +138,43 @@ def check_method_fits(method: str, model: PreTrainedModel, added_tokens: Sequenc
                         "tokenizer adds to the model's own, and would leave them at their starting values",
                         field="peft", fix="use --peft lora (it trains those rows beside the adapters), or the "
                                           "model's own tokenizer")
+
+
+def keep_prompt_encoder(model: PeftModel) -> None:
+    """Save and load a prompt-learning adapter's whole prompt encoder beside the adapter (`PROMPT_ENCODER_FILE`).
+
+    PEFT saves such an adapter as the virtual tokens its encoder gives, which is all inference needs, but not the
+    encoder itself where it is more than those vectors (P-tuning's MLP or LSTM over its own embedding, prefix
+    tuning's `--prefix_projection` MLP): the Trainer's resume put the encoder's output where its input embedding
+    was and left the network at its initial weights (P-tuning: the resumed run went on from another model), or
+    failed (prefix: PEFT's load cannot fit the saved prefix into the MLP's input embedding). Every save (the
+    Trainer's checkpoints, `save_final`) goes through `save_pretrained`, the Trainer's resume through
+    `load_adapter`; the file is read only there (inference uses PEFT's own file)."""
+    encoder = model.prompt_encoder
+    if set(encoder.state_dict()) <= {f"{name}.embedding.weight" for name in model.peft_config}:
+        return  # prompt tuning, plain prefix tuning: the saved vectors are the whole encoder
+    save, load = model.save_pretrained, model.load_adapter
+
+    def save_pretrained(directory, *args, **kwargs):
+        save(directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        given = kwargs.get("state_dict")  # the Trainer's, gathered from every rank under ZeRO-3
+        weights = encoder.state_dict() if given is None else \
+            {k.removeprefix("prompt_encoder."): v for k, v in given.items() if k.startswith("prompt_encoder.")}
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(Path(directory) / PROMPT_ENCODER_FILE))
+
+    def load_adapter(directory, *args, **kwargs):
+        path = Path(directory) / PROMPT_ENCODER_FILE
+        if not path.is_file():
+            logger.warning("%s has no %s (saved before the toolkit kept the prompt encoder): the encoder starts "
+                           "again from its initial weights", directory, PROMPT_ENCODER_FILE)
+            return load(directory, *args, **kwargs)
+        # The whole trained state of a prompt-learning adapter. PEFT's own load cannot take it in training mode
+        # (a prefix MLP's saved output does not fit the embedding under it, and P-tuning's would replace it).
+        return encoder.load_state_dict(load_file(str(path)), strict=True)
+
+    model.save_pretrained, model.load_adapter = save_pretrained, load_adapter
 
 
 def use_loraplus(trainer: Trainer, ratio: float) -> None:
