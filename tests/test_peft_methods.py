@@ -16,14 +16,16 @@ import torch
 from conftest import SENTENCES, run_script
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig
 
 import export
 import generate_rejected
 import sft_train
-from model.inference.generation import generate_replies, generates_whole, load_for_inference
+from model.inference import virtual_tokens
+from model.inference.generation import generate_replies, load_for_inference
 from model.inference.service import ChatService
 from model.inference.streaming import generate_reply
+from model.inference.virtual_tokens import has_virtual_tokens
 from model.training.lora import PeftArguments, add_adapter
 from model.training.merge import merge_adapter
 from model.training.outputs import OUTPUT_FILES, PROMPT_ENCODER_FILE, RUN_FILE, clear_run
@@ -101,31 +103,109 @@ def test_each_method_trains_its_adapter_only_and_the_loss_falls(trained, tiny_ll
         assert first and all(torch.isfinite(w).all() for w in first.values())
 
 
+def forward_logits(model, prompt: list[int], reply: list[int]) -> torch.Tensor:
+    """[len(reply), vocab]: the logits PEFT's forward pass (the one training ran; PEFT adds the virtual tokens)
+    gives for each token of `reply` after `prompt` and the reply before it, in one teacher-forced pass."""
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        if model.config.is_encoder_decoder:
+            decoder = torch.tensor([[model.config.decoder_start_token_id, *reply[:-1]]])  # T5's decoder start
+            return model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=decoder).logits[0]
+        ids = torch.tensor([prompt + reply])
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -len(reply) - 1:-1]
+
+
+def log_probability(model, prompt: list[int], reply: list[int]) -> float:
+    """log p(reply | prompt) by PEFT's forward pass."""
+    logits = forward_logits(model, prompt, reply).log_softmax(dim=-1)
+    return float(logits[torch.arange(len(reply)), torch.tensor(reply)].sum())
+
+
+def assert_greedy(model, prompt: list[int], reply: list[int], stop: set[int], steps: int) -> None:
+    """`reply` is what greedy decoding by PEFT's forward pass gives: each token its argmax after the tokens before
+    it, and the reply ends at a stop token or after `steps`. Up to 1e-4 of a logit: the replies come from cached
+    keys and values (and padded batches), the reference from a whole recompute, fp32 logits of size ~10 summed in
+    another order differ by ~1e-6, while a token chosen wrongly (virtual tokens missing or misplaced) loses by far
+    more."""
+    assert reply and (reply[-1] in stop or len(reply) == steps) and not stop & set(reply[:-1])
+    logits = forward_logits(model, prompt, reply)
+    chosen = logits[torch.arange(len(reply)), torch.tensor(reply)]
+    assert torch.all(chosen >= logits.max(dim=-1).values - 1e-4), (reply, logits.argmax(dim=-1).tolist())
+
+
 @pytest.mark.parametrize("family", ["llama", "t5"])
 @pytest.mark.parametrize("method", ["prefix", "ptuning", "prompt"])
 def test_prompt_adapters_load_and_reply_in_chat_serve_and_generate(trained, family, method):
     """The output directory loads on its base (`load_for_inference`), stays a PeftModel, and every consumer's
-    reply is the one `model.generate` gives: the terminal chat and generate_rejected's batches, and serve's
-    service, batched or not (the batcher's own decoding loop is bypassed)."""
+    greedy reply is the one PEFT's forward pass gives (what the adapter trained in), not the base's: the terminal
+    chat, generate_rejected's padded batches (a longer conversation beside it) and serve's service, batched or not
+    (the batcher's own decoding loop is bypassed). PEFT's own `generate` fails this with transformers 5.25 /
+    PEFT 0.21: a prefix-tuned Llama or T5 replies as its base."""
     _, output = trained[family, method]
     model, tokenizer = load_for_inference(str(output), "cpu")
-    assert generates_whole(model) and model.generation_config.eos_token_id is not None
-    conversation = [{"role": "user", "content": "请复述：天气很好。"}]
+    assert has_virtual_tokens(model) and model.generation_config.eos_token_id is not None
+    # Eight steps leave the virtual tokens too weak to change a tiny model's greedy reply; made stronger, they
+    # must (else the test could not tell a reply with them from one without).
+    model.prompt_encoder["default"].embedding.weight.data *= 4
     config = model.generation_config
-    config.max_new_tokens, config.do_sample = 12, False
-    prompt = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True)["input_ids"]
-    with torch.inference_mode():
-        ids = torch.tensor([prompt])
-        output_ids = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    expected = (output_ids[0, 1:] if family == "t5" else output_ids[0, len(prompt):]).tolist()
+    config.max_new_tokens, config.do_sample, config.repetition_penalty = 12, False, 1.0  # argmax, as the reference
+    stop = set(np.atleast_1d(config.eos_token_id).tolist())
+    render = lambda c: tokenizer.apply_chat_template(c, add_generation_prompt=True,  # noqa: E731
+                                                     return_dict=True)["input_ids"]
+    conversations = [[{"role": "user", "content": "请复述：天气很好。"}],
+                     [{"role": "user", "content": "请复述：我们明天一起去公园散步，好吗？"}]]
+    prompt = render(conversations[0])
     reply = generate_reply(model, tokenizer, prompt, config)
-    assert reply.token_ids == [t for t in expected if t != tokenizer.pad_token_id][:len(reply.token_ids)]
-    replies = generate_replies(model, tokenizer, [conversation], config, progress=False)
-    assert replies == [tokenizer.decode(expected, skip_special_tokens=True).strip()]
+    assert_greedy(model, prompt, reply.token_ids, stop, 12)
+    ids = torch.tensor([prompt])
+    base = model.get_base_model().generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    assert (base[0, 1:] if family == "t5" else base[0, len(prompt):]).tolist() != reply.token_ids
+    longer = generate_reply(model, tokenizer, render(conversations[1]), config)
+    assert_greedy(model, render(conversations[1]), longer.token_ids, stop, 12)
+    text = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+    assert generate_replies(model, tokenizer, conversations, config, progress=False) == \
+        [text(reply.token_ids), text(longer.token_ids)]  # together in a padded batch as each alone
     for batched in (False, True):
         service = ChatService(model, tokenizer, max_concurrent=2, batched=batched)
-        served = service.reply_stream(service.prepare(conversation, service.generation_config(max_new_tokens=12)))
+        served = service.reply_stream(service.prepare(conversations[0], service.generation_config(max_new_tokens=12)))
         assert served.wait().token_ids == reply.token_ids
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+@pytest.mark.parametrize("method", ["prefix", "ptuning", "prompt"])
+def test_generation_puts_virtual_tokens_where_training_had_them(tiny_llama, tiny_t5, family, method):
+    """`model.inference.virtual_tokens.generate` on each method's adapter (PEFT's initial virtual tokens, made
+    strong) over the tiny bases: a padded batch of prompts of different lengths decodes greedily as PEFT's forward
+    pass does, 16 tokens (PEFT's own `generate` leaves it: a prefix-tuned model replies as its base, a prompt-tuned
+    or P-tuned Llama's replies part from its forward pass after a few tokens), and beam search scores its beams
+    by the forward pass's log-probabilities (the virtual tokens in every beam)."""
+    path, auto = bases(tiny_llama, tiny_t5)[family]
+    torch.manual_seed(0)
+    model = add_adapter(auto.from_pretrained(path), PeftArguments(peft=method, num_virtual_tokens=6)).eval()
+    model.prompt_encoder["default"].embedding.weight.data *= 8
+    model.generation_config.repetition_penalty = 1.0  # the saved 1.1 would fill in below: argmax, as the reference
+    seq2seq, steps = family == "t5", 16
+    prompts = [[5, 40, 41, 42, 43, 44, 45], [5, 60, 61]]
+    width = max(map(len, prompts))
+    padding = lambda p: [0] * (width - len(p))  # noqa: E731
+    ids = torch.tensor([p + padding(p) if seq2seq else padding(p) + p for p in prompts])
+    mask = torch.tensor([[1] * len(p) + padding(p) if seq2seq else padding(p) + [1] * len(p) for p in prompts])
+    start = getattr(model.config, "decoder_start_token_id", None)
+    greedy = GenerationConfig(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0,
+                              eos_token_id=1, decoder_start_token_id=start)
+    output = virtual_tokens.generate(model, ids, mask, greedy)
+    new = output[:, 1:] if seq2seq else output[:, width:]
+    for prompt, reply in zip(prompts, new.tolist()):
+        assert_greedy(model, prompt, reply, set(), steps)
+    beams = GenerationConfig(max_new_tokens=6, min_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False,
+                             length_penalty=0.0, pad_token_id=0, eos_token_id=1, output_scores=True,
+                             return_dict_in_generate=True, decoder_start_token_id=start)
+    found = virtual_tokens.generate(model, ids[:1], mask[:1], beams)
+    for sequence, score in zip(found.sequences, found.sequences_scores):
+        reply = (sequence[1:] if seq2seq else sequence[width:]).tolist()
+        assert log_probability(model, prompts[0], reply) == pytest.approx(float(score), abs=1e-3)
+        with model.disable_adapter():  # without the virtual tokens the score is 10x the tolerance off or more
+            assert abs(log_probability(model, prompts[0], reply) - float(score)) > 1e-2
 
 
 def test_chat_generate_rejected_and_export_as_commands(trained, tmp_path):
@@ -263,4 +343,4 @@ def test_prompt_learning_resumed_equals_uninterrupted(tiny_llama, sft_file, tmp_
     encoded = method[0] != "prompt"  # prompt tuning's saved vectors are its whole encoder
     assert (reference / "adapter" / "checkpoint-2" / PROMPT_ENCODER_FILE).is_file() == encoded
     model, _ = load_for_inference(str(cut), "cpu")  # the output (PEFT's file of virtual tokens) loads to reply
-    assert generates_whole(model) and model.active_peft_config.inference_mode
+    assert has_virtual_tokens(model) and model.active_peft_config.inference_mode

@@ -41,6 +41,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from model.inference.generation import padded_batch
 from model.inference.reply import LiveReply
+from model.inference.virtual_tokens import generate
 
 # Processors that read only which tokens came before, never where: rows sharing them are processed together,
 # each row's context padded with its own first token (which changes no set of tokens).
@@ -293,7 +294,7 @@ class CancelBeams(StoppingCriteria):
 
 def beam_search(model, tokenizer, reply: LiveReply) -> None:
     """Generate `reply` in one `model.generate` (blocking): beam search, or any decoding of a model whose
-    adapter adds virtual tokens (`generation.generates_whole`); it arrives whole, as one piece."""
+    adapter adds virtual tokens (`virtual_tokens.has_virtual_tokens`); it arrives whole, as one piece."""
     if not reply.admit():
         return
     try:
@@ -301,8 +302,8 @@ def beam_search(model, tokenizer, reply: LiveReply) -> None:
         config = copy.deepcopy(reply.config)
         config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
         with torch.inference_mode():
-            output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
-                                    stopping_criteria=StoppingCriteriaList([CancelBeams(reply)]))
+            output = generate(model, ids, torch.ones_like(ids), config,
+                              stopping_criteria=StoppingCriteriaList([CancelBeams(reply)]))
         reply.take_whole((output[0, 1:] if model.config.is_encoder_decoder else output[0, ids.shape[1]:]).tolist())
     except BaseException as err:  # the reader re-raises it in its own thread
         reply.fail(err)

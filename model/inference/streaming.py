@@ -27,18 +27,18 @@ from transformers import GenerationConfig
 
 from model.inference.batching import ContinuousBatcher, decode_alone
 from model.inference.decoding import ModelRows, beam_search
-from model.inference.generation import generates_whole
 from model.inference.reply import LiveReply, Reply
+from model.inference.virtual_tokens import has_virtual_tokens
 
 
 class ReplyStream:
     """Iterate over a reply's text as it is generated; `reply` holds the finished `Reply` afterwards.
 
     Generation is asked for when iteration begins (or `start()`/`wait()`): to `batcher`, or in a thread of its
-    own without one; beam search, and every reply of a prompt-learning adapter (its virtual tokens are PEFT's
-    to add: `generates_whole`), run alone in one `model.generate` and arrive whole, as one piece. `cancel()`
-    (or leaving the loop early, or ctrl+c inside it) stops the generation after the current token. The pieces
-    joined equal `reply.text`, cut before the first of the `stop` strings.
+    own without one; beam search, and every reply of a prompt-learning adapter (its virtual tokens go where
+    training put them: `virtual_tokens.generate`), run alone in one `generate` and arrive whole, as one piece.
+    `cancel()` (or leaving the loop early, or ctrl+c inside it) stops the generation after the current token. The
+    pieces joined equal `reply.text`, cut before the first of the `stop` strings.
     """
 
     def __init__(self, model, tokenizer, prompt_ids: list[int], config: GenerationConfig,
@@ -74,7 +74,7 @@ class ReplyStream:
         if self.started:
             return
         self.started = True
-        if (self.life.config.num_beams or 1) > 1 or generates_whole(self.model):
+        if (self.life.config.num_beams or 1) > 1 or has_virtual_tokens(self.model):
             work = lambda: beam_search(self.model, self.tokenizer, self.life)  # noqa: E731
         elif self.batcher is not None:
             self.batcher.submit(self.life)
@@ -155,7 +155,7 @@ def generate_reply(model, tokenizer, prompt_ids: list[int], config: GenerationCo
                    stop: Sequence[str] = ()) -> Reply:
     """The whole reply to `prompt_ids` at once (blocking, in the caller's thread)."""
     life = LiveReply(tokenizer, prompt_ids, config, stop)
-    if (config.num_beams or 1) > 1 or generates_whole(model):
+    if (config.num_beams or 1) > 1 or has_virtual_tokens(model):
         beam_search(model, tokenizer, life)
     else:
         decode_alone(ModelRows(model, tokenizer), life)

@@ -21,7 +21,9 @@ The prompt-learning methods add virtual tokens at inference too, so they cannot 
 their output directory is the adapter itself (`adapter_config.json`, `adapter_model.safetensors`) with the
 tokenizer, which `model.inference.generation.load_for_inference` loads on the base named in
 `adapter_config.json` (`base_model_name_or_path`); chat, serve, eval_model and generate_rejected generate
-with it through `model.generate`. GGUF export refuses it (llama.cpp has no virtual tokens).
+with it through `model.inference.virtual_tokens.generate`. GGUF export refuses it (llama.cpp has no virtual
+tokens). P-tuning's and `--prefix_projection`'s encoder network is kept beside the adapter in every checkpoint
+(`keep_prompt_encoder`), so their runs resume.
 """
 
 from __future__ import annotations
