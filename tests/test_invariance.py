@@ -159,11 +159,27 @@ def stage_args(stage, arch, data, request, output) -> tuple[str, list[str]]:
                             "--per_device_eval_batch_size", "2"]
 
 
-@pytest.mark.parametrize("stage,arch,interrupt", [("pretrain", "t5", True), ("pretrain", "llama", False),
-                                                  ("sft", "t5", True), ("dpo", "llama", False),
-                                                  ("reward", "llama", False)])
-def test_numbers_do_not_depend_on_how_the_batch_is_split(stage, arch, interrupt, conversations, tiny_corpus,
-                                                        request, tmp_path):
+# Two classes, so that `make test` (pytest-xdist, --dist loadscope: a class is one unit) runs pretraining's and
+# the tuning stages' splits on two workers at once rather than some eight minutes of them on one.
+class TestPretraining:
+    @pytest.mark.parametrize("stage,arch,interrupt", [("pretrain", "t5", True), ("pretrain", "llama", False)])
+    def test_numbers_do_not_depend_on_how_the_batch_is_split(self, stage, arch, interrupt, conversations,
+                                                            tiny_corpus, request, tmp_path):
+        numbers_do_not_depend_on_how_the_batch_is_split(stage, arch, interrupt, conversations, tiny_corpus,
+                                                        request, tmp_path)
+
+
+class TestTuning:
+    @pytest.mark.parametrize("stage,arch,interrupt", [("sft", "t5", True), ("dpo", "llama", False),
+                                                      ("reward", "llama", False)])
+    def test_numbers_do_not_depend_on_how_the_batch_is_split(self, stage, arch, interrupt, conversations,
+                                                            tiny_corpus, request, tmp_path):
+        numbers_do_not_depend_on_how_the_batch_is_split(stage, arch, interrupt, conversations, tiny_corpus,
+                                                        request, tmp_path)
+
+
+def numbers_do_not_depend_on_how_the_batch_is_split(stage, arch, interrupt, conversations, tiny_corpus, request,
+                                                    tmp_path):
     data = {"corpus": tiny_corpus, "sft": conversations / "sft.jsonl", "pairs": conversations / "pairs.jsonl"}
     results = {}
     for name, (launcher, batch, accumulation) in SPLITS.items():
