@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -64,7 +65,7 @@ LORA_TARGETS = {
     "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],  # wi_0/wi_1: gated-GELU feed-forward
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     # Mixtral's experts are 3-D parameters (gate_up_proj, down_proj: one slice per expert), not nn.Linear, and
-    # its router is a bare weight: LoRA adapts the attention; the experts train in full fine-tuning only.
+    # its router is a bare weight: LoRA adapts the attention, and the experts with --lora_target_parameters.
     "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 GPU_EXTRAS = "pip install -r requirements-gpu.txt"  # bitsandbytes is pinned there (GPU only)
@@ -79,7 +80,12 @@ class LoraArguments:
     lora_target_modules: list[str] = field(default_factory=list, metadata={
         "help": "Module names to adapt; empty = attention + feed-forward: T5 q k v o wi wo (wi_0 wi_1 when "
                 "gated), Llama q_proj k_proj v_proj o_proj gate_proj up_proj down_proj; Mixtral (mixture of "
-                "experts) the attention q_proj k_proj v_proj o_proj."})
+                "experts) the attention q_proj k_proj v_proj o_proj (its experts: --lora_target_parameters)."})
+    lora_target_parameters: list[str] = field(default_factory=list, metadata={"identity": "unless_default",
+        "help": "Weights held as bare parameters rather than linear layers that LoRA adapts too (PEFT's "
+                "target_parameters), named by their ends: a mixture of experts' stacked expert weights, Mixtral "
+                "mlp.experts.gate_up_proj mlp.experts.down_proj (a LoRA per expert). PEFT takes them with "
+                "--lora_dropout 0 only, and not with DoRA or PiSSA/OLoRA."})
     use_dora: bool = field(default=False, metadata={"identity": "unless_default",
         "help": "DoRA: a learnt magnitude per output channel beside LoRA's direction (slower steps)."})
     use_rslora: bool = field(default=False, metadata={"identity": "unless_default",
@@ -98,6 +104,16 @@ class LoraArguments:
             raise ValueError(f"--lora_dropout must be in [0, 1), not {self.lora_dropout}")
         if self.loraplus_lr_ratio < 0:
             raise ValueError(f"--loraplus_lr_ratio must be 0 (off) or positive, not {self.loraplus_lr_ratio}")
+        if self.lora_target_parameters:  # PEFT's ParamWrapper refuses the rest
+            unsupported = [flag for flag, on in (("--lora_dropout", self.lora_dropout > 0),
+                                                 ("--use_dora", self.use_dora),
+                                                 (f"--lora_init {self.lora_init}", self.lora_init in ("pissa",
+                                                                                                      "olora")))
+                           if on]
+            if unsupported:
+                raise ValueError(f"--lora_target_parameters cannot go with {', '.join(unsupported)} (PEFT's LoRA "
+                                 "on bare parameters has no dropout, DoRA or PiSSA/OLoRA): pass --lora_dropout 0 "
+                                 "and leave the others at their defaults")
 
     def check_base_kept(self, stage: str) -> None:
         """Refuse PiSSA / OLoRA where the base must stay the base: DPO's and GRPO's reference model is the
@@ -123,9 +139,25 @@ class LoraArguments:
             targets = [name for name in linear if name.rsplit(".", 1)[-1] in targets and not name.startswith(skipped)]
         init = {"default": True}.get(self.lora_init, self.lora_init)
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=targets, bias="none", use_dora=self.use_dora, use_rslora=self.use_rslora,
-                          init_lora_weights=init,
+                          target_modules=targets, target_parameters=self.parameter_targets(model) or None,
+                          bias="none", use_dora=self.use_dora, use_rslora=self.use_rslora, init_lora_weights=init,
                           task_type=TaskType.SEQ_2_SEQ_LM if is_seq2seq(model.config) else TaskType.CAUSAL_LM)
+
+    def parameter_targets(self, model: PreTrainedModel) -> list[str]:
+        """`--lora_target_parameters`, each the end of a bare parameter's name in `model` (PEFT matches them so);
+        refused, with the names there are, where one is not."""
+        layers = (torch.nn.Linear, torch.nn.Embedding)
+        bare = [f"{module_name}.{name}".lstrip(".") for module_name, module in model.named_modules()
+                if not isinstance(module, layers)
+                for name, weight in module.named_parameters(recurse=False) if weight.dim() >= 2]
+        missing = [t for t in self.lora_target_parameters if not any(n == t or n.endswith(f".{t}") for n in bare)]
+        if missing:
+            ends = sorted({re.sub(r"^.*?\.\d+\.", "", name) for name in bare})  # model.layers.0.mlp.x -> mlp.x
+            raise UserError(f"LoRA target parameters not in the model: {', '.join(missing)}",
+                            field="lora_target_parameters",
+                            fix=f"choose among its bare weights: {', '.join(ends) or '(none)'}, or adapt linear "
+                                "layers with --lora_target_modules")
+        return list(self.lora_target_parameters)
 
 
 @dataclass
@@ -265,6 +297,8 @@ def describe_adapter(model: PeftModel) -> str:
     targets = config.target_modules if isinstance(config.target_modules, str) else \
         ",".join(sorted({name.rsplit(".", 1)[-1] for name in config.target_modules}))
     text = f"{'qlora' if is_quantized(model) else 'lora'} r={config.r} alpha {config.lora_alpha:g} on {targets}"
+    if config.target_parameters:
+        text += f" + {','.join(config.target_parameters)}"
     variants = [name for name, on in (("dora", config.use_dora), ("rslora", config.use_rslora)) if on]
     if config.init_lora_weights is not True:
         variants.append(f"init {config.init_lora_weights}")
