@@ -282,7 +282,10 @@ def test_loraplus_gives_b_ratio_times_the_learning_rate(tiny_llama, sft_file, tm
 
 @pytest.mark.parametrize("flags", [{"use_dora": True}, {"use_rslora": True}, {"lora_init": "pissa"},
                                    {"lora_init": "olora", "use_dora": True}, {"lora_init": "gaussian"}])
-def test_lora_variants_reach_the_config_and_merge_exactly(tiny_llama, flags):
+def test_lora_variants_reach_the_config_and_merge_exactly(tiny_llama, flags, tmp_path):
+    """Each variant starts at the base's function, trains, merges into the adapter's logits, and its saved
+    adapter (what --output_dir/adapter holds) on the original base gives them too: PiSSA / OLoRA take their
+    start out of the base weights, and PEFT's load redoes that on the base it is given."""
     peft = PeftArguments(peft="lora", lora_r=4, lora_embeddings="none", **flags)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     config = peft.config_for(model)
@@ -301,6 +304,9 @@ def test_lora_variants_reach_the_config_and_merge_exactly(tiny_llama, flags):
     with torch.no_grad():
         expected = adapted.eval()(input_ids=ids).logits
         assert not torch.allclose(expected, before, atol=1e-4)
+        adapted.save_pretrained(tmp_path / "adapter")
+        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path / "adapter")
+        assert torch.allclose(reloaded.eval()(input_ids=ids).logits, expected, atol=1e-4)
         assert torch.allclose(merge_adapter(adapted)(input_ids=ids).logits, expected, atol=1e-4)
 
 

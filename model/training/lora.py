@@ -12,8 +12,9 @@ LoRA variants (flags of every stage with LoRA, DPO and GRPO included): DoRA (`--
 per output channel beside LoRA's direction), rsLoRA (`--use_rslora`, updates scaled by alpha / sqrt(r) rather
 than alpha / r, so a large rank still learns), the initialisation of A and B (`--lora_init`: PEFT's default,
 gaussian, or PiSSA / OLoRA, which start the adapter at the principal singular vectors / a QR factor of the base
-weight and take them out of it; the base weights therefore change at the start of training, and the merged model
-is the output to use), and LoRA+ (`--loraplus_lr_ratio`, B's learning rate as a multiple of A's).
+weight and take them out of it; the base weights therefore change at the start of training, and PEFT redoes
+that when it loads the adapter on the original base), and LoRA+ (`--loraplus_lr_ratio`, B's learning rate as a
+multiple of A's).
 
 Output and merge: `model.training.merge`.
 
