@@ -154,19 +154,25 @@ def test_lora_on_the_experts_refuses_what_peft_cannot_do(stages):
     assert "mlp.experts.gate_up_proj" in refused.value.fix and "mlp.experts.down_proj" in refused.value.fix
 
 
-def test_the_loss_weighs_the_load_balancing_loss_once_per_step(tiny_corpus, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("teacher", [False, True], ids=["plain", "distilled"])
+def test_the_loss_weighs_the_load_balancing_loss_once_per_step(tiny_corpus, tiny_tokenizer, tiny_llama, tmp_path,
+                                                                teacher):
     """The same first step as 1 micro-batch of 4 and as 4 accumulated micro-batches of 1: the logged loss minus
-    coef x the logged aux_loss (the LM part) is the same. HF's Mixtral alone would add coef x aux per micro-batch,
-    4 x coef x aux ~ 0.08 at 1x1x4 against 0.02 at 1x4. Why a tolerance: the LM part is one mean of the same 256
-    float32 token losses (~7 each) summed in a different grouping (4 partial sums, then their sum); the rounding
-    of such a sum is at most n x 2^-24 x its magnitude, 256 x 6e-8 x 7 ~ 1e-4 (seen: 3e-7). The aux part itself
-    is defined per micro-batch (the share of its tokens each expert gets), so it differs between the two."""
+    coef x the logged aux_loss (the LM part) is the same, with or without a teacher (the tiny Llama; logit
+    distillation, alpha 0.5: the LM part is then half cross-entropy, half T^2 KL). HF's Mixtral alone would add
+    coef x aux per micro-batch, 4 x coef x aux ~ 0.08 at 1x1x4 against 0.02 at 1x4. Why a tolerance: the LM part
+    is one mean of the same 256 float32 token losses (~7 each) summed in a different grouping (4 partial sums,
+    then their sum); the rounding of such a sum is at most n x 2^-24 x its magnitude, 256 x 6e-8 x 7 ~ 1e-4
+    (seen: 3e-7). The aux part itself is defined per micro-batch (the share of its tokens each expert gets), so it
+    differs between the two."""
     parts = []
+    distill = ["--teacher_model_name_or_path", tiny_llama, "--kd_alpha", "0.5"] if teacher else []
     for batch, accumulation in ((4, 1), (1, 4)):
         trainer = pre_train.main(pretrain_args(tiny_corpus, tiny_tokenizer, tmp_path / f"{batch}x{accumulation}",
                                                "--max_steps", "1", "--logging_steps", "1",
                                                "--per_device_train_batch_size", batch,
-                                               "--gradient_accumulation_steps", accumulation))
+                                               "--gradient_accumulation_steps", accumulation, *distill))
+        assert (trainer.teacher is not None) == teacher
         first = history(trainer)[0]
         parts.append((first["loss"] - COEF * first["aux_loss"], first["aux_loss"]))
     (lm_a, aux_a), (lm_b, aux_b) = parts
