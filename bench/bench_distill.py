@@ -45,7 +45,7 @@ def pretrain(work, name: str, preset: str, steps: int, *extra: str):
     return trainer, json.loads((work / name / "training_summary.json").read_text()), run.wall_s
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher_steps", type=int, default=300)
     parser.add_argument("--student_steps", type=int, default=300)
@@ -89,8 +89,10 @@ def main(argv: list[str] | None = None) -> None:
          row(f"student (llama-tiny), KD alpha {args.kd_alpha:g}, T {args.kd_temperature:g}", kd_summary, kd_s,
              kl["kd"], args.student_steps)])
     print(table)
+    figures = {"kl": kl, "bpc": {name: summary["eval_bpc"] for name, summary in
+                                 (("teacher", teacher_summary), ("plain", plain_summary), ("kd", kd_summary))}}
     if args.quick:
-        return
+        return figures
     gain = plain_summary["eval_bpc"] - kd_summary["eval_bpc"]
     body = f"""
 What it measures: a small student pretrained with and without a teacher, same data, same {args.student_steps} steps
@@ -114,6 +116,7 @@ compare the side-by-side figures, not absolute times (1-minute load average at t
 """
     write_section("bench_distill.py", "Logit distillation: a student with and without a teacher", [
         "torch", "transformers"], body)
+    return figures
 
 
 if __name__ == "__main__":

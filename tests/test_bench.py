@@ -52,6 +52,43 @@ def test_bench_tokenizer_quick_measures_and_scores():
     assert results["scores"][0]["unk_rate"] == 0.0
 
 
+def test_bench_moe_quick_compares_equal_active_parameters():
+    from bench import bench_moe
+
+    docs = (REPO / "docs" / "BENCHMARKS.md").read_text(encoding="utf-8")
+    arms = bench_moe.main(["--quick"])["arms"]
+    dense, moe = arms["dense"], arms["moe"]
+    assert abs(moe["active_parameters"] - dense["active_parameters"]) < 0.01 * dense["active_parameters"]
+    assert moe["parameters"] > 2 * moe["active_parameters"] and dense["tokens"] == moe["tokens"] > 0
+    # num_experts x sum of routed share x mean router probability: 2 for even routing over 8 experts at top-2,
+    # 8 when every token goes to the same 2
+    assert dense["aux_loss"] is None and 1.9 < moe["aux_loss"] <= 8
+    assert all(math.isfinite(arm["held_out_loss"]) for arm in (dense, moe))
+    assert (REPO / "docs" / "BENCHMARKS.md").read_text(encoding="utf-8") == docs  # --quick writes no figures
+
+
+def test_bench_peft_methods_quick_trains_every_method():
+    from bench import bench_peft_methods
+
+    docs = (REPO / "docs" / "BENCHMARKS.md").read_text(encoding="utf-8")
+    results = bench_peft_methods.main(["--quick"])
+    assert len(results) == 2 * len(bench_peft_methods.ARMS)
+    assert all(math.isfinite(r["eval_loss"]) and 0 < r["trainable"] <= r["parameters"] for r in results.values())
+    llama = {key.removeprefix("llama | "): r["trainable"] for key, r in results.items() if key.startswith("llama")}
+    assert llama["IA3"] < llama["prompt tuning"] < llama["LoRA r 8"] < llama["DoRA"] < llama["full fine-tuning"]
+    assert (REPO / "docs" / "BENCHMARKS.md").read_text(encoding="utf-8") == docs
+
+
+def test_bench_distill_quick_measures_both_students():
+    from bench import bench_distill
+
+    docs = (REPO / "docs" / "BENCHMARKS.md").read_text(encoding="utf-8")
+    figures = bench_distill.main(["--quick"])
+    assert set(figures["kl"]) == {"plain", "kd"} and all(0 < kl < 20 for kl in figures["kl"].values())
+    assert set(figures["bpc"]) == {"teacher", "plain", "kd"} and all(map(math.isfinite, figures["bpc"].values()))
+    assert (REPO / "docs" / "BENCHMARKS.md").read_text(encoding="utf-8") == docs
+
+
 @pytest.fixture(scope="module")
 def gpu_check_input(tmp_path_factory):
     """`python -m bench.gpu_check prepare --quick` (tiny corpus and tokenizer, no wheels): what its smoke runs
