@@ -1,6 +1,6 @@
 """Logit distillation: does a teacher make a small student better at the same data and step budget?
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_distill    # ~10 minutes on a shared 2-core CPU; writes docs/BENCHMARKS.md
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_distill    # ~3 min on 2 idle cores (10 at load 11); writes docs/BENCHMARKS.md
     .venv/bin/python -m bench.bench_distill --quick              # a smoke run (no docs update)
 
 The toolkit's own stages, in-process, on the real zhwiki articles of ../shared (wikiextractor output, 64 articles,
