@@ -32,7 +32,7 @@ import torch
 import pre_train
 import prepare_data
 import train_tokenizer
-from bench.harness import WORK, fmt_int, log, markdown_table, recorded_run, timed, write_section
+from bench.harness import WORK, fmt_int, log, markdown_table, other_work, recorded_run, timed, write_section
 from model.build import count_parameters
 
 WORK_DIR = WORK / "moe"
@@ -125,8 +125,8 @@ def render(record: dict) -> str:
           "-" if a["aux_loss"] is None else f"{a['aux_loss']:.3f}"] for name, a in arms.items()])
     speed = moe["tokens_per_s"] / dense["tokens_per_s"]
     gap = moe["held_out_loss"] - dense["held_out_loss"]
-    loaded = max(dense["load"], moe["load"]) >= 2.5  # above its own 2 threads: other work, rates fall, ratios hold
-    busy = " (a shared machine: the absolute rates are low and only their ratio says something)" if loaded else ""
+    busy = (" (a shared machine: the absolute rates are low and only their ratio says something)"
+            if other_work([dense["load"], moe["load"]]) else "")
     return f"""Both models: hidden 128, 4 layers, 4 heads, the demo tokenizer (4,096 tokens), tied embeddings; the MoE's
 experts run with transformers' `{moe['experts_implementation']}` experts implementation. Same corpus, seed, batch
 (8 x 128 tokens), schedule and {record['steps']} steps; held-out loss = mean cross-entropy per token on the demo

@@ -26,7 +26,7 @@ from pathlib import Path
 import pre_train
 import sft_train
 import train_tokenizer
-from bench.harness import REPO, WORK, fmt_int, log, markdown_table, write_section
+from bench.harness import REPO, WORK, fmt_int, log, markdown_table, other_work, write_section
 
 DATA = REPO / "data" / "demo" / "sft.jsonl"
 HELD_OUT = 20
@@ -124,9 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown_table(["model", "method", "learning rate", "trainable parameters", "of all",
                             "held-out loss", "train tokens/s"], rows)
     loads = [r["load"] for r in results.values()]
-    quiet = max(loads) < 2.5  # its own 2 threads make up to 2 (the previous arm): more is other work
-    speed = ("nothing else ran, so the rates compare" if quiet else
-             "other work shared the 2 cores, so only differences of about 2x and more are signal")
+    speed = ("other work shared the 2 cores, so only differences of about 2x and more are signal"
+             if other_work(loads) else "nothing else ran, so the rates compare")
     body = f"""{table}
 
 Each arm: `sft_train.py` for {args.steps} steps of 8 conversations (constant learning rate, seed 7) on the

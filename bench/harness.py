@@ -85,6 +85,13 @@ class Measured:
                 **self.tree}
 
 
+def other_work(loads: list[float]) -> bool:
+    """Whether other work shared the machine while a benchmark's arms ran, from the 1-minute load averages taken at
+    their starts: the benchmark's own threads (one per core) keep it up to the core count, so a load above that
+    (half a process of margin) is someone else's, and absolute rates then fall while side-by-side ratios hold."""
+    return max(loads) >= len(os.sched_getaffinity(0)) + 0.5
+
+
 def cpu_seconds(own: bool = True) -> float:
     """CPU seconds (user + system) of this process, unless `own` is False, and of its reaped children with
     theirs (a pool's workers, a script's own worker processes)."""

@@ -106,11 +106,9 @@ class LoraArguments:
         if self.loraplus_lr_ratio < 0:
             raise ValueError(f"--loraplus_lr_ratio must be 0 (off) or positive, not {self.loraplus_lr_ratio}")
         if self.lora_target_parameters:  # PEFT's ParamWrapper refuses the rest
-            unsupported = [flag for flag, on in (("--lora_dropout", self.lora_dropout > 0),
-                                                 ("--use_dora", self.use_dora),
-                                                 (f"--lora_init {self.lora_init}", self.lora_init in ("pissa",
-                                                                                                      "olora")))
-                           if on]
+            refused = {"--lora_dropout": self.lora_dropout > 0, "--use_dora": self.use_dora,
+                       f"--lora_init {self.lora_init}": self.lora_init in ("pissa", "olora")}
+            unsupported = [flag for flag, on in refused.items() if on]
             if unsupported:
                 raise ValueError(f"--lora_target_parameters cannot go with {', '.join(unsupported)} (PEFT's LoRA "
                                  "on bare parameters has no dropout, DoRA or PiSSA/OLoRA): pass --lora_dropout 0 "
